@@ -1,0 +1,131 @@
+//! agentwire: a real-time WebSocket server that authenticates each session with a JWT and
+//! streams AI agents' progress to every open tab of the right user.
+//!
+//! The crate root builds the whole server from a [`Config`], so the binary and the tests start
+//! exactly the same thing.
+
+pub mod admission;
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod ratelimit;
+pub mod registry;
+pub mod session;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use actix_web::{web, App, HttpServer};
+use log::{info, warn};
+
+pub use config::Config;
+
+use crate::admission::ConnectionSlots;
+use crate::auth::{Minter, Verifier};
+use crate::http::AppState;
+use crate::metrics::Metrics;
+use crate::protocol::FieldLimits;
+use crate::registry::{Registry, RegistrySettings};
+use crate::session::SessionEnv;
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// A configuration problem, named by its key (exit code 2).
+    Config(String),
+    /// Binding the address failed.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(message) => write!(f, "invalid configuration: {message}"),
+            StartError::Io(e) => write!(f, "cannot start: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A started server: where it listens and the handle to await or stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub server: actix_web::dev::Server,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Raises this process's open-files soft limit to the hard limit; returns the new soft limit.
+/// Each WebSocket costs one descriptor, so this caps the connections one process can hold.
+pub fn raise_open_files_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024)
+}
+
+/// Builds and binds the server. Must be called inside an actix `System` (the registry actor
+/// starts on the calling thread's arbiter); the returned server runs when awaited or spawned.
+pub fn build(config: Config) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    let verifier = Verifier::new(&config.auth).map_err(StartError::Config)?;
+    let dev_minter = if config.auth.dev_tokens {
+        Some(Minter::new(&config.auth).map_err(StartError::Config)?)
+    } else {
+        None
+    };
+
+    let open_files = raise_open_files_limit();
+    let usable = open_files.saturating_sub(100) as usize;
+    info!("open-files limit {open_files}: room for about {usable} connections");
+    if config.limits.max_connections > usable {
+        warn!(
+            "limits.max_connections = {} is above what the open-files limit allows (~{usable})",
+            config.limits.max_connections
+        );
+    }
+    if config.faults.any_enabled() {
+        warn!(
+            "fault injection is ON: setup_delay_ms = {}, fail_setup_user_prefix = {:?}",
+            config.faults.setup_delay_ms, config.faults.fail_setup_user_prefix
+        );
+    }
+
+    let metrics = Arc::new(Metrics::new());
+    let registry = Registry::new(RegistrySettings::from_config(&config), Arc::clone(&metrics)).start();
+    let limits = &config.limits;
+    let env = Arc::new(SessionEnv {
+        registry,
+        verifier: Arc::new(verifier),
+        metrics: Arc::clone(&metrics),
+        field_limits: FieldLimits { max_content_chars: limits.max_content_chars },
+        pending_messages: limits.pending_messages,
+        max_message_bytes: limits.max_message_bytes,
+        auth_timeout: Duration::from_secs(config.auth.timeout_secs),
+        auth_leeway: Duration::from_secs(config.auth.leeway_secs),
+        heartbeat_interval: Duration::from_secs(limits.heartbeat_interval_secs),
+        client_timeout: Duration::from_secs(limits.client_timeout_secs),
+        messages_per_second: limits.messages_per_second,
+        burst: limits.burst,
+    });
+    let state = web::Data::new(AppState {
+        config: Arc::clone(&config),
+        env,
+        slots: ConnectionSlots::new(limits.max_connections),
+        dev_minter,
+    });
+
+    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+        .workers(config.worker_count())
+        .backlog(4096)
+        .max_connections(config.limits.max_connections.saturating_add(1024))
+        .shutdown_timeout(config.server.shutdown_grace_secs)
+        .bind(config.server.bind)
+        .map_err(StartError::Io)?;
+    let addr = server.addrs().first().copied().ok_or_else(|| {
+        StartError::Io(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address bound"))
+    })?;
+    Ok(Running { addr, server: server.run(), metrics })
+}

@@ -1,0 +1,100 @@
+//! The one binary: `serve` (the default), `token` to mint a JWT with the configured key.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use agentwire::auth::Minter;
+use agentwire::config::{Config, Source};
+
+#[derive(Parser)]
+#[command(name = "agentwire", version, about = "Real-time WebSocket server for AI agent events")]
+struct Cli {
+    /// Configuration file (default: ./config.toml when it exists, else built-in defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Print a token signed with the configured key.
+    Token {
+        /// The user id (`sub` claim).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Display name (`name` claim).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// Exit code for a configuration that cannot be used.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,actix_server=warn")).init();
+    let cli = Cli::parse();
+    let (config, source) = match Config::load(cli.config.as_deref()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("agentwire: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config, source),
+        Command::Token { sub, ttl, name } => token(&config, &sub, ttl, name.as_deref()),
+    }
+}
+
+fn token(config: &Config, sub: &str, ttl: u64, name: Option<&str>) -> ExitCode {
+    let minted = Minter::new(&config.auth).and_then(|minter| minter.mint(sub, name, ttl));
+    match minted {
+        Ok((token, _)) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentwire: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn serve(config: Config, source: Source) -> ExitCode {
+    let system = actix_web::rt::System::new();
+    let result = system.block_on(async move {
+        let running = agentwire::build(config.clone())?;
+        let from = match &source {
+            Source::Defaults => "built-in defaults".to_owned(),
+            Source::File(path) => path.display().to_string(),
+        };
+        log::info!("configuration: {from}");
+        let addr = running.addr;
+        println!("agentwire listening on http://{addr}  (WebSocket: ws://{addr}/ws)");
+        if config.auth.dev_tokens {
+            println!("  get a token: curl -s -X POST http://{addr}/dev/token -d '{{\"sub\":\"alice\"}}'");
+        }
+        println!("  or:          agentwire token --sub alice");
+        running.server.await.map_err(agentwire::StartError::Io)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(agentwire::StartError::Config(e)) => {
+            eprintln!("agentwire: invalid configuration: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("agentwire: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Prometheus metrics (protocol section 8). Each server owns its own registry of metrics, so
+//! several servers in one process (the tests) never mix their counts.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::state::ConnectionState;
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGaugeVec,
+    pub connections_opened: IntCounter,
+    pub connection_failures: IntCounterVec,
+    pub state_transitions: IntCounterVec,
+    pub state_transitions_refused: IntCounter,
+    pub auth_failures: IntCounterVec,
+    pub messages_received: IntCounter,
+    pub events_published: IntCounter,
+    pub frames_sent: IntCounter,
+    pub slow_consumer_closes: IntCounter,
+    pub event_delivery_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        // Metric definitions are constants; a failure here is a programming error caught by tests.
+        fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+            registry.register(Box::new(metric.clone())).expect("metric names are unique and valid");
+            metric
+        }
+        let connections = register(
+            &registry,
+            IntGaugeVec::new(Opts::new("agentwire_connections", "Open connections by state"), &["state"]).expect("valid"),
+        );
+        for state in ConnectionState::ALL {
+            if state != ConnectionState::Closed {
+                connections.with_label_values(&[state.as_str()]).set(0);
+            }
+        }
+        let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help).expect("valid"));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid"))
+        };
+        Metrics {
+            connections_opened: counter("agentwire_connections_opened_total", "WebSocket sessions registered"),
+            connection_failures: counter_vec(
+                "agentwire_connection_failures_total",
+                "Connections that failed or were refused, by reason",
+                &["reason"],
+            ),
+            state_transitions: counter_vec(
+                "agentwire_state_transitions_total",
+                "Connection state transitions",
+                &["from", "to"],
+            ),
+            state_transitions_refused: counter(
+                "agentwire_state_transitions_refused_total",
+                "Transitions refused by the state table",
+            ),
+            auth_failures: counter_vec("agentwire_auth_failures_total", "Refused tokens, by reason", &["reason"]),
+            messages_received: counter("agentwire_messages_received_total", "Client frames received"),
+            events_published: counter("agentwire_events_published_total", "Events appended to user streams"),
+            frames_sent: counter("agentwire_frames_sent_total", "Event frames handed to sessions"),
+            slow_consumer_closes: counter(
+                "agentwire_slow_consumer_closes_total",
+                "Sessions closed with 4008 for not reading",
+            ),
+            event_delivery_seconds: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "agentwire_event_delivery_seconds",
+                        "From an event's creation to its hand-off to each session",
+                    )
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+                )
+                .expect("valid"),
+            ),
+            connections,
+            registry,
+        }
+    }
+
+    /// Moves one connection from one state's gauge to another's (`None` = not counted).
+    pub fn move_gauge(&self, from: Option<ConnectionState>, to: Option<ConnectionState>) {
+        if let Some(from) = from {
+            self.connections.with_label_values(&[from.as_str()]).dec();
+        }
+        if let Some(to) = to {
+            self.connections.with_label_values(&[to.as_str()]).inc();
+        }
+    }
+
+    pub fn fail(&self, reason: &str) {
+        self.connection_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which `new` rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_protocol_names() {
+        let metrics = Metrics::new();
+        metrics.fail("setup_failed");
+        metrics.auth_failures.with_label_values(&["expired"]).inc();
+        metrics.state_transitions.with_label_values(&["accepted", "authenticated"]).inc();
+        let text = metrics.render();
+        for name in [
+            "agentwire_connections{state=\"processing_ready\"} 0",
+            "agentwire_connection_failures_total{reason=\"setup_failed\"} 1",
+            "agentwire_auth_failures_total{reason=\"expired\"} 1",
+            "agentwire_state_transitions_total{from=\"accepted\",to=\"authenticated\"} 1",
+            "agentwire_state_transitions_refused_total 0",
+            "agentwire_connections_opened_total 0",
+            "agentwire_event_delivery_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The typed messages between sessions, HTTP routes and the registry.
+//!
+//! Sessions ask with `do_send` and the registry answers through the session's own mailbox
+//! ([`ToSession`]), never as a reply future: one FIFO carries both the setup answers and the
+//! events that follow, so no event can overtake the `processing_ready` frame.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+
+use super::stream::ResumeRequest;
+use crate::auth::Identity;
+use crate::protocol::{ErrorCode, ResumeInfo};
+use crate::state::ConnectionState;
+
+/// `ws_` + a tag chosen at start + a counter: unique within the server's lifetime, and ids of two
+/// runs of the server are told apart in logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionId(u64);
+
+impl ConnectionId {
+    pub fn next() -> ConnectionId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ConnectionId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        static BOOT: OnceLock<u16> = OnceLock::new();
+        let boot = BOOT.get_or_init(rand::random::<u16>);
+        write!(f, "ws_{boot:04x}{:x}", self.0)
+    }
+}
+
+// ----- session -> registry ---------------------------------------------------------------------
+
+/// A session started: record it as `accepted`. Answered with [`ToSession::Accepted`].
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub id: ConnectionId,
+    pub session: Recipient<ToSession>,
+}
+
+/// The token verified: move to `authenticated`, counting against the user's session cap.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Authenticate {
+    pub id: ConnectionId,
+    pub identity: Identity,
+}
+
+/// Attach the user's stream: `services_ready`. This is where `[faults]` act.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Attach {
+    pub id: ConnectionId,
+}
+
+/// Start delivering: `processing_ready`, with the replay of a resume.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Activate {
+    pub id: ConnectionId,
+    pub resume: Option<ResumeRequest>,
+}
+
+/// Setup failed on the session's side (its setup deadline passed): move to `failed`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Fail {
+    pub id: ConnectionId,
+    pub reason: &'static str,
+}
+
+/// The session is closing: stop fanning out to it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Closing {
+    pub id: ConnectionId,
+}
+
+/// The session's actor stopped: forget it, whatever state it was in.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub id: ConnectionId,
+}
+
+// ----- registry -> session ---------------------------------------------------------------------
+
+/// Everything the registry tells a session, in the order the session must act on it.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub enum ToSession {
+    Accepted,
+    Authenticated,
+    ServicesReady,
+    ProcessingReady {
+        epoch: String,
+        last_seq: u64,
+        resume: Option<ResumeInfo>,
+        replay: Vec<ByteString>,
+    },
+    /// Setup refused: send the error frame (if any), then close with `close_code`.
+    Refused {
+        error: Option<(ErrorCode, String)>,
+        close_code: u16,
+        reason: &'static str,
+    },
+    /// One serialised event of the user's stream.
+    Deliver(ByteString),
+}
+
+// ----- HTTP -> registry ------------------------------------------------------------------------
+
+/// One row of `GET /api/v1/users/{user_id}/connections`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConnectionView {
+    pub connection_id: String,
+    pub state: ConnectionState,
+    pub connected_at: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "Vec<ConnectionView>")]
+pub struct ListConnections {
+    pub user_id: String,
+}
+
+/// Answered while the registry runs: what `/readyz` asks.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Probe;

@@ -1,0 +1,472 @@
+//! The WebSocket session actor: one per socket. It turns frames into typed requests to the
+//! registry and the registry's answers into frames, and it decides nothing global: every state
+//! change is asked of the registry (protocol section 3).
+//!
+//! This is the only module that touches `actix-web-actors` (deprecated upstream in favour of
+//! `actix-ws`), so moving off it later changes this file alone.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_http::ws::Item;
+use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError, WebsocketContext};
+use bytes::BytesMut;
+use log::{debug, info, warn};
+
+use crate::auth::{Identity, Verifier};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    close, now_ms, parse_client_frame, AuthFrame, ClientFrame, ErrorCode, FieldLimits, FrameError, ServerFrame,
+    SUBPROTOCOL,
+};
+use crate::ratelimit::{RateLimiter, Verdict};
+use crate::registry::stream::ResumeRequest;
+use crate::registry::{
+    Activate, Attach, Authenticate, Closing, ConnectionId, Fail, Register, Registry, ToSession, Unregister,
+};
+use crate::state::ConnectionState;
+use crate::admission::ConnectionSlot;
+
+/// How long the registry may take from `authenticated` to `processing_ready` before the setup
+/// counts as failed (`setup_failed`, 1011).
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `token_expiring` is sent this long before the token's `exp`.
+pub const TOKEN_EXPIRY_NOTICE: Duration = Duration::from_secs(60);
+
+/// Everything sessions share: built once per server.
+pub struct SessionEnv {
+    pub registry: Addr<Registry>,
+    pub verifier: Arc<Verifier>,
+    pub metrics: Arc<Metrics>,
+    pub field_limits: FieldLimits,
+    pub pending_messages: usize,
+    pub max_message_bytes: usize,
+    pub auth_timeout: Duration,
+    pub auth_leeway: Duration,
+    pub heartbeat_interval: Duration,
+    pub client_timeout: Duration,
+    pub messages_per_second: u32,
+    pub burst: u32,
+}
+
+/// Where the session is in its setup; the registry holds the authoritative state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the registry to record the connection as `accepted`.
+    Registering,
+    /// `accepted`, waiting for a token in an `auth` frame.
+    AwaitingAuth,
+    /// Token verified; the registry is taking it through `authenticated` and `services_ready`.
+    SettingUp,
+    ProcessingReady,
+    Closing,
+}
+
+/// An early frame kept for processing after `processing_ready` (section 3).
+type Early = Result<ClientFrame, FrameError>;
+
+pub struct Session {
+    id: ConnectionId,
+    env: Arc<SessionEnv>,
+    phase: Phase,
+    /// The verified token's identity: given at upgrade, or from the `auth` frame.
+    identity: Option<Identity>,
+    resume: Option<ResumeRequest>,
+    /// An `auth` frame that arrived before the registry answered `Register`.
+    early_auth: Option<AuthFrame>,
+    pending: VecDeque<Early>,
+    /// A fragmented text message being reassembled.
+    fragments: Option<BytesMut>,
+    last_heard: Instant,
+    limiter: RateLimiter,
+    expiry_timers: Vec<SpawnHandle>,
+    _slot: ConnectionSlot,
+}
+
+impl Session {
+    pub fn new(
+        env: Arc<SessionEnv>,
+        identity: Option<Identity>,
+        resume: Option<ResumeRequest>,
+        slot: ConnectionSlot,
+    ) -> Session {
+        let now = Instant::now();
+        Session {
+            id: ConnectionId::next(),
+            limiter: RateLimiter::new(env.messages_per_second, env.burst, now),
+            env,
+            phase: Phase::Registering,
+            identity,
+            resume,
+            early_auth: None,
+            pending: VecDeque::new(),
+            fragments: None,
+            last_heard: now,
+            expiry_timers: Vec::new(),
+            _slot: slot,
+        }
+    }
+
+    pub fn id(&self) -> ConnectionId {
+        self.id
+    }
+
+    fn send(&self, ctx: &mut WebsocketContext<Self>, frame: ServerFrame<'_>) {
+        ctx.text(frame.to_text());
+    }
+
+    fn send_error(&self, ctx: &mut WebsocketContext<Self>, code: ErrorCode, message: &str, reference: Option<&str>) {
+        self.send(ctx, ServerFrame::error(code, message, reference));
+    }
+
+    fn send_state(&self, ctx: &mut WebsocketContext<Self>, state: ConnectionState) {
+        let id = self.id.to_string();
+        let user_id = match state {
+            ConnectionState::Authenticated => self.identity.as_ref().map(|i| i.user_id.as_str()),
+            _ => None,
+        };
+        let mut frame = ServerFrame::connection_state(state, &id);
+        if let ServerFrame::ConnectionState { user_id: slot, .. } = &mut frame {
+            *slot = user_id;
+        }
+        self.send(ctx, frame);
+    }
+
+    /// Sends a close frame with `code` and stops; the registry hears `Closing` now and
+    /// `Unregister` when the actor has stopped.
+    fn close(&mut self, ctx: &mut WebsocketContext<Self>, code: u16, reason: &str) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        self.phase = Phase::Closing;
+        self.pending.clear();
+        self.env.registry.do_send(Closing { id: self.id });
+        debug!("{}: closing with {code} ({reason})", self.id);
+        ctx.close(Some(CloseReason { code: CloseCode::from(code), description: Some(reason.to_owned()) }));
+        ctx.stop();
+    }
+
+    // ----- setup ------------------------------------------------------------------------------
+
+    fn on_accepted(&mut self, ctx: &mut WebsocketContext<Self>) {
+        if self.phase != Phase::Registering {
+            return;
+        }
+        self.phase = Phase::AwaitingAuth;
+        self.send_state(ctx, ConnectionState::Accepted);
+        if let Some(identity) = self.identity.clone() {
+            self.begin_setup(identity, ctx);
+        } else if let Some(frame) = self.early_auth.take() {
+            self.authenticate_with_frame(frame, ctx);
+        }
+    }
+
+    fn authenticate_with_frame(&mut self, frame: AuthFrame, ctx: &mut WebsocketContext<Self>) {
+        // The auth frame's resume values win over the query's (section 6).
+        if frame.last_seq.is_some() || frame.epoch.is_some() {
+            let query = self.resume.take().unwrap_or_default();
+            self.resume = Some(ResumeRequest {
+                last_seq: frame.last_seq.unwrap_or(query.last_seq),
+                epoch: frame.epoch.or(query.epoch),
+            });
+        }
+        match self.env.verifier.verify(&frame.token) {
+            Ok(identity) => self.begin_setup(identity, ctx),
+            Err(failure) => {
+                self.env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
+                self.env.metrics.fail("invalid_token");
+                info!("{}: auth frame refused: {}", self.id, failure.reason());
+                self.send_error(ctx, ErrorCode::InvalidToken, failure.message(), Some("auth"));
+                self.close(ctx, close::TOKEN_INVALID, "token invalid");
+            }
+        }
+    }
+
+    fn begin_setup(&mut self, identity: Identity, ctx: &mut WebsocketContext<Self>) {
+        self.phase = Phase::SettingUp;
+        self.identity = Some(identity.clone());
+        self.env.registry.do_send(Authenticate { id: self.id, identity });
+        ctx.run_later(SETUP_TIMEOUT, |session, ctx| {
+            if session.phase == Phase::SettingUp {
+                session.env.registry.do_send(Fail { id: session.id, reason: "setup_timeout" });
+                session.send_error(ctx, ErrorCode::SetupFailed, "connection setup timed out", None);
+                session.close(ctx, close::SERVER_ERROR, "setup failed");
+            }
+        });
+    }
+
+    fn on_processing_ready(
+        &mut self,
+        ctx: &mut WebsocketContext<Self>,
+        epoch: String,
+        last_seq: u64,
+        resume: Option<crate::protocol::ResumeInfo>,
+        replay: Vec<bytestring::ByteString>,
+    ) {
+        if self.phase != Phase::SettingUp {
+            return;
+        }
+        self.phase = Phase::ProcessingReady;
+        let id = self.id.to_string();
+        let user_id = self.identity.as_ref().map(|i| i.user_id.as_str());
+        self.send(
+            ctx,
+            ServerFrame::ConnectionState {
+                state: ConnectionState::ProcessingReady,
+                connection_id: &id,
+                user_id,
+                epoch: Some(&epoch),
+                last_seq: Some(last_seq),
+                resume,
+            },
+        );
+        for frame in replay {
+            ctx.text(frame);
+        }
+        self.schedule_token_expiry(ctx);
+        // Early messages, in arrival order, right after the ready frame (section 3).
+        while self.phase == Phase::ProcessingReady {
+            let Some(early) = self.pending.pop_front() else { break };
+            self.process(early, ctx);
+        }
+    }
+
+    /// `token_expiring` 60 s before `exp`, close 4003 at `exp` + leeway (section 2).
+    fn schedule_token_expiry(&mut self, ctx: &mut WebsocketContext<Self>) {
+        for handle in self.expiry_timers.drain(..) {
+            ctx.cancel_future(handle);
+        }
+        let Some(expires_at) = self.identity.as_ref().map(|i| i.expires_at_ms) else { return };
+        let until = |at_ms: u64| Duration::from_millis(at_ms.saturating_sub(now_ms()));
+        let notice_at = expires_at.saturating_sub(TOKEN_EXPIRY_NOTICE.as_millis() as u64);
+        let notice = ctx.run_later(until(notice_at), move |session, ctx| {
+            session.send(ctx, ServerFrame::TokenExpiring { expires_at });
+        });
+        let deadline = expires_at.saturating_add(self.env.auth_leeway.as_millis() as u64);
+        let expiry = ctx.run_later(until(deadline), |session, ctx| {
+            session.env.metrics.auth_failures.with_label_values(&["expired"]).inc();
+            info!("{}: token expired without refresh", session.id);
+            session.close(ctx, close::TOKEN_EXPIRED, "token expired");
+        });
+        self.expiry_timers = vec![notice, expiry];
+    }
+
+    // ----- client frames ----------------------------------------------------------------------
+
+    fn on_text(&mut self, text: &str, ctx: &mut WebsocketContext<Self>) {
+        self.env.metrics.messages_received.inc();
+        match self.limiter.check(Instant::now()) {
+            Verdict::Allow => {}
+            Verdict::Limited => {
+                self.send_error(ctx, ErrorCode::RateLimited, "too many messages; slow down", None);
+                return;
+            }
+            Verdict::Abuse => {
+                self.env.metrics.fail("rate_abuse");
+                warn!("{}: closed for sustained rate-limit abuse", self.id);
+                self.close(ctx, close::POLICY_VIOLATION, "rate limit abuse");
+                return;
+            }
+        }
+        let parsed = parse_client_frame(text, self.env.field_limits);
+        match (self.phase, parsed) {
+            (Phase::ProcessingReady, parsed) => self.process(parsed, ctx),
+            (Phase::Closing, _) => {}
+            (Phase::AwaitingAuth, Ok(ClientFrame::Auth(frame))) => self.authenticate_with_frame(frame, ctx),
+            (Phase::Registering, Ok(ClientFrame::Auth(frame)))
+                if self.identity.is_none() && self.early_auth.is_none() =>
+            {
+                self.early_auth = Some(frame);
+            }
+            (_, early) => self.queue_early(early, ctx),
+        }
+    }
+
+    fn queue_early(&mut self, early: Early, ctx: &mut WebsocketContext<Self>) {
+        if self.pending.len() < self.env.pending_messages {
+            self.pending.push_back(early);
+            return;
+        }
+        let reference = match &early {
+            Ok(frame) => Some(frame.type_name()),
+            Err(e) => e.reference.as_deref(),
+        };
+        self.send_error(ctx, ErrorCode::NotReady, "the connection is not ready and its queue is full", reference);
+    }
+
+    /// Handles one client frame in `processing_ready`.
+    fn process(&mut self, frame: Early, ctx: &mut WebsocketContext<Self>) {
+        match frame {
+            Err(error) => self.send(ctx, error.to_frame()),
+            Ok(ClientFrame::Ping { id }) => {
+                self.send(ctx, ServerFrame::Pong { id: id.as_ref(), server_time: now_ms() });
+            }
+            Ok(ClientFrame::Auth(frame)) => self.refresh_token(frame, ctx),
+            Ok(ClientFrame::UserMessage(_) | ClientFrame::CancelRun { .. }) => {
+                self.send_error(ctx, ErrorCode::Internal, "no agent runtime is configured", None);
+            }
+        }
+    }
+
+    /// Section 2: a new token of the same `sub` replaces the old one in place.
+    fn refresh_token(&mut self, frame: AuthFrame, ctx: &mut WebsocketContext<Self>) {
+        match self.env.verifier.verify(&frame.token) {
+            Err(failure) => {
+                self.env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
+                info!("{}: token refresh refused: {}", self.id, failure.reason());
+                self.send_error(ctx, ErrorCode::InvalidToken, failure.message(), Some("auth"));
+            }
+            Ok(identity) if Some(&identity.user_id) != self.identity.as_ref().map(|i| &i.user_id) => {
+                info!("{}: token refresh for another user refused", self.id);
+                self.send_error(ctx, ErrorCode::Forbidden, "the new token is for another user", Some("auth"));
+            }
+            Ok(identity) => {
+                let expires_at = identity.expires_at_ms;
+                self.identity = Some(identity);
+                self.schedule_token_expiry(ctx);
+                debug!("{}: token refreshed", self.id);
+                self.send(ctx, ServerFrame::AuthOk { expires_at });
+            }
+        }
+    }
+
+    fn on_fragment(&mut self, item: Item, ctx: &mut WebsocketContext<Self>) {
+        let (chunk, last) = match item {
+            Item::FirstBinary(_) => return self.close(ctx, close::UNSUPPORTED_DATA, "binary frames are not supported"),
+            Item::FirstText(chunk) => {
+                if self.fragments.is_some() {
+                    return self.close(ctx, close::PROTOCOL_ERROR, "new message inside a fragmented one");
+                }
+                self.fragments = Some(BytesMut::new());
+                (chunk, false)
+            }
+            Item::Continue(chunk) => (chunk, false),
+            Item::Last(chunk) => (chunk, true),
+        };
+        let Some(buffer) = self.fragments.as_mut() else {
+            return self.close(ctx, close::PROTOCOL_ERROR, "continuation without a first frame");
+        };
+        if buffer.len() + chunk.len() > self.env.max_message_bytes {
+            return self.close(ctx, close::MESSAGE_TOO_BIG, "message too big");
+        }
+        buffer.extend_from_slice(&chunk);
+        if last {
+            let bytes = self.fragments.take().unwrap_or_default();
+            match std::str::from_utf8(&bytes) {
+                Ok(text) => self.on_text(text, ctx),
+                Err(_) => self.close(ctx, close::INVALID_PAYLOAD, "text is not valid UTF-8"),
+            }
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.env.registry.do_send(Register { id: self.id, session: ctx.address().recipient() });
+        ctx.run_later(self.env.auth_timeout, |session, ctx| {
+            if matches!(session.phase, Phase::Registering | Phase::AwaitingAuth) {
+                session.env.metrics.auth_failures.with_label_values(&["timeout"]).inc();
+                session.env.metrics.fail("auth_timeout");
+                info!("{}: no token within the auth timeout", session.id);
+                session.close(ctx, close::AUTH_TIMEOUT, "no token in time");
+            }
+        });
+        ctx.run_interval(self.env.heartbeat_interval, |session, ctx| {
+            if session.last_heard.elapsed() > session.env.client_timeout {
+                session.env.metrics.fail("heartbeat_timeout");
+                info!("{}: nothing heard for {:?}; dropping", session.id, session.env.client_timeout);
+                session.close(ctx, close::GOING_AWAY, "client timeout");
+            } else {
+                ctx.ping(b"");
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.env.registry.do_send(Unregister { id: self.id });
+    }
+}
+
+impl Handler<ToSession> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
+        match msg {
+            ToSession::Accepted => self.on_accepted(ctx),
+            ToSession::Authenticated if self.phase == Phase::SettingUp => {
+                self.send_state(ctx, ConnectionState::Authenticated);
+                self.env.registry.do_send(Attach { id: self.id });
+            }
+            ToSession::ServicesReady if self.phase == Phase::SettingUp => {
+                self.send_state(ctx, ConnectionState::ServicesReady);
+                self.env.registry.do_send(Activate { id: self.id, resume: self.resume.take() });
+            }
+            ToSession::ProcessingReady { epoch, last_seq, resume, replay } => {
+                self.on_processing_ready(ctx, epoch, last_seq, resume, replay)
+            }
+            ToSession::Refused { error, close_code, reason } => {
+                if let Some((code, message)) = error {
+                    self.send_error(ctx, code, &message, None);
+                }
+                self.close(ctx, close_code, reason);
+            }
+            ToSession::Deliver(frame) if self.phase == Phase::ProcessingReady => ctx.text(frame),
+            other => debug!("{}: ignored {other:?} in phase {:?}", self.id, self.phase),
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
+    fn handle(&mut self, msg: Result<ws::Message, ProtocolError>, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        match msg {
+            Ok(ws::Message::Text(text)) => {
+                if self.fragments.is_some() {
+                    return self.close(ctx, close::PROTOCOL_ERROR, "new message inside a fragmented one");
+                }
+                self.on_text(&text, ctx)
+            }
+            Ok(ws::Message::Binary(_)) => self.close(ctx, close::UNSUPPORTED_DATA, "binary frames are not supported"),
+            Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
+            Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
+            Ok(ws::Message::Pong(_) | ws::Message::Nop) => {}
+            Ok(ws::Message::Close(reason)) => {
+                debug!("{}: client closed ({:?})", self.id, reason.as_ref().map(|r| r.code));
+                if self.phase != Phase::Closing {
+                    self.phase = Phase::Closing;
+                    self.env.registry.do_send(Closing { id: self.id });
+                    ctx.close(reason);
+                }
+                ctx.stop();
+            }
+            Err(ProtocolError::Overflow) => self.close(ctx, close::MESSAGE_TOO_BIG, "message too big"),
+            // actix-web-actors reports a text frame that is not UTF-8 as an I/O error.
+            Err(ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
+                self.close(ctx, close::INVALID_PAYLOAD, "text is not valid UTF-8")
+            }
+            Err(e) => {
+                info!("{}: protocol error: {e}", self.id);
+                self.close(ctx, close::PROTOCOL_ERROR, "protocol error");
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // The peer's stream ended (disconnect without a close frame).
+        ctx.stop();
+    }
+}
+
+/// Upgrades the request and starts the session actor on it.
+pub fn start(session: Session, req: &HttpRequest, payload: web::Payload, max_message_bytes: usize) -> actix_web::Result<HttpResponse> {
+    ws::WsResponseBuilder::new(session, req, payload)
+        .protocols(&[SUBPROTOCOL])
+        .frame_size(max_message_bytes)
+        .start()
+}

@@ -1,0 +1,254 @@
+//! Test harness: a real agentwire server on 127.0.0.1:0 in its own thread, and a real WebSocket
+//! client (tokio-tungstenite) that asserts on what a client sees. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentwire::config::Config;
+use agentwire::metrics::Metrics;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Upper bound of every single wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+/// A configuration for tests: ephemeral port, one API key, otherwise the defaults.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.server.bind = "127.0.0.1:0".parse().unwrap();
+    config.server.workers = 2;
+    config.api.keys = vec![API_KEY.to_owned()];
+    config
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        TestServer::with(|_| {})
+    }
+
+    pub fn with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let mut config = test_config();
+        adjust(&mut config);
+        config.validate().expect("test config is valid");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server_config = config.clone();
+        std::thread::spawn(move || {
+            let system = actix_web::rt::System::new();
+            system.block_on(async move {
+                let running = agentwire::build(server_config).expect("server starts");
+                tx.send((running.addr, running.server.handle(), running.metrics)).unwrap();
+                let _ = running.server.await;
+            });
+        });
+        let (addr, handle, metrics) = rx.recv_timeout(WAIT).expect("server started in time");
+        TestServer { addr, config, metrics, handle }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn token(&self, sub: &str) -> String {
+        let minter = agentwire::auth::Minter::new(&self.config.auth).unwrap();
+        minter.mint(sub, None, 3600).unwrap().0
+    }
+
+    /// A session that has reached `processing_ready` (token in the Authorization header).
+    pub async fn ready_client(&self, sub: &str) -> Client {
+        let mut client = Client::connect_bearer(&self.ws_url(), &self.token(sub)).await.expect("upgrade");
+        client.expect_setup(sub).await;
+        client
+    }
+
+    /// The value of one sample of the Prometheus text, 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).map(str::to_owned))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    /// Waits (bounded) until `check` holds on the metrics; for effects that happen after a close.
+    pub async fn eventually(&self, what: &str, check: impl Fn(&TestServer) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !check(self) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.handle.stop(false);
+    }
+}
+
+/// A WebSocket client as a frontend would use it.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub connection_id: String,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let request = url.into_client_request()?;
+        Client::connect_request(request).await
+    }
+
+    pub async fn connect_bearer(url: &str, token: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        Client::connect_request(request).await
+    }
+
+    pub async fn connect_request(
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("upgrade answered in time")?;
+        Ok(Client { ws, connection_id: String::new() })
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.send_text(value.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.expect("send");
+    }
+
+    /// The next JSON text frame; panics on close, timeout or anything else.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
+            match next {
+                Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).expect("server sent JSON"),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close frame and the text frames before it.
+    pub async fn expect_close(&mut self) -> (Option<CloseFrame>, Vec<Value>) {
+        let mut before = Vec::new();
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            match next {
+                Some(Ok(Message::Text(text))) => before.push(serde_json::from_str(&text).unwrap()),
+                Some(Ok(Message::Close(frame))) => return (frame, before),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("connection error instead of a close frame: {e}"),
+                None => return (None, before),
+            }
+        }
+    }
+
+    pub async fn expect_close_code(&mut self) -> u16 {
+        let (frame, _) = self.expect_close().await;
+        u16::from(frame.expect("a close frame").code)
+    }
+
+    pub async fn expect_state(&mut self, state: &str) -> Value {
+        let frame = self.recv().await;
+        assert_eq!(frame["type"], "connection_state", "{frame}");
+        assert_eq!(frame["state"], state, "{frame}");
+        let id = frame["connection_id"].as_str().expect("connection_id").to_owned();
+        assert!(id.starts_with("ws_"), "{id}");
+        if self.connection_id.is_empty() {
+            self.connection_id = id;
+        } else {
+            assert_eq!(self.connection_id, id);
+        }
+        frame
+    }
+
+    /// The four `connection_state` frames of section 3, in order; returns `processing_ready`.
+    pub async fn expect_setup(&mut self, user: &str) -> Value {
+        self.expect_state("accepted").await;
+        let authenticated = self.expect_state("authenticated").await;
+        assert_eq!(authenticated["user_id"], user);
+        self.expect_state("services_ready").await;
+        let ready = self.expect_state("processing_ready").await;
+        assert_eq!(ready["user_id"], user);
+        ready
+    }
+
+    pub async fn ping(&mut self, id: Value) -> Value {
+        self.send(json!({"type": "ping", "id": id})).await;
+        self.recv().await
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Drain to the end so the server sees a clean close handshake.
+        let _ = tokio::time::timeout(WAIT, async { while self.ws.next().await.is_some() {} }).await;
+    }
+}
+
+/// GET with an optional bearer, returning status and JSON (or text as a JSON string).
+pub async fn http_get(url: &str, bearer: Option<&str>) -> (u16, Value) {
+    let client = awc::Client::builder().timeout(WAIT).finish();
+    let mut request = client.get(url);
+    if let Some(bearer) = bearer {
+        request = request.bearer_auth(bearer);
+    }
+    let mut response = request.send().await.expect("HTTP answer");
+    let body = response.body().limit(16 << 20).await.expect("body");
+    let status = response.status().as_u16();
+    let value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+    (status, value)
+}
+
+pub async fn http_post(url: &str, bearer: Option<&str>, body: &str) -> (u16, Value) {
+    let client = awc::Client::builder().timeout(WAIT).finish();
+    let mut request = client.post(url).insert_header(("content-type", "application/json"));
+    if let Some(bearer) = bearer {
+        request = request.bearer_auth(bearer);
+    }
+    let mut response = request.send_body(body.to_owned()).await.expect("HTTP answer");
+    let body = response.body().limit(16 << 20).await.expect("body");
+    let status = response.status().as_u16();
+    let value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+    (status, value)
+}
+
+/// The HTTP status (and JSON body) of a refused upgrade.
+pub fn refused_upgrade(result: Result<Client, tokio_tungstenite::tungstenite::Error>) -> (u16, Value) {
+    match result {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response.body().as_deref().unwrap_or_default();
+            (response.status().as_u16(), serde_json::from_slice(body).unwrap_or(Value::Null))
+        }
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, the upgrade succeeded"),
+    }
+}
