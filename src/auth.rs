@@ -69,7 +69,9 @@ impl AuthFailure {
 /// The user id rule of section 2: `^[A-Za-z0-9._:@-]{1,128}$`.
 pub fn is_valid_user_id(sub: &str) -> bool {
     (1..=128).contains(&sub.len())
-        && sub.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+        && sub
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
 }
 
 #[derive(Deserialize)]
@@ -120,8 +122,14 @@ impl Verifier {
         let alg = algorithm(config);
         let key = match config.algorithm {
             Algorithm::HS256 => DecodingKey::from_secret(config.secret.as_bytes()),
-            Algorithm::RS256 => DecodingKey::from_rsa_pem(&read_key("auth.public_key_file", &config.public_key_file)?),
-            Algorithm::ES256 => DecodingKey::from_ec_pem(&read_key("auth.public_key_file", &config.public_key_file)?),
+            Algorithm::RS256 => DecodingKey::from_rsa_pem(&read_key(
+                "auth.public_key_file",
+                &config.public_key_file,
+            )?),
+            Algorithm::ES256 => DecodingKey::from_ec_pem(&read_key(
+                "auth.public_key_file",
+                &config.public_key_file,
+            )?),
         }
         .map_err(|e| format!("auth.public_key_file: not a usable {alg:?} key: {e}"))?;
         let mut validation = Validation::new(alg);
@@ -140,23 +148,26 @@ impl Verifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthFailure> {
-        let data = jsonwebtoken::decode::<VerifiedClaims>(token, &self.key, &self.validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::InvalidSignature => AuthFailure::BadSignature,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
-                    AuthFailure::WrongAlgorithm
+        let data = jsonwebtoken::decode::<VerifiedClaims>(token, &self.key, &self.validation)
+            .map_err(|e| {
+                match e.kind() {
+                    ErrorKind::InvalidSignature => AuthFailure::BadSignature,
+                    ErrorKind::InvalidAlgorithm
+                    | ErrorKind::InvalidAlgorithmName
+                    | ErrorKind::UnsupportedAlgorithm => AuthFailure::WrongAlgorithm,
+                    ErrorKind::ExpiredSignature => AuthFailure::Expired,
+                    ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
+                    ErrorKind::MissingRequiredClaim(_) => AuthFailure::MissingClaim,
+                    ErrorKind::InvalidIssuer => AuthFailure::WrongIssuer,
+                    ErrorKind::InvalidAudience => AuthFailure::WrongAudience,
+                    ErrorKind::InvalidSubject => AuthFailure::InvalidSubject,
+                    // An `alg` the library has no name for ("none" among them) fails header parsing.
+                    ErrorKind::Json(_) if header_alg_is_unsupported(token) => {
+                        AuthFailure::WrongAlgorithm
+                    }
+                    _ => AuthFailure::Malformed,
                 }
-                ErrorKind::ExpiredSignature => AuthFailure::Expired,
-                ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
-                ErrorKind::MissingRequiredClaim(_) => AuthFailure::MissingClaim,
-                ErrorKind::InvalidIssuer => AuthFailure::WrongIssuer,
-                ErrorKind::InvalidAudience => AuthFailure::WrongAudience,
-                ErrorKind::InvalidSubject => AuthFailure::InvalidSubject,
-                // An `alg` the library has no name for ("none" among them) fails header parsing.
-                ErrorKind::Json(_) if header_alg_is_unsupported(token) => AuthFailure::WrongAlgorithm,
-                _ => AuthFailure::Malformed,
-            }
-        })?;
+            })?;
         let claims = data.claims;
         let user_id = match claims.sub {
             serde_json::Value::String(sub) if is_valid_user_id(&sub) => sub,
@@ -173,11 +184,17 @@ impl Verifier {
 
 fn header_alg_is_unsupported(token: &str) -> bool {
     use base64::Engine;
-    let Some(encoded) = token.split('.').next() else { return false };
-    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('=')) else {
+    let Some(encoded) = token.split('.').next() else {
         return false;
     };
-    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return false };
+    let Ok(bytes) =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('='))
+    else {
+        return false;
+    };
+    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return false;
+    };
     header
         .get("alg")
         .and_then(|a| a.as_str())
@@ -199,8 +216,14 @@ impl Minter {
             Algorithm::RS256 | Algorithm::ES256 if config.private_key_file.is_empty() => {
                 return Err("auth.private_key_file: required to mint RS256/ES256 tokens".to_owned())
             }
-            Algorithm::RS256 => EncodingKey::from_rsa_pem(&read_key("auth.private_key_file", &config.private_key_file)?),
-            Algorithm::ES256 => EncodingKey::from_ec_pem(&read_key("auth.private_key_file", &config.private_key_file)?),
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&read_key(
+                "auth.private_key_file",
+                &config.private_key_file,
+            )?),
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&read_key(
+                "auth.private_key_file",
+                &config.private_key_file,
+            )?),
         }
         .map_err(|e| format!("auth.private_key_file: not a usable key: {e}"))?;
         let non_empty = |s: &String| (!s.is_empty()).then(|| s.clone());
@@ -213,7 +236,12 @@ impl Minter {
     }
 
     /// A token for `sub` valid for `ttl_secs`; returns the token and its `exp` in milliseconds.
-    pub fn mint(&self, sub: &str, name: Option<&str>, ttl_secs: u64) -> Result<(String, u64), String> {
+    pub fn mint(
+        &self,
+        sub: &str,
+        name: Option<&str>,
+        ttl_secs: u64,
+    ) -> Result<(String, u64), String> {
         if !is_valid_user_id(sub) {
             return Err("sub must match ^[A-Za-z0-9._:@-]{1,128}$".to_owned());
         }
@@ -227,7 +255,8 @@ impl Minter {
             iss: self.issuer.as_deref(),
             aud: self.audience.as_deref(),
         };
-        let token = jsonwebtoken::encode(&self.header, &claims, &self.key).map_err(|e| e.to_string())?;
+        let token =
+            jsonwebtoken::encode(&self.header, &claims, &self.key).map_err(|e| e.to_string())?;
         Ok((token, exp * 1000))
     }
 }
@@ -249,7 +278,10 @@ mod tests {
     #[test]
     fn minted_tokens_verify() {
         let config = AuthConfig::default();
-        let (token, exp) = Minter::new(&config).unwrap().mint("alice", Some("Alice"), 60).unwrap();
+        let (token, exp) = Minter::new(&config)
+            .unwrap()
+            .mint("alice", Some("Alice"), 60)
+            .unwrap();
         let identity = Verifier::new(&config).unwrap().verify(&token).unwrap();
         assert_eq!(identity.user_id, "alice");
         assert_eq!(identity.name.as_deref(), Some("Alice"));

@@ -34,7 +34,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
-        .route("/api/v1/users/{user_id}/connections", web::get().to(user_connections))
+        .route(
+            "/api/v1/users/{user_id}/connections",
+            web::get().to(user_connections),
+        )
         .route("/dev/token", web::post().to(dev_token));
 }
 
@@ -56,36 +59,69 @@ struct UpgradeQuery {
     epoch: Option<String>,
 }
 
-async fn upgrade(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
+async fn upgrade(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> actix_web::Result<HttpResponse> {
     let env = &state.env;
-    let peer = req.peer_addr().map_or_else(|| "-".to_owned(), |a| a.to_string());
-    let origin = req.headers().get(header::ORIGIN).map(|o| o.to_str().unwrap_or("<invalid>"));
+    let peer = req
+        .peer_addr()
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or("<invalid>"));
     if !origin_allowed(origin, &state.config.server.allowed_origins) {
         env.metrics.fail("origin_refused");
         info!("upgrade from {peer} refused: origin {origin:?} is not allowed");
-        return Ok(error_response(StatusCode::FORBIDDEN, "forbidden", "this Origin may not connect"));
+        return Ok(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this Origin may not connect",
+        ));
     }
     let Some(slot) = state.slots.try_acquire() else {
         env.metrics.fail("over_capacity");
         info!("upgrade from {peer} refused: limits.max_connections reached");
-        return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, "over_capacity", "the server is at capacity"));
+        return Ok(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "over_capacity",
+            "the server is at capacity",
+        ));
     };
     let query = match web::Query::<UpgradeQuery>::from_query(req.query_string()) {
         Ok(query) => query.into_inner(),
-        Err(e) => return Ok(error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())),
+        Err(e) => {
+            return Ok(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &e.to_string(),
+            ))
+        }
     };
     let token = bearer(&req).or(query.access_token.as_deref());
     let identity = match token.map(|t| env.verifier.verify(t)) {
         None => None,
         Some(Ok(identity)) => Some(identity),
         Some(Err(failure)) => {
-            env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
+            env.metrics
+                .auth_failures
+                .with_label_values(&[failure.reason()])
+                .inc();
             env.metrics.fail("invalid_token");
             info!("upgrade from {peer} refused: {}", failure.reason());
-            return Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_token", failure.message()));
+            return Ok(error_response(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                failure.message(),
+            ));
         }
     };
-    let resume = query.last_seq.map(|last_seq| ResumeRequest { last_seq, epoch: query.epoch });
+    let resume = query.last_seq.map(|last_seq| ResumeRequest {
+        last_seq,
+        epoch: query.epoch,
+    });
     let session = Session::new(Arc::clone(env), identity, resume, slot);
     let id = session.id();
     let response = session::start(session, &req, payload, env.max_message_bytes)?;
@@ -101,34 +137,69 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let probe = state.env.registry.send(Probe);
     match actix_web::rt::time::timeout(Duration::from_secs(2), probe).await {
         Ok(Ok(())) => HttpResponse::Ok().json(json!({"status": "ready"})),
-        _ => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer"),
+        _ => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the registry does not answer",
+        ),
     }
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8")))
+        .insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        ))
         .body(state.env.metrics.render())
 }
 
 /// `Authorization: Bearer <api key>` against `api.keys`, compared in constant time.
 fn api_key_ok(req: &HttpRequest, state: &AppState) -> bool {
-    let Some(given) = bearer(req) else { return false };
-    state.config.api.keys.iter().any(|key| constant_time_eq::constant_time_eq(key.as_bytes(), given.as_bytes()))
+    let Some(given) = bearer(req) else {
+        return false;
+    };
+    state
+        .config
+        .api
+        .keys
+        .iter()
+        .any(|key| constant_time_eq::constant_time_eq(key.as_bytes(), given.as_bytes()))
 }
 
 fn unauthorized() -> HttpResponse {
-    error_response(StatusCode::UNAUTHORIZED, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)")
+    error_response(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid API key is required (Authorization: Bearer <key>)",
+    )
 }
 
-async fn user_connections(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+async fn user_connections(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     if !api_key_ok(&req, &state) {
         return unauthorized();
     }
     let user_id = path.into_inner();
-    match state.env.registry.send(ListConnections { user_id: user_id.clone() }).await {
-        Ok(connections) => HttpResponse::Ok().json(json!({"user_id": user_id, "connections": connections})),
-        Err(_) => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer"),
+    match state
+        .env
+        .registry
+        .send(ListConnections {
+            user_id: user_id.clone(),
+        })
+        .await
+    {
+        Ok(connections) => {
+            HttpResponse::Ok().json(json!({"user_id": user_id, "connections": connections}))
+        }
+        Err(_) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the registry does not answer",
+        ),
     }
 }
 
@@ -143,14 +214,20 @@ const DEV_TOKEN_TTL_SECS: u64 = 3600;
 
 async fn dev_token(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let Some(minter) = &state.dev_minter else {
-        return error_response(StatusCode::NOT_FOUND, "not_found", "dev tokens are disabled (auth.dev_tokens)");
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "dev tokens are disabled (auth.dev_tokens)",
+        );
     };
     let request: DevTokenRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
     match minter.mint(&request.sub, request.name.as_deref(), DEV_TOKEN_TTL_SECS) {
-        Ok((token, expires_at)) => HttpResponse::Ok().json(json!({"token": token, "expires_at": expires_at})),
+        Ok((token, expires_at)) => {
+            HttpResponse::Ok().json(json!({"token": token, "expires_at": expires_at}))
+        }
         Err(message) => error_response(StatusCode::BAD_REQUEST, "bad_request", &message),
     }
 }

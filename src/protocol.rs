@@ -146,8 +146,8 @@ impl FrameError {
 
 /// Parses one text frame into a [`ClientFrame`], or says precisely what is wrong with it.
 pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame, FrameError> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| FrameError::bad(format!("invalid JSON: {e}"), None))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| FrameError::bad(format!("invalid JSON: {e}"), None))?;
     let Value::Object(object) = value else {
         return Err(FrameError::bad("a frame must be a JSON object", None));
     };
@@ -170,8 +170,20 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
         }
         "user_message" => {
             let frame: UserMessage = serde_json::from_value(value).map_err(fields)?;
-            check_len("thread_id", &frame.thread_id, 1, MAX_THREAD_ID_CHARS, reference)?;
-            check_len("content", &frame.content, 1, limits.max_content_chars, reference)?;
+            check_len(
+                "thread_id",
+                &frame.thread_id,
+                1,
+                MAX_THREAD_ID_CHARS,
+                reference,
+            )?;
+            check_len(
+                "content",
+                &frame.content,
+                1,
+                limits.max_content_chars,
+                reference,
+            )?;
             if let Some(id) = &frame.client_msg_id {
                 check_len("client_msg_id", id, 1, MAX_CLIENT_MSG_ID_CHARS, reference)?;
             }
@@ -180,7 +192,9 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
         "cancel_run" => {
             let frame: CancelRunFrame = serde_json::from_value(value).map_err(fields)?;
             check_len("run_id", &frame.run_id, 1, MAX_RUN_ID_CHARS, reference)?;
-            Ok(ClientFrame::CancelRun { run_id: frame.run_id })
+            Ok(ClientFrame::CancelRun {
+                run_id: frame.run_id,
+            })
         }
         "ping" => {
             let frame: PingFrame = serde_json::from_value(value).map_err(fields)?;
@@ -205,7 +219,10 @@ fn check_len(
     // Counting stops one past the maximum so a huge string costs no more than a legal one.
     let chars = value.chars().take(max + 1).count();
     if chars < min {
-        return Err(FrameError::bad(format!("field `{field}` must not be empty"), reference));
+        return Err(FrameError::bad(
+            format!("field `{field}` must not be empty"),
+            reference,
+        ));
     }
     if chars > max {
         return Err(FrameError::bad(
@@ -289,13 +306,23 @@ impl ServerFrame<'_> {
         }
     }
 
-    pub fn error<'a>(code: ErrorCode, message: &'a str, reference: Option<&'a str>) -> ServerFrame<'a> {
-        ServerFrame::Error { code, message, reference }
+    pub fn error<'a>(
+        code: ErrorCode,
+        message: &'a str,
+        reference: Option<&'a str>,
+    ) -> ServerFrame<'a> {
+        ServerFrame::Error {
+            code,
+            message,
+            reference,
+        }
     }
 
     pub fn to_text(&self) -> String {
         // Serialising these plain structs cannot fail: no maps with non-string keys, no floats.
-        serde_json::to_string(self).unwrap_or_else(|_| String::from(r#"{"type":"error","code":"internal","message":"serialisation failed"}"#))
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            String::from(r#"{"type":"error","code":"internal","message":"serialisation failed"}"#)
+        })
     }
 }
 
@@ -318,7 +345,9 @@ pub fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
-    const LIMITS: FieldLimits = FieldLimits { max_content_chars: 10 };
+    const LIMITS: FieldLimits = FieldLimits {
+        max_content_chars: 10,
+    };
 
     fn err(text: &str) -> FrameError {
         parse_client_frame(text, LIMITS).unwrap_err()
@@ -328,11 +357,15 @@ mod tests {
     fn parses_every_client_type() {
         assert_eq!(
             parse_client_frame(r#"{"type":"ping","id":7}"#, LIMITS).unwrap(),
-            ClientFrame::Ping { id: Some(Value::from(7)) }
+            ClientFrame::Ping {
+                id: Some(Value::from(7))
+            }
         );
         assert_eq!(
             parse_client_frame(r#"{"type":"cancel_run","run_id":"r_1"}"#, LIMITS).unwrap(),
-            ClientFrame::CancelRun { run_id: "r_1".into() }
+            ClientFrame::CancelRun {
+                run_id: "r_1".into()
+            }
         );
         let msg = parse_client_frame(
             r#"{"type":"user_message","thread_id":"t","content":"héllo","client_msg_id":"c1"}"#,
@@ -340,24 +373,42 @@ mod tests {
         )
         .unwrap();
         assert_eq!(msg.type_name(), "user_message");
-        let auth = parse_client_frame(r#"{"type":"auth","token":"x","last_seq":3,"epoch":"e"}"#, LIMITS).unwrap();
-        assert!(matches!(auth, ClientFrame::Auth(AuthFrame { last_seq: Some(3), .. })));
+        let auth = parse_client_frame(
+            r#"{"type":"auth","token":"x","last_seq":3,"epoch":"e"}"#,
+            LIMITS,
+        )
+        .unwrap();
+        assert!(matches!(
+            auth,
+            ClientFrame::Auth(AuthFrame {
+                last_seq: Some(3),
+                ..
+            })
+        ));
     }
 
     #[test]
     fn rejects_bad_frames_with_precise_errors() {
         assert_eq!(err("{nope").code, ErrorCode::BadMessage);
         assert_eq!(err("[1,2]").message, "a frame must be a JSON object");
-        assert_eq!(err(r#"{"type":5}"#).message, "field `type` must be a string");
+        assert_eq!(
+            err(r#"{"type":5}"#).message,
+            "field `type` must be a string"
+        );
         assert_eq!(err(r#"{"id":1}"#).message, "missing field `type`");
         let unknown = err(r#"{"type":"launch"}"#);
-        assert_eq!((unknown.code, unknown.reference.as_deref()), (ErrorCode::UnknownType, Some("launch")));
+        assert_eq!(
+            (unknown.code, unknown.reference.as_deref()),
+            (ErrorCode::UnknownType, Some("launch"))
+        );
         let missing = err(r#"{"type":"user_message","content":"x"}"#);
         assert_eq!(missing.message, "missing field `thread_id`");
         assert_eq!(missing.reference.as_deref(), Some("user_message"));
-        assert!(err(r#"{"type":"user_message","thread_id":1,"content":"x"}"#)
-            .message
-            .starts_with("invalid type"));
+        assert!(
+            err(r#"{"type":"user_message","thread_id":1,"content":"x"}"#)
+                .message
+                .starts_with("invalid type")
+        );
     }
 
     #[test]
@@ -367,14 +418,20 @@ mod tests {
         assert!(parse_client_frame(&ok, LIMITS).is_ok());
         let eleven = format!(r#"{{"type":"user_message","thread_id":"t","content":"{ten}e"}}"#);
         assert!(err(&eleven).message.contains("longer than 10"));
-        assert!(err(r#"{"type":"user_message","thread_id":"","content":"x"}"#)
-            .message
-            .contains("must not be empty"));
+        assert!(
+            err(r#"{"type":"user_message","thread_id":"","content":"x"}"#)
+                .message
+                .contains("must not be empty")
+        );
     }
 
     #[test]
     fn auth_frame_debug_hides_the_token() {
-        let frame = AuthFrame { token: "secret.jwt.value".into(), last_seq: None, epoch: None };
+        let frame = AuthFrame {
+            token: "secret.jwt.value".into(),
+            last_seq: None,
+            epoch: None,
+        };
         assert!(!format!("{frame:?}").contains("secret"));
     }
 
@@ -386,13 +443,20 @@ mod tests {
             user_id: Some("alice"),
             epoch: Some("k3f9a1"),
             last_seq: Some(41),
-            resume: Some(ResumeInfo { from_seq: 41, replayed: 1, complete: true }),
+            resume: Some(ResumeInfo {
+                from_seq: 41,
+                replayed: 1,
+                complete: true,
+            }),
         };
         assert_eq!(
             ready.to_text(),
             r#"{"type":"connection_state","state":"processing_ready","connection_id":"ws_1","user_id":"alice","epoch":"k3f9a1","last_seq":41,"resume":{"from_seq":41,"replayed":1,"complete":true}}"#
         );
         let error = ServerFrame::error(ErrorCode::NotReady, "queue full", Some("ping"));
-        assert_eq!(error.to_text(), r#"{"type":"error","code":"not_ready","message":"queue full","ref":"ping"}"#);
+        assert_eq!(
+            error.to_text(),
+            r#"{"type":"error","code":"not_ready","message":"queue full","ref":"ping"}"#
+        );
     }
 }

@@ -10,25 +10,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::{web, HttpRequest, HttpResponse};
 use actix_http::ws::Item;
+use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError, WebsocketContext};
 use bytes::BytesMut;
 use log::{debug, info, warn};
 
+use crate::admission::ConnectionSlot;
 use crate::auth::{Identity, Verifier};
 use crate::metrics::Metrics;
 use crate::protocol::{
-    close, now_ms, parse_client_frame, AuthFrame, ClientFrame, ErrorCode, FieldLimits, FrameError, ServerFrame,
-    SUBPROTOCOL,
+    close, now_ms, parse_client_frame, AuthFrame, ClientFrame, ErrorCode, FieldLimits, FrameError,
+    ServerFrame, SUBPROTOCOL,
 };
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::registry::stream::ResumeRequest;
 use crate::registry::{
-    Activate, Attach, Authenticate, Closing, ConnectionId, Fail, Register, Registry, ToSession, Unregister,
+    Activate, Attach, Authenticate, Closing, ConnectionId, Fail, Register, Registry, ToSession,
+    Unregister,
 };
 use crate::state::ConnectionState;
-use crate::admission::ConnectionSlot;
 
 /// How long the registry may take from `authenticated` to `processing_ready` before the setup
 /// counts as failed (`setup_failed`, 1011).
@@ -119,7 +120,13 @@ impl Session {
         ctx.text(frame.to_text());
     }
 
-    fn send_error(&self, ctx: &mut WebsocketContext<Self>, code: ErrorCode, message: &str, reference: Option<&str>) {
+    fn send_error(
+        &self,
+        ctx: &mut WebsocketContext<Self>,
+        code: ErrorCode,
+        message: &str,
+        reference: Option<&str>,
+    ) {
         self.send(ctx, ServerFrame::error(code, message, reference));
     }
 
@@ -146,7 +153,10 @@ impl Session {
         self.pending.clear();
         self.env.registry.do_send(Closing { id: self.id });
         debug!("{}: closing with {code} ({reason})", self.id);
-        ctx.close(Some(CloseReason { code: CloseCode::from(code), description: Some(reason.to_owned()) }));
+        ctx.close(Some(CloseReason {
+            code: CloseCode::from(code),
+            description: Some(reason.to_owned()),
+        }));
         ctx.stop();
     }
 
@@ -177,10 +187,19 @@ impl Session {
         match self.env.verifier.verify(&frame.token) {
             Ok(identity) => self.begin_setup(identity, ctx),
             Err(failure) => {
-                self.env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
+                self.env
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&[failure.reason()])
+                    .inc();
                 self.env.metrics.fail("invalid_token");
                 info!("{}: auth frame refused: {}", self.id, failure.reason());
-                self.send_error(ctx, ErrorCode::InvalidToken, failure.message(), Some("auth"));
+                self.send_error(
+                    ctx,
+                    ErrorCode::InvalidToken,
+                    failure.message(),
+                    Some("auth"),
+                );
                 self.close(ctx, close::TOKEN_INVALID, "token invalid");
             }
         }
@@ -189,11 +208,22 @@ impl Session {
     fn begin_setup(&mut self, identity: Identity, ctx: &mut WebsocketContext<Self>) {
         self.phase = Phase::SettingUp;
         self.identity = Some(identity.clone());
-        self.env.registry.do_send(Authenticate { id: self.id, identity });
+        self.env.registry.do_send(Authenticate {
+            id: self.id,
+            identity,
+        });
         ctx.run_later(SETUP_TIMEOUT, |session, ctx| {
             if session.phase == Phase::SettingUp {
-                session.env.registry.do_send(Fail { id: session.id, reason: "setup_timeout" });
-                session.send_error(ctx, ErrorCode::SetupFailed, "connection setup timed out", None);
+                session.env.registry.do_send(Fail {
+                    id: session.id,
+                    reason: "setup_timeout",
+                });
+                session.send_error(
+                    ctx,
+                    ErrorCode::SetupFailed,
+                    "connection setup timed out",
+                    None,
+                );
                 session.close(ctx, close::SERVER_ERROR, "setup failed");
             }
         });
@@ -230,7 +260,9 @@ impl Session {
         self.schedule_token_expiry(ctx);
         // Early messages, in arrival order, right after the ready frame (section 3).
         while self.phase == Phase::ProcessingReady {
-            let Some(early) = self.pending.pop_front() else { break };
+            let Some(early) = self.pending.pop_front() else {
+                break;
+            };
             self.process(early, ctx);
         }
     }
@@ -240,7 +272,9 @@ impl Session {
         for handle in self.expiry_timers.drain(..) {
             ctx.cancel_future(handle);
         }
-        let Some(expires_at) = self.identity.as_ref().map(|i| i.expires_at_ms) else { return };
+        let Some(expires_at) = self.identity.as_ref().map(|i| i.expires_at_ms) else {
+            return;
+        };
         let until = |at_ms: u64| Duration::from_millis(at_ms.saturating_sub(now_ms()));
         let notice_at = expires_at.saturating_sub(TOKEN_EXPIRY_NOTICE.as_millis() as u64);
         let notice = ctx.run_later(until(notice_at), move |session, ctx| {
@@ -248,7 +282,12 @@ impl Session {
         });
         let deadline = expires_at.saturating_add(self.env.auth_leeway.as_millis() as u64);
         let expiry = ctx.run_later(until(deadline), |session, ctx| {
-            session.env.metrics.auth_failures.with_label_values(&["expired"]).inc();
+            session
+                .env
+                .metrics
+                .auth_failures
+                .with_label_values(&["expired"])
+                .inc();
             info!("{}: token expired without refresh", session.id);
             session.close(ctx, close::TOKEN_EXPIRED, "token expired");
         });
@@ -262,7 +301,12 @@ impl Session {
         match self.limiter.check(Instant::now()) {
             Verdict::Allow => {}
             Verdict::Limited => {
-                self.send_error(ctx, ErrorCode::RateLimited, "too many messages; slow down", None);
+                self.send_error(
+                    ctx,
+                    ErrorCode::RateLimited,
+                    "too many messages; slow down",
+                    None,
+                );
                 return;
             }
             Verdict::Abuse => {
@@ -276,7 +320,9 @@ impl Session {
         match (self.phase, parsed) {
             (Phase::ProcessingReady, parsed) => self.process(parsed, ctx),
             (Phase::Closing, _) => {}
-            (Phase::AwaitingAuth, Ok(ClientFrame::Auth(frame))) => self.authenticate_with_frame(frame, ctx),
+            (Phase::AwaitingAuth, Ok(ClientFrame::Auth(frame))) => {
+                self.authenticate_with_frame(frame, ctx)
+            }
             (Phase::Registering, Ok(ClientFrame::Auth(frame)))
                 if self.identity.is_none() && self.early_auth.is_none() =>
             {
@@ -295,7 +341,12 @@ impl Session {
             Ok(frame) => Some(frame.type_name()),
             Err(e) => e.reference.as_deref(),
         };
-        self.send_error(ctx, ErrorCode::NotReady, "the connection is not ready and its queue is full", reference);
+        self.send_error(
+            ctx,
+            ErrorCode::NotReady,
+            "the connection is not ready and its queue is full",
+            reference,
+        );
     }
 
     /// Handles one client frame in `processing_ready`.
@@ -303,11 +354,22 @@ impl Session {
         match frame {
             Err(error) => self.send(ctx, error.to_frame()),
             Ok(ClientFrame::Ping { id }) => {
-                self.send(ctx, ServerFrame::Pong { id: id.as_ref(), server_time: now_ms() });
+                self.send(
+                    ctx,
+                    ServerFrame::Pong {
+                        id: id.as_ref(),
+                        server_time: now_ms(),
+                    },
+                );
             }
             Ok(ClientFrame::Auth(frame)) => self.refresh_token(frame, ctx),
             Ok(ClientFrame::UserMessage(_) | ClientFrame::CancelRun { .. }) => {
-                self.send_error(ctx, ErrorCode::Internal, "no agent runtime is configured", None);
+                self.send_error(
+                    ctx,
+                    ErrorCode::Internal,
+                    "no agent runtime is configured",
+                    None,
+                );
             }
         }
     }
@@ -316,13 +378,29 @@ impl Session {
     fn refresh_token(&mut self, frame: AuthFrame, ctx: &mut WebsocketContext<Self>) {
         match self.env.verifier.verify(&frame.token) {
             Err(failure) => {
-                self.env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
+                self.env
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&[failure.reason()])
+                    .inc();
                 info!("{}: token refresh refused: {}", self.id, failure.reason());
-                self.send_error(ctx, ErrorCode::InvalidToken, failure.message(), Some("auth"));
+                self.send_error(
+                    ctx,
+                    ErrorCode::InvalidToken,
+                    failure.message(),
+                    Some("auth"),
+                );
             }
-            Ok(identity) if Some(&identity.user_id) != self.identity.as_ref().map(|i| &i.user_id) => {
+            Ok(identity)
+                if Some(&identity.user_id) != self.identity.as_ref().map(|i| &i.user_id) =>
+            {
                 info!("{}: token refresh for another user refused", self.id);
-                self.send_error(ctx, ErrorCode::Forbidden, "the new token is for another user", Some("auth"));
+                self.send_error(
+                    ctx,
+                    ErrorCode::Forbidden,
+                    "the new token is for another user",
+                    Some("auth"),
+                );
             }
             Ok(identity) => {
                 let expires_at = identity.expires_at_ms;
@@ -336,10 +414,20 @@ impl Session {
 
     fn on_fragment(&mut self, item: Item, ctx: &mut WebsocketContext<Self>) {
         let (chunk, last) = match item {
-            Item::FirstBinary(_) => return self.close(ctx, close::UNSUPPORTED_DATA, "binary frames are not supported"),
+            Item::FirstBinary(_) => {
+                return self.close(
+                    ctx,
+                    close::UNSUPPORTED_DATA,
+                    "binary frames are not supported",
+                )
+            }
             Item::FirstText(chunk) => {
                 if self.fragments.is_some() {
-                    return self.close(ctx, close::PROTOCOL_ERROR, "new message inside a fragmented one");
+                    return self.close(
+                        ctx,
+                        close::PROTOCOL_ERROR,
+                        "new message inside a fragmented one",
+                    );
                 }
                 self.fragments = Some(BytesMut::new());
                 (chunk, false)
@@ -348,7 +436,11 @@ impl Session {
             Item::Last(chunk) => (chunk, true),
         };
         let Some(buffer) = self.fragments.as_mut() else {
-            return self.close(ctx, close::PROTOCOL_ERROR, "continuation without a first frame");
+            return self.close(
+                ctx,
+                close::PROTOCOL_ERROR,
+                "continuation without a first frame",
+            );
         };
         if buffer.len() + chunk.len() > self.env.max_message_bytes {
             return self.close(ctx, close::MESSAGE_TOO_BIG, "message too big");
@@ -368,10 +460,18 @@ impl Actor for Session {
     type Context = WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.env.registry.do_send(Register { id: self.id, session: ctx.address().recipient() });
+        self.env.registry.do_send(Register {
+            id: self.id,
+            session: ctx.address().recipient(),
+        });
         ctx.run_later(self.env.auth_timeout, |session, ctx| {
             if matches!(session.phase, Phase::Registering | Phase::AwaitingAuth) {
-                session.env.metrics.auth_failures.with_label_values(&["timeout"]).inc();
+                session
+                    .env
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["timeout"])
+                    .inc();
                 session.env.metrics.fail("auth_timeout");
                 info!("{}: no token within the auth timeout", session.id);
                 session.close(ctx, close::AUTH_TIMEOUT, "no token in time");
@@ -380,7 +480,10 @@ impl Actor for Session {
         ctx.run_interval(self.env.heartbeat_interval, |session, ctx| {
             if session.last_heard.elapsed() > session.env.client_timeout {
                 session.env.metrics.fail("heartbeat_timeout");
-                info!("{}: nothing heard for {:?}; dropping", session.id, session.env.client_timeout);
+                info!(
+                    "{}: nothing heard for {:?}; dropping",
+                    session.id, session.env.client_timeout
+                );
                 session.close(ctx, close::GOING_AWAY, "client timeout");
             } else {
                 ctx.ping(b"");
@@ -405,12 +508,22 @@ impl Handler<ToSession> for Session {
             }
             ToSession::ServicesReady if self.phase == Phase::SettingUp => {
                 self.send_state(ctx, ConnectionState::ServicesReady);
-                self.env.registry.do_send(Activate { id: self.id, resume: self.resume.take() });
+                self.env.registry.do_send(Activate {
+                    id: self.id,
+                    resume: self.resume.take(),
+                });
             }
-            ToSession::ProcessingReady { epoch, last_seq, resume, replay } => {
-                self.on_processing_ready(ctx, epoch, last_seq, resume, replay)
-            }
-            ToSession::Refused { error, close_code, reason } => {
+            ToSession::ProcessingReady {
+                epoch,
+                last_seq,
+                resume,
+                replay,
+            } => self.on_processing_ready(ctx, epoch, last_seq, resume, replay),
+            ToSession::Refused {
+                error,
+                close_code,
+                reason,
+            } => {
                 if let Some((code, message)) = error {
                     self.send_error(ctx, code, &message, None);
                 }
@@ -428,16 +541,28 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
         match msg {
             Ok(ws::Message::Text(text)) => {
                 if self.fragments.is_some() {
-                    return self.close(ctx, close::PROTOCOL_ERROR, "new message inside a fragmented one");
+                    return self.close(
+                        ctx,
+                        close::PROTOCOL_ERROR,
+                        "new message inside a fragmented one",
+                    );
                 }
                 self.on_text(&text, ctx)
             }
-            Ok(ws::Message::Binary(_)) => self.close(ctx, close::UNSUPPORTED_DATA, "binary frames are not supported"),
+            Ok(ws::Message::Binary(_)) => self.close(
+                ctx,
+                close::UNSUPPORTED_DATA,
+                "binary frames are not supported",
+            ),
             Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
             Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
             Ok(ws::Message::Pong(_) | ws::Message::Nop) => {}
             Ok(ws::Message::Close(reason)) => {
-                debug!("{}: client closed ({:?})", self.id, reason.as_ref().map(|r| r.code));
+                debug!(
+                    "{}: client closed ({:?})",
+                    self.id,
+                    reason.as_ref().map(|r| r.code)
+                );
                 if self.phase != Phase::Closing {
                     self.phase = Phase::Closing;
                     self.env.registry.do_send(Closing { id: self.id });
@@ -445,7 +570,9 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
                 }
                 ctx.stop();
             }
-            Err(ProtocolError::Overflow) => self.close(ctx, close::MESSAGE_TOO_BIG, "message too big"),
+            Err(ProtocolError::Overflow) => {
+                self.close(ctx, close::MESSAGE_TOO_BIG, "message too big")
+            }
             // actix-web-actors reports a text frame that is not UTF-8 as an I/O error.
             Err(ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
                 self.close(ctx, close::INVALID_PAYLOAD, "text is not valid UTF-8")
@@ -464,7 +591,12 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
 }
 
 /// Upgrades the request and starts the session actor on it.
-pub fn start(session: Session, req: &HttpRequest, payload: web::Payload, max_message_bytes: usize) -> actix_web::Result<HttpResponse> {
+pub fn start(
+    session: Session,
+    req: &HttpRequest,
+    payload: web::Payload,
+    max_message_bytes: usize,
+) -> actix_web::Result<HttpResponse> {
     ws::WsResponseBuilder::new(session, req, payload)
         .protocols(&[SUBPROTOCOL])
         .frame_size(max_message_bytes)

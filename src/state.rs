@@ -20,8 +20,15 @@ pub enum ConnectionState {
 use ConnectionState::*;
 
 impl ConnectionState {
-    pub const ALL: [ConnectionState; 7] =
-        [Accepted, Authenticated, ServicesReady, ProcessingReady, Closing, Closed, Failed];
+    pub const ALL: [ConnectionState; 7] = [
+        Accepted,
+        Authenticated,
+        ServicesReady,
+        ProcessingReady,
+        Closing,
+        Closed,
+        Failed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -49,7 +56,10 @@ impl ConnectionState {
                 | (Authenticated, ServicesReady)
                 | (ServicesReady, ProcessingReady)
                 | (Accepted | Authenticated | ServicesReady, Failed)
-                | (Accepted | Authenticated | ServicesReady | ProcessingReady, Closing)
+                | (
+                    Accepted | Authenticated | ServicesReady | ProcessingReady,
+                    Closing
+                )
                 | (Closing | Failed, Closed)
         )
     }

@@ -71,14 +71,23 @@ impl Actor for Registry {
     fn started(&mut self, ctx: &mut Self::Context) {
         // The registry's mailbox is unbounded on purpose: sessions `do_send` a handful of setup
         // messages each, and HTTP routes wait for answers.
-        let sweep = self.settings.history_ttl.min(Duration::from_secs(5)).max(Duration::from_millis(100));
+        let sweep = self
+            .settings
+            .history_ttl
+            .min(Duration::from_secs(5))
+            .max(Duration::from_millis(100));
         ctx.run_interval(sweep, |registry, _| registry.forget_idle_streams());
     }
 }
 
 impl Registry {
     pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>) -> Registry {
-        Registry { settings, metrics, connections: HashMap::new(), users: HashMap::new() }
+        Registry {
+            settings,
+            metrics,
+            connections: HashMap::new(),
+            users: HashMap::new(),
+        }
     }
 
     /// The one place a connection changes state: checks the table, records, counts.
@@ -94,7 +103,10 @@ impl Registry {
             return Err(());
         }
         connection.state = to;
-        self.metrics.state_transitions.with_label_values(&[from.as_str(), to.as_str()]).inc();
+        self.metrics
+            .state_transitions
+            .with_label_values(&[from.as_str(), to.as_str()])
+            .inc();
         let gauge_to = (to != ConnectionState::Closed).then_some(to);
         self.metrics.move_gauge(Some(from), gauge_to);
         debug!("{id}: {from} -> {to}");
@@ -110,17 +122,32 @@ impl Registry {
     }
 
     /// Moves a connection in setup to `failed` and tells its session to close.
-    fn fail_setup(&mut self, id: ConnectionId, reason: &'static str, close_code: u16, error: Option<(ErrorCode, String)>) {
+    fn fail_setup(
+        &mut self,
+        id: ConnectionId,
+        reason: &'static str,
+        close_code: u16,
+        error: Option<(ErrorCode, String)>,
+    ) {
         if self.transition(id, ConnectionState::Failed).is_ok() {
             self.metrics.fail(reason);
             warn!("{id}: setup failed: {reason}");
             self.release_user_slot(id);
-            self.tell(id, ToSession::Refused { error, close_code, reason });
+            self.tell(
+                id,
+                ToSession::Refused {
+                    error,
+                    close_code,
+                    reason,
+                },
+            );
         }
     }
 
     fn release_user_slot(&mut self, id: ConnectionId) {
-        let Some(user_id) = self.connections.get(&id).and_then(|c| c.user_id.as_deref()) else { return };
+        let Some(user_id) = self.connections.get(&id).and_then(|c| c.user_id.as_deref()) else {
+            return;
+        };
         if let Some(user) = self.users.get_mut(user_id) {
             user.sessions.retain(|s| *s != id);
             if user.sessions.is_empty() {
@@ -133,7 +160,10 @@ impl Registry {
         let capacity = self.settings.events_per_user;
         self.users
             .entry(user_id.to_owned())
-            .or_insert_with(|| User { sessions: Vec::new(), stream: UserStream::new(capacity) })
+            .or_insert_with(|| User {
+                sessions: Vec::new(),
+                stream: UserStream::new(capacity),
+            })
     }
 
     /// Streams of users with no session for `history.ttl_secs` are forgotten (section 6).
@@ -141,7 +171,11 @@ impl Registry {
         let ttl = self.settings.history_ttl;
         let before = self.users.len();
         self.users.retain(|_, user| {
-            !user.sessions.is_empty() || user.stream.idle_since.is_none_or(|since| since.elapsed() < ttl)
+            !user.sessions.is_empty()
+                || user
+                    .stream
+                    .idle_since
+                    .is_none_or(|since| since.elapsed() < ttl)
         });
         let forgotten = before - self.users.len();
         if forgotten > 0 {
@@ -157,7 +191,12 @@ impl Registry {
         let prefix = &self.settings.fail_setup_user_prefix;
         if !prefix.is_empty() && user_id.starts_with(prefix.as_str()) {
             let message = "the user's services could not be set up".to_owned();
-            self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
+            self.fail_setup(
+                id,
+                "setup_failed",
+                close::SERVER_ERROR,
+                Some((ErrorCode::SetupFailed, message)),
+            );
             return;
         }
         self.user_mut(&user_id);
@@ -171,7 +210,12 @@ impl Registry {
     /// A session asked for a step its connection is not in: contained as a setup failure.
     fn refuse_out_of_order(&mut self, id: ConnectionId) {
         let message = "connection setup went out of order".to_owned();
-        self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
+        self.fail_setup(
+            id,
+            "setup_failed",
+            close::SERVER_ERROR,
+            Some((ErrorCode::SetupFailed, message)),
+        );
     }
 }
 
@@ -190,7 +234,8 @@ impl Handler<Register> for Registry {
             warn!("{}: registered twice", msg.id);
         }
         self.metrics.connections_opened.inc();
-        self.metrics.move_gauge(None, Some(ConnectionState::Accepted));
+        self.metrics
+            .move_gauge(None, Some(ConnectionState::Accepted));
         debug!("{}: accepted", msg.id);
         self.tell(msg.id, ToSession::Accepted);
     }
@@ -262,7 +307,10 @@ impl Handler<Activate> for Registry {
             debug!("{id}: vanished before processing_ready");
             return;
         };
-        if self.transition(id, ConnectionState::ProcessingReady).is_err() {
+        if self
+            .transition(id, ConnectionState::ProcessingReady)
+            .is_err()
+        {
             self.refuse_out_of_order(id);
             return;
         }
@@ -307,7 +355,9 @@ impl Handler<Unregister> for Registry {
 
     fn handle(&mut self, msg: Unregister, _: &mut Self::Context) {
         let id = msg.id;
-        let Some(state) = self.connections.get(&id).map(|c| c.state) else { return };
+        let Some(state) = self.connections.get(&id).map(|c| c.state) else {
+            return;
+        };
         if state.can_transition_to(ConnectionState::Closing) {
             let _ = self.transition(id, ConnectionState::Closing);
         }
@@ -324,7 +374,9 @@ impl Handler<ListConnections> for Registry {
     type Result = MessageResult<ListConnections>;
 
     fn handle(&mut self, msg: ListConnections, _: &mut Self::Context) -> Self::Result {
-        let Some(user) = self.users.get(&msg.user_id) else { return MessageResult(Vec::new()) };
+        let Some(user) = self.users.get(&msg.user_id) else {
+            return MessageResult(Vec::new());
+        };
         let views = user
             .sessions
             .iter()

@@ -53,12 +53,18 @@ impl TestServer {
             let system = actix_web::rt::System::new();
             system.block_on(async move {
                 let running = agentwire::build(server_config).expect("server starts");
-                tx.send((running.addr, running.server.handle(), running.metrics)).unwrap();
+                tx.send((running.addr, running.server.handle(), running.metrics))
+                    .unwrap();
                 let _ = running.server.await;
             });
         });
         let (addr, handle, metrics) = rx.recv_timeout(WAIT).expect("server started in time");
-        TestServer { addr, config, metrics, handle }
+        TestServer {
+            addr,
+            config,
+            metrics,
+            handle,
+        }
     }
 
     pub fn ws_url(&self) -> String {
@@ -76,7 +82,9 @@ impl TestServer {
 
     /// A session that has reached `processing_ready` (token in the Authorization header).
     pub async fn ready_client(&self, sub: &str) -> Client {
-        let mut client = Client::connect_bearer(&self.ws_url(), &self.token(sub)).await.expect("upgrade");
+        let mut client = Client::connect_bearer(&self.ws_url(), &self.token(sub))
+            .await
+            .expect("upgrade");
         client.expect_setup(sub).await;
         client
     }
@@ -86,7 +94,11 @@ impl TestServer {
         self.metrics
             .render()
             .lines()
-            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).map(str::to_owned))
+            .find_map(|line| {
+                line.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .map(str::to_owned)
+            })
             .map_or(0.0, |v| v.parse().unwrap())
     }
 
@@ -94,7 +106,10 @@ impl TestServer {
     pub async fn eventually(&self, what: &str, check: impl Fn(&TestServer) -> bool) {
         let deadline = tokio::time::Instant::now() + WAIT;
         while !check(self) {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -102,7 +117,8 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        let _ = self.handle.stop(false);
+        // Sends the stop command at once; the returned future only reports completion.
+        drop(self.handle.stop(false));
     }
 }
 
@@ -118,9 +134,14 @@ impl Client {
         Client::connect_request(request).await
     }
 
-    pub async fn connect_bearer(url: &str, token: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+    pub async fn connect_bearer(
+        url: &str,
+        token: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let mut request = url.into_client_request()?;
-        request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
         Client::connect_request(request).await
     }
 
@@ -130,7 +151,10 @@ impl Client {
         let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
             .await
             .expect("upgrade answered in time")?;
-        Ok(Client { ws, connection_id: String::new() })
+        Ok(Client {
+            ws,
+            connection_id: String::new(),
+        })
     }
 
     pub async fn send(&mut self, value: Value) {
@@ -148,9 +172,13 @@ impl Client {
     /// The next JSON text frame; panics on close, timeout or anything else.
     pub async fn recv(&mut self) -> Value {
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
+            let next = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("frame in time");
             match next {
-                Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).expect("server sent JSON"),
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str(&text).expect("server sent JSON")
+                }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
             }
@@ -161,7 +189,9 @@ impl Client {
     pub async fn expect_close(&mut self) -> (Option<CloseFrame>, Vec<Value>) {
         let mut before = Vec::new();
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            let next = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close in time");
             match next {
                 Some(Ok(Message::Text(text))) => before.push(serde_json::from_str(&text).unwrap()),
                 Some(Ok(Message::Close(frame))) => return (frame, before),
@@ -181,7 +211,10 @@ impl Client {
         let frame = self.recv().await;
         assert_eq!(frame["type"], "connection_state", "{frame}");
         assert_eq!(frame["state"], state, "{frame}");
-        let id = frame["connection_id"].as_str().expect("connection_id").to_owned();
+        let id = frame["connection_id"]
+            .as_str()
+            .expect("connection_id")
+            .to_owned();
         assert!(id.starts_with("ws_"), "{id}");
         if self.connection_id.is_empty() {
             self.connection_id = id;
@@ -224,29 +257,41 @@ pub async fn http_get(url: &str, bearer: Option<&str>) -> (u16, Value) {
     let mut response = request.send().await.expect("HTTP answer");
     let body = response.body().limit(16 << 20).await.expect("body");
     let status = response.status().as_u16();
-    let value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+    let value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
     (status, value)
 }
 
 pub async fn http_post(url: &str, bearer: Option<&str>, body: &str) -> (u16, Value) {
     let client = awc::Client::builder().timeout(WAIT).finish();
-    let mut request = client.post(url).insert_header(("content-type", "application/json"));
+    let mut request = client
+        .post(url)
+        .insert_header(("content-type", "application/json"));
     if let Some(bearer) = bearer {
         request = request.bearer_auth(bearer);
     }
-    let mut response = request.send_body(body.to_owned()).await.expect("HTTP answer");
+    let mut response = request
+        .send_body(body.to_owned())
+        .await
+        .expect("HTTP answer");
     let body = response.body().limit(16 << 20).await.expect("body");
     let status = response.status().as_u16();
-    let value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+    let value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
     (status, value)
 }
 
 /// The HTTP status (and JSON body) of a refused upgrade.
-pub fn refused_upgrade(result: Result<Client, tokio_tungstenite::tungstenite::Error>) -> (u16, Value) {
+pub fn refused_upgrade(
+    result: Result<Client, tokio_tungstenite::tungstenite::Error>,
+) -> (u16, Value) {
     match result {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let body = response.body().as_deref().unwrap_or_default();
-            (response.status().as_u16(), serde_json::from_slice(body).unwrap_or(Value::Null))
+            (
+                response.status().as_u16(),
+                serde_json::from_slice(body).unwrap_or(Value::Null),
+            )
         }
         Err(other) => panic!("expected an HTTP refusal, got {other}"),
         Ok(_) => panic!("expected an HTTP refusal, the upgrade succeeded"),
