@@ -16,18 +16,13 @@ pub struct ConnectionSlot(Arc<ConnectionSlots>);
 
 impl ConnectionSlots {
     pub fn new(max: usize) -> Arc<ConnectionSlots> {
-        Arc::new(ConnectionSlots {
-            open: AtomicUsize::new(0),
-            max,
-        })
+        Arc::new(ConnectionSlots { open: AtomicUsize::new(0), max })
     }
 
     pub fn try_acquire(self: &Arc<Self>) -> Option<ConnectionSlot> {
         let acquired = self
             .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < self.max).then_some(open + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < self.max).then_some(open + 1))
             .is_ok();
         acquired.then(|| ConnectionSlot(Arc::clone(self)))
     }

@@ -69,9 +69,7 @@ impl AuthFailure {
 /// The user id rule of section 2: `^[A-Za-z0-9._:@-]{1,128}$`.
 pub fn is_valid_user_id(sub: &str) -> bool {
     (1..=128).contains(&sub.len())
-        && sub
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+        && sub.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
 }
 
 #[derive(Deserialize)]
@@ -122,14 +120,12 @@ impl Verifier {
         let alg = algorithm(config);
         let key = match config.algorithm {
             Algorithm::HS256 => DecodingKey::from_secret(config.secret.as_bytes()),
-            Algorithm::RS256 => DecodingKey::from_rsa_pem(&read_key(
-                "auth.public_key_file",
-                &config.public_key_file,
-            )?),
-            Algorithm::ES256 => DecodingKey::from_ec_pem(&read_key(
-                "auth.public_key_file",
-                &config.public_key_file,
-            )?),
+            Algorithm::RS256 => {
+                DecodingKey::from_rsa_pem(&read_key("auth.public_key_file", &config.public_key_file)?)
+            }
+            Algorithm::ES256 => {
+                DecodingKey::from_ec_pem(&read_key("auth.public_key_file", &config.public_key_file)?)
+            }
         }
         .map_err(|e| format!("auth.public_key_file: not a usable {alg:?} key: {e}"))?;
         let mut validation = Validation::new(alg);
@@ -148,8 +144,8 @@ impl Verifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthFailure> {
-        let data = jsonwebtoken::decode::<VerifiedClaims>(token, &self.key, &self.validation)
-            .map_err(|e| {
+        let data =
+            jsonwebtoken::decode::<VerifiedClaims>(token, &self.key, &self.validation).map_err(|e| {
                 match e.kind() {
                     ErrorKind::InvalidSignature => AuthFailure::BadSignature,
                     ErrorKind::InvalidAlgorithm
@@ -162,9 +158,7 @@ impl Verifier {
                     ErrorKind::InvalidAudience => AuthFailure::WrongAudience,
                     ErrorKind::InvalidSubject => AuthFailure::InvalidSubject,
                     // An `alg` the library has no name for ("none" among them) fails header parsing.
-                    ErrorKind::Json(_) if header_alg_is_unsupported(token) => {
-                        AuthFailure::WrongAlgorithm
-                    }
+                    ErrorKind::Json(_) if header_alg_is_unsupported(token) => AuthFailure::WrongAlgorithm,
                     _ => AuthFailure::Malformed,
                 }
             })?;
@@ -187,18 +181,14 @@ fn header_alg_is_unsupported(token: &str) -> bool {
     let Some(encoded) = token.split('.').next() else {
         return false;
     };
-    let Ok(bytes) =
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('='))
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('='))
     else {
         return false;
     };
     let Ok(header) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return false;
     };
-    header
-        .get("alg")
-        .and_then(|a| a.as_str())
-        .is_some_and(|alg| !matches!(alg, "HS256" | "RS256" | "ES256"))
+    header.get("alg").and_then(|a| a.as_str()).is_some_and(|alg| !matches!(alg, "HS256" | "RS256" | "ES256"))
 }
 
 /// Signs tokens with the configured key.
@@ -216,14 +206,12 @@ impl Minter {
             Algorithm::RS256 | Algorithm::ES256 if config.private_key_file.is_empty() => {
                 return Err("auth.private_key_file: required to mint RS256/ES256 tokens".to_owned())
             }
-            Algorithm::RS256 => EncodingKey::from_rsa_pem(&read_key(
-                "auth.private_key_file",
-                &config.private_key_file,
-            )?),
-            Algorithm::ES256 => EncodingKey::from_ec_pem(&read_key(
-                "auth.private_key_file",
-                &config.private_key_file,
-            )?),
+            Algorithm::RS256 => {
+                EncodingKey::from_rsa_pem(&read_key("auth.private_key_file", &config.private_key_file)?)
+            }
+            Algorithm::ES256 => {
+                EncodingKey::from_ec_pem(&read_key("auth.private_key_file", &config.private_key_file)?)
+            }
         }
         .map_err(|e| format!("auth.private_key_file: not a usable key: {e}"))?;
         let non_empty = |s: &String| (!s.is_empty()).then(|| s.clone());
@@ -236,12 +224,7 @@ impl Minter {
     }
 
     /// A token for `sub` valid for `ttl_secs`; returns the token and its `exp` in milliseconds.
-    pub fn mint(
-        &self,
-        sub: &str,
-        name: Option<&str>,
-        ttl_secs: u64,
-    ) -> Result<(String, u64), String> {
+    pub fn mint(&self, sub: &str, name: Option<&str>, ttl_secs: u64) -> Result<(String, u64), String> {
         if !is_valid_user_id(sub) {
             return Err("sub must match ^[A-Za-z0-9._:@-]{1,128}$".to_owned());
         }
@@ -255,8 +238,7 @@ impl Minter {
             iss: self.issuer.as_deref(),
             aud: self.audience.as_deref(),
         };
-        let token =
-            jsonwebtoken::encode(&self.header, &claims, &self.key).map_err(|e| e.to_string())?;
+        let token = jsonwebtoken::encode(&self.header, &claims, &self.key).map_err(|e| e.to_string())?;
         Ok((token, exp * 1000))
     }
 }
@@ -278,10 +260,7 @@ mod tests {
     #[test]
     fn minted_tokens_verify() {
         let config = AuthConfig::default();
-        let (token, exp) = Minter::new(&config)
-            .unwrap()
-            .mint("alice", Some("Alice"), 60)
-            .unwrap();
+        let (token, exp) = Minter::new(&config).unwrap().mint("alice", Some("Alice"), 60).unwrap();
         let identity = Verifier::new(&config).unwrap().verify(&token).unwrap();
         assert_eq!(identity.user_id, "alice");
         assert_eq!(identity.name.as_deref(), Some("Alice"));

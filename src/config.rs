@@ -147,10 +147,7 @@ pub struct HistoryConfig {
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        HistoryConfig {
-            events_per_user: 1000,
-            ttl_secs: 300,
-        }
+        HistoryConfig { events_per_user: 1000, ttl_secs: 300 }
     }
 }
 
@@ -169,10 +166,7 @@ pub struct AgentConfig {
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        AgentConfig {
-            kind: AgentKind::Demo,
-            step_delay_ms: 120,
-        }
+        AgentConfig { kind: AgentKind::Demo, step_delay_ms: 120 }
     }
 }
 
@@ -186,10 +180,7 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig {
-            keys: Vec::new(),
-            max_body_bytes: 1 << 20,
-        }
+        ApiConfig { keys: Vec::new(), max_body_bytes: 1 << 20 }
     }
 }
 
@@ -233,10 +224,7 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn error(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError { key: key.into(), message: message.into() }
 }
 
 /// Where the configuration came from, for the start-up log line.
@@ -269,16 +257,14 @@ impl Config {
     /// Builds a validated configuration from TOML text and `(name, value)` environment pairs.
     pub fn from_sources(toml_text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let mut table = defaults_table();
-        let file: toml::Table = toml_text
-            .parse()
-            .map_err(|e: toml::de::Error| error("config file", e.message().to_owned()))?;
+        let file: toml::Table =
+            toml_text.parse().map_err(|e: toml::de::Error| error("config file", e.message().to_owned()))?;
         merge(&mut table, file)?;
         apply_env(&mut table, env)?;
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let key = e.path().to_string();
-                error(key, e.into_inner().message().to_owned())
-            })?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            error(key, e.into_inner().message().to_owned())
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -289,9 +275,7 @@ impl Config {
             return Err(error("server.shutdown_grace_secs", "must be at least 1"));
         }
         for origin in &s.allowed_origins {
-            if !(origin.starts_with("http://") || origin.starts_with("https://"))
-                || origin.ends_with('/')
-            {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) || origin.ends_with('/') {
                 return Err(error(
                     "server.allowed_origins",
                     format!("{origin:?} is not an origin like \"https://chat.example.com\""),
@@ -308,10 +292,7 @@ impl Config {
             }
             Algorithm::RS256 | Algorithm::ES256 => {
                 if a.public_key_file.is_empty() {
-                    return Err(error(
-                        "auth.public_key_file",
-                        "is required with RS256 and ES256",
-                    ));
+                    return Err(error("auth.public_key_file", "is required with RS256 and ES256"));
                 }
             }
         }
@@ -322,18 +303,12 @@ impl Config {
         let l = &self.limits;
         let positive = [
             ("limits.max_connections", l.max_connections as u64),
-            (
-                "limits.max_sessions_per_user",
-                l.max_sessions_per_user as u64,
-            ),
+            ("limits.max_sessions_per_user", l.max_sessions_per_user as u64),
             ("limits.max_content_chars", l.max_content_chars as u64),
             ("limits.messages_per_second", l.messages_per_second as u64),
             ("limits.max_outbound_bytes", l.max_outbound_bytes as u64),
             ("limits.heartbeat_interval_secs", l.heartbeat_interval_secs),
-            (
-                "history.events_per_user",
-                self.history.events_per_user as u64,
-            ),
+            ("history.events_per_user", self.history.events_per_user as u64),
             ("api.max_body_bytes", self.api.max_body_bytes as u64),
         ];
         for (key, value) in positive {
@@ -345,10 +320,7 @@ impl Config {
             return Err(error("limits.max_message_bytes", "must be at least 1024"));
         }
         if l.burst < l.messages_per_second {
-            return Err(error(
-                "limits.burst",
-                "must be at least limits.messages_per_second",
-            ));
+            return Err(error("limits.burst", "must be at least limits.messages_per_second"));
         }
         if l.client_timeout_secs <= l.heartbeat_interval_secs {
             return Err(error(
@@ -357,10 +329,7 @@ impl Config {
             ));
         }
         if self.api.keys.iter().any(|k| k.len() < 16) {
-            return Err(error(
-                "api.keys",
-                "every key must be at least 16 characters",
-            ));
+            return Err(error("api.keys", "every key must be at least 16 characters"));
         }
 
         if !s.bind.ip().is_loopback() {
@@ -391,9 +360,7 @@ impl Config {
     /// Worker threads to start: `server.workers`, or one per core for 0.
     pub fn worker_count(&self) -> usize {
         match self.server.workers {
-            0 => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         }
     }
@@ -474,10 +441,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -495,11 +459,7 @@ mod tests {
         let shipped = include_str!("../config.toml");
         let from_file = Config::from_sources(shipped, &[]).unwrap();
         let shipped_table = toml::Table::try_from(&from_file).unwrap();
-        assert_eq!(
-            shipped_table,
-            defaults_table(),
-            "config.toml and Config::default() disagree"
-        );
+        assert_eq!(shipped_table, defaults_table(), "config.toml and Config::default() disagree");
     }
 
     #[test]
@@ -509,10 +469,7 @@ mod tests {
             &env(&[
                 ("AGENTWIRE__SERVER__BIND", "127.0.0.1:9000"),
                 ("AGENTWIRE__AUTH__SECRET", "12345"),
-                (
-                    "AGENTWIRE__API__KEYS",
-                    "key-one-0123456789, key-two-0123456789",
-                ),
+                ("AGENTWIRE__API__KEYS", "key-one-0123456789, key-two-0123456789"),
                 ("AGENTWIRE__AUTH__DEV_TOKENS", "false"),
                 ("UNRELATED", "x"),
             ]),
@@ -521,10 +478,7 @@ mod tests {
         assert_eq!(config.server.bind.port(), 9000);
         assert_eq!(config.auth.secret, "12345");
         assert_eq!(config.limits.burst, 80);
-        assert_eq!(
-            config.api.keys,
-            vec!["key-one-0123456789", "key-two-0123456789"]
-        );
+        assert_eq!(config.api.keys, vec!["key-one-0123456789", "key-two-0123456789"]);
         assert!(!config.auth.dev_tokens);
     }
 
@@ -536,26 +490,10 @@ mod tests {
             ("[limits]\nbursts = 3", &[], "limits"),
             ("[nope]\nx = 1", &[], "nope"),
             ("", &[("AGENTWIRE__LIMITS__BURST", "lots")], "limits.burst"),
-            (
-                "",
-                &[("AGENTWIRE__LIMITS__NOPE", "1")],
-                "AGENTWIRE__LIMITS__NOPE",
-            ),
-            (
-                "",
-                &[("AGENTWIRE__SERVER__BIND", "localhost")],
-                "server.bind",
-            ),
-            (
-                "",
-                &[("AGENTWIRE__AUTH__ALGORITHM", "HS512")],
-                "auth.algorithm",
-            ),
-            (
-                "",
-                &[("AGENTWIRE__LIMITS__CLIENT_TIMEOUT_SECS", "2")],
-                "limits.client_timeout_secs",
-            ),
+            ("", &[("AGENTWIRE__LIMITS__NOPE", "1")], "AGENTWIRE__LIMITS__NOPE"),
+            ("", &[("AGENTWIRE__SERVER__BIND", "localhost")], "server.bind"),
+            ("", &[("AGENTWIRE__AUTH__ALGORITHM", "HS512")], "auth.algorithm"),
+            ("", &[("AGENTWIRE__LIMITS__CLIENT_TIMEOUT_SECS", "2")], "limits.client_timeout_secs"),
         ];
         for (text, vars, key) in cases {
             let err = Config::from_sources(text, &env(vars)).unwrap_err();
@@ -568,11 +506,8 @@ mod tests {
         let public = ("AGENTWIRE__SERVER__BIND", "0.0.0.0:8080");
         let err = Config::from_sources("", &env(&[public])).unwrap_err();
         assert_eq!(err.key, "auth.secret");
-        let err = Config::from_sources(
-            "",
-            &env(&[public, ("AGENTWIRE__AUTH__SECRET", "s3cret-s3cret")]),
-        )
-        .unwrap_err();
+        let err = Config::from_sources("", &env(&[public, ("AGENTWIRE__AUTH__SECRET", "s3cret-s3cret")]))
+            .unwrap_err();
         assert_eq!(err.key, "auth.dev_tokens");
         let ok = Config::from_sources(
             "",

@@ -13,11 +13,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::admission::{origin_allowed, ConnectionSlots};
+use crate::auth::is_valid_user_id;
 use crate::auth::Minter;
 use crate::config::Config;
-use crate::protocol::HttpError;
+use crate::protocol::{parse_published_event, HttpError, PublishRequest};
 use crate::registry::stream::ResumeRequest;
-use crate::registry::{ListConnections, Probe};
+use crate::registry::{ListConnections, Probe, Publish};
 use crate::session::{self, Session, SessionEnv};
 
 /// What every route handler can reach.
@@ -34,10 +35,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
-        .route(
-            "/api/v1/users/{user_id}/connections",
-            web::get().to(user_connections),
-        )
+        .route("/api/v1/users/{user_id}/connections", web::get().to(user_connections))
+        .route("/api/v1/publish", web::post().to(publish))
         .route("/dev/token", web::post().to(dev_token));
 }
 
@@ -65,21 +64,12 @@ async fn upgrade(
     state: web::Data<AppState>,
 ) -> actix_web::Result<HttpResponse> {
     let env = &state.env;
-    let peer = req
-        .peer_addr()
-        .map_or_else(|| "-".to_owned(), |a| a.to_string());
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .map(|o| o.to_str().unwrap_or("<invalid>"));
+    let peer = req.peer_addr().map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let origin = req.headers().get(header::ORIGIN).map(|o| o.to_str().unwrap_or("<invalid>"));
     if !origin_allowed(origin, &state.config.server.allowed_origins) {
         env.metrics.fail("origin_refused");
         info!("upgrade from {peer} refused: origin {origin:?} is not allowed");
-        return Ok(error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this Origin may not connect",
-        ));
+        return Ok(error_response(StatusCode::FORBIDDEN, "forbidden", "this Origin may not connect"));
     }
     let Some(slot) = state.slots.try_acquire() else {
         env.metrics.fail("over_capacity");
@@ -92,36 +82,20 @@ async fn upgrade(
     };
     let query = match web::Query::<UpgradeQuery>::from_query(req.query_string()) {
         Ok(query) => query.into_inner(),
-        Err(e) => {
-            return Ok(error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &e.to_string(),
-            ))
-        }
+        Err(e) => return Ok(error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())),
     };
     let token = bearer(&req).or(query.access_token.as_deref());
     let identity = match token.map(|t| env.verifier.verify(t)) {
         None => None,
         Some(Ok(identity)) => Some(identity),
         Some(Err(failure)) => {
-            env.metrics
-                .auth_failures
-                .with_label_values(&[failure.reason()])
-                .inc();
+            env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
             env.metrics.fail("invalid_token");
             info!("upgrade from {peer} refused: {}", failure.reason());
-            return Ok(error_response(
-                StatusCode::UNAUTHORIZED,
-                "invalid_token",
-                failure.message(),
-            ));
+            return Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_token", failure.message()));
         }
     };
-    let resume = query.last_seq.map(|last_seq| ResumeRequest {
-        last_seq,
-        epoch: query.epoch,
-    });
+    let resume = query.last_seq.map(|last_seq| ResumeRequest { last_seq, epoch: query.epoch });
     let session = Session::new(Arc::clone(env), identity, resume, slot);
     let id = session.id();
     let response = session::start(session, &req, payload, env.max_message_bytes)?;
@@ -137,11 +111,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let probe = state.env.registry.send(Probe);
     match actix_web::rt::time::timeout(Duration::from_secs(2), probe).await {
         Ok(Ok(())) => HttpResponse::Ok().json(json!({"status": "ready"})),
-        _ => error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the registry does not answer",
-        ),
+        _ => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer"),
     }
 }
 
@@ -184,22 +154,84 @@ async fn user_connections(
         return unauthorized();
     }
     let user_id = path.into_inner();
-    match state
-        .env
-        .registry
-        .send(ListConnections {
-            user_id: user_id.clone(),
-        })
-        .await
-    {
-        Ok(connections) => {
-            HttpResponse::Ok().json(json!({"user_id": user_id, "connections": connections}))
+    match state.env.registry.send(ListConnections { user_id: user_id.clone() }).await {
+        Ok(connections) => HttpResponse::Ok().json(json!({"user_id": user_id, "connections": connections})),
+        Err(_) => {
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer")
         }
-        Err(_) => error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the registry does not answer",
-        ),
+    }
+}
+
+/// Reads a request body of at most `limit` bytes; `None` when it is larger.
+async fn read_body(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Option<web::BytesMut>, actix_web::Error> {
+    use futures_util::StreamExt;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk?;
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+fn bad_request(message: &str) -> HttpResponse {
+    error_response(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+/// `POST /api/v1/publish`: a batch of events onto one user's stream, all or nothing.
+async fn publish(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> actix_web::Result<HttpResponse> {
+    if !api_key_ok(&req, &state) {
+        return Ok(unauthorized());
+    }
+    let limit = state.config.api.max_body_bytes;
+    let too_large = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the body is over api.max_body_bytes",
+        )
+    };
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Ok(too_large());
+    }
+    let Some(body) = read_body(payload, limit).await? else { return Ok(too_large()) };
+    let request: PublishRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return Ok(bad_request(&e.to_string())),
+    };
+    if !is_valid_user_id(&request.user_id) {
+        return Ok(bad_request("user_id must match ^[A-Za-z0-9._:@-]{1,128}$"));
+    }
+    if request.events.is_empty() {
+        return Ok(bad_request("events must not be empty"));
+    }
+    let mut events = Vec::with_capacity(request.events.len());
+    for (index, event) in request.events.iter().enumerate() {
+        match parse_published_event(index, event) {
+            Ok(event) => events.push(event),
+            Err(message) => return Ok(bad_request(&message)),
+        }
+    }
+    let count = events.len();
+    match state.env.registry.send(Publish { user_id: request.user_id.clone(), events }).await {
+        Ok(published) => {
+            info!("published {count} events to user {} ({} sessions)", request.user_id, published.sessions);
+            Ok(HttpResponse::Ok().json(published))
+        }
+        Err(_) => {
+            Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer"))
+        }
     }
 }
 
@@ -225,9 +257,7 @@ async fn dev_token(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
     match minter.mint(&request.sub, request.name.as_deref(), DEV_TOKEN_TTL_SECS) {
-        Ok((token, expires_at)) => {
-            HttpResponse::Ok().json(json!({"token": token, "expires_at": expires_at}))
-        }
+        Ok((token, expires_at)) => HttpResponse::Ok().json(json!({"token": token, "expires_at": expires_at})),
         Err(message) => error_response(StatusCode::BAD_REQUEST, "bad_request", &message),
     }
 }

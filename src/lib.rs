@@ -5,6 +5,7 @@
 //! exactly the same thing.
 
 pub mod admission;
+pub mod agent;
 pub mod auth;
 pub mod config;
 pub mod http;
@@ -94,16 +95,14 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     }
 
     let metrics = Arc::new(Metrics::new());
-    let registry =
-        Registry::new(RegistrySettings::from_config(&config), Arc::clone(&metrics)).start();
+    let agent = agent::start_runtime(&config.agent);
+    let registry = Registry::new(RegistrySettings::from_config(&config), Arc::clone(&metrics), agent).start();
     let limits = &config.limits;
     let env = Arc::new(SessionEnv {
         registry,
         verifier: Arc::new(verifier),
         metrics: Arc::clone(&metrics),
-        field_limits: FieldLimits {
-            max_content_chars: limits.max_content_chars,
-        },
+        field_limits: FieldLimits { max_content_chars: limits.max_content_chars },
         pending_messages: limits.pending_messages,
         max_message_bytes: limits.max_message_bytes,
         auth_timeout: Duration::from_secs(config.auth.timeout_secs),
@@ -120,23 +119,15 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         dev_minter,
     });
 
-    let server =
-        HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
-            .workers(config.worker_count())
-            .backlog(4096)
-            .max_connections(config.limits.max_connections.saturating_add(1024))
-            .shutdown_timeout(config.server.shutdown_grace_secs)
-            .bind(config.server.bind)
-            .map_err(StartError::Io)?;
+    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+        .workers(config.worker_count())
+        .backlog(4096)
+        .max_connections(config.limits.max_connections.saturating_add(1024))
+        .shutdown_timeout(config.server.shutdown_grace_secs)
+        .bind(config.server.bind)
+        .map_err(StartError::Io)?;
     let addr = server.addrs().first().copied().ok_or_else(|| {
-        StartError::Io(std::io::Error::new(
-            std::io::ErrorKind::AddrNotAvailable,
-            "no address bound",
-        ))
+        StartError::Io(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address bound"))
     })?;
-    Ok(Running {
-        addr,
-        server: server.run(),
-        metrics,
-    })
+    Ok(Running { addr, server: server.run(), metrics })
 }

@@ -9,11 +9,7 @@ use agentwire::auth::Minter;
 use agentwire::config::{Config, Source};
 
 #[derive(Parser)]
-#[command(
-    name = "agentwire",
-    version,
-    about = "Real-time WebSocket server for AI agent events"
-)]
+#[command(name = "agentwire", version, about = "Real-time WebSocket server for AI agent events")]
 struct Cli {
     /// Configuration file (default: ./config.toml when it exists, else built-in defaults).
     #[arg(long, global = true)]
@@ -44,10 +40,8 @@ enum Command {
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,actix_server=warn"),
-    )
-    .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,actix_server=warn"))
+        .init();
     let cli = Cli::parse();
     let (config, source) = match Config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,
@@ -88,9 +82,7 @@ fn serve(config: Config, source: Source) -> ExitCode {
         let addr = running.addr;
         println!("agentwire listening on http://{addr}  (WebSocket: ws://{addr}/ws)");
         if config.auth.dev_tokens {
-            println!(
-                "  get a token: curl -s -X POST http://{addr}/dev/token -d '{{\"sub\":\"alice\"}}'"
-            );
+            println!("  get a token: curl -s -X POST http://{addr}/dev/token -d '{{\"sub\":\"alice\"}}'");
         }
         println!("  or:          agentwire token --sub alice");
         running.server.await.map_err(agentwire::StartError::Io)

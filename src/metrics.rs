@@ -2,8 +2,7 @@
 //! several servers in one process (the tests) never mix their counts.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::state::ConnectionState;
@@ -27,36 +26,24 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         // Metric definitions are constants; a failure here is a programming error caught by tests.
-        fn register<M: prometheus::core::Collector + Clone + 'static>(
-            registry: &Registry,
-            metric: M,
-        ) -> M {
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric names are unique and valid");
+        fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+            registry.register(Box::new(metric.clone())).expect("metric names are unique and valid");
             metric
         }
         let connections = register(
             &registry,
-            IntGaugeVec::new(
-                Opts::new("agentwire_connections", "Open connections by state"),
-                &["state"],
-            )
-            .expect("valid"),
+            IntGaugeVec::new(Opts::new("agentwire_connections", "Open connections by state"), &["state"])
+                .expect("valid"),
         );
         for state in ConnectionState::ALL {
             if state != ConnectionState::Closed {
                 connections.with_label_values(&[state.as_str()]).set(0);
             }
         }
-        let counter = |name: &str, help: &str| {
-            register(&registry, IntCounter::new(name, help).expect("valid"))
-        };
+        let counter =
+            |name: &str, help: &str| register(&registry, IntCounter::new(name, help).expect("valid"));
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            register(
-                &registry,
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid"),
-            )
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid"))
         };
         Metrics {
             connections_opened: counter(
@@ -82,18 +69,9 @@ impl Metrics {
                 "Refused tokens, by reason",
                 &["reason"],
             ),
-            messages_received: counter(
-                "agentwire_messages_received_total",
-                "Client frames received",
-            ),
-            events_published: counter(
-                "agentwire_events_published_total",
-                "Events appended to user streams",
-            ),
-            frames_sent: counter(
-                "agentwire_frames_sent_total",
-                "Event frames handed to sessions",
-            ),
+            messages_received: counter("agentwire_messages_received_total", "Client frames received"),
+            events_published: counter("agentwire_events_published_total", "Events appended to user streams"),
+            frames_sent: counter("agentwire_frames_sent_total", "Event frames handed to sessions"),
             slow_consumer_closes: counter(
                 "agentwire_slow_consumer_closes_total",
                 "Sessions closed with 4008 for not reading",
@@ -106,8 +84,7 @@ impl Metrics {
                         "From an event's creation to its hand-off to each session",
                     )
                     .buckets(vec![
-                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                        0.25, 1.0,
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
                     ]),
                 )
                 .expect("valid"),
@@ -155,10 +132,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.fail("setup_failed");
         metrics.auth_failures.with_label_values(&["expired"]).inc();
-        metrics
-            .state_transitions
-            .with_label_values(&["accepted", "authenticated"])
-            .inc();
+        metrics.state_transitions.with_label_values(&["accepted", "authenticated"]).inc();
         let text = metrics.render();
         for name in [
             "agentwire_connections{state=\"processing_ready\"} 0",

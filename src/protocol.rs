@@ -136,18 +136,14 @@ impl FrameError {
     }
 
     pub fn to_frame(&self) -> ServerFrame<'_> {
-        ServerFrame::Error {
-            code: self.code,
-            message: &self.message,
-            reference: self.reference.as_deref(),
-        }
+        ServerFrame::Error { code: self.code, message: &self.message, reference: self.reference.as_deref() }
     }
 }
 
 /// Parses one text frame into a [`ClientFrame`], or says precisely what is wrong with it.
 pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame, FrameError> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| FrameError::bad(format!("invalid JSON: {e}"), None))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| FrameError::bad(format!("invalid JSON: {e}"), None))?;
     let Value::Object(object) = value else {
         return Err(FrameError::bad("a frame must be a JSON object", None));
     };
@@ -170,20 +166,8 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
         }
         "user_message" => {
             let frame: UserMessage = serde_json::from_value(value).map_err(fields)?;
-            check_len(
-                "thread_id",
-                &frame.thread_id,
-                1,
-                MAX_THREAD_ID_CHARS,
-                reference,
-            )?;
-            check_len(
-                "content",
-                &frame.content,
-                1,
-                limits.max_content_chars,
-                reference,
-            )?;
+            check_len("thread_id", &frame.thread_id, 1, MAX_THREAD_ID_CHARS, reference)?;
+            check_len("content", &frame.content, 1, limits.max_content_chars, reference)?;
             if let Some(id) = &frame.client_msg_id {
                 check_len("client_msg_id", id, 1, MAX_CLIENT_MSG_ID_CHARS, reference)?;
             }
@@ -192,9 +176,7 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
         "cancel_run" => {
             let frame: CancelRunFrame = serde_json::from_value(value).map_err(fields)?;
             check_len("run_id", &frame.run_id, 1, MAX_RUN_ID_CHARS, reference)?;
-            Ok(ClientFrame::CancelRun {
-                run_id: frame.run_id,
-            })
+            Ok(ClientFrame::CancelRun { run_id: frame.run_id })
         }
         "ping" => {
             let frame: PingFrame = serde_json::from_value(value).map_err(fields)?;
@@ -219,16 +201,10 @@ fn check_len(
     // Counting stops one past the maximum so a huge string costs no more than a legal one.
     let chars = value.chars().take(max + 1).count();
     if chars < min {
-        return Err(FrameError::bad(
-            format!("field `{field}` must not be empty"),
-            reference,
-        ));
+        return Err(FrameError::bad(format!("field `{field}` must not be empty"), reference));
     }
     if chars > max {
-        return Err(FrameError::bad(
-            format!("field `{field}` is longer than {max} characters"),
-            reference,
-        ));
+        return Err(FrameError::bad(format!("field `{field}` is longer than {max} characters"), reference));
     }
     Ok(())
 }
@@ -306,16 +282,8 @@ impl ServerFrame<'_> {
         }
     }
 
-    pub fn error<'a>(
-        code: ErrorCode,
-        message: &'a str,
-        reference: Option<&'a str>,
-    ) -> ServerFrame<'a> {
-        ServerFrame::Error {
-            code,
-            message,
-            reference,
-        }
+    pub fn error<'a>(code: ErrorCode, message: &'a str, reference: Option<&'a str>) -> ServerFrame<'a> {
+        ServerFrame::Error { code, message, reference }
     }
 
     pub fn to_text(&self) -> String {
@@ -324,6 +292,194 @@ impl ServerFrame<'_> {
             String::from(r#"{"type":"error","code":"internal","message":"serialisation failed"}"#)
         })
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The user stream (section 5)
+// ---------------------------------------------------------------------------------------------
+
+/// The event types of a user stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    UserMessage,
+    AgentStarted,
+    AgentThinking,
+    ToolExecuting,
+    ToolCompleted,
+    AgentMessageChunk,
+    AgentCompleted,
+    AgentError,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 8] = [
+        EventKind::UserMessage,
+        EventKind::AgentStarted,
+        EventKind::AgentThinking,
+        EventKind::ToolExecuting,
+        EventKind::ToolCompleted,
+        EventKind::AgentMessageChunk,
+        EventKind::AgentCompleted,
+        EventKind::AgentError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::UserMessage => "user_message",
+            EventKind::AgentStarted => "agent_started",
+            EventKind::AgentThinking => "agent_thinking",
+            EventKind::ToolExecuting => "tool_executing",
+            EventKind::ToolCompleted => "tool_completed",
+            EventKind::AgentMessageChunk => "agent_message_chunk",
+            EventKind::AgentCompleted => "agent_completed",
+            EventKind::AgentError => "agent_error",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// A run ends with exactly one terminal event.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, EventKind::AgentCompleted | EventKind::AgentError)
+    }
+}
+
+/// The envelope of every stream event:
+/// `{"type":T,"seq":N,"ts":T,"thread_id":"...","run_id":"...","payload":{...}}`.
+#[derive(Debug, Serialize)]
+pub struct Event<'a> {
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    pub seq: u64,
+    pub ts: u64,
+    pub thread_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<&'a str>,
+    pub payload: &'a Value,
+}
+
+impl Event<'_> {
+    pub fn to_text(&self) -> String {
+        // Values that came from JSON serialise back without error.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The payload of the `user_message` echo.
+pub fn user_message_payload(message_id: &str, content: &str, client_msg_id: Option<&str>) -> Value {
+    serde_json::json!({"message_id": message_id, "content": content, "client_msg_id": client_msg_id})
+}
+
+/// `agent_completed`'s `status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Ok,
+    Cancelled,
+}
+
+/// One step of an agent run, as an agent runtime produces it; the registry turns it into a
+/// stream event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentOutput {
+    Started { agent: String, message_id: String },
+    Thinking { text: String },
+    ToolExecuting { tool_call_id: String, tool: String, args: Value },
+    ToolCompleted { tool_call_id: String, tool: String, ok: bool, result: Value, duration_ms: u64 },
+    MessageChunk { delta: String },
+    Completed { status: RunStatus, content: String, duration_ms: u64 },
+    Error { code: String, message: String },
+}
+
+impl AgentOutput {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            AgentOutput::Started { .. } => EventKind::AgentStarted,
+            AgentOutput::Thinking { .. } => EventKind::AgentThinking,
+            AgentOutput::ToolExecuting { .. } => EventKind::ToolExecuting,
+            AgentOutput::ToolCompleted { .. } => EventKind::ToolCompleted,
+            AgentOutput::MessageChunk { .. } => EventKind::AgentMessageChunk,
+            AgentOutput::Completed { .. } => EventKind::AgentCompleted,
+            AgentOutput::Error { .. } => EventKind::AgentError,
+        }
+    }
+
+    pub fn payload(&self) -> Value {
+        use serde_json::json;
+        match self {
+            AgentOutput::Started { agent, message_id } => json!({"agent": agent, "message_id": message_id}),
+            AgentOutput::Thinking { text } => json!({"text": text}),
+            AgentOutput::ToolExecuting { tool_call_id, tool, args } => {
+                json!({"tool_call_id": tool_call_id, "tool": tool, "args": args})
+            }
+            AgentOutput::ToolCompleted { tool_call_id, tool, ok, result, duration_ms } => json!({
+                "tool_call_id": tool_call_id, "tool": tool, "ok": ok, "result": result, "duration_ms": duration_ms
+            }),
+            AgentOutput::MessageChunk { delta } => json!({"delta": delta}),
+            AgentOutput::Completed { status, content, duration_ms } => {
+                json!({"status": status, "response": {"content": content}, "duration_ms": duration_ms})
+            }
+            AgentOutput::Error { code, message } => json!({"code": code, "message": message}),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP bodies (section 8)
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /api/v1/publish` request.
+#[derive(Debug, Deserialize)]
+pub struct PublishRequest {
+    pub user_id: String,
+    pub events: Vec<Value>,
+}
+
+/// One event of a publish batch, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PublishedEvent {
+    pub kind: EventKind,
+    pub thread_id: String,
+    pub run_id: Option<String>,
+    pub payload: Value,
+}
+
+/// Validates one event of a publish batch; the message says which field of which event is wrong.
+pub fn parse_published_event(index: usize, value: &Value) -> Result<PublishedEvent, String> {
+    let at = |what: &str| format!("events[{index}]: {what}");
+    let Value::Object(object) = value else { return Err(at("must be an object")) };
+    let kind = match object.get("type") {
+        Some(Value::String(name)) => {
+            EventKind::parse(name).ok_or_else(|| at(&format!("unknown event type `{name}`")))?
+        }
+        _ => return Err(at("missing string field `type`")),
+    };
+    let thread_id = match object.get("thread_id") {
+        Some(Value::String(t)) if (1..=MAX_THREAD_ID_CHARS).contains(&t.chars().count()) => t.clone(),
+        Some(Value::String(_)) => return Err(at("`thread_id` must be 1 to 128 characters")),
+        _ => return Err(at("missing string field `thread_id`")),
+    };
+    let run_id = match object.get("run_id") {
+        Some(Value::String(r)) if (1..=MAX_RUN_ID_CHARS).contains(&r.chars().count()) => Some(r.clone()),
+        None | Some(Value::Null) if kind == EventKind::UserMessage => None,
+        Some(Value::String(_)) => return Err(at("`run_id` must be 1 to 128 characters")),
+        _ => return Err(at("missing string field `run_id`")),
+    };
+    let payload = match object.get("payload") {
+        Some(payload @ Value::Object(_)) => payload.clone(),
+        _ => return Err(at("`payload` must be an object")),
+    };
+    Ok(PublishedEvent { kind, thread_id, run_id, payload })
+}
+
+/// `POST /api/v1/publish` answer.
+#[derive(Debug, Serialize)]
+pub struct PublishResponse {
+    pub seqs: Vec<u64>,
+    pub sessions: usize,
 }
 
 /// Body of an HTTP error answer: `{"error":"invalid_token","message":"..."}`.
@@ -345,9 +501,7 @@ pub fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
-    const LIMITS: FieldLimits = FieldLimits {
-        max_content_chars: 10,
-    };
+    const LIMITS: FieldLimits = FieldLimits { max_content_chars: 10 };
 
     fn err(text: &str) -> FrameError {
         parse_client_frame(text, LIMITS).unwrap_err()
@@ -357,15 +511,11 @@ mod tests {
     fn parses_every_client_type() {
         assert_eq!(
             parse_client_frame(r#"{"type":"ping","id":7}"#, LIMITS).unwrap(),
-            ClientFrame::Ping {
-                id: Some(Value::from(7))
-            }
+            ClientFrame::Ping { id: Some(Value::from(7)) }
         );
         assert_eq!(
             parse_client_frame(r#"{"type":"cancel_run","run_id":"r_1"}"#, LIMITS).unwrap(),
-            ClientFrame::CancelRun {
-                run_id: "r_1".into()
-            }
+            ClientFrame::CancelRun { run_id: "r_1".into() }
         );
         let msg = parse_client_frame(
             r#"{"type":"user_message","thread_id":"t","content":"héllo","client_msg_id":"c1"}"#,
@@ -373,42 +523,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(msg.type_name(), "user_message");
-        let auth = parse_client_frame(
-            r#"{"type":"auth","token":"x","last_seq":3,"epoch":"e"}"#,
-            LIMITS,
-        )
-        .unwrap();
-        assert!(matches!(
-            auth,
-            ClientFrame::Auth(AuthFrame {
-                last_seq: Some(3),
-                ..
-            })
-        ));
+        let auth =
+            parse_client_frame(r#"{"type":"auth","token":"x","last_seq":3,"epoch":"e"}"#, LIMITS).unwrap();
+        assert!(matches!(auth, ClientFrame::Auth(AuthFrame { last_seq: Some(3), .. })));
     }
 
     #[test]
     fn rejects_bad_frames_with_precise_errors() {
         assert_eq!(err("{nope").code, ErrorCode::BadMessage);
         assert_eq!(err("[1,2]").message, "a frame must be a JSON object");
-        assert_eq!(
-            err(r#"{"type":5}"#).message,
-            "field `type` must be a string"
-        );
+        assert_eq!(err(r#"{"type":5}"#).message, "field `type` must be a string");
         assert_eq!(err(r#"{"id":1}"#).message, "missing field `type`");
         let unknown = err(r#"{"type":"launch"}"#);
-        assert_eq!(
-            (unknown.code, unknown.reference.as_deref()),
-            (ErrorCode::UnknownType, Some("launch"))
-        );
+        assert_eq!((unknown.code, unknown.reference.as_deref()), (ErrorCode::UnknownType, Some("launch")));
         let missing = err(r#"{"type":"user_message","content":"x"}"#);
         assert_eq!(missing.message, "missing field `thread_id`");
         assert_eq!(missing.reference.as_deref(), Some("user_message"));
-        assert!(
-            err(r#"{"type":"user_message","thread_id":1,"content":"x"}"#)
-                .message
-                .starts_with("invalid type")
-        );
+        assert!(err(r#"{"type":"user_message","thread_id":1,"content":"x"}"#)
+            .message
+            .starts_with("invalid type"));
     }
 
     #[test]
@@ -418,20 +551,62 @@ mod tests {
         assert!(parse_client_frame(&ok, LIMITS).is_ok());
         let eleven = format!(r#"{{"type":"user_message","thread_id":"t","content":"{ten}e"}}"#);
         assert!(err(&eleven).message.contains("longer than 10"));
-        assert!(
-            err(r#"{"type":"user_message","thread_id":"","content":"x"}"#)
-                .message
-                .contains("must not be empty")
+        assert!(err(r#"{"type":"user_message","thread_id":"","content":"x"}"#)
+            .message
+            .contains("must not be empty"));
+    }
+
+    #[test]
+    fn published_events_are_validated_field_by_field() {
+        let ok =
+            serde_json::json!({"type":"agent_thinking","thread_id":"t","run_id":"r","payload":{"text":"x"}});
+        assert_eq!(parse_published_event(0, &ok).unwrap().kind, EventKind::AgentThinking);
+        let echo = serde_json::json!({"type":"user_message","thread_id":"t","payload":{}});
+        assert_eq!(parse_published_event(0, &echo).unwrap().run_id, None);
+        for (bad, why) in [
+            (
+                serde_json::json!({"type":"agent_dancing","thread_id":"t","run_id":"r","payload":{}}),
+                "unknown event type",
+            ),
+            (serde_json::json!({"type":"agent_thinking","run_id":"r","payload":{}}), "thread_id"),
+            (serde_json::json!({"type":"agent_thinking","thread_id":"t","payload":{}}), "run_id"),
+            (
+                serde_json::json!({"type":"agent_thinking","thread_id":"t","run_id":"r","payload":[]}),
+                "payload",
+            ),
+            (serde_json::json!("nope"), "object"),
+        ] {
+            let message = parse_published_event(3, &bad).unwrap_err();
+            assert!(message.starts_with("events[3]") && message.contains(why), "{message}");
+        }
+    }
+
+    #[test]
+    fn agent_outputs_have_the_documented_payloads() {
+        let done =
+            AgentOutput::Completed { status: RunStatus::Cancelled, content: "par".into(), duration_ms: 5 };
+        assert_eq!(done.kind(), EventKind::AgentCompleted);
+        assert_eq!(
+            done.payload(),
+            serde_json::json!({"status":"cancelled","response":{"content":"par"},"duration_ms":5})
+        );
+        let event = Event {
+            kind: EventKind::AgentThinking,
+            seq: 3,
+            ts: 10,
+            thread_id: "t",
+            run_id: Some("r_1"),
+            payload: &serde_json::json!({"text":"hm"}),
+        };
+        assert_eq!(
+            event.to_text(),
+            r#"{"type":"agent_thinking","seq":3,"ts":10,"thread_id":"t","run_id":"r_1","payload":{"text":"hm"}}"#
         );
     }
 
     #[test]
     fn auth_frame_debug_hides_the_token() {
-        let frame = AuthFrame {
-            token: "secret.jwt.value".into(),
-            last_seq: None,
-            epoch: None,
-        };
+        let frame = AuthFrame { token: "secret.jwt.value".into(), last_seq: None, epoch: None };
         assert!(!format!("{frame:?}").contains("secret"));
     }
 
@@ -443,11 +618,7 @@ mod tests {
             user_id: Some("alice"),
             epoch: Some("k3f9a1"),
             last_seq: Some(41),
-            resume: Some(ResumeInfo {
-                from_seq: 41,
-                replayed: 1,
-                complete: true,
-            }),
+            resume: Some(ResumeInfo { from_seq: 41, replayed: 1, complete: true }),
         };
         assert_eq!(
             ready.to_text(),

@@ -37,20 +37,14 @@ impl RateLimiter {
     }
 
     pub fn check(&mut self, now: Instant) -> Verdict {
-        let elapsed = now
-            .saturating_duration_since(self.refilled_at)
-            .as_secs_f64();
+        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.refilled_at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             return Verdict::Allow;
         }
-        while self
-            .recent_refusals
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) > ABUSE_WINDOW)
-        {
+        while self.recent_refusals.front().is_some_and(|t| now.saturating_duration_since(*t) > ABUSE_WINDOW) {
             self.recent_refusals.pop_front();
         }
         self.recent_refusals.push_back(now);

@@ -6,6 +6,7 @@
 //! `actix-ws`), so moving off it later changes this file alone.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,14 +27,18 @@ use crate::protocol::{
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::registry::stream::ResumeRequest;
 use crate::registry::{
-    Activate, Attach, Authenticate, Closing, ConnectionId, Fail, Register, Registry, ToSession,
-    Unregister,
+    Activate, Attach, Authenticate, CancelRequest, Closing, ConnectionId, Delivery, Fail, Register, Registry,
+    SubmitMessage, ToSession, Unregister,
 };
 use crate::state::ConnectionState;
 
 /// How long the registry may take from `authenticated` to `processing_ready` before the setup
 /// counts as failed (`setup_failed`, 1011).
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Messages a session's mailbox may hold. Only a backstop: the registry's byte budget
+/// (`limits.max_outbound_bytes`) is what bounds a slow session's backlog.
+pub const MAILBOX_CAPACITY: usize = 65_536;
 
 /// `token_expiring` is sent this long before the token's `exp`.
 pub const TOKEN_EXPIRY_NOTICE: Duration = Duration::from_secs(60);
@@ -85,6 +90,8 @@ pub struct Session {
     last_heard: Instant,
     limiter: RateLimiter,
     expiry_timers: Vec<SpawnHandle>,
+    /// Bytes the registry handed over that this actor has not taken yet (see `Register`).
+    outbound: Arc<AtomicUsize>,
     _slot: ConnectionSlot,
 }
 
@@ -108,6 +115,7 @@ impl Session {
             fragments: None,
             last_heard: now,
             expiry_timers: Vec::new(),
+            outbound: Arc::new(AtomicUsize::new(0)),
             _slot: slot,
         }
     }
@@ -153,10 +161,7 @@ impl Session {
         self.pending.clear();
         self.env.registry.do_send(Closing { id: self.id });
         debug!("{}: closing with {code} ({reason})", self.id);
-        ctx.close(Some(CloseReason {
-            code: CloseCode::from(code),
-            description: Some(reason.to_owned()),
-        }));
+        ctx.close(Some(CloseReason { code: CloseCode::from(code), description: Some(reason.to_owned()) }));
         ctx.stop();
     }
 
@@ -187,19 +192,10 @@ impl Session {
         match self.env.verifier.verify(&frame.token) {
             Ok(identity) => self.begin_setup(identity, ctx),
             Err(failure) => {
-                self.env
-                    .metrics
-                    .auth_failures
-                    .with_label_values(&[failure.reason()])
-                    .inc();
+                self.env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
                 self.env.metrics.fail("invalid_token");
                 info!("{}: auth frame refused: {}", self.id, failure.reason());
-                self.send_error(
-                    ctx,
-                    ErrorCode::InvalidToken,
-                    failure.message(),
-                    Some("auth"),
-                );
+                self.send_error(ctx, ErrorCode::InvalidToken, failure.message(), Some("auth"));
                 self.close(ctx, close::TOKEN_INVALID, "token invalid");
             }
         }
@@ -208,22 +204,11 @@ impl Session {
     fn begin_setup(&mut self, identity: Identity, ctx: &mut WebsocketContext<Self>) {
         self.phase = Phase::SettingUp;
         self.identity = Some(identity.clone());
-        self.env.registry.do_send(Authenticate {
-            id: self.id,
-            identity,
-        });
+        self.env.registry.do_send(Authenticate { id: self.id, identity });
         ctx.run_later(SETUP_TIMEOUT, |session, ctx| {
             if session.phase == Phase::SettingUp {
-                session.env.registry.do_send(Fail {
-                    id: session.id,
-                    reason: "setup_timeout",
-                });
-                session.send_error(
-                    ctx,
-                    ErrorCode::SetupFailed,
-                    "connection setup timed out",
-                    None,
-                );
+                session.env.registry.do_send(Fail { id: session.id, reason: "setup_timeout" });
+                session.send_error(ctx, ErrorCode::SetupFailed, "connection setup timed out", None);
                 session.close(ctx, close::SERVER_ERROR, "setup failed");
             }
         });
@@ -282,12 +267,7 @@ impl Session {
         });
         let deadline = expires_at.saturating_add(self.env.auth_leeway.as_millis() as u64);
         let expiry = ctx.run_later(until(deadline), |session, ctx| {
-            session
-                .env
-                .metrics
-                .auth_failures
-                .with_label_values(&["expired"])
-                .inc();
+            session.env.metrics.auth_failures.with_label_values(&["expired"]).inc();
             info!("{}: token expired without refresh", session.id);
             session.close(ctx, close::TOKEN_EXPIRED, "token expired");
         });
@@ -301,12 +281,7 @@ impl Session {
         match self.limiter.check(Instant::now()) {
             Verdict::Allow => {}
             Verdict::Limited => {
-                self.send_error(
-                    ctx,
-                    ErrorCode::RateLimited,
-                    "too many messages; slow down",
-                    None,
-                );
+                self.send_error(ctx, ErrorCode::RateLimited, "too many messages; slow down", None);
                 return;
             }
             Verdict::Abuse => {
@@ -320,9 +295,7 @@ impl Session {
         match (self.phase, parsed) {
             (Phase::ProcessingReady, parsed) => self.process(parsed, ctx),
             (Phase::Closing, _) => {}
-            (Phase::AwaitingAuth, Ok(ClientFrame::Auth(frame))) => {
-                self.authenticate_with_frame(frame, ctx)
-            }
+            (Phase::AwaitingAuth, Ok(ClientFrame::Auth(frame))) => self.authenticate_with_frame(frame, ctx),
             (Phase::Registering, Ok(ClientFrame::Auth(frame)))
                 if self.identity.is_none() && self.early_auth.is_none() =>
             {
@@ -354,22 +327,14 @@ impl Session {
         match frame {
             Err(error) => self.send(ctx, error.to_frame()),
             Ok(ClientFrame::Ping { id }) => {
-                self.send(
-                    ctx,
-                    ServerFrame::Pong {
-                        id: id.as_ref(),
-                        server_time: now_ms(),
-                    },
-                );
+                self.send(ctx, ServerFrame::Pong { id: id.as_ref(), server_time: now_ms() });
             }
             Ok(ClientFrame::Auth(frame)) => self.refresh_token(frame, ctx),
-            Ok(ClientFrame::UserMessage(_) | ClientFrame::CancelRun { .. }) => {
-                self.send_error(
-                    ctx,
-                    ErrorCode::Internal,
-                    "no agent runtime is configured",
-                    None,
-                );
+            Ok(ClientFrame::UserMessage(message)) => {
+                self.env.registry.do_send(SubmitMessage { id: self.id, message });
+            }
+            Ok(ClientFrame::CancelRun { run_id }) => {
+                self.env.registry.do_send(CancelRequest { id: self.id, run_id });
             }
         }
     }
@@ -378,29 +343,13 @@ impl Session {
     fn refresh_token(&mut self, frame: AuthFrame, ctx: &mut WebsocketContext<Self>) {
         match self.env.verifier.verify(&frame.token) {
             Err(failure) => {
-                self.env
-                    .metrics
-                    .auth_failures
-                    .with_label_values(&[failure.reason()])
-                    .inc();
+                self.env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
                 info!("{}: token refresh refused: {}", self.id, failure.reason());
-                self.send_error(
-                    ctx,
-                    ErrorCode::InvalidToken,
-                    failure.message(),
-                    Some("auth"),
-                );
+                self.send_error(ctx, ErrorCode::InvalidToken, failure.message(), Some("auth"));
             }
-            Ok(identity)
-                if Some(&identity.user_id) != self.identity.as_ref().map(|i| &i.user_id) =>
-            {
+            Ok(identity) if Some(&identity.user_id) != self.identity.as_ref().map(|i| &i.user_id) => {
                 info!("{}: token refresh for another user refused", self.id);
-                self.send_error(
-                    ctx,
-                    ErrorCode::Forbidden,
-                    "the new token is for another user",
-                    Some("auth"),
-                );
+                self.send_error(ctx, ErrorCode::Forbidden, "the new token is for another user", Some("auth"));
             }
             Ok(identity) => {
                 let expires_at = identity.expires_at_ms;
@@ -412,22 +361,25 @@ impl Session {
         }
     }
 
+    fn on_delivery(&mut self, delivery: Delivery, ctx: &mut WebsocketContext<Self>) {
+        self.outbound.fetch_sub(delivery.cost, Ordering::AcqRel);
+        if self.phase != Phase::ProcessingReady {
+            return;
+        }
+        if let Some(created) = delivery.created {
+            self.env.metrics.event_delivery_seconds.observe(created.elapsed().as_secs_f64());
+        }
+        ctx.text(delivery.frame);
+    }
+
     fn on_fragment(&mut self, item: Item, ctx: &mut WebsocketContext<Self>) {
         let (chunk, last) = match item {
             Item::FirstBinary(_) => {
-                return self.close(
-                    ctx,
-                    close::UNSUPPORTED_DATA,
-                    "binary frames are not supported",
-                )
+                return self.close(ctx, close::UNSUPPORTED_DATA, "binary frames are not supported")
             }
             Item::FirstText(chunk) => {
                 if self.fragments.is_some() {
-                    return self.close(
-                        ctx,
-                        close::PROTOCOL_ERROR,
-                        "new message inside a fragmented one",
-                    );
+                    return self.close(ctx, close::PROTOCOL_ERROR, "new message inside a fragmented one");
                 }
                 self.fragments = Some(BytesMut::new());
                 (chunk, false)
@@ -436,11 +388,7 @@ impl Session {
             Item::Last(chunk) => (chunk, true),
         };
         let Some(buffer) = self.fragments.as_mut() else {
-            return self.close(
-                ctx,
-                close::PROTOCOL_ERROR,
-                "continuation without a first frame",
-            );
+            return self.close(ctx, close::PROTOCOL_ERROR, "continuation without a first frame");
         };
         if buffer.len() + chunk.len() > self.env.max_message_bytes {
             return self.close(ctx, close::MESSAGE_TOO_BIG, "message too big");
@@ -460,18 +408,15 @@ impl Actor for Session {
     type Context = WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         self.env.registry.do_send(Register {
             id: self.id,
             session: ctx.address().recipient(),
+            outbound: Arc::clone(&self.outbound),
         });
         ctx.run_later(self.env.auth_timeout, |session, ctx| {
             if matches!(session.phase, Phase::Registering | Phase::AwaitingAuth) {
-                session
-                    .env
-                    .metrics
-                    .auth_failures
-                    .with_label_values(&["timeout"])
-                    .inc();
+                session.env.metrics.auth_failures.with_label_values(&["timeout"]).inc();
                 session.env.metrics.fail("auth_timeout");
                 info!("{}: no token within the auth timeout", session.id);
                 session.close(ctx, close::AUTH_TIMEOUT, "no token in time");
@@ -480,10 +425,7 @@ impl Actor for Session {
         ctx.run_interval(self.env.heartbeat_interval, |session, ctx| {
             if session.last_heard.elapsed() > session.env.client_timeout {
                 session.env.metrics.fail("heartbeat_timeout");
-                info!(
-                    "{}: nothing heard for {:?}; dropping",
-                    session.id, session.env.client_timeout
-                );
+                info!("{}: nothing heard for {:?}; dropping", session.id, session.env.client_timeout);
                 session.close(ctx, close::GOING_AWAY, "client timeout");
             } else {
                 ctx.ping(b"");
@@ -508,28 +450,22 @@ impl Handler<ToSession> for Session {
             }
             ToSession::ServicesReady if self.phase == Phase::SettingUp => {
                 self.send_state(ctx, ConnectionState::ServicesReady);
-                self.env.registry.do_send(Activate {
-                    id: self.id,
-                    resume: self.resume.take(),
-                });
+                self.env.registry.do_send(Activate { id: self.id, resume: self.resume.take() });
             }
-            ToSession::ProcessingReady {
-                epoch,
-                last_seq,
-                resume,
-                replay,
-            } => self.on_processing_ready(ctx, epoch, last_seq, resume, replay),
-            ToSession::Refused {
-                error,
-                close_code,
-                reason,
-            } => {
+            ToSession::ProcessingReady { epoch, last_seq, resume, replay } => {
+                self.on_processing_ready(ctx, epoch, last_seq, resume, replay)
+            }
+            ToSession::Refused { error, close_code, reason } => {
                 if let Some((code, message)) = error {
                     self.send_error(ctx, code, &message, None);
                 }
                 self.close(ctx, close_code, reason);
             }
-            ToSession::Deliver(frame) if self.phase == Phase::ProcessingReady => ctx.text(frame),
+            ToSession::Deliver(delivery) => self.on_delivery(delivery, ctx),
+            ToSession::SlowConsumer => {
+                self.env.metrics.slow_consumer_closes.inc();
+                self.close(ctx, close::SLOW_CONSUMER, "too slow to read");
+            }
             other => debug!("{}: ignored {other:?} in phase {:?}", self.id, self.phase),
         }
     }
@@ -541,28 +477,18 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
         match msg {
             Ok(ws::Message::Text(text)) => {
                 if self.fragments.is_some() {
-                    return self.close(
-                        ctx,
-                        close::PROTOCOL_ERROR,
-                        "new message inside a fragmented one",
-                    );
+                    return self.close(ctx, close::PROTOCOL_ERROR, "new message inside a fragmented one");
                 }
                 self.on_text(&text, ctx)
             }
-            Ok(ws::Message::Binary(_)) => self.close(
-                ctx,
-                close::UNSUPPORTED_DATA,
-                "binary frames are not supported",
-            ),
+            Ok(ws::Message::Binary(_)) => {
+                self.close(ctx, close::UNSUPPORTED_DATA, "binary frames are not supported")
+            }
             Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
             Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
             Ok(ws::Message::Pong(_) | ws::Message::Nop) => {}
             Ok(ws::Message::Close(reason)) => {
-                debug!(
-                    "{}: client closed ({:?})",
-                    self.id,
-                    reason.as_ref().map(|r| r.code)
-                );
+                debug!("{}: client closed ({:?})", self.id, reason.as_ref().map(|r| r.code));
                 if self.phase != Phase::Closing {
                     self.phase = Phase::Closing;
                     self.env.registry.do_send(Closing { id: self.id });
@@ -570,9 +496,7 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
                 }
                 ctx.stop();
             }
-            Err(ProtocolError::Overflow) => {
-                self.close(ctx, close::MESSAGE_TOO_BIG, "message too big")
-            }
+            Err(ProtocolError::Overflow) => self.close(ctx, close::MESSAGE_TOO_BIG, "message too big"),
             // actix-web-actors reports a text frame that is not UTF-8 as an I/O error.
             Err(ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
                 self.close(ctx, close::INVALID_PAYLOAD, "text is not valid UTF-8")

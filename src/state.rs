@@ -20,15 +20,8 @@ pub enum ConnectionState {
 use ConnectionState::*;
 
 impl ConnectionState {
-    pub const ALL: [ConnectionState; 7] = [
-        Accepted,
-        Authenticated,
-        ServicesReady,
-        ProcessingReady,
-        Closing,
-        Closed,
-        Failed,
-    ];
+    pub const ALL: [ConnectionState; 7] =
+        [Accepted, Authenticated, ServicesReady, ProcessingReady, Closing, Closed, Failed];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,10 +49,7 @@ impl ConnectionState {
                 | (Authenticated, ServicesReady)
                 | (ServicesReady, ProcessingReady)
                 | (Accepted | Authenticated | ServicesReady, Failed)
-                | (
-                    Accepted | Authenticated | ServicesReady | ProcessingReady,
-                    Closing
-                )
+                | (Accepted | Authenticated | ServicesReady | ProcessingReady, Closing)
                 | (Closing | Failed, Closed)
         )
     }
@@ -100,11 +90,7 @@ mod tests {
     fn every_pair_matches_the_protocol_table() {
         for from in ConnectionState::ALL {
             for to in ConnectionState::ALL {
-                assert_eq!(
-                    from.can_transition_to(to),
-                    ALLOWED.contains(&(from, to)),
-                    "{from} -> {to}"
-                );
+                assert_eq!(from.can_transition_to(to), ALLOWED.contains(&(from, to)), "{from} -> {to}");
             }
         }
     }

@@ -26,27 +26,14 @@ fn token_command_mints_a_token_for_the_configured_key() {
         .args(["token", "--sub", "alice", "--ttl", "120", "--name", "Alice"])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let token = String::from_utf8(output.stdout).unwrap();
-    let identity = Verifier::new(&AuthConfig::default())
-        .unwrap()
-        .verify(token.trim())
-        .unwrap();
-    assert_eq!(
-        (identity.user_id.as_str(), identity.name.as_deref()),
-        ("alice", Some("Alice"))
-    );
+    let identity = Verifier::new(&AuthConfig::default()).unwrap().verify(token.trim()).unwrap();
+    assert_eq!((identity.user_id.as_str(), identity.name.as_deref()), ("alice", Some("Alice")));
     let remaining = identity.expires_at_ms - agentwire::protocol::now_ms();
     assert!((100_000..=120_000).contains(&remaining), "{remaining}");
 
-    let bad = agentwire(dir.path())
-        .args(["token", "--sub", "not valid"])
-        .output()
-        .unwrap();
+    let bad = agentwire(dir.path()).args(["token", "--sub", "not valid"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
 
@@ -67,51 +54,20 @@ fn expect_config_error(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)
 #[test]
 fn invalid_configuration_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
+    expect_config_error(dir.path(), &[], &[("AGENTWIRE__LIMITS__BURST", "lots")], "limits.burst");
+    expect_config_error(dir.path(), &[], &[("AGENTWIRE__SERVER__BIND", "0.0.0.0:0")], "auth.secret");
     expect_config_error(
         dir.path(),
         &[],
-        &[("AGENTWIRE__LIMITS__BURST", "lots")],
-        "limits.burst",
-    );
-    expect_config_error(
-        dir.path(),
-        &[],
-        &[("AGENTWIRE__SERVER__BIND", "0.0.0.0:0")],
-        "auth.secret",
-    );
-    expect_config_error(
-        dir.path(),
-        &[],
-        &[
-            ("AGENTWIRE__SERVER__BIND", "0.0.0.0:0"),
-            ("AGENTWIRE__AUTH__SECRET", "a-real-secret-of-ours"),
-        ],
+        &[("AGENTWIRE__SERVER__BIND", "0.0.0.0:0"), ("AGENTWIRE__AUTH__SECRET", "a-real-secret-of-ours")],
         "auth.dev_tokens",
     );
-    std::fs::write(
-        dir.path().join("custom.toml"),
-        "[limits]\nmax_connections = -1\n",
-    )
-    .unwrap();
-    expect_config_error(
-        dir.path(),
-        &["--config", "custom.toml"],
-        &[],
-        "limits.max_connections",
-    );
+    std::fs::write(dir.path().join("custom.toml"), "[limits]\nmax_connections = -1\n").unwrap();
+    expect_config_error(dir.path(), &["--config", "custom.toml"], &[], "limits.max_connections");
     // ./config.toml is read when present.
-    std::fs::write(
-        dir.path().join("config.toml"),
-        "[auth]\nalgorithm = \"HS384\"\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("config.toml"), "[auth]\nalgorithm = \"HS384\"\n").unwrap();
     expect_config_error(dir.path(), &["serve"], &[], "auth.algorithm");
-    expect_config_error(
-        dir.path(),
-        &["--config", "missing.toml"],
-        &[],
-        "missing.toml",
-    );
+    expect_config_error(dir.path(), &["--config", "missing.toml"], &[], "missing.toml");
 }
 
 #[actix_web::test]
@@ -130,18 +86,12 @@ async fn serve_prints_its_address_and_answers_there() {
             let _ = tx.send(line);
         }
     });
-    let first = rx
-        .recv_timeout(common::WAIT)
-        .expect("the server prints its address");
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("an http:// address")
-        .to_owned();
+    let first = rx.recv_timeout(common::WAIT).expect("the server prints its address");
+    let url =
+        first.split_whitespace().find(|w| w.starts_with("http://")).expect("an http:// address").to_owned();
     let (status, _) = common::http_get(&format!("{url}/healthz"), None).await;
     assert_eq!(status, 200);
-    let hint = std::iter::from_fn(|| rx.recv_timeout(common::WAIT).ok())
-        .find(|l| l.contains("/dev/token"));
+    let hint = std::iter::from_fn(|| rx.recv_timeout(common::WAIT).ok()).find(|l| l.contains("/dev/token"));
     assert!(hint.is_some(), "the start-up lines say how to get a token");
     child.kill().unwrap();
     child.wait().unwrap();

@@ -9,20 +9,14 @@ use serde_json::json;
 #[actix_web::test]
 async fn early_pings_are_answered_in_order_after_processing_ready() {
     let server = TestServer::with(|c| c.faults.setup_delay_ms = 300);
-    let mut client = Client::connect_bearer(&server.ws_url(), &server.token("racer"))
-        .await
-        .unwrap();
+    let mut client = Client::connect_bearer(&server.ws_url(), &server.token("racer")).await.unwrap();
     for i in 0..10 {
         client.send(json!({"type": "ping", "id": i})).await;
     }
     client.expect_setup("racer").await;
     for i in 0..10 {
         let pong = client.recv().await;
-        assert_eq!(
-            (pong["type"].as_str(), pong["id"].as_i64()),
-            (Some("pong"), Some(i)),
-            "{pong}"
-        );
+        assert_eq!((pong["type"].as_str(), pong["id"].as_i64()), (Some("pong"), Some(i)), "{pong}");
     }
 }
 
@@ -30,9 +24,7 @@ async fn early_pings_are_answered_in_order_after_processing_ready() {
 async fn early_frames_with_auth_frame_keep_their_order_including_errors() {
     let server = TestServer::with(|c| c.faults.setup_delay_ms = 200);
     let mut client = Client::connect(&server.ws_url()).await.unwrap();
-    client
-        .send(json!({"type": "auth", "token": server.token("queued")}))
-        .await;
+    client.send(json!({"type": "auth", "token": server.token("queued")})).await;
     client.send(json!({"type": "ping", "id": "a"})).await;
     client.send_text("{not json".to_owned()).await;
     client.send(json!({"type": "teleport"})).await;
@@ -40,15 +32,9 @@ async fn early_frames_with_auth_frame_keep_their_order_including_errors() {
     client.expect_setup("queued").await;
     assert_eq!(client.recv().await["id"], "a");
     let bad = client.recv().await;
-    assert_eq!(
-        (bad["type"].as_str(), bad["code"].as_str()),
-        (Some("error"), Some("bad_message"))
-    );
+    assert_eq!((bad["type"].as_str(), bad["code"].as_str()), (Some("error"), Some("bad_message")));
     let unknown = client.recv().await;
-    assert_eq!(
-        (unknown["code"].as_str(), unknown["ref"].as_str()),
-        (Some("unknown_type"), Some("teleport"))
-    );
+    assert_eq!((unknown["code"].as_str(), unknown["ref"].as_str()), (Some("unknown_type"), Some("teleport")));
     assert_eq!(client.recv().await["id"], "b");
 }
 
@@ -58,9 +44,7 @@ async fn frames_beyond_the_pending_queue_get_not_ready() {
         c.faults.setup_delay_ms = 300;
         c.limits.pending_messages = 4;
     });
-    let mut client = Client::connect_bearer(&server.ws_url(), &server.token("eager"))
-        .await
-        .unwrap();
+    let mut client = Client::connect_bearer(&server.ws_url(), &server.token("eager")).await.unwrap();
     for i in 0..10 {
         client.send(json!({"type": "ping", "id": i})).await;
     }
@@ -82,15 +66,7 @@ async fn frames_beyond_the_pending_queue_get_not_ready() {
         }
     }
     assert_eq!(not_ready, 6);
-    assert_eq!(
-        states,
-        [
-            "accepted",
-            "authenticated",
-            "services_ready",
-            "processing_ready"
-        ]
-    );
+    assert_eq!(states, ["accepted", "authenticated", "services_ready", "processing_ready"]);
     // ...and the four queued ones are answered, in order, after processing_ready.
     for i in 0..4 {
         assert_eq!(client.recv().await["id"], i);
@@ -122,11 +98,7 @@ async fn failed_setup_fails_alone() {
         }
     });
     let healthy = (0..20).map(|i| {
-        let (url, token, user) = (
-            url.clone(),
-            server.token(&format!("fine-{i}")),
-            format!("fine-{i}"),
-        );
+        let (url, token, user) = (url.clone(), server.token(&format!("fine-{i}")), format!("fine-{i}"));
         async move {
             let mut client = Client::connect_bearer(&url, &token).await.unwrap();
             client.expect_setup(&user).await;
@@ -134,23 +106,12 @@ async fn failed_setup_fails_alone() {
             client
         }
     });
-    let (_, clients) = tokio::join!(
-        futures_util::future::join_all(doomed),
-        futures_util::future::join_all(healthy)
-    );
+    let (_, clients) =
+        tokio::join!(futures_util::future::join_all(doomed), futures_util::future::join_all(healthy));
     assert_eq!(clients.len(), 20);
-    assert_eq!(
-        server.metric("agentwire_connection_failures_total{reason=\"setup_failed\"}"),
-        5.0
-    );
-    assert_eq!(
-        server.metric("agentwire_state_transitions_total{from=\"authenticated\",to=\"failed\"}"),
-        5.0
-    );
-    assert_eq!(
-        server.metric("agentwire_connections{state=\"processing_ready\"}"),
-        20.0
-    );
+    assert_eq!(server.metric("agentwire_connection_failures_total{reason=\"setup_failed\"}"), 5.0);
+    assert_eq!(server.metric("agentwire_state_transitions_total{from=\"authenticated\",to=\"failed\"}"), 5.0);
+    assert_eq!(server.metric("agentwire_connections{state=\"processing_ready\"}"), 20.0);
     server
         .eventually("failed connections to be closed", |s| {
             s.metric("agentwire_state_transitions_total{from=\"failed\",to=\"closed\"}") == 5.0
@@ -163,9 +124,7 @@ async fn failed_setup_fails_alone() {
 async fn a_session_that_vanishes_mid_setup_leaves_nothing_behind() {
     let server = TestServer::with(|c| c.faults.setup_delay_ms = 300);
     for _ in 0..5 {
-        let mut client = Client::connect_bearer(&server.ws_url(), &server.token("ghost"))
-            .await
-            .unwrap();
+        let mut client = Client::connect_bearer(&server.ws_url(), &server.token("ghost")).await.unwrap();
         client.expect_state("accepted").await;
         client.expect_state("authenticated").await;
         drop(client); // gone without a close frame while the registry is still setting it up
@@ -178,32 +137,12 @@ async fn a_session_that_vanishes_mid_setup_leaves_nothing_behind() {
     // A later connection's delayed setup step fires after the ghosts' ones did: once it is
     // ready, the registry has found each ghost gone. No refused transition, nothing listed.
     let witness = server.ready_client("witness").await;
-    assert_eq!(
-        server.metric("agentwire_state_transitions_refused_total"),
-        0.0
-    );
-    let (_, body) = http_get(
-        &server.http("/api/v1/users/ghost/connections"),
-        Some(API_KEY),
-    )
-    .await;
+    assert_eq!(server.metric("agentwire_state_transitions_refused_total"), 0.0);
+    let (_, body) = http_get(&server.http("/api/v1/users/ghost/connections"), Some(API_KEY)).await;
     assert_eq!(body["connections"], json!([]));
-    for state in [
-        "accepted",
-        "authenticated",
-        "services_ready",
-        "closing",
-        "failed",
-    ] {
-        assert_eq!(
-            server.metric(&format!("agentwire_connections{{state=\"{state}\"}}")),
-            0.0,
-            "{state}"
-        );
+    for state in ["accepted", "authenticated", "services_ready", "closing", "failed"] {
+        assert_eq!(server.metric(&format!("agentwire_connections{{state=\"{state}\"}}")), 0.0, "{state}");
     }
-    assert_eq!(
-        server.metric("agentwire_connections{state=\"processing_ready\"}"),
-        1.0
-    );
+    assert_eq!(server.metric("agentwire_connections{state=\"processing_ready\"}"), 1.0);
     witness.close().await;
 }

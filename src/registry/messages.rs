@@ -4,15 +4,16 @@
 //! ([`ToSession`]), never as a reply future: one FIFO carries both the setup answers and the
 //! events that follow, so no event can overtake the `processing_ready` frame.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use actix::prelude::*;
 use bytestring::ByteString;
 
 use super::stream::ResumeRequest;
 use crate::auth::Identity;
-use crate::protocol::{ErrorCode, ResumeInfo};
+use crate::protocol::{ErrorCode, PublishResponse, PublishedEvent, ResumeInfo, UserMessage};
 use crate::state::ConnectionState;
 
 /// `ws_` + a tag chosen at start + a counter: unique within the server's lifetime, and ids of two
@@ -43,6 +44,9 @@ impl std::fmt::Display for ConnectionId {
 pub struct Register {
     pub id: ConnectionId,
     pub session: Recipient<ToSession>,
+    /// Bytes handed to the session and not yet taken from its mailbox; the registry adds, the
+    /// session subtracts. The registry stops delivering past `limits.max_outbound_bytes`.
+    pub outbound: Arc<AtomicUsize>,
 }
 
 /// The token verified: move to `authenticated`, counting against the user's session cap.
@@ -66,6 +70,22 @@ pub struct Attach {
 pub struct Activate {
     pub id: ConnectionId,
     pub resume: Option<ResumeRequest>,
+}
+
+/// A `user_message` from a `processing_ready` session: ack, echo, start a run.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SubmitMessage {
+    pub id: ConnectionId,
+    pub message: UserMessage,
+}
+
+/// A `cancel_run` from a `processing_ready` session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelRequest {
+    pub id: ConnectionId,
+    pub run_id: String,
 }
 
 /// Setup failed on the session's side (its setup deadline passed): move to `failed`.
@@ -111,8 +131,21 @@ pub enum ToSession {
         close_code: u16,
         reason: &'static str,
     },
-    /// One serialised event of the user's stream.
-    Deliver(ByteString),
+    /// One serialised frame for the session's socket.
+    Deliver(Delivery),
+    /// The session's unsent output passed its budget: close with 4008.
+    SlowConsumer,
+}
+
+/// A frame handed to a session: an event of the user's stream (shared by every session of the
+/// user, serialised once) or a frame for this session alone (ack, error).
+#[derive(Debug)]
+pub struct Delivery {
+    pub frame: ByteString,
+    /// When the event was created; `None` for frames that are not stream events.
+    pub created: Option<Instant>,
+    /// What this delivery counts against the session's outbound budget.
+    pub cost: usize,
 }
 
 // ----- HTTP -> registry ------------------------------------------------------------------------
@@ -129,6 +162,14 @@ pub struct ConnectionView {
 #[rtype(result = "Vec<ConnectionView>")]
 pub struct ListConnections {
     pub user_id: String,
+}
+
+/// `POST /api/v1/publish`: all events of the batch, atomically, onto one user's stream.
+#[derive(Message)]
+#[rtype(result = "PublishResponse")]
+pub struct Publish {
+    pub user_id: String,
+    pub events: Vec<PublishedEvent>,
 }
 
 /// Answered while the registry runs: what `/readyz` asks.

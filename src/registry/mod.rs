@@ -10,15 +10,23 @@ pub mod messages;
 pub mod stream;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use bytestring::ByteString;
 use log::{debug, info, warn};
+use rand::distr::{Alphanumeric, SampleString};
+use serde_json::Value;
 
+use crate::agent::{AgentEvent, AgentHandle, RunRequest, StartRun, StopRun};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::protocol::{close, now_ms, ErrorCode};
+use crate::protocol::{
+    close, now_ms, user_message_payload, AgentOutput, ErrorCode, Event, EventKind, PublishResponse,
+    RunStatus, ServerFrame,
+};
 use crate::state::ConnectionState;
 pub use messages::*;
 use stream::UserStream;
@@ -31,6 +39,7 @@ pub struct RegistrySettings {
     pub history_ttl: Duration,
     pub setup_delay: Duration,
     pub fail_setup_user_prefix: String,
+    pub max_outbound_bytes: usize,
 }
 
 impl RegistrySettings {
@@ -41,28 +50,96 @@ impl RegistrySettings {
             history_ttl: Duration::from_secs(config.history.ttl_secs),
             setup_delay: Duration::from_millis(config.faults.setup_delay_ms),
             fail_setup_user_prefix: config.faults.fail_setup_user_prefix.clone(),
+            max_outbound_bytes: config.limits.max_outbound_bytes,
         }
     }
 }
 
+/// Fixed cost counted per delivery on top of the frame's bytes: the mailbox envelope.
+const DELIVERY_OVERHEAD: usize = 128;
+
 struct Connection {
     state: ConnectionState,
     user_id: Option<String>,
+    /// The one handle the registry sends through: `try_send` on it respects the mailbox bound.
     session: Recipient<ToSession>,
+    outbound: Arc<AtomicUsize>,
+    /// Over its outbound budget: no more deliveries, a 4008 close is on its way.
+    slow: bool,
     connected_at: u64,
+}
+
+/// What the registry remembers of a `client_msg_id` so a repeat is acked with the same ids.
+struct SeenMessage {
+    message_id: String,
+    run_id: String,
+    seq: u64,
+    at: Instant,
 }
 
 struct User {
     /// Connections holding one of the user's session slots (authenticated and later).
     sessions: Vec<ConnectionId>,
     stream: UserStream,
+    seen_messages: HashMap<String, SeenMessage>,
+}
+
+/// A run that has started and not ended.
+struct Run {
+    user_id: String,
+    thread_id: String,
+    started: Instant,
+    /// The answer streamed so far, for the `agent_completed` of a cancelled run.
+    response: String,
 }
 
 pub struct Registry {
     settings: RegistrySettings,
     metrics: Arc<Metrics>,
+    agent: AgentHandle,
     connections: HashMap<ConnectionId, Connection>,
     users: HashMap<String, User>,
+    runs: HashMap<String, Run>,
+}
+
+/// `prefix` + 16 random characters: message and run ids.
+fn new_id(prefix: &str) -> String {
+    let mut id = String::with_capacity(prefix.len() + 16);
+    id.push_str(prefix);
+    Alphanumeric.append_string(&mut rand::rng(), &mut id, 16);
+    id
+}
+
+/// Hands one frame to one session within its outbound budget. Over budget, or with its mailbox
+/// full, the session is flagged slow and told to close with 4008; nothing more is sent to it.
+fn deliver(
+    connection: &mut Connection,
+    id: ConnectionId,
+    frame: &ByteString,
+    created: Option<Instant>,
+    max_outbound_bytes: usize,
+    metrics: &Metrics,
+) -> bool {
+    if connection.slow {
+        return false;
+    }
+    let cost = frame.len() + DELIVERY_OVERHEAD;
+    let queued = connection.outbound.fetch_add(cost, Ordering::AcqRel) + cost;
+    let sent = queued <= max_outbound_bytes
+        && connection
+            .session
+            .try_send(ToSession::Deliver(Delivery { frame: frame.clone(), created, cost }))
+            .is_ok();
+    if sent {
+        metrics.frames_sent.inc();
+        return true;
+    }
+    connection.outbound.fetch_sub(cost, Ordering::AcqRel);
+    connection.slow = true;
+    warn!("{id}: slow consumer: unsent output over {max_outbound_bytes} bytes; closing with 4008");
+    // One control message, so it may bypass the bound (a full mailbox would refuse it).
+    connection.session.do_send(ToSession::SlowConsumer);
+    false
 }
 
 impl Actor for Registry {
@@ -71,22 +148,20 @@ impl Actor for Registry {
     fn started(&mut self, ctx: &mut Self::Context) {
         // The registry's mailbox is unbounded on purpose: sessions `do_send` a handful of setup
         // messages each, and HTTP routes wait for answers.
-        let sweep = self
-            .settings
-            .history_ttl
-            .min(Duration::from_secs(5))
-            .max(Duration::from_millis(100));
+        let sweep = self.settings.history_ttl.min(Duration::from_secs(5)).max(Duration::from_millis(100));
         ctx.run_interval(sweep, |registry, _| registry.forget_idle_streams());
     }
 }
 
 impl Registry {
-    pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>) -> Registry {
+    pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>, agent: AgentHandle) -> Registry {
         Registry {
             settings,
             metrics,
+            agent,
             connections: HashMap::new(),
             users: HashMap::new(),
+            runs: HashMap::new(),
         }
     }
 
@@ -103,10 +178,7 @@ impl Registry {
             return Err(());
         }
         connection.state = to;
-        self.metrics
-            .state_transitions
-            .with_label_values(&[from.as_str(), to.as_str()])
-            .inc();
+        self.metrics.state_transitions.with_label_values(&[from.as_str(), to.as_str()]).inc();
         let gauge_to = (to != ConnectionState::Closed).then_some(to);
         self.metrics.move_gauge(Some(from), gauge_to);
         debug!("{id}: {from} -> {to}");
@@ -133,14 +205,7 @@ impl Registry {
             self.metrics.fail(reason);
             warn!("{id}: setup failed: {reason}");
             self.release_user_slot(id);
-            self.tell(
-                id,
-                ToSession::Refused {
-                    error,
-                    close_code,
-                    reason,
-                },
-            );
+            self.tell(id, ToSession::Refused { error, close_code, reason });
         }
     }
 
@@ -158,24 +223,72 @@ impl Registry {
 
     fn user_mut(&mut self, user_id: &str) -> &mut User {
         let capacity = self.settings.events_per_user;
-        self.users
-            .entry(user_id.to_owned())
-            .or_insert_with(|| User {
-                sessions: Vec::new(),
-                stream: UserStream::new(capacity),
-            })
+        self.users.entry(user_id.to_owned()).or_insert_with(|| {
+            let mut stream = UserStream::new(capacity);
+            // A stream created by a publish, before any session, starts its TTL at once.
+            stream.idle_since = Some(Instant::now());
+            User { sessions: Vec::new(), stream, seen_messages: HashMap::new() }
+        })
     }
 
-    /// Streams of users with no session for `history.ttl_secs` are forgotten (section 6).
+    /// Appends one event to a user's stream and fans it out to the user's ready sessions:
+    /// serialised once, shared by all. Returns its seq and how many sessions it reached.
+    fn publish_event(
+        &mut self,
+        user_id: &str,
+        kind: EventKind,
+        thread_id: &str,
+        run_id: Option<&str>,
+        payload: &Value,
+    ) -> (u64, usize) {
+        let created = Instant::now();
+        let user = self.user_mut(user_id);
+        let seq = user.stream.next_seq();
+        let event = Event { kind, seq, ts: now_ms(), thread_id, run_id, payload };
+        let frame = ByteString::from(event.to_text());
+        user.stream.push(seq, frame.clone());
+        self.metrics.events_published.inc();
+        let Some(user) = self.users.get(user_id) else { return (seq, 0) };
+        let max = self.settings.max_outbound_bytes;
+        let mut reached = 0;
+        for id in &user.sessions {
+            if let Some(connection) = self.connections.get_mut(id) {
+                if connection.state == ConnectionState::ProcessingReady
+                    && deliver(connection, *id, &frame, Some(created), max, &self.metrics)
+                {
+                    reached += 1;
+                }
+            }
+        }
+        (seq, reached)
+    }
+
+    /// A frame for one session alone (ack, error), under the same budget as events.
+    fn send_to(&mut self, id: ConnectionId, frame: ServerFrame<'_>) {
+        let max = self.settings.max_outbound_bytes;
+        if let Some(connection) = self.connections.get_mut(&id) {
+            deliver(connection, id, &ByteString::from(frame.to_text()), None, max, &self.metrics);
+        }
+    }
+
+    /// The user of a `processing_ready` connection; requests from any other state are ignored.
+    fn ready_user(&self, id: ConnectionId) -> Option<String> {
+        let connection = self.connections.get(&id)?;
+        if connection.state != ConnectionState::ProcessingReady {
+            debug!("{id}: request in state {} ignored", connection.state);
+            return None;
+        }
+        connection.user_id.clone()
+    }
+
+    /// Streams of users with no session for `history.ttl_secs` are forgotten (section 6), and
+    /// so are the `client_msg_id`s seen longer ago than that.
     fn forget_idle_streams(&mut self) {
         let ttl = self.settings.history_ttl;
         let before = self.users.len();
         self.users.retain(|_, user| {
-            !user.sessions.is_empty()
-                || user
-                    .stream
-                    .idle_since
-                    .is_none_or(|since| since.elapsed() < ttl)
+            user.seen_messages.retain(|_, seen| seen.at.elapsed() < ttl);
+            !user.sessions.is_empty() || user.stream.idle_since.is_none_or(|since| since.elapsed() < ttl)
         });
         let forgotten = before - self.users.len();
         if forgotten > 0 {
@@ -191,12 +304,7 @@ impl Registry {
         let prefix = &self.settings.fail_setup_user_prefix;
         if !prefix.is_empty() && user_id.starts_with(prefix.as_str()) {
             let message = "the user's services could not be set up".to_owned();
-            self.fail_setup(
-                id,
-                "setup_failed",
-                close::SERVER_ERROR,
-                Some((ErrorCode::SetupFailed, message)),
-            );
+            self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
             return;
         }
         self.user_mut(&user_id);
@@ -210,12 +318,7 @@ impl Registry {
     /// A session asked for a step its connection is not in: contained as a setup failure.
     fn refuse_out_of_order(&mut self, id: ConnectionId) {
         let message = "connection setup went out of order".to_owned();
-        self.fail_setup(
-            id,
-            "setup_failed",
-            close::SERVER_ERROR,
-            Some((ErrorCode::SetupFailed, message)),
-        );
+        self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
     }
 }
 
@@ -227,6 +330,8 @@ impl Handler<Register> for Registry {
             state: ConnectionState::Accepted,
             user_id: None,
             session: msg.session,
+            outbound: msg.outbound,
+            slow: false,
             connected_at: now_ms(),
         };
         if self.connections.insert(msg.id, connection).is_some() {
@@ -234,8 +339,7 @@ impl Handler<Register> for Registry {
             warn!("{}: registered twice", msg.id);
         }
         self.metrics.connections_opened.inc();
-        self.metrics
-            .move_gauge(None, Some(ConnectionState::Accepted));
+        self.metrics.move_gauge(None, Some(ConnectionState::Accepted));
         debug!("{}: accepted", msg.id);
         self.tell(msg.id, ToSession::Accepted);
     }
@@ -307,10 +411,7 @@ impl Handler<Activate> for Registry {
             debug!("{id}: vanished before processing_ready");
             return;
         };
-        if self
-            .transition(id, ConnectionState::ProcessingReady)
-            .is_err()
-        {
+        if self.transition(id, ConnectionState::ProcessingReady).is_err() {
             self.refuse_out_of_order(id);
             return;
         }
@@ -324,6 +425,131 @@ impl Handler<Activate> for Registry {
         };
         info!("{id}: processing_ready for user {user_id}");
         self.tell(id, answer);
+    }
+}
+
+impl Handler<SubmitMessage> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubmitMessage, ctx: &mut Self::Context) {
+        let id = msg.id;
+        let Some(user_id) = self.ready_user(id) else { return };
+        let message = msg.message;
+        let client_msg_id = message.client_msg_id.as_deref();
+        // A repeated client_msg_id is acked again with the same ids and starts nothing.
+        if let Some(seen) = client_msg_id.and_then(|c| self.user_mut(&user_id).seen_messages.get(c)) {
+            let (message_id, run_id, seq) = (seen.message_id.clone(), seen.run_id.clone(), seen.seq);
+            debug!("{id}: repeated client_msg_id; acked again");
+            let ack = ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq };
+            self.send_to(id, ack);
+            return;
+        }
+        let message_id = new_id("m_");
+        let run_id = new_id("r_");
+        let payload = user_message_payload(&message_id, &message.content, client_msg_id);
+        let (seq, _) =
+            self.publish_event(&user_id, EventKind::UserMessage, &message.thread_id, None, &payload);
+        self.send_to(id, ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq });
+        if let Some(client_msg_id) = message.client_msg_id {
+            let seen = SeenMessage {
+                message_id: message_id.clone(),
+                run_id: run_id.clone(),
+                seq,
+                at: Instant::now(),
+            };
+            self.user_mut(&user_id).seen_messages.insert(client_msg_id, seen);
+        }
+        let run = Run {
+            user_id: user_id.clone(),
+            thread_id: message.thread_id.clone(),
+            started: Instant::now(),
+            response: String::new(),
+        };
+        self.runs.insert(run_id.clone(), run);
+        debug!("{id}: run {run_id} started for user {user_id}");
+        let request = RunRequest {
+            run_id,
+            user_id,
+            thread_id: message.thread_id,
+            message_id,
+            content: message.content,
+        };
+        self.agent.start.do_send(StartRun { run: request, sink: ctx.address().recipient() });
+    }
+}
+
+impl Handler<AgentEvent> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentEvent, _: &mut Self::Context) {
+        let AgentEvent { run_id, output } = msg;
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            // The run was cancelled (or never existed): nothing of it after its end.
+            debug!("event of ended run {run_id} dropped");
+            return;
+        };
+        if let AgentOutput::MessageChunk { delta } = &output {
+            run.response.push_str(delta);
+        }
+        let kind = output.kind();
+        let (user_id, thread_id) = if kind.is_terminal() {
+            let run = self.runs.remove(&run_id).expect("looked up above");
+            (run.user_id, run.thread_id)
+        } else {
+            (run.user_id.clone(), run.thread_id.clone())
+        };
+        self.publish_event(&user_id, kind, &thread_id, Some(&run_id), &output.payload());
+    }
+}
+
+impl Handler<CancelRequest> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelRequest, _: &mut Self::Context) {
+        let id = msg.id;
+        let Some(user_id) = self.ready_user(id) else { return };
+        // Another user's run is indistinguishable from an unknown one.
+        let owned = self.runs.get(&msg.run_id).is_some_and(|run| run.user_id == user_id);
+        let Some(run) = owned.then(|| self.runs.remove(&msg.run_id)).flatten() else {
+            let message = format!("no running run {} of yours", msg.run_id);
+            self.send_to(id, ServerFrame::error(ErrorCode::NotFound, &message, Some("cancel_run")));
+            return;
+        };
+        info!("{id}: run {} cancelled", msg.run_id);
+        self.agent.stop.do_send(StopRun { run_id: msg.run_id.clone() });
+        let output = AgentOutput::Completed {
+            status: RunStatus::Cancelled,
+            content: run.response,
+            duration_ms: run.started.elapsed().as_millis() as u64,
+        };
+        self.publish_event(
+            &user_id,
+            EventKind::AgentCompleted,
+            &run.thread_id,
+            Some(&msg.run_id),
+            &output.payload(),
+        );
+    }
+}
+
+impl Handler<Publish> for Registry {
+    type Result = MessageResult<Publish>;
+
+    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
+        let mut seqs = Vec::with_capacity(msg.events.len());
+        let mut sessions = 0;
+        for event in &msg.events {
+            let (seq, reached) = self.publish_event(
+                &msg.user_id,
+                event.kind,
+                &event.thread_id,
+                event.run_id.as_deref(),
+                &event.payload,
+            );
+            seqs.push(seq);
+            sessions = sessions.max(reached);
+        }
+        MessageResult(PublishResponse { seqs, sessions })
     }
 }
 

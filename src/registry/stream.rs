@@ -40,16 +40,8 @@ pub struct UserStream {
 
 impl UserStream {
     pub fn new(capacity: usize) -> UserStream {
-        let epoch = Alphanumeric
-            .sample_string(&mut rand::rng(), 8)
-            .to_ascii_lowercase();
-        UserStream {
-            epoch,
-            last_seq: 0,
-            history: VecDeque::new(),
-            capacity,
-            idle_since: None,
-        }
+        let epoch = Alphanumeric.sample_string(&mut rand::rng(), 8).to_ascii_lowercase();
+        UserStream { epoch, last_seq: 0, history: VecDeque::new(), capacity, idle_since: None }
     }
 
     pub fn epoch(&self) -> &str {
@@ -82,28 +74,12 @@ impl UserStream {
         };
         let oldest = self.history.front().map_or(self.last_seq + 1, |e| e.seq);
         let same_epoch = request.epoch.as_deref().is_none_or(|e| e == self.epoch);
-        let complete =
-            same_epoch && request.last_seq <= self.last_seq && oldest <= request.last_seq + 1;
+        let complete = same_epoch && request.last_seq <= self.last_seq && oldest <= request.last_seq + 1;
         let after = if complete { request.last_seq } else { 0 };
-        let frames: Vec<ByteString> = self
-            .history
-            .iter()
-            .filter(|e| e.seq > after)
-            .map(|e| e.frame.clone())
-            .collect();
-        let from_seq = if complete {
-            request.last_seq + 1
-        } else {
-            oldest
-        };
-        Replay {
-            info: Some(ResumeInfo {
-                from_seq,
-                replayed: frames.len() as u64,
-                complete,
-            }),
-            frames,
-        }
+        let frames: Vec<ByteString> =
+            self.history.iter().filter(|e| e.seq > after).map(|e| e.frame.clone()).collect();
+        let from_seq = if complete { request.last_seq + 1 } else { oldest };
+        Replay { info: Some(ResumeInfo { from_seq, replayed: frames.len() as u64, complete }), frames }
     }
 }
 
@@ -120,19 +96,9 @@ mod tests {
         stream
     }
 
-    fn resume(
-        stream: &UserStream,
-        last_seq: u64,
-        epoch: Option<&str>,
-    ) -> (Vec<String>, ResumeInfo) {
-        let replay = stream.replay(Some(&ResumeRequest {
-            last_seq,
-            epoch: epoch.map(str::to_owned),
-        }));
-        (
-            replay.frames.iter().map(|f| f.to_string()).collect(),
-            replay.info.unwrap(),
-        )
+    fn resume(stream: &UserStream, last_seq: u64, epoch: Option<&str>) -> (Vec<String>, ResumeInfo) {
+        let replay = stream.replay(Some(&ResumeRequest { last_seq, epoch: epoch.map(str::to_owned) }));
+        (replay.frames.iter().map(|f| f.to_string()).collect(), replay.info.unwrap())
     }
 
     #[test]
@@ -141,14 +107,7 @@ mod tests {
         let epoch = stream.epoch().to_owned();
         let (frames, info) = resume(&stream, 3, Some(&epoch));
         assert_eq!(frames, ["4", "5"]);
-        assert_eq!(
-            info,
-            ResumeInfo {
-                from_seq: 4,
-                replayed: 2,
-                complete: true
-            }
-        );
+        assert_eq!(info, ResumeInfo { from_seq: 4, replayed: 2, complete: true });
         let (frames, info) = resume(&stream, 5, None);
         assert!(frames.is_empty());
         assert!(info.complete);
@@ -159,14 +118,7 @@ mod tests {
         let stream = stream_with(3, 10);
         let (frames, info) = resume(&stream, 2, None);
         assert_eq!(frames, ["8", "9", "10"]);
-        assert_eq!(
-            info,
-            ResumeInfo {
-                from_seq: 8,
-                replayed: 3,
-                complete: false
-            }
-        );
+        assert_eq!(info, ResumeInfo { from_seq: 8, replayed: 3, complete: false });
         // Exactly at the edge: seq 8 is the oldest kept and the next one needed.
         assert!(resume(&stream, 7, None).1.complete);
     }
@@ -185,14 +137,7 @@ mod tests {
         let stream = UserStream::new(10);
         let (frames, info) = resume(&stream, 0, None);
         assert!(frames.is_empty());
-        assert_eq!(
-            info,
-            ResumeInfo {
-                from_seq: 1,
-                replayed: 0,
-                complete: true
-            }
-        );
+        assert_eq!(info, ResumeInfo { from_seq: 1, replayed: 0, complete: true });
         assert!(stream.replay(None).info.is_none());
     }
 }

@@ -53,18 +53,12 @@ impl TestServer {
             let system = actix_web::rt::System::new();
             system.block_on(async move {
                 let running = agentwire::build(server_config).expect("server starts");
-                tx.send((running.addr, running.server.handle(), running.metrics))
-                    .unwrap();
+                tx.send((running.addr, running.server.handle(), running.metrics)).unwrap();
                 let _ = running.server.await;
             });
         });
         let (addr, handle, metrics) = rx.recv_timeout(WAIT).expect("server started in time");
-        TestServer {
-            addr,
-            config,
-            metrics,
-            handle,
-        }
+        TestServer { addr, config, metrics, handle }
     }
 
     pub fn ws_url(&self) -> String {
@@ -82,9 +76,7 @@ impl TestServer {
 
     /// A session that has reached `processing_ready` (token in the Authorization header).
     pub async fn ready_client(&self, sub: &str) -> Client {
-        let mut client = Client::connect_bearer(&self.ws_url(), &self.token(sub))
-            .await
-            .expect("upgrade");
+        let mut client = Client::connect_bearer(&self.ws_url(), &self.token(sub)).await.expect("upgrade");
         client.expect_setup(sub).await;
         client
     }
@@ -95,9 +87,7 @@ impl TestServer {
             .render()
             .lines()
             .find_map(|line| {
-                line.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .map(str::to_owned)
+                line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).map(str::to_owned)
             })
             .map_or(0.0, |v| v.parse().unwrap())
     }
@@ -106,10 +96,7 @@ impl TestServer {
     pub async fn eventually(&self, what: &str, check: impl Fn(&TestServer) -> bool) {
         let deadline = tokio::time::Instant::now() + WAIT;
         while !check(self) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -126,6 +113,8 @@ impl Drop for TestServer {
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub connection_id: String,
+    /// Frames read past by `recv_where`, returned first by `recv`, in arrival order.
+    backlog: std::collections::VecDeque<Value>,
 }
 
 impl Client {
@@ -139,9 +128,7 @@ impl Client {
         token: &str,
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let mut request = url.into_client_request()?;
-        request
-            .headers_mut()
-            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
         Client::connect_request(request).await
     }
 
@@ -151,10 +138,7 @@ impl Client {
         let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
             .await
             .expect("upgrade answered in time")?;
-        Ok(Client {
-            ws,
-            connection_id: String::new(),
-        })
+        Ok(Client { ws, connection_id: String::new(), backlog: Default::default() })
     }
 
     pub async fn send(&mut self, value: Value) {
@@ -171,10 +155,15 @@ impl Client {
 
     /// The next JSON text frame; panics on close, timeout or anything else.
     pub async fn recv(&mut self) -> Value {
+        if let Some(frame) = self.backlog.pop_front() {
+            return frame;
+        }
+        self.recv_socket().await
+    }
+
+    async fn recv_socket(&mut self) -> Value {
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("frame in time");
+            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
             match next {
                 Some(Ok(Message::Text(text))) => {
                     return serde_json::from_str(&text).expect("server sent JSON")
@@ -189,9 +178,7 @@ impl Client {
     pub async fn expect_close(&mut self) -> (Option<CloseFrame>, Vec<Value>) {
         let mut before = Vec::new();
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("close in time");
+            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
             match next {
                 Some(Ok(Message::Text(text))) => before.push(serde_json::from_str(&text).unwrap()),
                 Some(Ok(Message::Close(frame))) => return (frame, before),
@@ -211,10 +198,7 @@ impl Client {
         let frame = self.recv().await;
         assert_eq!(frame["type"], "connection_state", "{frame}");
         assert_eq!(frame["state"], state, "{frame}");
-        let id = frame["connection_id"]
-            .as_str()
-            .expect("connection_id")
-            .to_owned();
+        let id = frame["connection_id"].as_str().expect("connection_id").to_owned();
         assert!(id.starts_with("ws_"), "{id}");
         if self.connection_id.is_empty() {
             self.connection_id = id;
@@ -264,16 +248,11 @@ pub async fn http_get(url: &str, bearer: Option<&str>) -> (u16, Value) {
 
 pub async fn http_post(url: &str, bearer: Option<&str>, body: &str) -> (u16, Value) {
     let client = awc::Client::builder().timeout(WAIT).finish();
-    let mut request = client
-        .post(url)
-        .insert_header(("content-type", "application/json"));
+    let mut request = client.post(url).insert_header(("content-type", "application/json"));
     if let Some(bearer) = bearer {
         request = request.bearer_auth(bearer);
     }
-    let mut response = request
-        .send_body(body.to_owned())
-        .await
-        .expect("HTTP answer");
+    let mut response = request.send_body(body.to_owned()).await.expect("HTTP answer");
     let body = response.body().limit(16 << 20).await.expect("body");
     let status = response.status().as_u16();
     let value = serde_json::from_slice(&body)
@@ -282,18 +261,87 @@ pub async fn http_post(url: &str, bearer: Option<&str>, body: &str) -> (u16, Val
 }
 
 /// The HTTP status (and JSON body) of a refused upgrade.
-pub fn refused_upgrade(
-    result: Result<Client, tokio_tungstenite::tungstenite::Error>,
-) -> (u16, Value) {
+pub fn refused_upgrade(result: Result<Client, tokio_tungstenite::tungstenite::Error>) -> (u16, Value) {
     match result {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let body = response.body().as_deref().unwrap_or_default();
-            (
-                response.status().as_u16(),
-                serde_json::from_slice(body).unwrap_or(Value::Null),
-            )
+            (response.status().as_u16(), serde_json::from_slice(body).unwrap_or(Value::Null))
         }
         Err(other) => panic!("expected an HTTP refusal, got {other}"),
         Ok(_) => panic!("expected an HTTP refusal, the upgrade succeeded"),
+    }
+}
+
+/// A test server whose demo agent runs without pauses.
+pub fn fast_agent_server() -> TestServer {
+    TestServer::with(|c| c.agent.step_delay_ms = 0)
+}
+
+impl Client {
+    /// Sends a `user_message` and returns the ack.
+    pub async fn say(&mut self, thread_id: &str, content: &str, client_msg_id: Option<&str>) -> Value {
+        let mut frame = json!({"type": "user_message", "thread_id": thread_id, "content": content});
+        if let Some(id) = client_msg_id {
+            frame["client_msg_id"] = json!(id);
+        }
+        self.send(frame).await;
+        self.recv_where(|f| f["type"] == "ack").await
+    }
+
+    /// The first frame matching `want`; the frames before it stay for `recv`, in order.
+    pub async fn recv_where(&mut self, want: impl Fn(&Value) -> bool) -> Value {
+        if let Some(at) = self.backlog.iter().position(&want) {
+            return self.backlog.remove(at).expect("position is in range");
+        }
+        loop {
+            let frame = self.recv_socket().await;
+            if want(&frame) {
+                return frame;
+            }
+            self.backlog.push_back(frame);
+        }
+    }
+
+    /// Every stream event up to and including the terminal event of `run_id`.
+    pub async fn events_until_run_ends(&mut self, run_id: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let frame = self.recv().await;
+            if frame.get("seq").is_none() || frame["type"] == "ack" {
+                continue;
+            }
+            let done = frame["run_id"] == run_id && is_terminal(&frame);
+            events.push(frame);
+            if done {
+                return events;
+            }
+        }
+    }
+}
+
+pub fn is_terminal(event: &Value) -> bool {
+    event["type"] == "agent_completed" || event["type"] == "agent_error"
+}
+
+/// Asserts a run's events are well-formed: `agent_started` first, exactly one terminal event,
+/// last, everything in between of the run's own kinds.
+pub fn assert_well_formed_run(events: &[&Value]) {
+    assert!(!events.is_empty());
+    assert_eq!(events[0]["type"], "agent_started", "{events:?}");
+    assert_eq!(events.iter().filter(|e| is_terminal(e)).count(), 1, "{events:?}");
+    assert!(is_terminal(events.last().unwrap()), "{events:?}");
+    for event in &events[1..events.len() - 1] {
+        let kind = event["type"].as_str().unwrap();
+        assert!(
+            ["agent_thinking", "tool_executing", "tool_completed", "agent_message_chunk"].contains(&kind),
+            "{kind} inside a run"
+        );
+    }
+}
+
+/// Asserts seqs are contiguous, starting at `first`.
+pub fn assert_contiguous(events: &[Value], first: u64) {
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event["seq"].as_u64(), Some(first + i as u64), "gap or duplicate at {event}");
     }
 }
