@@ -9,6 +9,7 @@ pub mod agent;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod loadtest;
 pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;

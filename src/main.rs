@@ -1,4 +1,5 @@
-//! The one binary: `serve` (the default), `token` to mint a JWT with the configured key.
+//! The one binary: `serve` (the default), `token` to mint a JWT with the configured key,
+//! `loadtest` to put a server under load and check what its clients receive.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Open many sessions against a server, run a scenario, report latencies and correctness.
+    Loadtest(Box<agentwire::loadtest::LoadtestArgs>),
 }
 
 /// Exit code for a configuration that cannot be used.
@@ -53,6 +56,33 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config, source),
         Command::Token { sub, ttl, name } => token(&config, &sub, ttl, name.as_deref()),
+        Command::Loadtest(args) => loadtest(*args, &config),
+    }
+}
+
+fn loadtest(args: agentwire::loadtest::LoadtestArgs, config: &Config) -> ExitCode {
+    let json = args.json.clone();
+    let report = match agentwire::loadtest::run(args, config) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("agentwire loadtest: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    print!("{}", report.table());
+    if let Some(path) = json {
+        let written = serde_json::to_string_pretty(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|text| std::fs::write(&path, text).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!("agentwire loadtest: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -1,0 +1,389 @@
+//! `agentwire loadtest`: opens many sessions against a server, runs a scenario (`idle`, `chat`,
+//! `fanout`), and reports latencies, throughput and correctness counters. Any non-zero
+//! correctness counter (seq gap or duplicate, an event of another user, a malformed run) makes
+//! the exit code non-zero.
+
+mod report;
+mod session;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use tokio::sync::{watch, Notify};
+
+pub use report::Report;
+use session::{now_us, thread_of};
+
+use crate::auth::Minter;
+use crate::config::{AuthConfig, Config};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Hold the sessions open for --hold-secs.
+    Idle,
+    /// Each session sends --messages user messages, each after the previous run completed.
+    Chat,
+    /// Sessions listen while --events events per user are published through /api/v1/publish.
+    Fanout,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LoadtestArgs {
+    /// WebSocket URL of the server.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+    #[arg(long, value_enum, default_value_t = Scenario::Idle)]
+    pub scenario: Scenario,
+    /// Sessions to open.
+    #[arg(long, default_value_t = 100)]
+    pub sessions: usize,
+    /// Users the sessions are spread over (session i belongs to user i % users).
+    #[arg(long, default_value_t = 25)]
+    pub users: usize,
+    /// New sessions per second; 0 opens them as fast as --connect-concurrency allows.
+    #[arg(long, default_value_t = 0)]
+    pub ramp: u64,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// HS256 secret to mint tokens with (default: the configured auth key).
+    #[arg(long, env = "AGENTWIRE_LOADTEST_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Source addresses to spread connections over, e.g. 127.0.0.1-127.0.0.50.
+    #[arg(long)]
+    pub src_ips: Option<String>,
+    /// idle: seconds to hold the sessions once all are ready.
+    #[arg(long, default_value_t = 5)]
+    pub hold_secs: u64,
+    /// chat: messages per session.
+    #[arg(long, default_value_t = 1)]
+    pub messages: usize,
+    /// chat: pause between one session's messages, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub message_interval_ms: u64,
+    /// chat: the message text.
+    #[arg(long, default_value = "what is 6 * 7?")]
+    pub message_text: String,
+    /// fanout: events published per user.
+    #[arg(long, default_value_t = 100)]
+    pub events: usize,
+    /// fanout: events per publish request.
+    #[arg(long, default_value_t = 50)]
+    pub batch: usize,
+    /// fanout: publish rate per user in events per second; 0 publishes as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub publish_rate: u64,
+    /// fanout: API key for /api/v1/publish (default: the first of api.keys).
+    #[arg(long, env = "AGENTWIRE_LOADTEST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds each session may take to reach processing_ready.
+    #[arg(long, default_value_t = 60)]
+    pub connect_timeout_secs: u64,
+    /// Seconds the scenario may take once every session is ready.
+    #[arg(long, default_value_t = 300)]
+    pub scenario_timeout_secs: u64,
+    /// Server process to report RSS and CPU of.
+    #[arg(long)]
+    pub server_pid: Option<i32>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Everything a session needs to know, fixed before the first connection.
+pub struct Plan {
+    scenario: Scenario,
+    url: String,
+    server_addr: SocketAddr,
+    source_ips: Vec<IpAddr>,
+    users: usize,
+    sessions: usize,
+    tokens: Vec<String>,
+    run_tag: String,
+    hold: Duration,
+    messages: usize,
+    message_interval: Duration,
+    message_text: String,
+    events: usize,
+    connect_timeout: Duration,
+    scenario_timeout: Duration,
+}
+
+impl Plan {
+    fn user_id(&self, user: usize) -> String {
+        format!("lt{}-{user}", self.run_tag)
+    }
+
+    fn sessions_of_user(&self, user: usize) -> usize {
+        sessions_of_user(self.sessions, self.users, user)
+    }
+}
+
+/// Session `i` belongs to user `i % users`, so the first `sessions % users` users get one more.
+fn sessions_of_user(sessions: usize, users: usize, user: usize) -> usize {
+    sessions / users + usize::from(user < sessions % users)
+}
+
+/// Counters shared by all sessions, read by the progress bar and the orchestrator.
+pub struct Shared {
+    ready: AtomicUsize,
+    failed: AtomicUsize,
+    incomplete: AtomicUsize,
+    errors: AtomicU64,
+    events: AtomicU64,
+    settled: Notify,
+    go: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+}
+
+/// A usage problem found before any connection: exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn parse_source_ips(spec: &str) -> Result<Vec<IpAddr>, UsageError> {
+    let bad = || UsageError(format!("--src-ips {spec:?}: expected A.B.C.D or A.B.C.D-A.B.C.E"));
+    let (first, last) = spec.split_once('-').unwrap_or((spec, spec));
+    let first: Ipv4Addr = first.trim().parse().map_err(|_| bad())?;
+    let last: Ipv4Addr = last.trim().parse().map_err(|_| bad())?;
+    let (a, b) = (u32::from(first), u32::from(last));
+    if b < a || b - a > 65_535 {
+        return Err(bad());
+    }
+    Ok((a..=b).map(|ip| IpAddr::V4(Ipv4Addr::from(ip))).collect())
+}
+
+fn resolve(url: &str) -> Result<SocketAddr, UsageError> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| UsageError(format!("--url {url:?}: only ws:// URLs are supported")))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    authority
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| UsageError(format!("--url {url:?}: cannot resolve {authority}")))
+}
+
+fn http_base(url: &str) -> String {
+    let rest = url.trim_start_matches("ws://");
+    format!("http://{}", rest.split('/').next().unwrap_or(rest))
+}
+
+/// Runs the load test and returns its report.
+pub fn run(args: LoadtestArgs, config: &Config) -> Result<Report, UsageError> {
+    if args.sessions == 0 || args.users == 0 || args.users > args.sessions {
+        return Err(UsageError("need --sessions >= --users >= 1".into()));
+    }
+    let open_files = crate::raise_open_files_limit();
+    let room = open_files.saturating_sub(64) as usize;
+    eprintln!("open-files limit {open_files}: this process can hold about {room} connections");
+    if args.sessions > room {
+        return Err(UsageError(format!(
+            "--sessions {} needs {} open files but this process may open only {open_files} (the hard \
+             limit); run several load generators, each with fewer sessions",
+            args.sessions,
+            args.sessions + 64
+        )));
+    }
+    let mut auth = AuthConfig { ..config.auth.clone() };
+    if let Some(secret) = &args.secret {
+        auth.algorithm = crate::config::Algorithm::HS256;
+        auth.secret = secret.clone();
+    }
+    let minter = Minter::new(&auth).map_err(UsageError)?;
+    let run_tag = format!("{:x}", now_us() % 0xffff_ffff);
+    let mut plan = Plan {
+        scenario: args.scenario,
+        url: args.url.clone(),
+        server_addr: resolve(&args.url)?,
+        source_ips: match &args.src_ips {
+            Some(spec) => parse_source_ips(spec)?,
+            None => Vec::new(),
+        },
+        users: args.users,
+        sessions: args.sessions,
+        tokens: Vec::with_capacity(args.users),
+        run_tag,
+        hold: Duration::from_secs(args.hold_secs),
+        messages: args.messages,
+        message_interval: Duration::from_millis(args.message_interval_ms),
+        message_text: args.message_text.clone(),
+        events: args.events,
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        scenario_timeout: Duration::from_secs(args.scenario_timeout_secs),
+    };
+    for user in 0..args.users {
+        let (token, _) = minter.mint(&plan.user_id(user), None, 24 * 3600).map_err(UsageError)?;
+        plan.tokens.push(token);
+    }
+    let api_key = match (args.scenario, &args.api_key, config.api.keys.first()) {
+        (Scenario::Fanout, Some(key), _) | (Scenario::Fanout, None, Some(key)) => Some(key.clone()),
+        (Scenario::Fanout, None, None) => {
+            return Err(UsageError("fanout needs --api-key (or api.keys in the configuration)".into()))
+        }
+        _ => None,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| UsageError(format!("tokio runtime: {e}")))?;
+    Ok(runtime.block_on(orchestrate(Arc::new(plan), args, api_key)))
+}
+
+async fn orchestrate(plan: Arc<Plan>, args: LoadtestArgs, api_key: Option<String>) -> Report {
+    let (go_tx, go) = watch::channel(false);
+    let (stop_tx, stop) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        ready: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        incomplete: AtomicUsize::new(0),
+        errors: AtomicU64::new(0),
+        events: AtomicU64::new(0),
+        settled: Notify::new(),
+        go,
+        stop,
+    });
+    let server_before = args.server_pid.and_then(report::ServerSample::take);
+    let progress = report::Progress::start(Arc::clone(&shared), plan.sessions, args.quiet);
+
+    // Connect phase: at most `connect_concurrency` attempts in flight, paced by --ramp.
+    let started = Instant::now();
+    let permits = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..plan.sessions {
+        if args.ramp > 0 {
+            let due = started + Duration::from_secs_f64(index as f64 / args.ramp as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break };
+        let (plan, shared) = (Arc::clone(&plan), Arc::clone(&shared));
+        tasks.spawn(session::run(plan, shared, index, permit));
+    }
+    while shared.ready.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) < plan.sessions {
+        shared.settled.notified().await;
+    }
+    let connect_elapsed = started.elapsed();
+    let server_ready = args.server_pid.and_then(report::ServerSample::take);
+    progress.phase("scenario");
+
+    let scenario_started = Instant::now();
+    let events_before = shared.events.load(Ordering::Relaxed);
+    let _ = go_tx.send(true);
+    let publisher = match (plan.scenario, api_key) {
+        (Scenario::Fanout, Some(key)) => {
+            let plan = Arc::clone(&plan);
+            let base = http_base(&plan.url);
+            let (batch, rate) = (args.batch.max(1), args.publish_rate);
+            Some(tokio::task::spawn_blocking(move || publish_all(&plan, &base, &key, batch, rate)))
+        }
+        _ => None,
+    };
+    if plan.scenario == Scenario::Idle {
+        tokio::time::sleep(plan.hold).await;
+        let _ = stop_tx.send(true);
+    }
+    let mut outcomes = Vec::with_capacity(plan.sessions);
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok(outcome) = joined {
+            outcomes.push(outcome);
+        }
+    }
+    let publish_errors = match publisher {
+        Some(handle) => handle.await.unwrap_or_else(|e| vec![format!("publisher panicked: {e}")]),
+        None => Vec::new(),
+    };
+    let scenario_elapsed = scenario_started.elapsed();
+    let events = shared.events.load(Ordering::Relaxed) - events_before;
+    progress.finish();
+    let server_after = args.server_pid.and_then(report::ServerSample::take);
+    Report::build(report::Inputs {
+        args: &args,
+        outcomes,
+        connect_elapsed,
+        scenario_elapsed,
+        events,
+        errors: shared.errors.load(Ordering::Relaxed),
+        publish_errors,
+        server: [server_before, server_ready, server_after],
+    })
+}
+
+/// Publishes `plan.events` events to every user through the HTTP API, in batches.
+fn publish_all(plan: &Plan, base: &str, key: &str, batch: usize, rate_per_user: u64) -> Vec<String> {
+    let agent = ureq::Agent::new_with_defaults();
+    let url = format!("{base}/api/v1/publish");
+    let auth = format!("Bearer {key}");
+    let mut errors = Vec::new();
+    let started = Instant::now();
+    let mut published = 0;
+    while published < plan.events {
+        let count = batch.min(plan.events - published);
+        if rate_per_user > 0 {
+            let due = started + Duration::from_secs_f64(published as f64 / rate_per_user as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        for user in 0..plan.users {
+            let user_id = plan.user_id(user);
+            let thread = thread_of(&user_id);
+            let t_us = now_us();
+            let events: Vec<serde_json::Value> = (0..count)
+                .map(|i| {
+                    serde_json::json!({"type": "agent_thinking", "thread_id": thread, "run_id": "lt-fanout",
+                        "payload": {"text": format!("event {}", published + i), "t_us": t_us}})
+                })
+                .collect();
+            let body = serde_json::json!({"user_id": user_id, "events": events}).to_string();
+            let result = agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(&body);
+            if let Err(e) = result {
+                errors.push(format!("publish to {user_id}: {e}"));
+                if errors.len() > 10 {
+                    return errors;
+                }
+            }
+        }
+        published += count;
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_ip_ranges() {
+        assert_eq!(parse_source_ips("127.0.0.1-127.0.0.3").unwrap().len(), 3);
+        assert_eq!(parse_source_ips("127.0.0.9").unwrap(), vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9))]);
+        assert!(parse_source_ips("127.0.0.3-127.0.0.1").is_err());
+        assert!(parse_source_ips("localhost").is_err());
+    }
+
+    #[test]
+    fn sessions_spread_over_users() {
+        let total = |sessions, users| (0..users).map(|u| sessions_of_user(sessions, users, u)).sum::<usize>();
+        assert_eq!(total(10, 3), 10);
+        assert_eq!(total(1000, 250), 1000);
+        assert_eq!(sessions_of_user(10, 3, 0), 4);
+        assert_eq!(http_base("ws://127.0.0.1:8080/ws"), "http://127.0.0.1:8080");
+    }
+}
