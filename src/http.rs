@@ -2,6 +2,7 @@
 //! (origin, capacity, token at upgrade), health and readiness, metrics, the `/api/v1` routes for
 //! backends, and `/dev/token` for development.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct AppState {
     pub slots: Arc<ConnectionSlots>,
     /// Present only when `auth.dev_tokens = true`.
     pub dev_minter: Option<Minter>,
+    /// Set once shutdown began: new upgrades are refused.
+    pub draining: Arc<AtomicBool>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -70,6 +73,13 @@ async fn upgrade(
         env.metrics.fail("origin_refused");
         info!("upgrade from {peer} refused: origin {origin:?} is not allowed");
         return Ok(error_response(StatusCode::FORBIDDEN, "forbidden", "this Origin may not connect"));
+    }
+    if state.draining.load(Ordering::Acquire) {
+        return Ok(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
     }
     let Some(slot) = state.slots.try_acquire() else {
         env.metrics.fail("over_capacity");

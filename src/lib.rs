@@ -8,6 +8,7 @@ pub mod admission;
 pub mod agent;
 pub mod auth;
 pub mod config;
+pub mod frame_guard;
 pub mod http;
 pub mod loadtest;
 pub mod metrics;
@@ -18,6 +19,7 @@ pub mod session;
 pub mod state;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,11 +57,34 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-/// A started server: where it listens and the handle to await or stop it.
+/// A started server: where it listens, the future that runs it, and how to stop it.
 pub struct Running {
     pub addr: SocketAddr,
     pub server: actix_web::dev::Server,
     pub metrics: Arc<Metrics>,
+    pub control: Control,
+}
+
+/// Stops a running server gracefully (protocol section 7).
+#[derive(Clone)]
+pub struct Control {
+    registry: actix::Addr<Registry>,
+    draining: Arc<AtomicBool>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl Control {
+    /// Refuses new upgrades, closes every session with 1012 after the events already handed to
+    /// it, and stops the server; connections still open after `server.shutdown_grace_secs` are
+    /// dropped.
+    pub async fn shutdown(&self) {
+        self.draining.store(true, Ordering::Release);
+        match self.registry.send(registry::Shutdown).await {
+            Ok(sessions) => info!("shutdown: {sessions} sessions told to close"),
+            Err(e) => warn!("shutdown: the registry did not answer: {e}"),
+        }
+        self.handle.stop(true).await;
+    }
 }
 
 /// Raises this process's open-files soft limit to the hard limit; returns the new soft limit.
@@ -113,14 +138,29 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         messages_per_second: limits.messages_per_second,
         burst: limits.burst,
     });
+    let draining = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {
         config: Arc::clone(&config),
         env,
         slots: ConnectionSlots::new(limits.max_connections),
         dev_minter,
+        draining: Arc::clone(&draining),
     });
+    let registry = state.env.registry.clone();
+    // A peer that stops reading freezes its session (actix-web #2441); the kernel's user timeout
+    // is what still tears such a connection down (ACTIX-NOTES).
+    let user_timeout = Duration::from_secs(config.limits.client_timeout_secs);
 
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+        .on_connect(move |connection, _| {
+            if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(user_timeout)) {
+                    warn!("cannot set TCP_USER_TIMEOUT: {e}");
+                }
+            }
+        })
+        // Signals are handled by the binary, which closes sessions with 1012 first.
+        .disable_signals()
         .workers(config.worker_count())
         .backlog(4096)
         .max_connections(config.limits.max_connections.saturating_add(1024))
@@ -130,5 +170,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     let addr = server.addrs().first().copied().ok_or_else(|| {
         StartError::Io(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address bound"))
     })?;
-    Ok(Running { addr, server: server.run(), metrics })
+    let server = server.run();
+    let control = Control { registry, draining, handle: server.handle() };
+    Ok(Running { addr, server, metrics, control })
 }

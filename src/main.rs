@@ -100,6 +100,23 @@ fn token(config: &Config, sub: &str, ttl: u64, name: Option<&str>) -> ExitCode {
     }
 }
 
+/// Resolves on SIGTERM or SIGINT, naming which.
+async fn wait_for_signal() -> &'static str {
+    use actix_web::rt::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        }
+        _ => {
+            log::warn!("cannot listen for signals; stop with SIGKILL");
+            std::future::pending().await
+        }
+    }
+}
+
 fn serve(config: Config, source: Source) -> ExitCode {
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
@@ -115,6 +132,12 @@ fn serve(config: Config, source: Source) -> ExitCode {
             println!("  get a token: curl -s -X POST http://{addr}/dev/token -d '{{\"sub\":\"alice\"}}'");
         }
         println!("  or:          agentwire token --sub alice");
+        let control = running.control.clone();
+        actix_web::rt::spawn(async move {
+            let signal = wait_for_signal().await;
+            log::info!("{signal}: shutting down (sessions get 1012)");
+            control.shutdown().await;
+        });
         running.server.await.map_err(agentwire::StartError::Io)
     });
     match result {

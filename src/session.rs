@@ -6,19 +6,24 @@
 //! `actix-ws`), so moving off it later changes this file alone.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::ws::Item;
+use actix_web::error::PayloadError;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError, WebsocketContext};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
 use log::{debug, info, warn};
 
 use crate::admission::ConnectionSlot;
 use crate::auth::{Identity, Verifier};
+use crate::frame_guard::FrameGuard;
 use crate::metrics::Metrics;
 use crate::protocol::{
     close, now_ms, parse_client_frame, AuthFrame, ClientFrame, ErrorCode, FieldLimits, FrameError,
@@ -92,6 +97,8 @@ pub struct Session {
     expiry_timers: Vec<SpawnHandle>,
     /// Bytes the registry handed over that this actor has not taken yet (see `Register`).
     outbound: Arc<AtomicUsize>,
+    /// Set by [`GuardedPayload`] when a frame header announced more than the size limit.
+    oversized: Arc<AtomicBool>,
     _slot: ConnectionSlot,
 }
 
@@ -116,6 +123,7 @@ impl Session {
             last_heard: now,
             expiry_timers: Vec::new(),
             outbound: Arc::new(AtomicUsize::new(0)),
+            oversized: Arc::new(AtomicBool::new(false)),
             _slot: slot,
         }
     }
@@ -462,6 +470,7 @@ impl Handler<ToSession> for Session {
                 self.close(ctx, close_code, reason);
             }
             ToSession::Deliver(delivery) => self.on_delivery(delivery, ctx),
+            ToSession::Shutdown => self.close(ctx, close::SERVICE_RESTART, "server restarting"),
             ToSession::SlowConsumer => {
                 self.env.metrics.slow_consumer_closes.inc();
                 self.close(ctx, close::SLOW_CONSUMER, "too slow to read");
@@ -497,6 +506,10 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
                 ctx.stop();
             }
             Err(ProtocolError::Overflow) => self.close(ctx, close::MESSAGE_TOO_BIG, "message too big"),
+            Err(ProtocolError::Io(_)) if self.oversized.load(Ordering::Acquire) => {
+                info!("{}: frame header announced more than {} bytes", self.id, self.env.max_message_bytes);
+                self.close(ctx, close::MESSAGE_TOO_BIG, "message too big")
+            }
             // actix-web-actors reports a text frame that is not UTF-8 as an I/O error.
             Err(ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
                 self.close(ctx, close::INVALID_PAYLOAD, "text is not valid UTF-8")
@@ -514,6 +527,34 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
     }
 }
 
+/// The client's byte stream, checked frame header by frame header: a frame announcing more than
+/// the limit ends the stream with an error at once, instead of being buffered whole.
+struct GuardedPayload {
+    inner: web::Payload,
+    guard: FrameGuard,
+    tripped: Arc<AtomicBool>,
+}
+
+impl Stream for GuardedPayload {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        if self.tripped.load(Ordering::Acquire) {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(bytes))) => match self.guard.inspect(&bytes) {
+                Ok(()) => Poll::Ready(Some(Ok(bytes))),
+                Err(_) => {
+                    self.tripped.store(true, Ordering::Release);
+                    Poll::Ready(Some(Err(PayloadError::Overflow)))
+                }
+            },
+            other => other,
+        }
+    }
+}
+
 /// Upgrades the request and starts the session actor on it.
 pub fn start(
     session: Session,
@@ -521,7 +562,12 @@ pub fn start(
     payload: web::Payload,
     max_message_bytes: usize,
 ) -> actix_web::Result<HttpResponse> {
-    ws::WsResponseBuilder::new(session, req, payload)
+    let guarded = GuardedPayload {
+        inner: payload,
+        guard: FrameGuard::new(max_message_bytes),
+        tripped: Arc::clone(&session.oversized),
+    };
+    ws::WsResponseBuilder::new(session, req, guarded)
         .protocols(&[SUBPROTOCOL])
         .frame_size(max_message_bytes)
         .start()

@@ -135,6 +135,8 @@ pub enum ToSession {
     Deliver(Delivery),
     /// The session's unsent output passed its budget: close with 4008.
     SlowConsumer,
+    /// The server is shutting down: close with 1012 after what was already handed over.
+    Shutdown,
 }
 
 /// A frame handed to a session: an event of the user's stream (shared by every session of the
@@ -171,6 +173,11 @@ pub struct Publish {
     pub user_id: String,
     pub events: Vec<PublishedEvent>,
 }
+
+/// Graceful shutdown: every session is told to close with 1012. Answers how many were told.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Shutdown;
 
 /// Answered while the registry runs: what `/readyz` asks.
 #[derive(Message)]

@@ -618,6 +618,19 @@ impl Handler<ListConnections> for Registry {
     }
 }
 
+impl Handler<Shutdown> for Registry {
+    type Result = usize;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> usize {
+        // Queued behind every delivery already handed to each session, so those go out first.
+        for connection in self.connections.values() {
+            connection.session.do_send(ToSession::Shutdown);
+        }
+        info!("shutdown: telling {} sessions to close with 1012", self.connections.len());
+        self.connections.len()
+    }
+}
+
 impl Handler<Probe> for Registry {
     type Result = ();
 
