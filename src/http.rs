@@ -227,7 +227,7 @@ async fn publish(
         return Ok(bad_request("events must not be empty"));
     }
     let mut events = Vec::with_capacity(request.events.len());
-    for (index, event) in request.events.iter().enumerate() {
+    for (index, event) in request.events.into_iter().enumerate() {
         match parse_published_event(index, event) {
             Ok(event) => events.push(event),
             Err(message) => return Ok(bad_request(&message)),

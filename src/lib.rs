@@ -12,6 +12,7 @@ pub mod frame_guard;
 pub mod http;
 pub mod loadtest;
 pub mod metrics;
+pub mod outbound;
 pub mod protocol;
 pub mod ratelimit;
 pub mod registry;

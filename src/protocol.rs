@@ -448,9 +448,9 @@ pub struct PublishedEvent {
 }
 
 /// Validates one event of a publish batch; the message says which field of which event is wrong.
-pub fn parse_published_event(index: usize, value: &Value) -> Result<PublishedEvent, String> {
+pub fn parse_published_event(index: usize, value: Value) -> Result<PublishedEvent, String> {
     let at = |what: &str| format!("events[{index}]: {what}");
-    let Value::Object(object) = value else { return Err(at("must be an object")) };
+    let Value::Object(mut object) = value else { return Err(at("must be an object")) };
     let kind = match object.get("type") {
         Some(Value::String(name)) => {
             EventKind::parse(name).ok_or_else(|| at(&format!("unknown event type `{name}`")))?
@@ -468,8 +468,8 @@ pub fn parse_published_event(index: usize, value: &Value) -> Result<PublishedEve
         Some(Value::String(_)) => return Err(at("`run_id` must be 1 to 128 characters")),
         _ => return Err(at("missing string field `run_id`")),
     };
-    let payload = match object.get("payload") {
-        Some(payload @ Value::Object(_)) => payload.clone(),
+    let payload = match object.remove("payload") {
+        Some(payload @ Value::Object(_)) => payload,
         _ => return Err(at("`payload` must be an object")),
     };
     Ok(PublishedEvent { kind, thread_id, run_id, payload })
@@ -560,9 +560,9 @@ mod tests {
     fn published_events_are_validated_field_by_field() {
         let ok =
             serde_json::json!({"type":"agent_thinking","thread_id":"t","run_id":"r","payload":{"text":"x"}});
-        assert_eq!(parse_published_event(0, &ok).unwrap().kind, EventKind::AgentThinking);
+        assert_eq!(parse_published_event(0, ok).unwrap().kind, EventKind::AgentThinking);
         let echo = serde_json::json!({"type":"user_message","thread_id":"t","payload":{}});
-        assert_eq!(parse_published_event(0, &echo).unwrap().run_id, None);
+        assert_eq!(parse_published_event(0, echo).unwrap().run_id, None);
         for (bad, why) in [
             (
                 serde_json::json!({"type":"agent_dancing","thread_id":"t","run_id":"r","payload":{}}),
@@ -576,7 +576,7 @@ mod tests {
             ),
             (serde_json::json!("nope"), "object"),
         ] {
-            let message = parse_published_event(3, &bad).unwrap_err();
+            let message = parse_published_event(3, bad).unwrap_err();
             assert!(message.starts_with("events[3]") && message.contains(why), "{message}");
         }
     }

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -25,6 +25,7 @@ use crate::admission::ConnectionSlot;
 use crate::auth::{Identity, Verifier};
 use crate::frame_guard::FrameGuard;
 use crate::metrics::Metrics;
+use crate::outbound::{close_frame_len, encoded_len, Outbound};
 use crate::protocol::{
     close, now_ms, parse_client_frame, AuthFrame, ClientFrame, ErrorCode, FieldLimits, FrameError,
     ServerFrame, SUBPROTOCOL,
@@ -95,8 +96,8 @@ pub struct Session {
     last_heard: Instant,
     limiter: RateLimiter,
     expiry_timers: Vec<SpawnHandle>,
-    /// Bytes the registry handed over that this actor has not taken yet (see `Register`).
-    outbound: Arc<AtomicUsize>,
+    /// Unsent output in wire bytes: the registry and this actor add, [`CountedOutput`] takes off.
+    outbound: Outbound,
     /// Set by [`GuardedPayload`] when a frame header announced more than the size limit.
     oversized: Arc<AtomicBool>,
     _slot: ConnectionSlot,
@@ -122,7 +123,7 @@ impl Session {
             fragments: None,
             last_heard: now,
             expiry_timers: Vec::new(),
-            outbound: Arc::new(AtomicUsize::new(0)),
+            outbound: Outbound::new(),
             oversized: Arc::new(AtomicBool::new(false)),
             _slot: slot,
         }
@@ -132,8 +133,17 @@ impl Session {
         self.id
     }
 
+    /// Every frame the session writes itself goes through these, so `outbound` stays exact.
     fn send(&self, ctx: &mut WebsocketContext<Self>, frame: ServerFrame<'_>) {
-        ctx.text(frame.to_text());
+        let text = frame.to_text();
+        self.outbound.add(encoded_len(text.len()));
+        ctx.text(text);
+    }
+
+    fn write_close(&self, ctx: &mut WebsocketContext<Self>, reason: Option<CloseReason>) {
+        let description = reason.as_ref().and_then(|r| r.description.as_deref());
+        self.outbound.add(close_frame_len(description, reason.is_some()));
+        ctx.close(reason);
     }
 
     fn send_error(
@@ -169,7 +179,10 @@ impl Session {
         self.pending.clear();
         self.env.registry.do_send(Closing { id: self.id });
         debug!("{}: closing with {code} ({reason})", self.id);
-        ctx.close(Some(CloseReason { code: CloseCode::from(code), description: Some(reason.to_owned()) }));
+        self.write_close(
+            ctx,
+            Some(CloseReason { code: CloseCode::from(code), description: Some(reason.to_owned()) }),
+        );
         ctx.stop();
     }
 
@@ -248,6 +261,7 @@ impl Session {
             },
         );
         for frame in replay {
+            self.outbound.add(encoded_len(frame.len()));
             ctx.text(frame);
         }
         self.schedule_token_expiry(ctx);
@@ -370,8 +384,9 @@ impl Session {
     }
 
     fn on_delivery(&mut self, delivery: Delivery, ctx: &mut WebsocketContext<Self>) {
-        self.outbound.fetch_sub(delivery.cost, Ordering::AcqRel);
         if self.phase != Phase::ProcessingReady {
+            // Counted by the registry when it was handed over, and never to be written.
+            self.outbound.release(encoded_len(delivery.frame.len()));
             return;
         }
         if let Some(created) = delivery.created {
@@ -420,7 +435,7 @@ impl Actor for Session {
         self.env.registry.do_send(Register {
             id: self.id,
             session: ctx.address().recipient(),
-            outbound: Arc::clone(&self.outbound),
+            outbound: self.outbound.clone(),
         });
         ctx.run_later(self.env.auth_timeout, |session, ctx| {
             if matches!(session.phase, Phase::Registering | Phase::AwaitingAuth) {
@@ -436,6 +451,7 @@ impl Actor for Session {
                 info!("{}: nothing heard for {:?}; dropping", session.id, session.env.client_timeout);
                 session.close(ctx, close::GOING_AWAY, "client timeout");
             } else {
+                session.outbound.add(encoded_len(0));
                 ctx.ping(b"");
             }
         });
@@ -494,14 +510,17 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
                 self.close(ctx, close::UNSUPPORTED_DATA, "binary frames are not supported")
             }
             Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
-            Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
+            Ok(ws::Message::Ping(payload)) => {
+                self.outbound.add(encoded_len(payload.len()));
+                ctx.pong(&payload);
+            }
             Ok(ws::Message::Pong(_) | ws::Message::Nop) => {}
             Ok(ws::Message::Close(reason)) => {
                 debug!("{}: client closed ({:?})", self.id, reason.as_ref().map(|r| r.code));
                 if self.phase != Phase::Closing {
                     self.phase = Phase::Closing;
                     self.env.registry.do_send(Closing { id: self.id });
-                    ctx.close(reason);
+                    self.write_close(ctx, reason);
                 }
                 ctx.stop();
             }
@@ -555,6 +574,25 @@ impl Stream for GuardedPayload {
     }
 }
 
+/// The session's encoded output on its way to the HTTP dispatcher: each chunk it takes is off
+/// the session's unsent count.
+struct CountedOutput<S> {
+    inner: S,
+    outbound: Outbound,
+}
+
+impl<S: Stream<Item = Result<Bytes, actix_web::Error>> + Unpin> Stream for CountedOutput<S> {
+    type Item = Result<Bytes, actix_web::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(bytes))) = &next {
+            self.outbound.release(bytes.len());
+        }
+        next
+    }
+}
+
 /// Upgrades the request and starts the session actor on it.
 pub fn start(
     session: Session,
@@ -562,13 +600,14 @@ pub fn start(
     payload: web::Payload,
     max_message_bytes: usize,
 ) -> actix_web::Result<HttpResponse> {
+    let mut response = ws::handshake_with_protocols(req, &[SUBPROTOCOL])?;
     let guarded = GuardedPayload {
         inner: payload,
         guard: FrameGuard::new(max_message_bytes),
         tripped: Arc::clone(&session.oversized),
     };
-    ws::WsResponseBuilder::new(session, req, guarded)
-        .protocols(&[SUBPROTOCOL])
-        .frame_size(max_message_bytes)
-        .start()
+    let outbound = session.outbound.clone();
+    let codec = actix_http::ws::Codec::new().max_size(max_message_bytes);
+    let output = WebsocketContext::with_codec(session, guarded, codec);
+    Ok(response.streaming(CountedOutput { inner: Box::pin(output), outbound }))
 }

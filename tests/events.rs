@@ -62,6 +62,23 @@ async fn three_tabs_see_the_same_run() {
         assert_eq!(event["thread_id"], "t1");
         assert!(event["ts"].as_u64().unwrap() > 1_600_000_000_000);
     }
+    // Everything was written: each session's unsent count, kept in wire bytes, is back to zero.
+    let url = server.http("/api/v1/users/alice/connections");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = http_get(&url, Some(API_KEY)).await;
+        let unsent: Vec<i64> = body["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["unsent_bytes"].as_i64().unwrap())
+            .collect();
+        if unsent == [0, 0, 0] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "unsent bytes stay at {unsent:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // 10 events handed to 3 sessions, plus the ack to the sender.
     assert_eq!(server.metric("agentwire_events_published_total"), 10.0);
     assert_eq!(server.metric("agentwire_frames_sent_total"), 31.0);

@@ -4,8 +4,8 @@
 //! ([`ToSession`]), never as a reply future: one FIFO carries both the setup answers and the
 //! events that follow, so no event can overtake the `processing_ready` frame.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -13,6 +13,7 @@ use bytestring::ByteString;
 
 use super::stream::ResumeRequest;
 use crate::auth::Identity;
+use crate::outbound::Outbound;
 use crate::protocol::{ErrorCode, PublishResponse, PublishedEvent, ResumeInfo, UserMessage};
 use crate::state::ConnectionState;
 
@@ -44,9 +45,9 @@ impl std::fmt::Display for ConnectionId {
 pub struct Register {
     pub id: ConnectionId,
     pub session: Recipient<ToSession>,
-    /// Bytes handed to the session and not yet taken from its mailbox; the registry adds, the
-    /// session subtracts. The registry stops delivering past `limits.max_outbound_bytes`.
-    pub outbound: Arc<AtomicUsize>,
+    /// The session's unsent output; the registry stops delivering past
+    /// `limits.max_outbound_bytes`.
+    pub outbound: Outbound,
 }
 
 /// The token verified: move to `authenticated`, counting against the user's session cap.
@@ -146,8 +147,6 @@ pub struct Delivery {
     pub frame: ByteString,
     /// When the event was created; `None` for frames that are not stream events.
     pub created: Option<Instant>,
-    /// What this delivery counts against the session's outbound budget.
-    pub cost: usize,
 }
 
 // ----- HTTP -> registry ------------------------------------------------------------------------
@@ -158,6 +157,8 @@ pub struct ConnectionView {
     pub connection_id: String,
     pub state: ConnectionState,
     pub connected_at: u64,
+    /// Bytes handed to the session and not yet written to its socket.
+    pub unsent_bytes: i64,
 }
 
 #[derive(Message)]

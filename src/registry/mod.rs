@@ -10,7 +10,6 @@ pub mod messages;
 pub mod stream;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,7 @@ use serde_json::Value;
 use crate::agent::{AgentEvent, AgentHandle, RunRequest, StartRun, StopRun};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::outbound::{encoded_len, Outbound};
 use crate::protocol::{
     close, now_ms, user_message_payload, AgentOutput, ErrorCode, Event, EventKind, PublishResponse,
     RunStatus, ServerFrame,
@@ -55,15 +55,12 @@ impl RegistrySettings {
     }
 }
 
-/// Fixed cost counted per delivery on top of the frame's bytes: the mailbox envelope.
-const DELIVERY_OVERHEAD: usize = 128;
-
 struct Connection {
     state: ConnectionState,
     user_id: Option<String>,
     /// The one handle the registry sends through: `try_send` on it respects the mailbox bound.
     session: Recipient<ToSession>,
-    outbound: Arc<AtomicUsize>,
+    outbound: Outbound,
     /// Over its outbound budget: no more deliveries, a 4008 close is on its way.
     slow: bool,
     connected_at: u64,
@@ -123,18 +120,18 @@ fn deliver(
     if connection.slow {
         return false;
     }
-    let cost = frame.len() + DELIVERY_OVERHEAD;
-    let queued = connection.outbound.fetch_add(cost, Ordering::AcqRel) + cost;
-    let sent = queued <= max_outbound_bytes
+    let cost = encoded_len(frame.len());
+    let queued = connection.outbound.add(cost);
+    let sent = queued <= max_outbound_bytes as i64
         && connection
             .session
-            .try_send(ToSession::Deliver(Delivery { frame: frame.clone(), created, cost }))
+            .try_send(ToSession::Deliver(Delivery { frame: frame.clone(), created }))
             .is_ok();
     if sent {
         metrics.frames_sent.inc();
         return true;
     }
-    connection.outbound.fetch_sub(cost, Ordering::AcqRel);
+    connection.outbound.release(cost);
     connection.slow = true;
     warn!("{id}: slow consumer: unsent output over {max_outbound_bytes} bytes; closing with 4008");
     // One control message, so it may bypass the bound (a full mailbox would refuse it).
@@ -611,6 +608,7 @@ impl Handler<ListConnections> for Registry {
                     connection_id: id.to_string(),
                     state: c.state,
                     connected_at: c.connected_at,
+                    unsent_bytes: c.outbound.pending(),
                 })
             })
             .collect();

@@ -345,3 +345,126 @@ pub fn assert_contiguous(events: &[Value], first: u64) {
         assert_eq!(event["seq"].as_u64(), Some(first + i as u64), "gap or duplicate at {event}");
     }
 }
+
+impl Client {
+    /// Writes bytes straight to the socket, bypassing the WebSocket framing.
+    pub async fn write_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        match self.ws.get_mut() {
+            MaybeTlsStream::Plain(tcp) => tcp.write_all(bytes).await.expect("raw write"),
+            _ => panic!("tests use plain TCP"),
+        }
+    }
+}
+
+/// A masked client frame header with `opcode` announcing `len` payload bytes, mask key 0.
+pub fn raw_frame_header(opcode: u8, fin: bool, len: u64) -> Vec<u8> {
+    let mut header = vec![if fin { 0x80 | opcode } else { opcode }];
+    match len {
+        0..=125 => header.push(0x80 | len as u8),
+        126..=65535 => {
+            header.push(0x80 | 126);
+            header.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            header.push(0x80 | 127);
+            header.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    header.extend_from_slice(&[0, 0, 0, 0]); // a zero mask leaves the payload as it is
+    header
+}
+
+/// A whole masked client frame.
+pub fn raw_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut frame = raw_frame_header(opcode, fin, payload.len() as u64);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The real `agentwire` binary as an operator starts it, on 127.0.0.1:0, for what only a
+/// separate process shows: its memory, its log output, its exit on a signal.
+pub struct BinaryServer {
+    pub child: std::process::Child,
+    pub addr: String,
+    /// Everything the process wrote to stderr (its log), collected as it goes.
+    pub log: Arc<std::sync::Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl BinaryServer {
+    pub fn spawn(env: &[(&str, &str)]) -> BinaryServer {
+        use std::io::{BufRead, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_agentwire"));
+        command.current_dir(dir.path()).env("AGENTWIRE__SERVER__BIND", "127.0.0.1:0");
+        command.env("AGENTWIRE__API__KEYS", API_KEY).env("RUST_LOG", "info");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = rx.recv_timeout(WAIT).expect("the server prints its address");
+        let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("address").to_owned();
+        let addr = url.trim_start_matches("http://").to_owned();
+        BinaryServer { child, addr, log, _dir: dir }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn token(&self, sub: &str) -> String {
+        let minter = agentwire::auth::Minter::new(&agentwire::config::AuthConfig::default()).unwrap();
+        minter.mint(sub, None, 3600).unwrap().0
+    }
+
+    pub fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status();
+        assert!(status.unwrap().success());
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,76 @@
+//! The count of one session's unsent output, in exact wire bytes (protocol section 7, 4008).
+//!
+//! A session whose peer stops reading is frozen: the HTTP dispatcher stops polling its
+//! `WebsocketContext` once its own write buffer holds 32 KiB (actix-web #2441), so frames pile up
+//! first in the actor's mailbox and then in the context's buffer. Both are counted here: bytes are
+//! added when a frame is handed to the session (the registry, for events) or written by the
+//! session itself (its own frames), and subtracted when the dispatcher takes encoded bytes from
+//! the context to write them to the socket. What is counted is therefore everything not yet
+//! handed to the socket, and the registry refuses to add beyond `limits.max_outbound_bytes`.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Default)]
+pub struct Outbound(Arc<AtomicI64>);
+
+impl Outbound {
+    pub fn new() -> Outbound {
+        Outbound::default()
+    }
+
+    /// Counts `bytes` more; returns the new total.
+    pub fn add(&self, bytes: usize) -> i64 {
+        self.0.fetch_add(bytes as i64, Ordering::AcqRel) + bytes as i64
+    }
+
+    /// The dispatcher took `bytes` to write them.
+    pub fn release(&self, bytes: usize) {
+        self.0.fetch_sub(bytes as i64, Ordering::AcqRel);
+    }
+
+    pub fn pending(&self) -> i64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes a server-to-client frame with `payload` bytes takes on the wire (RFC 6455 5.2: servers
+/// do not mask, so the header is 2, 4 or 10 bytes).
+pub fn encoded_len(payload: usize) -> usize {
+    payload
+        + match payload {
+            0..=125 => 2,
+            126..=65_535 => 4,
+            _ => 10,
+        }
+}
+
+/// Bytes a close frame with this reason takes: the code and the description are its payload.
+pub fn close_frame_len(description: Option<&str>, has_code: bool) -> usize {
+    let payload = if has_code { 2 + description.map_or(0, str::len) } else { 0 };
+    encoded_len(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_sizes() {
+        assert_eq!(encoded_len(0), 2);
+        assert_eq!(encoded_len(125), 127);
+        assert_eq!(encoded_len(126), 130);
+        assert_eq!(encoded_len(65_535), 65_539);
+        assert_eq!(encoded_len(65_536), 65_546);
+        assert_eq!(close_frame_len(Some("bye"), true), 7);
+        assert_eq!(close_frame_len(None, false), 2);
+    }
+
+    #[test]
+    fn counts_up_and_down() {
+        let outbound = Outbound::new();
+        assert_eq!(outbound.add(100), 100);
+        outbound.clone().release(40);
+        assert_eq!(outbound.pending(), 60);
+    }
+}
