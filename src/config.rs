@@ -34,6 +34,9 @@ pub struct ServerConfig {
     /// Empty accepts every Origin.
     pub allowed_origins: Vec<String>,
     pub shutdown_grace_secs: u64,
+    /// Serve the frontend from this folder instead of the copy built into the binary (for
+    /// editing it); empty uses the built-in copy.
+    pub static_dir: String,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +46,7 @@ impl Default for ServerConfig {
             workers: 0,
             allowed_origins: Vec::new(),
             shutdown_grace_secs: 10,
+            static_dir: String::new(),
         }
     }
 }
@@ -281,6 +285,10 @@ impl Config {
                     format!("{origin:?} is not an origin like \"https://chat.example.com\""),
                 ));
             }
+        }
+
+        if !s.static_dir.is_empty() && !Path::new(&s.static_dir).is_dir() {
+            return Err(error("server.static_dir", format!("{:?} is not a folder", s.static_dir)));
         }
 
         let a = &self.auth;

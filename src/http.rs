@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::admission::{origin_allowed, ConnectionSlots};
+use crate::assets::Assets;
 use crate::auth::is_valid_user_id;
 use crate::auth::Minter;
 use crate::config::Config;
@@ -31,6 +32,7 @@ pub struct AppState {
     pub dev_minter: Option<Minter>,
     /// Set once shutdown began: new upgrades are refused.
     pub draining: Arc<AtomicBool>,
+    pub assets: Assets,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -40,7 +42,50 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/api/v1/users/{user_id}/connections", web::get().to(user_connections))
         .route("/api/v1/publish", web::post().to(publish))
-        .route("/dev/token", web::post().to(dev_token));
+        .route("/dev/token", web::post().to(dev_token))
+        .route("/", web::get().to(chat_page))
+        .route("/dashboard", web::get().to(dashboard_page))
+        .route("/dashboard/stats.json", web::get().to(dashboard_stats))
+        .route("/static/{path:.*}", web::get().to(static_file));
+}
+
+/// Serves one file of the frontend with its type, an ETag, and 304 when the client has it.
+fn serve_asset(req: &HttpRequest, state: &AppState, path: &str) -> HttpResponse {
+    let Some(asset) = state.assets.get(path) else {
+        return error_response(StatusCode::NOT_FOUND, "not_found", "no such file");
+    };
+    let fresh = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|tags| tags.split(',').any(|t| t.trim() == asset.etag));
+    let mut response = if fresh { HttpResponse::NotModified() } else { HttpResponse::Ok() };
+    response
+        .insert_header((header::ETAG, asset.etag.clone()))
+        // Revalidate every time: cheap with the ETag, and a new binary is picked up at once.
+        .insert_header((header::CACHE_CONTROL, "no-cache"));
+    if fresh {
+        return response.finish();
+    }
+    response.insert_header((header::CONTENT_TYPE, asset.content_type)).body(asset.body.into_owned())
+}
+
+async fn chat_page(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    serve_asset(&req, &state, "index.html")
+}
+
+async fn dashboard_page(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    serve_asset(&req, &state, "dashboard.html")
+}
+
+async fn static_file(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    serve_asset(&req, &state, &path)
+}
+
+async fn dashboard_stats(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(state.env.metrics.dashboard_stats())
 }
 
 fn error_response(status: StatusCode, error: &str, message: &str) -> HttpResponse {

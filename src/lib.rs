@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod agent;
+pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod frame_guard;
@@ -146,6 +147,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         slots: ConnectionSlots::new(limits.max_connections),
         dev_minter,
         draining: Arc::clone(&draining),
+        assets: assets::Assets::new(&config.server.static_dir),
     });
     let registry = state.env.registry.clone();
     // A peer that stops reading freezes its session (actix-web #2441); the kernel's user timeout

@@ -108,6 +108,50 @@ impl Metrics {
         self.connection_failures.with_label_values(&[reason]).inc();
     }
 
+    /// The figures the dashboard charts (`GET /dashboard/stats.json`): gauges, counters summed
+    /// over their labels, and the delivery histogram's cumulative buckets.
+    pub fn dashboard_stats(&self) -> serde_json::Value {
+        let families = self.registry.gather();
+        let family = |name: &str| families.iter().find(|f| f.name() == name);
+        let total = |name: &str| -> f64 {
+            family(name).map_or(0.0, |f| f.get_metric().iter().map(|m| m.get_counter().get_value()).sum())
+        };
+        let mut connections = serde_json::Map::new();
+        for state in ConnectionState::ALL {
+            if state != ConnectionState::Closed {
+                let value = self.connections.with_label_values(&[state.as_str()]).get();
+                connections.insert(state.as_str().to_owned(), value.into());
+            }
+        }
+        let histogram = family("agentwire_event_delivery_seconds")
+            .and_then(|f| f.get_metric().first())
+            .map(|m| m.get_histogram().clone());
+        let (buckets, count, sum) = match &histogram {
+            Some(h) => {
+                let mut buckets: Vec<serde_json::Value> = h
+                    .get_bucket()
+                    .iter()
+                    .map(|b| serde_json::json!({"le": b.upper_bound(), "count": b.cumulative_count()}))
+                    .collect();
+                // The +Inf bucket is implicit in the model; JSON has no Infinity, so it is null.
+                buckets.push(serde_json::json!({"le": null, "count": h.get_sample_count()}));
+                (buckets, h.get_sample_count(), h.get_sample_sum())
+            }
+            None => (Vec::new(), 0, 0.0),
+        };
+        serde_json::json!({
+            "time_ms": crate::protocol::now_ms(),
+            "connections": connections,
+            "connections_opened_total": total("agentwire_connections_opened_total"),
+            "connection_failures_total": total("agentwire_connection_failures_total"),
+            "state_transitions_total": total("agentwire_state_transitions_total"),
+            "events_published_total": total("agentwire_events_published_total"),
+            "frames_sent_total": total("agentwire_frames_sent_total"),
+            "slow_consumer_closes_total": total("agentwire_slow_consumer_closes_total"),
+            "delivery": {"buckets": buckets, "count": count, "sum": sum},
+        })
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -26,6 +26,7 @@ pub struct TestServer {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     handle: actix_web::dev::ServerHandle,
+    control: agentwire::Control,
 }
 
 /// A configuration for tests: ephemeral port, one API key, otherwise the defaults.
@@ -53,12 +54,18 @@ impl TestServer {
             let system = actix_web::rt::System::new();
             system.block_on(async move {
                 let running = agentwire::build(server_config).expect("server starts");
-                tx.send((running.addr, running.server.handle(), running.metrics)).unwrap();
+                tx.send((running.addr, running.server.handle(), running.metrics, running.control.clone()))
+                    .unwrap();
                 let _ = running.server.await;
             });
         });
-        let (addr, handle, metrics) = rx.recv_timeout(WAIT).expect("server started in time");
-        TestServer { addr, config, metrics, handle }
+        let (addr, handle, metrics, control) = rx.recv_timeout(WAIT).expect("server started in time");
+        TestServer { addr, config, metrics, handle, control }
+    }
+
+    /// A graceful shutdown, as on SIGTERM: sessions get 1012, then the server stops.
+    pub async fn shutdown(self) {
+        self.control.shutdown().await;
     }
 
     pub fn ws_url(&self) -> String {

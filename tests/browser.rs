@@ -1,0 +1,247 @@
+//! The chat page and the dashboard in a real headless Chromium (through chromedriver), against
+//! the real server: sign in, a streamed answer with its tool call, cancel, two tabs in sync, a
+//! server restart the page resumes from, a phone-width layout, the live dashboard. Screenshots go
+//! to `target/browser-screenshots/`; errors raised by the pages' code fail the test.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them the
+//! test fails with an install hint, unless `AGENTWIRE_SKIP_BROWSER=1` is set on purpose.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use fantoccini::{Client as Browser, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn start_browser(profile: &Path) -> (Driver, Browser) {
+    let port = free_port();
+    let driver = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let driver = Driver(driver);
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", "--window-size=1200,900",
+                     format!("--user-data-dir={}", profile.display())],
+        }),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        match ClientBuilder::new(connector).capabilities(capabilities.clone()).connect(&url).await {
+            Ok(browser) => return (driver, browser),
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("cannot start a browser session: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn screenshots_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn screenshot(browser: &Browser, name: &str) {
+    let png = browser.screenshot().await.expect("screenshot");
+    std::fs::write(screenshots_dir().join(name), png).unwrap();
+}
+
+/// Waits (bounded) until `script` (a JS expression) is truthy in the page.
+async fn wait_until(browser: &Browser, what: &str, script: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let value = browser.execute(&format!("return ({script});"), vec![]).await.expect("script runs");
+        if !(value.is_null() || value == json!(false) || value == json!(0) || value == json!("")) {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let status = browser.execute("return document.body.innerText", vec![]).await.unwrap_or_default();
+            panic!("timed out waiting for {what}; page says:\n{}", status.as_str().unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn page_errors(browser: &Browser) -> Vec<String> {
+    let errors = browser.execute("return window.__errors || ['no error hook']", vec![]).await.unwrap();
+    serde_json::from_value(errors).unwrap()
+}
+
+async fn sign_in(browser: &Browser, base: &str, user: &str) {
+    browser.goto(base).await.unwrap();
+    wait_until(browser, "the page to load", "document.body.dataset.loaded === 'true'").await;
+    browser.find(Locator::Css("#user-name")).await.unwrap().send_keys(user).await.unwrap();
+    browser.find(Locator::Css("#signin-form button[type=submit]")).await.unwrap().click().await.unwrap();
+    wait_until(browser, "processing_ready", "document.body.dataset.connection === 'processing_ready'").await;
+}
+
+async fn send_message(browser: &Browser, text: &str) {
+    let input = browser.find(Locator::Css("#input")).await.unwrap();
+    input.send_keys(text).await.unwrap();
+    input.send_keys("\u{E007}").await.unwrap(); // Enter
+}
+
+fn runs_with_status(status: &str) -> String {
+    format!("document.querySelectorAll('#messages li.run[data-status=\"{status}\"]').length")
+}
+
+#[actix_web::test]
+async fn chat_page_and_dashboard_in_chromium() {
+    if std::env::var("AGENTWIRE_SKIP_BROWSER").as_deref() == Ok("1") {
+        eprintln!("AGENTWIRE_SKIP_BROWSER=1: browser test skipped on purpose");
+        return;
+    }
+    assert!(
+        Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists(),
+        "the browser test needs Chromium and ChromeDriver: apt-get install -y chromium chromium-driver \
+         (or set AGENTWIRE_SKIP_BROWSER=1 to skip it on purpose)"
+    );
+    let server = TestServer::with(|c| c.agent.step_delay_ms = 60);
+    let addr = server.addr;
+    let base = format!("http://{addr}/");
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+
+    // Sign in; the connection's state is shown.
+    sign_in(&browser, &base, "browser-alice").await;
+    let status = browser.find(Locator::Css("#status-text")).await.unwrap().text().await.unwrap();
+    assert_eq!(status, "ready");
+    screenshot(&browser, "01-signed-in.png").await;
+
+    // A message: the streamed answer and the tool call, collapsible.
+    send_message(&browser, "what is 12 * (3 + 4)?").await;
+    wait_until(&browser, "the run to complete", &format!("{} === 1", runs_with_status("ok"))).await;
+    let answer = browser.find(Locator::Css("li.run .answer")).await.unwrap().text().await.unwrap();
+    assert!(answer.contains("84"), "{answer}");
+    let summary = browser.find(Locator::Css("li.run details summary")).await.unwrap();
+    assert!(summary.text().await.unwrap().contains("calculator"));
+    summary.click().await.unwrap();
+    wait_until(&browser, "the tool call to open", "document.querySelector('li.run details').open").await;
+    let user_bubble = browser.find(Locator::Css("li.msg.user")).await.unwrap().text().await.unwrap();
+    assert_eq!(user_bubble, "what is 12 * (3 + 4)?");
+    screenshot(&browser, "02-answer-with-tool-call.png").await;
+
+    // Cancel a run while it streams.
+    send_message(&browser, "count the words of this fairly long message please").await;
+    wait_until(&browser, "the cancel button", "!document.getElementById('cancel').hidden").await;
+    browser.find(Locator::Css("#cancel")).await.unwrap().click().await.unwrap();
+    wait_until(&browser, "the run to be cancelled", &format!("{} === 1", runs_with_status("cancelled")))
+        .await;
+    wait_until(&browser, "the cancel button to go", "document.getElementById('cancel').hidden").await;
+    screenshot(&browser, "03-cancelled.png").await;
+
+    // A second tab of the same user: it replays the conversation and stays in sync.
+    let first_tab = browser.window().await.unwrap();
+    let second_tab = browser.new_window(true).await.unwrap().handle;
+    browser.switch_to_window(second_tab.clone()).await.unwrap();
+    sign_in(&browser, &base, "browser-alice").await;
+    wait_until(&browser, "the replayed conversation", &format!("{} === 1", runs_with_status("ok"))).await;
+    send_message(&browser, "hello from the second tab").await;
+    wait_until(&browser, "the second tab's run", &format!("{} === 2", runs_with_status("ok"))).await;
+    screenshot(&browser, "04-second-tab.png").await;
+    let second_view = browser.find(Locator::Css("#messages")).await.unwrap().text().await.unwrap();
+    assert!(page_errors(&browser).await.is_empty(), "second tab: {:?}", page_errors(&browser).await);
+    browser.switch_to_window(first_tab).await.unwrap();
+    wait_until(&browser, "the first tab to follow", &format!("{} === 2", runs_with_status("ok"))).await;
+    // Which tool calls are expanded is each tab's own business; compare them collapsed.
+    browser
+        .execute("document.querySelectorAll('details').forEach((d) => (d.open = false))", vec![])
+        .await
+        .unwrap();
+    let first_view = browser.find(Locator::Css("#messages")).await.unwrap().text().await.unwrap();
+    assert_eq!(first_view, second_view, "two tabs of one user show the same conversation");
+
+    // The server restarts: the page says so, reconnects, and carries on.
+    server.shutdown().await;
+    wait_until(&browser, "the page to notice", "document.body.dataset.connection === 'reconnecting'").await;
+    let status = browser.find(Locator::Css("#status-text")).await.unwrap().text().await.unwrap();
+    assert!(status.contains("restarting"), "{status}");
+    screenshot(&browser, "05-reconnecting.png").await;
+    let restarted = TestServer::with(|c| {
+        c.server.bind = addr;
+        c.agent.step_delay_ms = 60;
+    });
+    wait_until(&browser, "the page to resume", "document.body.dataset.connection === 'processing_ready'")
+        .await;
+    wait_until(&browser, "the restart notice", "!document.getElementById('notice').hidden").await;
+    send_message(&browser, "are you back?").await;
+    wait_until(&browser, "an answer after the restart", &format!("{} === 3", runs_with_status("ok"))).await;
+    screenshot(&browser, "06-after-restart.png").await;
+    assert!(page_errors(&browser).await.is_empty(), "first tab: {:?}", page_errors(&browser).await);
+
+    // Phone width.
+    browser.set_window_size(390, 844).await.unwrap();
+    screenshot(&browser, "07-phone.png").await;
+    browser.set_window_size(1200, 900).await.unwrap();
+
+    // The dashboard, live.
+    browser.goto(&format!("http://{addr}/dashboard")).await.unwrap();
+    wait_until(&browser, "three polls", "Number(document.body.dataset.polls || 0) >= 3").await;
+    let ready = browser.find(Locator::Css("#ready")).await.unwrap().text().await.unwrap();
+    assert!(ready.parse::<u32>().is_ok(), "{ready}");
+    screenshot(&browser, "08-dashboard.png").await;
+    assert!(page_errors(&browser).await.is_empty(), "dashboard: {:?}", page_errors(&browser).await);
+
+    browser.close().await.unwrap();
+    drop(restarted);
+}
+
+#[actix_web::test]
+async fn static_files_have_types_etags_and_304s() {
+    let server = TestServer::start();
+    let client = awc::Client::default();
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/dashboard", "text/html"),
+        ("/static/app.js", "javascript"),
+        ("/static/style.css", "text/css"),
+    ] {
+        let response = client.get(server.http(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let content_type = response.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
+        assert!(content_type.contains(kind), "{path}: {content_type}");
+        let etag = response.headers().get("etag").unwrap().to_str().unwrap().to_owned();
+        let again = client
+            .get(server.http(path))
+            .insert_header(("If-None-Match", etag.as_str()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304, "{path}");
+    }
+    assert_eq!(client.get(server.http("/static/nope.js")).send().await.unwrap().status(), 404);
+    let (status, stats) = http_get(&server.http("/dashboard/stats.json"), None).await;
+    assert_eq!(status, 200);
+    assert!(stats["connections"]["processing_ready"].is_number(), "{stats}");
+    assert!(stats["delivery"]["buckets"].as_array().is_some_and(|b| !b.is_empty()));
+}
