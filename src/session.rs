@@ -33,8 +33,8 @@ use crate::protocol::{
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::registry::stream::ResumeRequest;
 use crate::registry::{
-    Activate, Attach, Authenticate, CancelRequest, Closing, ConnectionId, Delivery, Fail, Register, Registry,
-    SubmitMessage, ToSession, Unregister,
+    Authenticate, CancelRequest, Closing, ConnectionId, Delivery, Fail, Register, Registry, SubmitMessage,
+    ToSession, Unregister,
 };
 use crate::state::ConnectionState;
 
@@ -194,8 +194,9 @@ impl Session {
         }
         self.phase = Phase::AwaitingAuth;
         self.send_state(ctx, ConnectionState::Accepted);
-        if let Some(identity) = self.identity.clone() {
-            self.begin_setup(identity, ctx);
+        if self.identity.is_some() {
+            // `Register` carried the token of the upgrade: the registry is already going on.
+            self.begin_setup(ctx);
         } else if let Some(frame) = self.early_auth.take() {
             self.authenticate_with_frame(frame, ctx);
         }
@@ -211,7 +212,12 @@ impl Session {
             });
         }
         match self.env.verifier.verify(&frame.token) {
-            Ok(identity) => self.begin_setup(identity, ctx),
+            Ok(identity) => {
+                self.identity = Some(identity.clone());
+                let resume = self.resume.take();
+                self.env.registry.do_send(Authenticate { id: self.id, identity, resume });
+                self.begin_setup(ctx);
+            }
             Err(failure) => {
                 self.env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
                 self.env.metrics.fail("invalid_token");
@@ -222,10 +228,9 @@ impl Session {
         }
     }
 
-    fn begin_setup(&mut self, identity: Identity, ctx: &mut WebsocketContext<Self>) {
+    /// The registry is taking the connection through setup; it has `SETUP_TIMEOUT` to finish.
+    fn begin_setup(&mut self, ctx: &mut WebsocketContext<Self>) {
         self.phase = Phase::SettingUp;
-        self.identity = Some(identity.clone());
-        self.env.registry.do_send(Authenticate { id: self.id, identity });
         ctx.run_later(SETUP_TIMEOUT, |session, ctx| {
             if session.phase == Phase::SettingUp {
                 session.env.registry.do_send(Fail { id: session.id, reason: "setup_timeout" });
@@ -386,13 +391,20 @@ impl Session {
     fn on_delivery(&mut self, delivery: Delivery, ctx: &mut WebsocketContext<Self>) {
         if self.phase != Phase::ProcessingReady {
             // Counted by the registry when it was handed over, and never to be written.
-            self.outbound.release(encoded_len(delivery.frame.len()));
+            self.outbound.release(delivery.frames().map(|f| encoded_len(f.len())).sum());
             return;
         }
         if let Some(created) = delivery.created {
-            self.env.metrics.event_delivery_seconds.observe(created.elapsed().as_secs_f64());
+            let waited = created.elapsed().as_secs_f64();
+            for _ in delivery.frames() {
+                self.env.metrics.event_delivery_seconds.observe(waited);
+            }
         }
-        ctx.text(delivery.frame);
+        // Written into the context's buffer together: the dispatcher sends them in one write.
+        ctx.text(delivery.first);
+        for frame in delivery.rest {
+            ctx.text(frame);
+        }
     }
 
     fn on_fragment(&mut self, item: Item, ctx: &mut WebsocketContext<Self>) {
@@ -432,10 +444,14 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        // With a token from the upgrade, the whole setup is asked for at once.
+        let resume = if self.identity.is_some() { self.resume.take() } else { None };
         self.env.registry.do_send(Register {
             id: self.id,
             session: ctx.address().recipient(),
             outbound: self.outbound.clone(),
+            identity: self.identity.clone(),
+            resume,
         });
         ctx.run_later(self.env.auth_timeout, |session, ctx| {
             if matches!(session.phase, Phase::Registering | Phase::AwaitingAuth) {
@@ -470,11 +486,9 @@ impl Handler<ToSession> for Session {
             ToSession::Accepted => self.on_accepted(ctx),
             ToSession::Authenticated if self.phase == Phase::SettingUp => {
                 self.send_state(ctx, ConnectionState::Authenticated);
-                self.env.registry.do_send(Attach { id: self.id });
             }
             ToSession::ServicesReady if self.phase == Phase::SettingUp => {
                 self.send_state(ctx, ConnectionState::ServicesReady);
-                self.env.registry.do_send(Activate { id: self.id, resume: self.resume.take() });
             }
             ToSession::ProcessingReady { epoch, last_seq, resume, replay } => {
                 self.on_processing_ready(ctx, epoch, last_seq, resume, replay)

@@ -99,6 +99,8 @@ struct Checker {
     thread: String,
     /// Demo runs are checked for their shape; fan-out events are not runs.
     check_runs: bool,
+    /// Events counted here and not yet added to the shared counter.
+    unreported: u64,
     last_seq: u64,
     /// run id -> has its terminal event arrived
     runs: HashMap<String, bool>,
@@ -108,7 +110,13 @@ impl Checker {
     fn event(&mut self, frame: &Frame<'_>, outcome: &mut Outcome, shared: &Shared) {
         let Some(seq) = frame.seq else { return };
         outcome.events += 1;
-        shared.events.fetch_add(1, Ordering::Relaxed);
+        // The shared counter (for the progress line) is bumped in steps: one atomic per event
+        // from every session would make the load generator its own bottleneck.
+        self.unreported += 1;
+        if self.unreported == 64 {
+            shared.events.fetch_add(self.unreported, Ordering::Relaxed);
+            self.unreported = 0;
+        }
         if seq <= self.last_seq {
             outcome.seq_duplicates += 1;
         } else {
@@ -162,7 +170,8 @@ pub async fn run(
         Err(_) => return outcome.failed("connect_timeout".into(), &shared),
     };
     let check_runs = plan.scenario == Scenario::Chat;
-    let mut checker = Checker { thread: thread_of(&user), check_runs, last_seq: 0, runs: HashMap::new() };
+    let mut checker =
+        Checker { thread: thread_of(&user), check_runs, unreported: 0, last_seq: 0, runs: HashMap::new() };
 
     // Setup: read until processing_ready.
     let deadline = tokio::time::Instant::now() + plan.connect_timeout;
@@ -199,6 +208,7 @@ pub async fn run(
         Scenario::Chat => chat(&plan, &shared, &mut ws, &mut checker, &mut outcome, index).await,
         Scenario::Fanout => fanout(&plan, &shared, &mut ws, &mut checker, &mut outcome).await,
     };
+    shared.events.fetch_add(checker.unreported, Ordering::Relaxed);
     if let Err(reason) = result {
         outcome.incomplete = true;
         shared.incomplete.fetch_add(1, Ordering::Relaxed);

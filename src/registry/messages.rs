@@ -39,7 +39,10 @@ impl std::fmt::Display for ConnectionId {
 
 // ----- session -> registry ---------------------------------------------------------------------
 
-/// A session started: record it as `accepted`. Answered with [`ToSession::Accepted`].
+/// A session started: record it as `accepted`, answered with [`ToSession::Accepted`]. With the
+/// token given at the upgrade the session asks for its whole setup at once: the registry then
+/// goes on through `authenticated`, `services_ready` and `processing_ready`, checking the table
+/// and answering at each step.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Register {
@@ -48,28 +51,17 @@ pub struct Register {
     /// The session's unsent output; the registry stops delivering past
     /// `limits.max_outbound_bytes`.
     pub outbound: Outbound,
+    pub identity: Option<Identity>,
+    pub resume: Option<ResumeRequest>,
 }
 
-/// The token verified: move to `authenticated`, counting against the user's session cap.
+/// The token of an `auth` frame verified: set the connection up from `authenticated` on, as
+/// [`Register`] does with a token given at the upgrade.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Authenticate {
     pub id: ConnectionId,
     pub identity: Identity,
-}
-
-/// Attach the user's stream: `services_ready`. This is where `[faults]` act.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Attach {
-    pub id: ConnectionId,
-}
-
-/// Start delivering: `processing_ready`, with the replay of a resume.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Activate {
-    pub id: ConnectionId,
     pub resume: Option<ResumeRequest>,
 }
 
@@ -140,13 +132,21 @@ pub enum ToSession {
     Shutdown,
 }
 
-/// A frame handed to a session: an event of the user's stream (shared by every session of the
+/// Frames handed to a session: events of the user's stream (shared by every session of the
 /// user, serialised once) or a frame for this session alone (ack, error).
 #[derive(Debug)]
 pub struct Delivery {
-    pub frame: ByteString,
-    /// When the event was created; `None` for frames that are not stream events.
+    pub first: ByteString,
+    /// More frames handed over at once (a publish batch); empty, and not allocated, for one.
+    pub rest: Vec<ByteString>,
+    /// When the events were created; `None` for frames that are not stream events.
     pub created: Option<Instant>,
+}
+
+impl Delivery {
+    pub fn frames(&self) -> impl Iterator<Item = &ByteString> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
 }
 
 // ----- HTTP -> registry ------------------------------------------------------------------------

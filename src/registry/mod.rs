@@ -20,6 +20,7 @@ use rand::distr::{Alphanumeric, SampleString};
 use serde_json::Value;
 
 use crate::agent::{AgentEvent, AgentHandle, RunRequest, StartRun, StopRun};
+use crate::auth::Identity;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbound::{encoded_len, Outbound};
@@ -29,7 +30,7 @@ use crate::protocol::{
 };
 use crate::state::ConnectionState;
 pub use messages::*;
-use stream::UserStream;
+use stream::{ResumeRequest, UserStream};
 
 /// The parts of the configuration the registry acts on.
 #[derive(Clone, Debug)]
@@ -107,28 +108,29 @@ fn new_id(prefix: &str) -> String {
     id
 }
 
-/// Hands one frame to one session within its outbound budget. Over budget, or with its mailbox
-/// full, the session is flagged slow and told to close with 4008; nothing more is sent to it.
+/// Hands frames to one session within its outbound budget, as one mailbox message however many
+/// they are. Over budget, or with its mailbox full, the session is flagged slow and told to close
+/// with 4008; nothing more is sent to it.
 fn deliver(
     connection: &mut Connection,
     id: ConnectionId,
-    frame: &ByteString,
+    frames: &[ByteString],
     created: Option<Instant>,
     max_outbound_bytes: usize,
     metrics: &Metrics,
 ) -> bool {
+    let Some((first, rest)) = frames.split_first() else { return true };
     if connection.slow {
         return false;
     }
-    let cost = encoded_len(frame.len());
+    let cost: usize = frames.iter().map(|f| encoded_len(f.len())).sum();
     let queued = connection.outbound.add(cost);
-    let sent = queued <= max_outbound_bytes as i64
-        && connection
-            .session
-            .try_send(ToSession::Deliver(Delivery { frame: frame.clone(), created }))
-            .is_ok();
+    let sent = queued <= max_outbound_bytes as i64 && {
+        let delivery = Delivery { first: first.clone(), rest: rest.to_vec(), created };
+        connection.session.try_send(ToSession::Deliver(delivery)).is_ok()
+    };
     if sent {
-        metrics.frames_sent.inc();
+        metrics.frames_sent.inc_by(frames.len() as u64);
         return true;
     }
     connection.outbound.release(cost);
@@ -137,6 +139,14 @@ fn deliver(
     // One control message, so it may bypass the bound (a full mailbox would refuse it).
     connection.session.do_send(ToSession::SlowConsumer);
     false
+}
+
+/// An event to append to a user's stream.
+struct NewEvent<'a> {
+    kind: EventKind,
+    thread_id: &'a str,
+    run_id: Option<&'a str>,
+    payload: &'a Value,
 }
 
 impl Actor for Registry {
@@ -228,43 +238,56 @@ impl Registry {
         })
     }
 
-    /// Appends one event to a user's stream and fans it out to the user's ready sessions:
-    /// serialised once, shared by all. Returns its seq and how many sessions it reached.
-    fn publish_event(
-        &mut self,
-        user_id: &str,
-        kind: EventKind,
-        thread_id: &str,
-        run_id: Option<&str>,
-        payload: &Value,
-    ) -> (u64, usize) {
+    /// Appends events to a user's stream and fans them out to the user's ready sessions: each
+    /// serialised once and shared by all, all of them in one message per session. Returns their
+    /// seqs and how many sessions they reached.
+    fn publish(&mut self, user_id: &str, events: &[NewEvent<'_>]) -> (Vec<u64>, usize) {
         let created = Instant::now();
         let user = self.user_mut(user_id);
-        let seq = user.stream.next_seq();
-        let event = Event { kind, seq, ts: now_ms(), thread_id, run_id, payload };
-        let frame = ByteString::from(event.to_text());
-        user.stream.push(seq, frame.clone());
-        self.metrics.events_published.inc();
-        let Some(user) = self.users.get(user_id) else { return (seq, 0) };
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut frames = Vec::with_capacity(events.len());
+        for event in events {
+            let seq = user.stream.next_seq();
+            let wire = Event {
+                kind: event.kind,
+                seq,
+                ts: now_ms(),
+                thread_id: event.thread_id,
+                run_id: event.run_id,
+                payload: event.payload,
+            };
+            let frame = ByteString::from(wire.to_text());
+            user.stream.push(seq, frame.clone());
+            seqs.push(seq);
+            frames.push(frame);
+        }
+        self.metrics.events_published.inc_by(events.len() as u64);
+        let Some(user) = self.users.get(user_id) else { return (seqs, 0) };
         let max = self.settings.max_outbound_bytes;
         let mut reached = 0;
         for id in &user.sessions {
             if let Some(connection) = self.connections.get_mut(id) {
                 if connection.state == ConnectionState::ProcessingReady
-                    && deliver(connection, *id, &frame, Some(created), max, &self.metrics)
+                    && deliver(connection, *id, &frames, Some(created), max, &self.metrics)
                 {
                     reached += 1;
                 }
             }
         }
-        (seq, reached)
+        (seqs, reached)
+    }
+
+    /// Appends one event; returns its seq.
+    fn publish_one(&mut self, user_id: &str, event: NewEvent<'_>) -> u64 {
+        self.publish(user_id, std::slice::from_ref(&event)).0[0]
     }
 
     /// A frame for one session alone (ack, error), under the same budget as events.
     fn send_to(&mut self, id: ConnectionId, frame: ServerFrame<'_>) {
         let max = self.settings.max_outbound_bytes;
         if let Some(connection) = self.connections.get_mut(&id) {
-            deliver(connection, id, &ByteString::from(frame.to_text()), None, max, &self.metrics);
+            let frame = ByteString::from(frame.to_text());
+            deliver(connection, id, std::slice::from_ref(&frame), None, max, &self.metrics);
         }
     }
 
@@ -293,7 +316,59 @@ impl Registry {
         }
     }
 
-    fn attach(&mut self, id: ConnectionId) {
+    /// `authenticated`: binds the connection to its user, within the user's session cap. Then
+    /// goes on to `services_ready`, after the `[faults]` delay if one is set.
+    fn authenticate(
+        &mut self,
+        id: ConnectionId,
+        identity: Identity,
+        resume: Option<ResumeRequest>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(connection) = self.connections.get(&id) else {
+            debug!("{id}: vanished before authentication");
+            return;
+        };
+        if connection.state != ConnectionState::Accepted {
+            let _ = self.transition(id, ConnectionState::Authenticated); // counts the refusal
+            self.refuse_out_of_order(id);
+            return;
+        }
+        let user_id = identity.user_id;
+        let cap = self.settings.max_sessions_per_user;
+        let user = self.user_mut(&user_id);
+        if user.sessions.len() >= cap {
+            if self.transition(id, ConnectionState::Failed).is_ok() {
+                self.metrics.fail("too_many_sessions");
+                info!("{id}: user {user_id} already has {cap} sessions; closing with 4004");
+                let reason = "too many sessions for this user";
+                self.tell(
+                    id,
+                    ToSession::Refused { error: None, close_code: close::TOO_MANY_SESSIONS, reason },
+                );
+            }
+            return;
+        }
+        user.sessions.push(id);
+        user.stream.idle_since = None;
+        if let Some(connection) = self.connections.get_mut(&id) {
+            connection.user_id = Some(user_id);
+        }
+        if self.transition(id, ConnectionState::Authenticated).is_err() {
+            return;
+        }
+        self.tell(id, ToSession::Authenticated);
+        let delay = self.settings.setup_delay;
+        if delay.is_zero() {
+            self.attach(id, resume);
+        } else {
+            // A timer, not a sleep: the registry keeps serving everyone else meanwhile.
+            ctx.run_later(delay, move |registry, _| registry.attach(id, resume));
+        }
+    }
+
+    /// `services_ready`: the user's stream is attached. This is where a setup can fail.
+    fn attach(&mut self, id: ConnectionId, resume: Option<ResumeRequest>) {
         let Some(user_id) = self.connections.get(&id).and_then(|c| c.user_id.clone()) else {
             debug!("{id}: vanished before services_ready");
             return;
@@ -305,11 +380,31 @@ impl Registry {
             return;
         }
         self.user_mut(&user_id);
-        if self.transition(id, ConnectionState::ServicesReady).is_ok() {
-            self.tell(id, ToSession::ServicesReady);
-        } else {
+        if self.transition(id, ConnectionState::ServicesReady).is_err() {
             self.refuse_out_of_order(id);
+            return;
         }
+        self.tell(id, ToSession::ServicesReady);
+        self.activate(id, &user_id, resume);
+    }
+
+    /// `processing_ready`: from now on the connection is in the fan-out. The replay is computed
+    /// in the same step, so no event can fall between the two.
+    fn activate(&mut self, id: ConnectionId, user_id: &str, resume: Option<ResumeRequest>) {
+        if self.transition(id, ConnectionState::ProcessingReady).is_err() {
+            self.refuse_out_of_order(id);
+            return;
+        }
+        let stream = &self.user_mut(user_id).stream;
+        let replay = stream.replay(resume.as_ref());
+        let answer = ToSession::ProcessingReady {
+            epoch: stream.epoch().to_owned(),
+            last_seq: stream.last_seq(),
+            resume: replay.info,
+            replay: replay.frames,
+        };
+        info!("{id}: processing_ready for user {user_id}");
+        self.tell(id, answer);
     }
 
     /// A session asked for a step its connection is not in: contained as a setup failure.
@@ -322,7 +417,8 @@ impl Registry {
 impl Handler<Register> for Registry {
     type Result = ();
 
-    fn handle(&mut self, msg: Register, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Register, ctx: &mut Self::Context) {
+        let id = msg.id;
         let connection = Connection {
             state: ConnectionState::Accepted,
             user_id: None,
@@ -331,97 +427,25 @@ impl Handler<Register> for Registry {
             slow: false,
             connected_at: now_ms(),
         };
-        if self.connections.insert(msg.id, connection).is_some() {
+        if self.connections.insert(id, connection).is_some() {
             // Ids are unique by construction; a duplicate would be a bug, never silently merged.
-            warn!("{}: registered twice", msg.id);
+            warn!("{id}: registered twice");
         }
         self.metrics.connections_opened.inc();
         self.metrics.move_gauge(None, Some(ConnectionState::Accepted));
-        debug!("{}: accepted", msg.id);
-        self.tell(msg.id, ToSession::Accepted);
+        debug!("{id}: accepted");
+        self.tell(id, ToSession::Accepted);
+        if let Some(identity) = msg.identity {
+            self.authenticate(id, identity, msg.resume, ctx);
+        }
     }
 }
 
 impl Handler<Authenticate> for Registry {
     type Result = ();
 
-    fn handle(&mut self, msg: Authenticate, _: &mut Self::Context) {
-        let id = msg.id;
-        let Some(connection) = self.connections.get(&id) else {
-            debug!("{id}: vanished before authentication");
-            return;
-        };
-        if connection.state != ConnectionState::Accepted {
-            let _ = self.transition(id, ConnectionState::Authenticated); // counts the refusal
-            self.refuse_out_of_order(id);
-            return;
-        }
-        let user_id = msg.identity.user_id;
-        let cap = self.settings.max_sessions_per_user;
-        let user = self.user_mut(&user_id);
-        if user.sessions.len() >= cap {
-            if self.transition(id, ConnectionState::Failed).is_ok() {
-                self.metrics.fail("too_many_sessions");
-                info!("{id}: user {user_id} already has {cap} sessions; closing with 4004");
-                self.tell(
-                    id,
-                    ToSession::Refused {
-                        error: None,
-                        close_code: close::TOO_MANY_SESSIONS,
-                        reason: "too many sessions for this user",
-                    },
-                );
-            }
-            return;
-        }
-        user.sessions.push(id);
-        user.stream.idle_since = None;
-        if let Some(connection) = self.connections.get_mut(&id) {
-            connection.user_id = Some(user_id);
-        }
-        if self.transition(id, ConnectionState::Authenticated).is_ok() {
-            self.tell(id, ToSession::Authenticated);
-        }
-    }
-}
-
-impl Handler<Attach> for Registry {
-    type Result = ();
-
-    fn handle(&mut self, msg: Attach, ctx: &mut Self::Context) {
-        let delay = self.settings.setup_delay;
-        if delay.is_zero() {
-            self.attach(msg.id);
-        } else {
-            // The delay is a timer, not a sleep: the registry keeps serving everyone else.
-            ctx.run_later(delay, move |registry, _| registry.attach(msg.id));
-        }
-    }
-}
-
-impl Handler<Activate> for Registry {
-    type Result = ();
-
-    fn handle(&mut self, msg: Activate, _: &mut Self::Context) {
-        let id = msg.id;
-        let Some(user_id) = self.connections.get(&id).and_then(|c| c.user_id.clone()) else {
-            debug!("{id}: vanished before processing_ready");
-            return;
-        };
-        if self.transition(id, ConnectionState::ProcessingReady).is_err() {
-            self.refuse_out_of_order(id);
-            return;
-        }
-        let stream = &self.user_mut(&user_id).stream;
-        let replay = stream.replay(msg.resume.as_ref());
-        let answer = ToSession::ProcessingReady {
-            epoch: stream.epoch().to_owned(),
-            last_seq: stream.last_seq(),
-            resume: replay.info,
-            replay: replay.frames,
-        };
-        info!("{id}: processing_ready for user {user_id}");
-        self.tell(id, answer);
+    fn handle(&mut self, msg: Authenticate, ctx: &mut Self::Context) {
+        self.authenticate(msg.id, msg.identity, msg.resume, ctx);
     }
 }
 
@@ -444,8 +468,13 @@ impl Handler<SubmitMessage> for Registry {
         let message_id = new_id("m_");
         let run_id = new_id("r_");
         let payload = user_message_payload(&message_id, &message.content, client_msg_id);
-        let (seq, _) =
-            self.publish_event(&user_id, EventKind::UserMessage, &message.thread_id, None, &payload);
+        let echo = NewEvent {
+            kind: EventKind::UserMessage,
+            thread_id: &message.thread_id,
+            run_id: None,
+            payload: &payload,
+        };
+        let seq = self.publish_one(&user_id, echo);
         self.send_to(id, ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq });
         if let Some(client_msg_id) = message.client_msg_id {
             let seen = SeenMessage {
@@ -495,7 +524,11 @@ impl Handler<AgentEvent> for Registry {
         } else {
             (run.user_id.clone(), run.thread_id.clone())
         };
-        self.publish_event(&user_id, kind, &thread_id, Some(&run_id), &output.payload());
+        let payload = output.payload();
+        self.publish_one(
+            &user_id,
+            NewEvent { kind, thread_id: &thread_id, run_id: Some(&run_id), payload: &payload },
+        );
     }
 }
 
@@ -519,13 +552,14 @@ impl Handler<CancelRequest> for Registry {
             content: run.response,
             duration_ms: run.started.elapsed().as_millis() as u64,
         };
-        self.publish_event(
-            &user_id,
-            EventKind::AgentCompleted,
-            &run.thread_id,
-            Some(&msg.run_id),
-            &output.payload(),
-        );
+        let payload = output.payload();
+        let end = NewEvent {
+            kind: EventKind::AgentCompleted,
+            thread_id: &run.thread_id,
+            run_id: Some(&msg.run_id),
+            payload: &payload,
+        };
+        self.publish_one(&user_id, end);
     }
 }
 
@@ -533,19 +567,17 @@ impl Handler<Publish> for Registry {
     type Result = MessageResult<Publish>;
 
     fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
-        let mut seqs = Vec::with_capacity(msg.events.len());
-        let mut sessions = 0;
-        for event in &msg.events {
-            let (seq, reached) = self.publish_event(
-                &msg.user_id,
-                event.kind,
-                &event.thread_id,
-                event.run_id.as_deref(),
-                &event.payload,
-            );
-            seqs.push(seq);
-            sessions = sessions.max(reached);
-        }
+        let events: Vec<NewEvent<'_>> = msg
+            .events
+            .iter()
+            .map(|e| NewEvent {
+                kind: e.kind,
+                thread_id: &e.thread_id,
+                run_id: e.run_id.as_deref(),
+                payload: &e.payload,
+            })
+            .collect();
+        let (seqs, sessions) = self.publish(&msg.user_id, &events);
         MessageResult(PublishResponse { seqs, sessions })
     }
 }
