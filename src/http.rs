@@ -217,13 +217,15 @@ async fn user_connections(
     }
 }
 
-/// Reads a request body of at most `limit` bytes; `None` when it is larger.
+/// Reads a request body of at most `limit` bytes (`expected` is its declared length, to size the
+/// buffer once); `None` when it is larger.
 async fn read_body(
     mut payload: web::Payload,
     limit: usize,
+    expected: usize,
 ) -> Result<Option<web::BytesMut>, actix_web::Error> {
     use futures_util::StreamExt;
-    let mut body = web::BytesMut::new();
+    let mut body = web::BytesMut::with_capacity(expected.min(limit));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk?;
         if body.len() + chunk.len() > limit {
@@ -260,7 +262,7 @@ async fn publish(
     if declared.is_some_and(|length| length > limit) {
         return Ok(too_large());
     }
-    let Some(body) = read_body(payload, limit).await? else { return Ok(too_large()) };
+    let Some(body) = read_body(payload, limit, declared.unwrap_or(0)).await? else { return Ok(too_large()) };
     let request: PublishRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => return Ok(bad_request(&e.to_string())),

@@ -366,6 +366,18 @@ impl Event<'_> {
         // Values that came from JSON serialise back without error.
         serde_json::to_string(self).unwrap_or_default()
     }
+
+    /// Serialises through `scratch` (reused across events) into shared bytes of exactly the
+    /// frame's size: one allocation per event, none wasted in the history that keeps it.
+    pub fn to_frame(&self, scratch: &mut Vec<u8>) -> bytestring::ByteString {
+        scratch.clear();
+        if serde_json::to_writer(&mut *scratch, self).is_err() {
+            scratch.clear();
+        }
+        let bytes = bytes::Bytes::copy_from_slice(scratch);
+        // serde_json writes UTF-8 only.
+        bytestring::ByteString::try_from(bytes).unwrap_or_default()
+    }
 }
 
 /// The payload of the `user_message` echo.

@@ -118,6 +118,11 @@ function showStatus(state, detail) {
   }
   $("status-text").textContent = text;
   document.body.dataset.connection = state;
+  if (detail.code) {
+    // The close codes seen, newest last: the status line only shows the latest.
+    const seen = (document.body.dataset.closeCodes || "").split(" ").filter(Boolean);
+    document.body.dataset.closeCodes = [...seen, detail.code].slice(-10).join(" ");
+  }
 }
 
 function onResume(resume) {

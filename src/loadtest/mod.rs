@@ -353,7 +353,9 @@ fn publish_all(plan: &Plan, base: &str, key: &str, batch: usize, rate_per_user: 
                 .post(&url)
                 .header("Authorization", &auth)
                 .header("Content-Type", "application/json")
-                .send(&body);
+                .send(&body)
+                // Reading the answer to its end lets the connection be reused for the next request.
+                .and_then(|mut response| response.body_mut().read_to_string());
             if let Err(e) = result {
                 errors.push(format!("publish to {user_id}: {e}"));
                 if errors.len() > 10 {

@@ -98,6 +98,8 @@ pub struct Registry {
     connections: HashMap<ConnectionId, Connection>,
     users: HashMap<String, User>,
     runs: HashMap<String, Run>,
+    /// Reused to serialise events, so each costs one exact-size allocation.
+    scratch: Vec<u8>,
 }
 
 /// `prefix` + 16 random characters: message and run ids.
@@ -169,6 +171,7 @@ impl Registry {
             connections: HashMap::new(),
             users: HashMap::new(),
             runs: HashMap::new(),
+            scratch: Vec::with_capacity(4096),
         }
     }
 
@@ -243,6 +246,7 @@ impl Registry {
     /// seqs and how many sessions they reached.
     fn publish(&mut self, user_id: &str, events: &[NewEvent<'_>]) -> (Vec<u64>, usize) {
         let created = Instant::now();
+        let mut scratch = std::mem::take(&mut self.scratch);
         let user = self.user_mut(user_id);
         let mut seqs = Vec::with_capacity(events.len());
         let mut frames = Vec::with_capacity(events.len());
@@ -256,11 +260,12 @@ impl Registry {
                 run_id: event.run_id,
                 payload: event.payload,
             };
-            let frame = ByteString::from(wire.to_text());
+            let frame = wire.to_frame(&mut scratch);
             user.stream.push(seq, frame.clone());
             seqs.push(seq);
             frames.push(frame);
         }
+        self.scratch = scratch;
         self.metrics.events_published.inc_by(events.len() as u64);
         let Some(user) = self.users.get(user_id) else { return (seqs, 0) };
         let max = self.settings.max_outbound_bytes;
