@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use log::info;
+use log::{debug, info};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -154,7 +154,7 @@ async fn upgrade(
     let session = Session::new(Arc::clone(env), identity, resume, slot);
     let id = session.id();
     let response = session::start(session, &req, payload, env.max_message_bytes)?;
-    info!("{id}: upgraded from {peer}");
+    debug!("{id}: upgraded from {peer}");
     Ok(response)
 }
 
