@@ -203,7 +203,8 @@ impl Registry {
         }
     }
 
-    /// Moves a connection in setup to `failed` and tells its session to close.
+    /// Moves a connection in setup to `failed` and tells its session to close with `close_code`
+    /// (after the error frame, if any); `reason` labels the failure metric.
     fn fail_setup(
         &mut self,
         id: ConnectionId,
@@ -343,15 +344,7 @@ impl Registry {
         let cap = self.settings.max_sessions_per_user;
         let user = self.user_mut(&user_id);
         if user.sessions.len() >= cap {
-            if self.transition(id, ConnectionState::Failed).is_ok() {
-                self.metrics.fail("too_many_sessions");
-                info!("{id}: user {user_id} already has {cap} sessions; closing with 4004");
-                let reason = "too many sessions for this user";
-                self.tell(
-                    id,
-                    ToSession::Refused { error: None, close_code: close::TOO_MANY_SESSIONS, reason },
-                );
-            }
+            self.fail_setup(id, "too_many_sessions", close::TOO_MANY_SESSIONS, None);
             return;
         }
         user.sessions.push(id);
