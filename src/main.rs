@@ -131,7 +131,8 @@ fn serve(config: Config, source: Source) -> ExitCode {
         if config.auth.dev_tokens {
             println!("  get a token: curl -s -X POST http://{addr}/dev/token -d '{{\"sub\":\"alice\"}}'");
         }
-        println!("  or:          agentwire token --sub alice");
+        let program = std::env::args().next().unwrap_or_else(|| "agentwire".to_owned());
+        println!("  or:          {program} token --sub alice");
         let control = running.control.clone();
         actix_web::rt::spawn(async move {
             let signal = wait_for_signal().await;
