@@ -362,15 +362,11 @@ pub struct Event<'a> {
 }
 
 impl Event<'_> {
-    pub fn to_text(&self) -> String {
-        // Values that came from JSON serialise back without error.
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
     /// Serialises through `scratch` (reused across events) into shared bytes of exactly the
     /// frame's size: one allocation per event, none wasted in the history that keeps it.
     pub fn to_frame(&self, scratch: &mut Vec<u8>) -> bytestring::ByteString {
         scratch.clear();
+        // Cannot fail: every field is a string, an integer or a `Value` (whose keys are strings).
         if serde_json::to_writer(&mut *scratch, self).is_err() {
             scratch.clear();
         }
@@ -611,7 +607,7 @@ mod tests {
             payload: &serde_json::json!({"text":"hm"}),
         };
         assert_eq!(
-            event.to_text(),
+            event.to_frame(&mut Vec::new()).to_string(),
             r#"{"type":"agent_thinking","seq":3,"ts":10,"thread_id":"t","run_id":"r_1","payload":{"text":"hm"}}"#
         );
     }
