@@ -213,6 +213,22 @@ async fn chat_page_and_dashboard_in_chromium() {
     screenshot(&browser, "08-dashboard.png").await;
     assert!(page_errors(&browser).await.is_empty(), "dashboard: {:?}", page_errors(&browser).await);
 
+    // Without dev tokens the page asks for a JWT, and a pasted one signs in.
+    let locked = TestServer::with(|c| c.auth.dev_tokens = false);
+    browser.goto(&format!("http://{}/", locked.addr)).await.unwrap();
+    wait_until(&browser, "the page to load", "document.body.dataset.loaded === 'true'").await;
+    wait_until(&browser, "the JWT field", "!document.getElementById('jwt-signin').hidden").await;
+    let dev_field_hidden =
+        browser.execute("return document.getElementById('dev-signin').hidden", vec![]).await.unwrap();
+    assert_eq!(dev_field_hidden, json!(true));
+    browser.find(Locator::Css("#jwt")).await.unwrap().send_keys(&locked.token("pasted-jwt")).await.unwrap();
+    browser.find(Locator::Css("#signin-form button[type=submit]")).await.unwrap().click().await.unwrap();
+    wait_until(&browser, "processing_ready", "document.body.dataset.connection === 'processing_ready'").await;
+    let who = browser.find(Locator::Css("#who")).await.unwrap().text().await.unwrap();
+    assert_eq!(who, "pasted-jwt");
+    screenshot(&browser, "09-jwt-sign-in.png").await;
+    assert!(page_errors(&browser).await.is_empty(), "JWT sign-in: {:?}", page_errors(&browser).await);
+
     browser.close().await.unwrap();
     drop(restarted);
 }
