@@ -1,7 +1,8 @@
 //! The chat page and the dashboard in a real headless Chromium (through chromedriver), against
 //! the real server: sign in, a streamed answer with its tool call, cancel, two tabs in sync, a
-//! server restart the page resumes from, a phone-width layout, the live dashboard. Screenshots go
-//! to `target/browser-screenshots/`; errors raised by the pages' code fail the test.
+//! server restart the page resumes from, a phone-width layout, the live dashboard, and signing in
+//! with a pasted JWT when dev tokens are off. Screenshots go to `target/browser-screenshots/`;
+//! errors raised by the pages' code fail the test.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them the
 //! test fails with an install hint, unless `AGENTWIRE_SKIP_BROWSER=1` is set on purpose.
