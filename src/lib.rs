@@ -162,6 +162,9 @@ pub fn build(config: Config) -> Result<Running, StartError> {
                 }
             }
         })
+        // Small frames must leave at once: Nagle's algorithm would hold them back behind
+        // unacknowledged ones (actix leaves it on unless told).
+        .tcp_nodelay(true)
         // Signals are handled by the binary, which closes sessions with 1012 first.
         .disable_signals()
         .workers(config.worker_count())
