@@ -271,11 +271,16 @@ pub enum ServerFrame<'a> {
 }
 
 impl ServerFrame<'_> {
-    pub fn connection_state(state: ConnectionState, connection_id: &str) -> ServerFrame<'_> {
+    /// A `connection_state` frame of a setup step before `processing_ready`.
+    pub fn connection_state<'a>(
+        state: ConnectionState,
+        connection_id: &'a str,
+        user_id: Option<&'a str>,
+    ) -> ServerFrame<'a> {
         ServerFrame::ConnectionState {
             state,
             connection_id,
-            user_id: None,
+            user_id,
             epoch: None,
             last_seq: None,
             resume: None,

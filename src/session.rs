@@ -162,11 +162,7 @@ impl Session {
             ConnectionState::Authenticated => self.identity.as_ref().map(|i| i.user_id.as_str()),
             _ => None,
         };
-        let mut frame = ServerFrame::connection_state(state, &id);
-        if let ServerFrame::ConnectionState { user_id: slot, .. } = &mut frame {
-            *slot = user_id;
-        }
-        self.send(ctx, frame);
+        self.send(ctx, ServerFrame::connection_state(state, &id, user_id));
     }
 
     /// Sends a close frame with `code` and stops; the registry hears `Closing` now and
