@@ -36,22 +36,31 @@ struct ToolCall {
 }
 
 fn choose_tool(content: &str) -> ToolCall {
-    if let Some(expression) = find_arithmetic(content) {
-        return match evalexpr::eval(&expression) {
-            Ok(value) if value.is_number() => {
-                let result = value.to_string();
-                ToolCall {
-                    tool: "calculator",
-                    args: json!({"expression": expression}),
-                    ok: true,
-                    answer: format!("I worked it out with the calculator: {expression} = {result}."),
-                    result: json!({"value": result}),
-                }
-            }
-            Ok(other) => calculator_failed(expression, format!("not a number: {other}")),
-            Err(e) => calculator_failed(expression, e.to_string()),
-        };
+    match find_arithmetic(content) {
+        Some(expression) => calculate(expression),
+        None => count_words(content),
     }
+}
+
+fn calculate(expression: String) -> ToolCall {
+    let (ok, result, answer) = match evalexpr::eval(&expression) {
+        Ok(value) if value.is_number() => {
+            let answer = format!("I worked it out with the calculator: {expression} = {value}.");
+            (true, json!({"value": value.to_string()}), answer)
+        }
+        outcome => {
+            let error = match outcome {
+                Ok(other) => format!("not a number: {other}"),
+                Err(e) => e.to_string(),
+            };
+            let answer = format!("The calculator could not evaluate {expression}: {error}.");
+            (false, json!({"error": error}), answer)
+        }
+    };
+    ToolCall { tool: "calculator", args: json!({"expression": expression}), ok, result, answer }
+}
+
+fn count_words(content: &str) -> ToolCall {
     let words = content.split_whitespace().count();
     let characters = content.chars().count();
     ToolCall {
@@ -65,16 +74,6 @@ fn choose_tool(content: &str) -> ToolCall {
             if words == 1 { "" } else { "s" },
             if characters == 1 { "" } else { "s" },
         ),
-    }
-}
-
-fn calculator_failed(expression: String, error: String) -> ToolCall {
-    ToolCall {
-        tool: "calculator",
-        args: json!({"expression": expression}),
-        ok: false,
-        answer: format!("The calculator could not evaluate {expression}: {error}."),
-        result: json!({"error": error}),
     }
 }
 

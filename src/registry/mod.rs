@@ -10,6 +10,7 @@ pub mod messages;
 pub mod stream;
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,8 +85,9 @@ struct User {
 
 /// A run that has started and not ended.
 struct Run {
-    user_id: String,
-    thread_id: String,
+    // Shared strings: each of the run's events needs them while the registry is borrowed mutably.
+    user_id: Rc<str>,
+    thread_id: Rc<str>,
     started: Instant,
     /// The answer streamed so far, for the `agent_completed` of a cancelled run.
     response: String,
@@ -484,8 +486,8 @@ impl Handler<SubmitMessage> for Registry {
             self.user_mut(&user_id).seen_messages.insert(client_msg_id, seen);
         }
         let run = Run {
-            user_id: user_id.clone(),
-            thread_id: message.thread_id.clone(),
+            user_id: Rc::from(user_id.as_str()),
+            thread_id: Rc::from(message.thread_id.as_str()),
             started: Instant::now(),
             response: String::new(),
         };
@@ -537,7 +539,7 @@ impl Handler<CancelRequest> for Registry {
         let id = msg.id;
         let Some(user_id) = self.ready_user(id) else { return };
         // Another user's run is indistinguishable from an unknown one.
-        let owned = self.runs.get(&msg.run_id).is_some_and(|run| run.user_id == user_id);
+        let owned = self.runs.get(&msg.run_id).is_some_and(|run| *run.user_id == *user_id);
         let Some(run) = owned.then(|| self.runs.remove(&msg.run_id)).flatten() else {
             let message = format!("no running run {} of yours", msg.run_id);
             self.send_to(id, ServerFrame::error(ErrorCode::NotFound, &message, Some("cancel_run")));
