@@ -1,8 +1,15 @@
 //! Who may open a WebSocket at all, decided before the upgrade (protocol section 8): the
-//! connection cap (`limits.max_connections`, HTTP 503) and the Origin allow-list (HTTP 403).
+//! connection cap (`limits.max_connections`, HTTP 503), the caps on connections that have not
+//! authenticated yet (`limits.max_unauthenticated`, `limits.max_unauthenticated_per_ip`, HTTP
+//! 503) and the Origin allow-list (HTTP 403).
+//!
+//! The unauthenticated caps exist because a socket that never sends a token costs memory and
+//! reads from its first byte while it proves nothing; an authenticated one is bounded per user.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Counts open WebSocket connections against `limits.max_connections`.
 pub struct ConnectionSlots {
@@ -38,6 +45,70 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Counts connections that have not authenticated, server-wide and per IP address.
+pub struct UnauthenticatedSlots {
+    by_ip: Mutex<HashMap<IpAddr, usize>>,
+    open: AtomicUsize,
+    max: usize,
+    max_per_ip: usize,
+}
+
+/// Why an unauthenticated connection was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UnauthenticatedRefusal {
+    ServerWide,
+    PerIp,
+}
+
+/// One unauthenticated connection's place; given back when it authenticates or ends.
+pub struct UnauthenticatedSlot {
+    slots: Arc<UnauthenticatedSlots>,
+    ip: IpAddr,
+}
+
+impl UnauthenticatedSlots {
+    pub fn new(max: usize, max_per_ip: usize) -> Arc<UnauthenticatedSlots> {
+        Arc::new(UnauthenticatedSlots {
+            by_ip: Mutex::new(HashMap::new()),
+            open: AtomicUsize::new(0),
+            max,
+            max_per_ip,
+        })
+    }
+
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<UnauthenticatedSlot, UnauthenticatedRefusal> {
+        // A poisoned lock only means another thread panicked mid-update of a plain counter map.
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if self.open.load(Ordering::Acquire) >= self.max {
+            return Err(UnauthenticatedRefusal::ServerWide);
+        }
+        let count = by_ip.entry(ip).or_insert(0);
+        if *count >= self.max_per_ip {
+            return Err(UnauthenticatedRefusal::PerIp);
+        }
+        *count += 1;
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Ok(UnauthenticatedSlot { slots: Arc::clone(self), ip })
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for UnauthenticatedSlot {
+    fn drop(&mut self) {
+        let mut by_ip = self.slots.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = by_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+        self.slots.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// An upgrade without `Origin` is not from a browser and is accepted; with an allow-list, a
 /// browser's Origin must be on it. Without one, every Origin is accepted.
 pub fn origin_allowed(origin: Option<&str>, allowed: &[String]) -> bool {
@@ -61,6 +132,22 @@ mod tests {
         drop(a);
         assert_eq!(slots.open(), 1);
         assert!(slots.try_acquire().is_some());
+    }
+
+    #[test]
+    fn unauthenticated_slots_are_capped_per_ip_and_overall() {
+        let slots = UnauthenticatedSlots::new(3, 2);
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) =
+            ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+        let a1 = slots.try_acquire(a).unwrap();
+        let _a2 = slots.try_acquire(a).unwrap();
+        assert_eq!(slots.try_acquire(a).err(), Some(UnauthenticatedRefusal::PerIp));
+        let _b1 = slots.try_acquire(b).unwrap();
+        assert_eq!(slots.try_acquire(c).err(), Some(UnauthenticatedRefusal::ServerWide));
+        drop(a1);
+        assert_eq!(slots.open(), 2);
+        assert!(slots.try_acquire(c).is_ok());
+        assert!(slots.by_ip.lock().unwrap().get(&c).is_none(), "an IP with no connection is forgotten");
     }
 
     #[test]

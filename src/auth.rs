@@ -58,7 +58,9 @@ impl AuthFailure {
             AuthFailure::WrongAlgorithm => "the token is not signed with the configured algorithm",
             AuthFailure::Expired => "the token has expired",
             AuthFailure::NotYetValid => "the token is not valid yet (nbf)",
-            AuthFailure::MissingClaim => "the token lacks a required claim (exp, sub)",
+            AuthFailure::MissingClaim => {
+                "the token lacks a required claim (exp, sub, and iss or aud when configured)"
+            }
             AuthFailure::InvalidSubject => "the token's sub must match ^[A-Za-z0-9._:@-]{1,128}$",
             AuthFailure::WrongIssuer => "the token's issuer is not accepted",
             AuthFailure::WrongAudience => "the token's audience is not accepted",
@@ -129,7 +131,16 @@ impl Verifier {
         }
         .map_err(|e| format!("auth.public_key_file: not a usable {alg:?} key: {e}"))?;
         let mut validation = Validation::new(alg);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks `iss` and `aud` only when a token carries them unless they are
+        // required: a configured issuer or audience must be present, not merely not wrong.
+        let mut required = vec!["exp", "sub"];
+        if !config.issuer.is_empty() {
+            required.push("iss");
+        }
+        if !config.audience.is_empty() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         validation.leeway = config.leeway_secs;
         validation.validate_exp = true;
         validation.validate_nbf = true;
@@ -257,9 +268,13 @@ mod tests {
         }
     }
 
+    fn config() -> AuthConfig {
+        AuthConfig { secret: "a-secret-of-the-unit-tests-0123".into(), ..AuthConfig::default() }
+    }
+
     #[test]
     fn minted_tokens_verify() {
-        let config = AuthConfig::default();
+        let config = config();
         let (token, exp) = Minter::new(&config).unwrap().mint("alice", Some("Alice"), 60).unwrap();
         let identity = Verifier::new(&config).unwrap().verify(&token).unwrap();
         assert_eq!(identity.user_id, "alice");
@@ -272,7 +287,7 @@ mod tests {
     fn unsupported_alg_header_is_named() {
         // {"alg":"none","typ":"JWT"}.{"sub":"a","exp":9999999999}.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.";
-        let verifier = Verifier::new(&AuthConfig::default()).unwrap();
+        let verifier = Verifier::new(&config()).unwrap();
         assert_eq!(verifier.verify(none), Err(AuthFailure::WrongAlgorithm));
         assert_eq!(verifier.verify("not-a-jwt"), Err(AuthFailure::Malformed));
     }

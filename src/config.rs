@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The development secret the server ships with; it is refused on a non-loopback bind.
-pub const DEV_SECRET: &str = "agentwire-development-secret-do-not-deploy";
+/// The file, beside the configuration file, that keeps development mode's generated secret so
+/// that `agentwire serve` and `agentwire token` agree across restarts.
+pub const DEV_SECRET_FILE: &str = ".agentwire-dev-secret";
 
 /// Prefix of the environment overrides.
 pub const ENV_PREFIX: &str = "AGENTWIRE__";
@@ -37,6 +38,10 @@ pub struct ServerConfig {
     /// Serve the frontend from this folder instead of the copy built into the binary (for
     /// editing it); empty uses the built-in copy.
     pub static_dir: String,
+    /// Development mode: dev tokens on, a loopback bind required, and a random HS256 secret made
+    /// on first start when `auth.secret` is empty. Off in the built-in defaults; the repository's
+    /// `config.toml` turns it on.
+    pub dev_mode: bool,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +52,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             shutdown_grace_secs: 10,
             static_dir: String::new(),
+            dev_mode: false,
         }
     }
 }
@@ -81,14 +87,15 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             algorithm: Algorithm::HS256,
-            secret: DEV_SECRET.to_owned(),
+            // No built-in secret: a server must be given one (or be in development mode).
+            secret: String::new(),
             public_key_file: String::new(),
             private_key_file: String::new(),
             issuer: String::new(),
             audience: String::new(),
             leeway_secs: 30,
             timeout_secs: 10,
-            dev_tokens: true,
+            dev_tokens: false,
         }
     }
 }
@@ -120,9 +127,18 @@ pub struct LimitsConfig {
     pub messages_per_second: u32,
     pub burst: u32,
     pub pending_messages: usize,
+    /// Bytes of early frames queued before `processing_ready`.
+    pub pending_bytes: usize,
     pub max_outbound_bytes: usize,
     pub heartbeat_interval_secs: u64,
     pub client_timeout_secs: u64,
+    /// Connections not authenticated yet, server-wide and from one IP address.
+    pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_ip: usize,
+    /// `user_message`s per second across all sessions of one user (burst: twice as many).
+    pub user_messages_per_second: u32,
+    /// Connection setups waiting for the registry; beyond, upgrades get 503 with Retry-After.
+    pub max_registry_backlog: usize,
 }
 
 impl Default for LimitsConfig {
@@ -135,9 +151,14 @@ impl Default for LimitsConfig {
             messages_per_second: 20,
             burst: 40,
             pending_messages: 32,
+            pending_bytes: 65_536,
             max_outbound_bytes: 1 << 20,
             heartbeat_interval_secs: 5,
             client_timeout_secs: 30,
+            max_unauthenticated: 1000,
+            max_unauthenticated_per_ip: 100,
+            user_messages_per_second: 10,
+            max_registry_backlog: 10_000,
         }
     }
 }
@@ -146,12 +167,27 @@ impl Default for LimitsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HistoryConfig {
     pub events_per_user: usize,
+    /// Bytes of history one user's stream keeps, and all streams together.
+    pub max_bytes_per_user: usize,
+    pub max_bytes: usize,
     pub ttl_secs: u64,
+    /// User streams kept at once (online and offline); beyond, the longest-idle offline stream
+    /// is forgotten first.
+    pub max_users: usize,
+    /// `client_msg_id`s remembered per user for dedupe; the oldest is forgotten first.
+    pub dedupe_per_user: usize,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        HistoryConfig { events_per_user: 1000, ttl_secs: 300 }
+        HistoryConfig {
+            events_per_user: 1000,
+            max_bytes_per_user: 1 << 20,
+            max_bytes: 256 << 20,
+            ttl_secs: 300,
+            max_users: 100_000,
+            dedupe_per_user: 1000,
+        }
     }
 }
 
@@ -166,11 +202,26 @@ pub enum AgentKind {
 pub struct AgentConfig {
     pub kind: AgentKind,
     pub step_delay_ms: u64,
+    /// Runs of one user in progress at once; a message beyond gets `rate_limited`.
+    pub max_runs_per_user: usize,
+    /// A run that has not ended after this long is ended with `agent_error` `agent_timeout`.
+    pub run_timeout_secs: u64,
+    /// Bytes of a run's response kept for the `agent_completed` of a cancel.
+    pub max_response_bytes: usize,
+    /// Run requests waiting for the agent runtime; beyond, a run ends with `agent_unavailable`.
+    pub max_queued_runs: usize,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        AgentConfig { kind: AgentKind::Demo, step_delay_ms: 120 }
+        AgentConfig {
+            kind: AgentKind::Demo,
+            step_delay_ms: 120,
+            max_runs_per_user: 4,
+            run_timeout_secs: 300,
+            max_response_bytes: 1 << 20,
+            max_queued_runs: 10_000,
+        }
     }
 }
 
@@ -204,11 +255,15 @@ pub struct FaultsConfig {
     pub setup_delay_ms: u64,
     /// Setup fails for every user whose id starts with this; empty is off.
     pub fail_setup_user_prefix: String,
+    /// The demo agent's tool step blocks its thread this long for users whose id starts with
+    /// `slow_agent_user_prefix` (an expensive agent step); 0 is off.
+    pub slow_agent_step_ms: u64,
+    pub slow_agent_user_prefix: String,
 }
 
 impl FaultsConfig {
     pub fn any_enabled(&self) -> bool {
-        self.setup_delay_ms > 0 || !self.fail_setup_user_prefix.is_empty()
+        self.setup_delay_ms > 0 || !self.fail_setup_user_prefix.is_empty() || self.slow_agent_step_ms > 0
     }
 }
 
@@ -254,8 +309,26 @@ impl Config {
                 }
             }
         };
-        let config = Config::from_sources(&text, &env)?;
+        let mut config = Config::from_sources(&text, &env)?;
+        if config.server.dev_mode
+            && config.auth.algorithm == Algorithm::HS256
+            && config.auth.secret.is_empty()
+        {
+            let folder = match &source {
+                Source::File(path) => path.parent().map(Path::to_owned).unwrap_or_default(),
+                Source::Defaults => PathBuf::new(),
+            };
+            config.auth.secret = dev_secret(&folder.join(DEV_SECRET_FILE))?;
+        }
         Ok((config, source))
+    }
+
+    /// Where development mode keeps its generated secret for this configuration source.
+    pub fn dev_secret_path(source: &Source) -> PathBuf {
+        match source {
+            Source::File(path) => path.parent().map(Path::to_owned).unwrap_or_default().join(DEV_SECRET_FILE),
+            Source::Defaults => PathBuf::from(DEV_SECRET_FILE),
+        }
     }
 
     /// Builds a validated configuration from TOML text and `(name, value)` environment pairs.
@@ -294,8 +367,16 @@ impl Config {
         let a = &self.auth;
         match a.algorithm {
             Algorithm::HS256 => {
-                if a.secret.is_empty() {
-                    return Err(error("auth.secret", "must not be empty with HS256"));
+                // In development mode an empty secret is made on first start (`Config::load`).
+                if a.secret.is_empty() && !s.dev_mode {
+                    return Err(error(
+                        "auth.secret",
+                        "is required with HS256: set auth.secret (or AGENTWIRE__AUTH__SECRET) to a secret \
+                         of at least 32 characters, or server.dev_mode = true for local development",
+                    ));
+                }
+                if !a.secret.is_empty() && a.secret.len() < 16 {
+                    return Err(error("auth.secret", "must be at least 16 characters"));
                 }
             }
             Algorithm::RS256 | Algorithm::ES256 => {
@@ -309,7 +390,22 @@ impl Config {
         }
 
         let l = &self.limits;
+        let h = &self.history;
+        let g = &self.agent;
         let positive = [
+            ("limits.pending_bytes", l.pending_bytes as u64),
+            ("limits.max_unauthenticated", l.max_unauthenticated as u64),
+            ("limits.max_unauthenticated_per_ip", l.max_unauthenticated_per_ip as u64),
+            ("limits.user_messages_per_second", l.user_messages_per_second as u64),
+            ("limits.max_registry_backlog", l.max_registry_backlog as u64),
+            ("history.max_bytes_per_user", h.max_bytes_per_user as u64),
+            ("history.max_bytes", h.max_bytes as u64),
+            ("history.max_users", h.max_users as u64),
+            ("history.dedupe_per_user", h.dedupe_per_user as u64),
+            ("agent.max_runs_per_user", g.max_runs_per_user as u64),
+            ("agent.run_timeout_secs", g.run_timeout_secs),
+            ("agent.max_response_bytes", g.max_response_bytes as u64),
+            ("agent.max_queued_runs", g.max_queued_runs as u64),
             ("limits.max_connections", l.max_connections as u64),
             ("limits.max_sessions_per_user", l.max_sessions_per_user as u64),
             ("limits.max_content_chars", l.max_content_chars as u64),
@@ -336,17 +432,18 @@ impl Config {
                 "must be longer than limits.heartbeat_interval_secs",
             ));
         }
+        self.check_relations()?;
         if self.api.keys.iter().any(|k| k.len() < 16) {
             return Err(error("api.keys", "every key must be at least 16 characters"));
         }
 
         if !s.bind.ip().is_loopback() {
-            if a.algorithm == Algorithm::HS256 && a.secret == DEV_SECRET {
+            if s.dev_mode {
                 return Err(error(
-                    "auth.secret",
+                    "server.dev_mode",
                     format!(
-                        "the built-in development secret is refused on the non-loopback bind {}: \
-                         set auth.secret (or AGENTWIRE__AUTH__SECRET) to your own secret",
+                        "development mode is for loopback only, not the bind {}: set server.dev_mode = \
+                         false and give auth.secret",
                         s.bind
                     ),
                 ));
@@ -365,6 +462,50 @@ impl Config {
         Ok(())
     }
 
+    /// Limits that only make sense together; the first broken relation is the one line reported.
+    fn check_relations(&self) -> Result<(), ConfigError> {
+        let (l, h) = (&self.limits, &self.history);
+        let relations: [(bool, &str, String); 5] = [
+            (
+                l.pending_bytes >= l.max_message_bytes,
+                "limits.pending_bytes",
+                format!("must be at least limits.max_message_bytes ({}): one early frame of the largest size must fit", l.max_message_bytes),
+            ),
+            (
+                l.max_unauthenticated_per_ip <= l.max_unauthenticated,
+                "limits.max_unauthenticated",
+                format!("must be at least limits.max_unauthenticated_per_ip ({})", l.max_unauthenticated_per_ip),
+            ),
+            (
+                h.max_bytes_per_user <= h.max_bytes,
+                "history.max_bytes_per_user",
+                format!("must be at most history.max_bytes ({})", h.max_bytes),
+            ),
+            (
+                h.max_users > l.max_connections,
+                "history.max_users",
+                format!("must be more than limits.max_connections ({}): every online user has a stream", l.max_connections),
+            ),
+            (
+                // The echo of a largest message and the frames around it must fit a session.
+                l.max_outbound_bytes >= 2 * l.max_message_bytes,
+                "limits.max_outbound_bytes",
+                format!("must be at least twice limits.max_message_bytes ({})", l.max_message_bytes),
+            ),
+        ];
+        for (holds, key, message) in relations {
+            if !holds {
+                return Err(error(key, message));
+            }
+        }
+        Ok(())
+    }
+
+    /// `POST /dev/token` is served: asked for with `auth.dev_tokens`, or implied by development mode.
+    pub fn dev_tokens_enabled(&self) -> bool {
+        self.auth.dev_tokens || self.server.dev_mode
+    }
+
     /// Worker threads to start: `server.workers`, or one per core for 0.
     pub fn worker_count(&self) -> usize {
         match self.server.workers {
@@ -372,6 +513,32 @@ impl Config {
             n => n,
         }
     }
+}
+
+/// Development mode's secret: read from `path`, or made (32 random bytes, hex) and written there
+/// on first start, readable by its owner only.
+fn dev_secret(path: &Path) -> Result<String, ConfigError> {
+    let failed = |e: std::io::Error| {
+        error("server.dev_mode", format!("cannot keep the secret in {}: {e}", path.display()))
+    };
+    match std::fs::read_to_string(path) {
+        Ok(secret) if secret.trim().len() >= 32 => return Ok(secret.trim().to_owned()),
+        Ok(_) => {
+            return Err(error(
+                "server.dev_mode",
+                format!("{} holds no usable secret; delete it", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed(e)),
+    }
+    let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(failed)?;
+    file.write_all(secret.as_bytes()).map_err(failed)?;
+    Ok(secret)
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
@@ -454,7 +621,8 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_match_the_protocol() {
-        let config = Config::from_sources("", &[]).unwrap();
+        let config =
+            Config::from_sources("", &env(&[("AGENTWIRE__AUTH__SECRET", "0123456789abcdef")])).unwrap();
         assert_eq!(config.server.bind.to_string(), "127.0.0.1:8080");
         assert_eq!(config.limits.max_message_bytes, 65_536);
         assert_eq!(config.limits.pending_messages, 32);
@@ -463,20 +631,47 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_config_file_is_the_defaults() {
+    fn the_shipped_config_file_is_the_defaults_plus_development_mode() {
         let shipped = include_str!("../config.toml");
         let from_file = Config::from_sources(shipped, &[]).unwrap();
-        let shipped_table = toml::Table::try_from(&from_file).unwrap();
+        assert!(from_file.server.dev_mode, "the repository's config.toml turns development mode on");
+        let mut shipped_table = toml::Table::try_from(&from_file).unwrap();
+        shipped_table["server"]["dev_mode"] = toml::Value::Boolean(false);
         assert_eq!(shipped_table, defaults_table(), "config.toml and Config::default() disagree");
+    }
+
+    #[test]
+    fn built_in_defaults_are_safe_to_deploy() {
+        let defaults = Config::default();
+        assert!(!defaults.auth.dev_tokens && !defaults.server.dev_mode);
+        assert!(defaults.auth.secret.is_empty());
+        let err = Config::from_sources("", &[]).unwrap_err();
+        assert_eq!(err.key, "auth.secret");
+    }
+
+    #[test]
+    fn relations_between_limits_are_checked() {
+        let secret = ("AGENTWIRE__AUTH__SECRET", "a-secret-of-the-test-0123456789");
+        let cases: &[(&str, &str)] = &[
+            ("AGENTWIRE__LIMITS__PENDING_BYTES", "limits.pending_bytes"),
+            ("AGENTWIRE__LIMITS__MAX_UNAUTHENTICATED", "limits.max_unauthenticated"),
+            ("AGENTWIRE__HISTORY__MAX_BYTES", "history.max_bytes_per_user"),
+            ("AGENTWIRE__HISTORY__MAX_USERS", "history.max_users"),
+            ("AGENTWIRE__LIMITS__MAX_OUTBOUND_BYTES", "limits.max_outbound_bytes"),
+        ];
+        for (var, key) in cases {
+            let err = Config::from_sources("", &env(&[secret, (var, "10")])).unwrap_err();
+            assert_eq!(&err.key, key, "{var}: {err}");
+        }
     }
 
     #[test]
     fn file_then_env_overrides() {
         let config = Config::from_sources(
-            "[limits]\nburst = 80\n[auth]\nsecret = \"from-file\"",
+            "[limits]\nburst = 80\n[auth]\nsecret = \"from-file-0123456789\"",
             &env(&[
                 ("AGENTWIRE__SERVER__BIND", "127.0.0.1:9000"),
-                ("AGENTWIRE__AUTH__SECRET", "12345"),
+                ("AGENTWIRE__AUTH__SECRET", "1234567890123456"),
                 ("AGENTWIRE__API__KEYS", "key-one-0123456789, key-two-0123456789"),
                 ("AGENTWIRE__AUTH__DEV_TOKENS", "false"),
                 ("UNRELATED", "x"),
@@ -484,7 +679,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.server.bind.port(), 9000);
-        assert_eq!(config.auth.secret, "12345");
+        assert_eq!(config.auth.secret, "1234567890123456");
         assert_eq!(config.limits.burst, 80);
         assert_eq!(config.api.keys, vec!["key-one-0123456789", "key-two-0123456789"]);
         assert!(!config.auth.dev_tokens);
@@ -504,7 +699,9 @@ mod tests {
             ("", &[("AGENTWIRE__LIMITS__CLIENT_TIMEOUT_SECS", "2")], "limits.client_timeout_secs"),
         ];
         for (text, vars, key) in cases {
-            let err = Config::from_sources(text, &env(vars)).unwrap_err();
+            let mut vars = env(vars);
+            vars.push(("AGENTWIRE__AUTH__SECRET".into(), "a-secret-of-the-test-0123456789".into()));
+            let err = Config::from_sources(text, &vars).unwrap_err();
             assert!(err.key.starts_with(key), "{text} {vars:?}: got {err}");
         }
     }
@@ -514,14 +711,18 @@ mod tests {
         let public = ("AGENTWIRE__SERVER__BIND", "0.0.0.0:8080");
         let err = Config::from_sources("", &env(&[public])).unwrap_err();
         assert_eq!(err.key, "auth.secret");
-        let err = Config::from_sources("", &env(&[public, ("AGENTWIRE__AUTH__SECRET", "s3cret-s3cret")]))
+        let err =
+            Config::from_sources("", &env(&[public, ("AGENTWIRE__SERVER__DEV_MODE", "true")])).unwrap_err();
+        assert_eq!(err.key, "server.dev_mode");
+        let secret = ("AGENTWIRE__AUTH__SECRET", "s3cret-s3cret-s3cret");
+        let err = Config::from_sources("", &env(&[public, secret, ("AGENTWIRE__AUTH__DEV_TOKENS", "true")]))
             .unwrap_err();
         assert_eq!(err.key, "auth.dev_tokens");
         let ok = Config::from_sources(
             "",
             &env(&[
                 public,
-                ("AGENTWIRE__AUTH__SECRET", "s3cret-s3cret"),
+                ("AGENTWIRE__AUTH__SECRET", "s3cret-s3cret-s3cret"),
                 ("AGENTWIRE__AUTH__DEV_TOKENS", "false"),
             ]),
         );

@@ -14,13 +14,14 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::admission::{origin_allowed, ConnectionSlots};
+use crate::admission::{UnauthenticatedRefusal, UnauthenticatedSlots};
 use crate::assets::Assets;
 use crate::auth::is_valid_user_id;
 use crate::auth::Minter;
 use crate::config::Config;
 use crate::protocol::{parse_published_event, HttpError, PublishRequest};
 use crate::registry::stream::ResumeRequest;
-use crate::registry::{ListConnections, Probe, Publish};
+use crate::registry::{ListConnections, Probe, Publish, PublishTicket};
 use crate::session::{self, Session, SessionEnv};
 
 /// What every route handler can reach.
@@ -28,6 +29,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub env: Arc<SessionEnv>,
     pub slots: Arc<ConnectionSlots>,
+    pub unauthenticated: Arc<UnauthenticatedSlots>,
     /// Present only when `auth.dev_tokens = true`.
     pub dev_minter: Option<Minter>,
     /// Set once shutdown began: new upgrades are refused.
@@ -43,6 +45,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/v1/users/{user_id}/connections", web::get().to(user_connections))
         .route("/api/v1/publish", web::post().to(publish))
         .route("/dev/token", web::post().to(dev_token))
+        .route("/client.json", web::get().to(client_info))
         .route("/", web::get().to(chat_page))
         .route("/dashboard", web::get().to(dashboard_page))
         .route("/dashboard/stats.json", web::get().to(dashboard_stats))
@@ -150,23 +153,84 @@ async fn upgrade(
             return Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_token", failure.message()));
         }
     };
+    // An epoch names a stream but not a position in it: without `last_seq` it resumes nothing.
+    if query.epoch.is_some() && query.last_seq.is_none() {
+        return Ok(bad_request("epoch is given without last_seq"));
+    }
     let resume = query.last_seq.map(|last_seq| ResumeRequest { last_seq, epoch: query.epoch });
-    let session = Session::new(Arc::clone(env), identity, resume, slot);
+    // Without a token at the upgrade the connection must prove itself in an `auth` frame; until
+    // then it holds a place under the unauthenticated caps.
+    let unauthenticated = match identity {
+        Some(_) => None,
+        None => {
+            let ip = req.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            match state.unauthenticated.try_acquire(ip) {
+                Ok(place) => Some(place),
+                Err(refusal) => {
+                    let (reason, key) = match refusal {
+                        UnauthenticatedRefusal::ServerWide => {
+                            ("unauthenticated_cap", "limits.max_unauthenticated")
+                        }
+                        UnauthenticatedRefusal::PerIp => {
+                            ("unauthenticated_ip_cap", "limits.max_unauthenticated_per_ip")
+                        }
+                    };
+                    env.metrics.fail(reason);
+                    info!("upgrade from {peer} refused: {key} reached");
+                    return Ok(error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "over_capacity",
+                        "too many connections waiting to authenticate",
+                    ));
+                }
+            }
+        }
+    };
+    let session = Session::new(Arc::clone(env), identity, resume, slot, unauthenticated);
     let id = session.id();
     let response = session::start(session, &req, payload, env.max_message_bytes)?;
     debug!("{id}: upgraded from {peer}");
     Ok(response)
 }
 
+/// `GET /client.json`: what a frontend needs to know before it signs in, always 200, so a page
+/// can ask without an error in its console.
+async fn client_info(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({"dev_tokens": state.dev_minter.is_some(), "subprotocol": crate::protocol::SUBPROTOCOL}))
+}
+
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
+/// How long an HTTP request waits for the registry before it answers 503: a registry that is
+/// behind must not hold request handlers (and their clients) without bound.
+pub const REGISTRY_WAIT: Duration = Duration::from_secs(5);
+
+/// Asks the registry and waits at most [`REGISTRY_WAIT`]; `None` when it did not answer.
+async fn ask_registry<M>(state: &AppState, message: M) -> Option<M::Result>
+where
+    M: actix::Message + Send + 'static,
+    M::Result: Send,
+    crate::registry::Registry: actix::Handler<M>,
+{
+    let answer = state.env.registry.send(message);
+    match actix_web::rt::time::timeout(REGISTRY_WAIT, answer).await {
+        Ok(Ok(result)) => Some(result),
+        _ => None,
+    }
+}
+
+fn registry_unavailable() -> HttpResponse {
+    error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer")
+}
+
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let probe = state.env.registry.send(Probe);
-    match actix_web::rt::time::timeout(Duration::from_secs(2), probe).await {
-        Ok(Ok(())) => HttpResponse::Ok().json(json!({"status": "ready"})),
-        _ => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer"),
+    match ask_registry(&state, Probe).await {
+        Some(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
+        None => registry_unavailable(),
     }
 }
 
@@ -209,11 +273,9 @@ async fn user_connections(
         return unauthorized();
     }
     let user_id = path.into_inner();
-    match state.env.registry.send(ListConnections { user_id: user_id.clone() }).await {
-        Ok(connections) => HttpResponse::Ok().json(json!({"user_id": user_id, "connections": connections})),
-        Err(_) => {
-            error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer")
-        }
+    match ask_registry(&state, ListConnections { user_id: user_id.clone() }).await {
+        Some(connections) => HttpResponse::Ok().json(json!({"user_id": user_id, "connections": connections})),
+        None => registry_unavailable(),
     }
 }
 
@@ -281,14 +343,23 @@ async fn publish(
         }
     }
     let count = events.len();
-    match state.env.registry.send(Publish { user_id: request.user_id.clone(), events }).await {
-        Ok(published) => {
+    let ticket = PublishTicket::new();
+    let message = Publish { user_id: request.user_id.clone(), events, ticket: ticket.clone() };
+    let answer = state.env.registry.send(message);
+    futures_util::pin_mut!(answer);
+    let published = match actix_web::rt::time::timeout(REGISTRY_WAIT, &mut answer).await {
+        Ok(answer) => answer.ok().flatten(),
+        // Abandoned before the registry took it: it will publish nothing, so 503 is the truth.
+        Err(_) if ticket.abandon() => None,
+        // The registry took it at this very moment: its answer is on the way.
+        Err(_) => answer.await.ok().flatten(),
+    };
+    match published {
+        Some(published) => {
             info!("published {count} events to user {} ({} sessions)", request.user_id, published.sessions);
             Ok(HttpResponse::Ok().json(published))
         }
-        Err(_) => {
-            Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer"))
-        }
+        None => Ok(registry_unavailable()),
     }
 }
 
@@ -301,7 +372,11 @@ struct DevTokenRequest {
 
 const DEV_TOKEN_TTL_SECS: u64 = 3600;
 
-async fn dev_token(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+/// Headers a reverse proxy adds: a request carrying one came from beyond this machine even
+/// though its socket is on loopback.
+const PROXY_HEADERS: [&str; 4] = ["forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip"];
+
+async fn dev_token(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let Some(minter) = &state.dev_minter else {
         return error_response(
             StatusCode::NOT_FOUND,
@@ -309,6 +384,19 @@ async fn dev_token(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse
             "dev tokens are disabled (auth.dev_tokens)",
         );
     };
+    // Minting tokens for anyone is for the developer's own machine: never through a proxy that
+    // was put in front of a loopback bind.
+    let local = req.peer_addr().is_some_and(|a| a.ip().is_loopback());
+    let proxied = PROXY_HEADERS.iter().any(|h| req.headers().contains_key(*h));
+    if !local || proxied {
+        state.env.metrics.fail("dev_token_refused");
+        info!("dev token refused: request from beyond this machine (peer loopback: {local}, proxied: {proxied})");
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "dev tokens are served to this machine only, never through a proxy",
+        );
+    }
     let request: DevTokenRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),

@@ -31,7 +31,7 @@ use log::{info, warn};
 
 pub use config::Config;
 
-use crate::admission::ConnectionSlots;
+use crate::admission::{ConnectionSlots, UnauthenticatedSlots};
 use crate::auth::{Minter, Verifier};
 use crate::http::AppState;
 use crate::metrics::Metrics;
@@ -100,7 +100,7 @@ pub fn raise_open_files_limit() -> u64 {
 pub fn build(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let verifier = Verifier::new(&config.auth).map_err(StartError::Config)?;
-    let dev_minter = if config.auth.dev_tokens {
+    let dev_minter = if config.dev_tokens_enabled() {
         Some(Minter::new(&config.auth).map_err(StartError::Config)?)
     } else {
         None
@@ -132,6 +132,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         metrics: Arc::clone(&metrics),
         field_limits: FieldLimits { max_content_chars: limits.max_content_chars },
         pending_messages: limits.pending_messages,
+        pending_bytes: limits.pending_bytes,
         max_message_bytes: limits.max_message_bytes,
         auth_timeout: Duration::from_secs(config.auth.timeout_secs),
         auth_leeway: Duration::from_secs(config.auth.leeway_secs),
@@ -145,6 +146,10 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         config: Arc::clone(&config),
         env,
         slots: ConnectionSlots::new(limits.max_connections),
+        unauthenticated: UnauthenticatedSlots::new(
+            limits.max_unauthenticated,
+            limits.max_unauthenticated_per_ip,
+        ),
         dev_minter,
         draining: Arc::clone(&draining),
         assets: assets::Assets::new(&config.server.static_dir),

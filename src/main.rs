@@ -128,7 +128,15 @@ fn serve(config: Config, source: Source) -> ExitCode {
         log::info!("configuration: {from}");
         let addr = running.addr;
         println!("agentwire listening on http://{addr}  (WebSocket: ws://{addr}/ws)");
-        if config.auth.dev_tokens {
+        if config.server.dev_mode {
+            let secret = Config::dev_secret_path(&source);
+            println!(
+                "  development mode (server.dev_mode = true in {from}): dev tokens on, loopback only, \
+                 secret kept in {}. Do not deploy this configuration.",
+                secret.display()
+            );
+        }
+        if config.dev_tokens_enabled() {
             println!("  get a token: curl -s -X POST http://{addr}/dev/token -d '{{\"sub\":\"alice\"}}'");
         }
         let program = std::env::args().next().unwrap_or_else(|| "agentwire".to_owned());

@@ -117,6 +117,55 @@ struct PingFrame {
     id: Option<Value>,
 }
 
+/// A `ping` id is echoed back, so it is held to what an echo needs: a string of at most this
+/// many characters, or an integer. Anything else is `bad_message`.
+pub const MAX_PING_ID_CHARS: usize = 64;
+
+fn check_ping_id(id: &Value, reference: Option<&str>) -> Result<(), FrameError> {
+    match id {
+        Value::String(s) if s.chars().take(MAX_PING_ID_CHARS + 1).count() <= MAX_PING_ID_CHARS => Ok(()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(()),
+        _ => Err(FrameError::bad(
+            format!("field `id` must be a string of at most {MAX_PING_ID_CHARS} characters or an integer"),
+            reference,
+        )),
+    }
+}
+
+/// Only the `type` of a frame, for frames that are not parsed yet (section 3's early messages
+/// before authentication): every other field is skipped without being built.
+#[derive(Deserialize)]
+struct TypeOnly<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// The `type` of a frame (at most 64 characters of it), reading nothing else into memory;
+/// `None` for text that is not a JSON object with a string `type`.
+pub fn peek_type(text: &str) -> Option<String> {
+    let peeked: TypeOnly<'_> = serde_json::from_str(text).ok()?;
+    peeked.kind.map(|kind| truncate(&kind, 64).to_owned())
+}
+
+/// An `auth` frame read straight into its fields (no intermediate JSON tree), for a connection
+/// that is not authenticated yet.
+pub fn parse_auth_frame(text: &str) -> Result<AuthFrame, FrameError> {
+    let reference = Some("auth");
+    let frame: AuthFrame =
+        serde_json::from_str(text).map_err(|e| FrameError::bad(e.to_string(), reference))?;
+    check_auth_frame(&frame)?;
+    Ok(frame)
+}
+
+fn check_auth_frame(frame: &AuthFrame) -> Result<(), FrameError> {
+    let reference = Some("auth");
+    check_len("token", &frame.token, 1, MAX_TOKEN_BYTES, reference)?;
+    if let Some(epoch) = &frame.epoch {
+        check_len("epoch", epoch, 0, 64, reference)?;
+    }
+    Ok(())
+}
+
 /// Why a client frame was not accepted; becomes an `error` frame and the connection stays open.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FrameError {
@@ -158,10 +207,7 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
     match kind.as_str() {
         "auth" => {
             let frame: AuthFrame = serde_json::from_value(value).map_err(fields)?;
-            check_len("token", &frame.token, 1, MAX_TOKEN_BYTES, reference)?;
-            if let Some(epoch) = &frame.epoch {
-                check_len("epoch", epoch, 0, 64, reference)?;
-            }
+            check_auth_frame(&frame)?;
             Ok(ClientFrame::Auth(frame))
         }
         "user_message" => {
@@ -180,6 +226,9 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
         }
         "ping" => {
             let frame: PingFrame = serde_json::from_value(value).map_err(fields)?;
+            if let Some(id) = &frame.id {
+                check_ping_id(id, reference)?;
+            }
             Ok(ClientFrame::Ping { id: frame.id })
         }
         _ => Err(FrameError {
@@ -476,8 +525,12 @@ pub fn parse_published_event(index: usize, value: Value) -> Result<PublishedEven
         _ => return Err(at("missing string field `thread_id`")),
     };
     let run_id = match object.get("run_id") {
-        Some(Value::String(r)) if (1..=MAX_RUN_ID_CHARS).contains(&r.chars().count()) => Some(r.clone()),
+        // Section 5: `run_id` is absent on `user_message`; one that carries it is not an echo.
+        Some(Value::String(_)) if kind == EventKind::UserMessage => {
+            return Err(at("`user_message` events carry no `run_id`"))
+        }
         None | Some(Value::Null) if kind == EventKind::UserMessage => None,
+        Some(Value::String(r)) if (1..=MAX_RUN_ID_CHARS).contains(&r.chars().count()) => Some(r.clone()),
         Some(Value::String(_)) => return Err(at("`run_id` must be 1 to 128 characters")),
         _ => return Err(at("missing string field `run_id`")),
     };

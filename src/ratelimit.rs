@@ -1,6 +1,6 @@
 //! Per-connection rate limit of protocol section 4: a token bucket of `limits.burst` refilled at
-//! `limits.messages_per_second`, and the abuse rule (100 `rate_limited` answers within 10 seconds
-//! close the connection with 1008). Pure: time is passed in, so tests need no clock.
+//! `limits.messages_per_second`, and the abuse rule (a connection that has collected 100
+//! `rate_limited` answers within 10 seconds is closed with 1008 on its next refused frame). Pure: time is passed in, so tests need no clock.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -47,12 +47,12 @@ impl RateLimiter {
         while self.recent_refusals.front().is_some_and(|t| now.saturating_duration_since(*t) > ABUSE_WINDOW) {
             self.recent_refusals.pop_front();
         }
-        self.recent_refusals.push_back(now);
+        // The client has its 100 answers before the 101st refusal closes it.
         if self.recent_refusals.len() >= ABUSE_COUNT {
-            Verdict::Abuse
-        } else {
-            Verdict::Limited
+            return Verdict::Abuse;
         }
+        self.recent_refusals.push_back(now);
+        Verdict::Limited
     }
 }
 
@@ -77,7 +77,7 @@ mod tests {
         let start = Instant::now();
         let mut limiter = RateLimiter::new(1, 1, start);
         assert_eq!(limiter.check(start), Verdict::Allow);
-        for _ in 0..ABUSE_COUNT - 1 {
+        for _ in 0..ABUSE_COUNT {
             assert_eq!(limiter.check(start), Verdict::Limited);
         }
         assert_eq!(limiter.check(start), Verdict::Abuse);
@@ -88,8 +88,8 @@ mod tests {
         let start = Instant::now();
         let mut limiter = RateLimiter::new(1, 1, start);
         limiter.check(start);
-        for _ in 0..ABUSE_COUNT - 1 {
-            limiter.check(start);
+        for _ in 0..ABUSE_COUNT {
+            assert_eq!(limiter.check(start), Verdict::Limited);
         }
         // Eleven seconds later the window is empty again (and a token has come back).
         let later = start + Duration::from_secs(11);

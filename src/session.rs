@@ -21,14 +21,14 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use log::{debug, info, warn};
 
-use crate::admission::ConnectionSlot;
+use crate::admission::{ConnectionSlot, UnauthenticatedSlot};
 use crate::auth::{Identity, Verifier};
 use crate::frame_guard::FrameGuard;
 use crate::metrics::Metrics;
 use crate::outbound::{close_frame_len, encoded_len, Outbound};
 use crate::protocol::{
-    close, now_ms, parse_client_frame, AuthFrame, ClientFrame, ErrorCode, FieldLimits, FrameError,
-    ServerFrame, SUBPROTOCOL,
+    close, now_ms, parse_auth_frame, parse_client_frame, peek_type, AuthFrame, ClientFrame, ErrorCode,
+    FieldLimits, ServerFrame, SUBPROTOCOL,
 };
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::registry::stream::ResumeRequest;
@@ -56,6 +56,7 @@ pub struct SessionEnv {
     pub metrics: Arc<Metrics>,
     pub field_limits: FieldLimits,
     pub pending_messages: usize,
+    pub pending_bytes: usize,
     pub max_message_bytes: usize,
     pub auth_timeout: Duration,
     pub auth_leeway: Duration,
@@ -78,8 +79,8 @@ enum Phase {
     Closing,
 }
 
-/// An early frame kept for processing after `processing_ready` (section 3).
-type Early = Result<ClientFrame, FrameError>;
+/// A frame handled in `processing_ready`: parsed, or what was wrong with it.
+type Parsed = Result<ClientFrame, crate::protocol::FrameError>;
 
 pub struct Session {
     id: ConnectionId,
@@ -90,7 +91,18 @@ pub struct Session {
     resume: Option<ResumeRequest>,
     /// An `auth` frame that arrived before the registry answered `Register`.
     early_auth: Option<AuthFrame>,
-    pending: VecDeque<Early>,
+    /// Early frames (section 3), unparsed, each in an allocation of its own exact size so that
+    /// `pending_bytes` is what they really hold.
+    pending: VecDeque<Box<str>>,
+    pending_bytes: usize,
+    /// The registry has answered `Register`: until then nothing may be written, since the
+    /// client's first frame must be `accepted`. Frames the session had to send meanwhile wait in
+    /// `held` (and a close in `held_close`).
+    accepted: bool,
+    held: Vec<String>,
+    held_close: Option<Option<CloseReason>>,
+    /// This connection's place under the unauthenticated caps, given back once it authenticates.
+    unauthenticated: Option<UnauthenticatedSlot>,
     /// A fragmented text message being reassembled.
     fragments: Option<BytesMut>,
     last_heard: Instant,
@@ -109,6 +121,7 @@ impl Session {
         identity: Option<Identity>,
         resume: Option<ResumeRequest>,
         slot: ConnectionSlot,
+        unauthenticated: Option<UnauthenticatedSlot>,
     ) -> Session {
         let now = Instant::now();
         Session {
@@ -120,6 +133,11 @@ impl Session {
             resume,
             early_auth: None,
             pending: VecDeque::new(),
+            pending_bytes: 0,
+            accepted: false,
+            held: Vec::new(),
+            held_close: None,
+            unauthenticated,
             fragments: None,
             last_heard: now,
             expiry_timers: Vec::new(),
@@ -134,20 +152,33 @@ impl Session {
     }
 
     /// Every frame the session writes itself goes through these, so `outbound` stays exact.
-    fn send(&self, ctx: &mut WebsocketContext<Self>, frame: ServerFrame<'_>) {
-        let text = frame.to_text();
-        self.outbound.add(encoded_len(text.len()));
-        ctx.text(text);
+    fn send(&mut self, ctx: &mut WebsocketContext<Self>, frame: ServerFrame<'_>) {
+        self.write_text(ctx, frame.to_text());
     }
 
-    fn write_close(&self, ctx: &mut WebsocketContext<Self>, reason: Option<CloseReason>) {
+    fn write_text(&mut self, ctx: &mut WebsocketContext<Self>, text: String) {
+        self.outbound.add(encoded_len(text.len()));
+        if self.accepted {
+            ctx.text(text);
+        } else {
+            self.held.push(text);
+        }
+    }
+
+    /// Writes a close frame and stops the actor (once `accepted` is out: see `held_close`).
+    fn write_close_and_stop(&mut self, ctx: &mut WebsocketContext<Self>, reason: Option<CloseReason>) {
+        if !self.accepted {
+            self.held_close = Some(reason);
+            return;
+        }
         let description = reason.as_ref().and_then(|r| r.description.as_deref());
         self.outbound.add(close_frame_len(description, reason.is_some()));
         ctx.close(reason);
+        ctx.stop();
     }
 
     fn send_error(
-        &self,
+        &mut self,
         ctx: &mut WebsocketContext<Self>,
         code: ErrorCode,
         message: &str,
@@ -156,13 +187,14 @@ impl Session {
         self.send(ctx, ServerFrame::error(code, message, reference));
     }
 
-    fn send_state(&self, ctx: &mut WebsocketContext<Self>, state: ConnectionState) {
+    fn send_state(&mut self, ctx: &mut WebsocketContext<Self>, state: ConnectionState) {
         let id = self.id.to_string();
         let user_id = match state {
             ConnectionState::Authenticated => self.identity.as_ref().map(|i| i.user_id.as_str()),
             _ => None,
         };
-        self.send(ctx, ServerFrame::connection_state(state, &id, user_id));
+        let text = ServerFrame::connection_state(state, &id, user_id).to_text();
+        self.write_text(ctx, text);
     }
 
     /// Sends a close frame with `code` and stops; the registry hears `Closing` now and
@@ -173,23 +205,31 @@ impl Session {
         }
         self.phase = Phase::Closing;
         self.pending.clear();
+        self.pending_bytes = 0;
         self.env.registry.do_send(Closing { id: self.id });
         debug!("{}: closing with {code} ({reason})", self.id);
-        self.write_close(
-            ctx,
-            Some(CloseReason { code: CloseCode::from(code), description: Some(reason.to_owned()) }),
-        );
-        ctx.stop();
+        let reason = CloseReason { code: CloseCode::from(code), description: Some(reason.to_owned()) };
+        self.write_close_and_stop(ctx, Some(reason));
     }
 
     // ----- setup ------------------------------------------------------------------------------
 
     fn on_accepted(&mut self, ctx: &mut WebsocketContext<Self>) {
+        if self.accepted {
+            return;
+        }
+        self.accepted = true;
+        self.send_state(ctx, ConnectionState::Accepted);
+        for text in std::mem::take(&mut self.held) {
+            ctx.text(text);
+        }
+        if let Some(reason) = self.held_close.take() {
+            return self.write_close_and_stop(ctx, reason);
+        }
         if self.phase != Phase::Registering {
             return;
         }
         self.phase = Phase::AwaitingAuth;
-        self.send_state(ctx, ConnectionState::Accepted);
         if self.identity.is_some() {
             // `Register` carried the token of the upgrade: the registry is already going on.
             self.begin_setup(ctx);
@@ -210,6 +250,7 @@ impl Session {
         match self.env.verifier.verify(&frame.token) {
             Ok(identity) => {
                 self.identity = Some(identity.clone());
+                self.unauthenticated = None;
                 let resume = self.resume.take();
                 self.env.registry.do_send(Authenticate { id: self.id, identity, resume });
                 self.begin_setup(ctx);
@@ -250,28 +291,30 @@ impl Session {
         self.phase = Phase::ProcessingReady;
         let id = self.id.to_string();
         let user_id = self.identity.as_ref().map(|i| i.user_id.as_str());
-        self.send(
-            ctx,
-            ServerFrame::ConnectionState {
-                state: ConnectionState::ProcessingReady,
-                connection_id: &id,
-                user_id,
-                epoch: Some(&epoch),
-                last_seq: Some(last_seq),
-                resume,
-            },
-        );
+        let ready = ServerFrame::ConnectionState {
+            state: ConnectionState::ProcessingReady,
+            connection_id: &id,
+            user_id,
+            epoch: Some(&epoch),
+            last_seq: Some(last_seq),
+            resume,
+        }
+        .to_text();
+        self.write_text(ctx, ready);
         for frame in replay {
             self.outbound.add(encoded_len(frame.len()));
             ctx.text(frame);
         }
         self.schedule_token_expiry(ctx);
-        // Early messages, in arrival order, right after the ready frame (section 3).
+        // Early messages, in arrival order, right after the ready frame (section 3); parsed only
+        // now, when the connection has an owner.
         while self.phase == Phase::ProcessingReady {
             let Some(early) = self.pending.pop_front() else {
                 break;
             };
-            self.process(early, ctx);
+            self.pending_bytes -= early.len();
+            let parsed = parse_client_frame(&early, self.env.field_limits);
+            self.process(parsed, ctx);
         }
     }
 
@@ -314,39 +357,63 @@ impl Session {
                 return;
             }
         }
-        let parsed = parse_client_frame(text, self.env.field_limits);
-        match (self.phase, parsed) {
-            (Phase::ProcessingReady, parsed) => self.process(parsed, ctx),
-            (Phase::Closing, _) => {}
-            (Phase::AwaitingAuth, Ok(ClientFrame::Auth(frame))) => self.authenticate_with_frame(frame, ctx),
-            (Phase::Registering, Ok(ClientFrame::Auth(frame)))
-                if self.identity.is_none() && self.early_auth.is_none() =>
-            {
-                self.early_auth = Some(frame);
+        match self.phase {
+            Phase::ProcessingReady => {
+                let parsed = parse_client_frame(text, self.env.field_limits);
+                self.process(parsed, ctx);
             }
-            (_, early) => self.queue_early(early, ctx),
+            Phase::Closing => {}
+            _ if self.identity.is_none() => self.before_authentication(text, ctx),
+            _ => self.queue_early(text, ctx),
         }
     }
 
-    fn queue_early(&mut self, early: Early, ctx: &mut WebsocketContext<Self>) {
-        if self.pending.len() < self.env.pending_messages {
-            self.pending.push_back(early);
+    /// A frame from a connection nobody has vouched for yet: only its `type` is read, unless it
+    /// is the `auth` frame, which is read into its fields (section 2, way 3).
+    fn before_authentication(&mut self, text: &str, ctx: &mut WebsocketContext<Self>) {
+        if peek_type(text).as_deref() != Some("auth") {
+            return self.queue_early(text, ctx);
+        }
+        let frame = match parse_auth_frame(text) {
+            Ok(frame) => frame,
+            Err(error) => {
+                // A broken `auth` frame is a failed authentication, answered at once.
+                self.env.metrics.auth_failures.with_label_values(&["malformed"]).inc();
+                self.env.metrics.fail("invalid_token");
+                info!("{}: malformed auth frame", self.id);
+                self.send_error(ctx, ErrorCode::InvalidToken, &error.message, Some("auth"));
+                return self.close(ctx, close::TOKEN_INVALID, "token invalid");
+            }
+        };
+        match self.phase {
+            Phase::AwaitingAuth => self.authenticate_with_frame(frame, ctx),
+            Phase::Registering if self.early_auth.is_none() => self.early_auth = Some(frame),
+            // A second `auth` while the first waits is an early message: a refresh once ready.
+            _ => self.queue_early(text, ctx),
+        }
+    }
+
+    /// Section 3: kept, unparsed, within `limits.pending_messages` and `limits.pending_bytes`;
+    /// beyond either, the frame is answered `not_ready` and dropped.
+    fn queue_early(&mut self, text: &str, ctx: &mut WebsocketContext<Self>) {
+        let fits = self.pending.len() < self.env.pending_messages
+            && self.pending_bytes + text.len() <= self.env.pending_bytes;
+        if fits {
+            self.pending_bytes += text.len();
+            self.pending.push_back(Box::from(text));
             return;
         }
-        let reference = match &early {
-            Ok(frame) => Some(frame.type_name()),
-            Err(e) => e.reference.as_deref(),
-        };
+        let reference = peek_type(text);
         self.send_error(
             ctx,
             ErrorCode::NotReady,
             "the connection is not ready and its queue is full",
-            reference,
+            reference.as_deref(),
         );
     }
 
     /// Handles one client frame in `processing_ready`.
-    fn process(&mut self, frame: Early, ctx: &mut WebsocketContext<Self>) {
+    fn process(&mut self, frame: Parsed, ctx: &mut WebsocketContext<Self>) {
         match frame {
             Err(error) => self.send(ctx, error.to_frame()),
             Ok(ClientFrame::Ping { id }) => {
@@ -527,12 +594,16 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
             Ok(ws::Message::Pong(_) | ws::Message::Nop) => {}
             Ok(ws::Message::Close(reason)) => {
                 debug!("{}: client closed ({:?})", self.id, reason.as_ref().map(|r| r.code));
-                if self.phase != Phase::Closing {
+                if self.phase != Phase::Closing && self.accepted {
                     self.phase = Phase::Closing;
                     self.env.registry.do_send(Closing { id: self.id });
-                    self.write_close(ctx, reason);
+                    self.write_close_and_stop(ctx, reason);
+                } else {
+                    // Not accepted yet: nothing may be written, so the answer is the end of stream.
+                    self.phase = Phase::Closing;
+                    self.env.registry.do_send(Closing { id: self.id });
+                    ctx.stop();
                 }
-                ctx.stop();
             }
             Err(ProtocolError::Overflow) => self.close(ctx, close::MESSAGE_TOO_BIG, "message too big"),
             Err(ProtocolError::Io(_)) if self.oversized.load(Ordering::Acquire) => {

@@ -26,9 +26,10 @@ const pendingByClientId = new Map(); // client_msg_id -> user item not yet echoe
 // ----- sign in ---------------------------------------------------------------------------------
 
 async function probeDevTokens() {
-  // An empty body gets 400 when the route exists and 404 when dev tokens are off.
-  const response = await fetch("/dev/token", { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
-  devTokens = response.status !== 404;
+  // GET /client.json always answers 200 and says whether dev sign-in is on.
+  const response = await fetch("/client.json");
+  const info = response.ok ? await response.json() : { dev_tokens: false };
+  devTokens = info.dev_tokens === true;
   $("dev-signin").hidden = !devTokens;
   $("jwt-signin").hidden = devTokens;
   $("user-name").required = devTokens;

@@ -46,6 +46,9 @@ fn bad_tokens(secret: &str) -> Vec<(&'static str, String)> {
         ("missing exp", sign(&hs256, &good(json!({"exp": null})), secret)),
         ("wrong issuer", sign(&hs256, &good(json!({"iss": "someone-else"})), secret)),
         ("wrong audience", sign(&hs256, &good(json!({"aud": "other"})), secret)),
+        // Configured claims are required, not only checked when a token happens to carry them.
+        ("missing issuer", sign(&hs256, &good(json!({"iss": null})), secret)),
+        ("missing audience", sign(&hs256, &good(json!({"aud": null})), secret)),
         ("not a JWT", "definitely.not.ajwt".to_owned()),
     ]
 }

@@ -103,7 +103,8 @@ async fn oversized_frame_is_refused_from_its_header_alone() {
 async fn fragmented_messages_are_reassembled_up_to_the_limit() {
     let server = TestServer::with(|c| c.limits.max_message_bytes = 4096);
     let mut client = server.ready_client("fragments").await;
-    let text = json!({"type": "ping", "id": "y".repeat(3000)}).to_string();
+    let content = "y".repeat(3000);
+    let text = json!({"type": "user_message", "thread_id": "t", "content": content}).to_string();
     let (a, rest) = text.as_bytes().split_at(1000);
     let (b, c) = rest.split_at(1000);
     client.write_raw(&raw_frame(TEXT, false, a)).await;
@@ -111,7 +112,8 @@ async fn fragmented_messages_are_reassembled_up_to_the_limit() {
     // A ping may arrive between fragments (RFC 6455 5.4).
     client.write_raw(&raw_frame(0x9, true, b"hi")).await;
     client.write_raw(&raw_frame(CONTINUATION, true, c)).await;
-    assert_eq!(client.recv().await["id"], "y".repeat(3000));
+    let echo = client.recv_where(|f| f["type"] == "user_message").await;
+    assert_eq!(echo["payload"]["content"], content);
 
     // Three fragments of 2000 bytes: each is fine, together they are over 4096.
     for (i, fin) in [(0, false), (1, false), (2, true)] {
@@ -150,7 +152,10 @@ async fn floods_are_rate_limited_then_closed_with_1008() {
     }
     let (close, frames) = client.expect_close().await;
     assert_eq!(u16::from(close.expect("close frame").code), 1008);
-    assert!(frames.iter().filter(|f| f["code"] == "rate_limited").count() >= 90);
+    // Section 4: the connection is closed once it has collected 100 `rate_limited` answers, not
+    // one earlier.
+    let later = frames.iter().filter(|f| f["code"] == "rate_limited").count();
+    assert_eq!(limited + later, 100, "{limited} + {later} rate_limited answers before 1008");
     assert_eq!(server.metric("agentwire_connection_failures_total{reason=\"rate_abuse\"}"), 1.0);
     assert_bystander_fine(&mut bystander).await;
 }

@@ -7,8 +7,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
+use std::time::Duration;
+
 use agentwire::auth::Verifier;
-use agentwire::config::AuthConfig;
 
 fn agentwire(dir: &std::path::Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_agentwire"));
@@ -24,16 +25,21 @@ fn token_command_mints_a_token_for_the_configured_key() {
     let dir = tempfile::tempdir().unwrap();
     let output = agentwire(dir.path())
         .args(["token", "--sub", "alice", "--ttl", "120", "--name", "Alice"])
+        .env("AGENTWIRE__AUTH__SECRET", common::TEST_SECRET)
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let token = String::from_utf8(output.stdout).unwrap();
-    let identity = Verifier::new(&AuthConfig::default()).unwrap().verify(token.trim()).unwrap();
+    let identity = Verifier::new(&common::test_auth()).unwrap().verify(token.trim()).unwrap();
     assert_eq!((identity.user_id.as_str(), identity.name.as_deref()), ("alice", Some("Alice")));
     let remaining = identity.expires_at_ms - agentwire::protocol::now_ms();
     assert!((100_000..=120_000).contains(&remaining), "{remaining}");
 
-    let bad = agentwire(dir.path()).args(["token", "--sub", "not valid"]).output().unwrap();
+    let bad = agentwire(dir.path())
+        .args(["token", "--sub", "not valid"])
+        .env("AGENTWIRE__AUTH__SECRET", common::TEST_SECRET)
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
 
@@ -54,12 +60,24 @@ fn expect_config_error(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)
 #[test]
 fn invalid_configuration_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
+    // The built-in defaults carry no secret: the server refuses to start, naming the key.
+    expect_config_error(dir.path(), &[], &[], "auth.secret");
     expect_config_error(dir.path(), &[], &[("AGENTWIRE__LIMITS__BURST", "lots")], "limits.burst");
     expect_config_error(dir.path(), &[], &[("AGENTWIRE__SERVER__BIND", "0.0.0.0:0")], "auth.secret");
     expect_config_error(
         dir.path(),
         &[],
-        &[("AGENTWIRE__SERVER__BIND", "0.0.0.0:0"), ("AGENTWIRE__AUTH__SECRET", "a-real-secret-of-ours")],
+        &[("AGENTWIRE__SERVER__BIND", "0.0.0.0:0"), ("AGENTWIRE__SERVER__DEV_MODE", "true")],
+        "server.dev_mode",
+    );
+    expect_config_error(
+        dir.path(),
+        &[],
+        &[
+            ("AGENTWIRE__SERVER__BIND", "0.0.0.0:0"),
+            ("AGENTWIRE__AUTH__SECRET", "a-real-secret-of-ours"),
+            ("AGENTWIRE__AUTH__DEV_TOKENS", "true"),
+        ],
         "auth.dev_tokens",
     );
     std::fs::write(dir.path().join("custom.toml"), "[limits]\nmax_connections = -1\n").unwrap();
@@ -70,9 +88,12 @@ fn invalid_configuration_exits_2_naming_the_key() {
     expect_config_error(dir.path(), &["--config", "missing.toml"], &[], "missing.toml");
 }
 
+/// The newcomer's path: the repository's config.toml (development mode) beside the binary.
 #[actix_web::test]
 async fn serve_prints_its_address_and_answers_there() {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"), dir.path().join("config.toml"))
+        .unwrap();
     let mut child = agentwire(dir.path())
         .env("AGENTWIRE__SERVER__BIND", "127.0.0.1:0")
         .stdout(Stdio::piped())
@@ -91,8 +112,27 @@ async fn serve_prints_its_address_and_answers_there() {
         first.split_whitespace().find(|w| w.starts_with("http://")).expect("an http:// address").to_owned();
     let (status, _) = common::http_get(&format!("{url}/healthz"), None).await;
     assert_eq!(status, 200);
-    let hint = std::iter::from_fn(|| rx.recv_timeout(common::WAIT).ok()).find(|l| l.contains("/dev/token"));
-    assert!(hint.is_some(), "the start-up lines say how to get a token");
+    let lines: Vec<String> =
+        std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(500)).ok()).collect();
+    assert!(
+        lines.iter().any(|l| l.contains("/dev/token")),
+        "the start-up lines say how to get a token: {lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("development mode")),
+        "the start-up lines say plainly that this is development mode: {lines:?}"
+    );
+    // The secret made on first start is kept beside the config, so `agentwire token` agrees.
+    assert!(dir.path().join(".agentwire-dev-secret").is_file());
+    let output = agentwire(dir.path()).args(["token", "--sub", "alice"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let token = String::from_utf8(output.stdout).unwrap();
+    let ws = url.replace("http://", "ws://") + "/ws";
+    common::Client::connect_bearer(&ws, token.trim())
+        .await
+        .expect("the server takes it")
+        .expect_setup("alice")
+        .await;
     child.kill().unwrap();
     child.wait().unwrap();
 }

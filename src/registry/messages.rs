@@ -4,8 +4,8 @@
 //! ([`ToSession`]), never as a reply future: one FIFO carries both the setup answers and the
 //! events that follow, so no event can overtake the `processing_ready` frame.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -167,12 +167,43 @@ pub struct ListConnections {
     pub user_id: String,
 }
 
-/// `POST /api/v1/publish`: all events of the batch, atomically, onto one user's stream.
+/// `POST /api/v1/publish`: all events of the batch, atomically, onto one user's stream. Answers
+/// `None` when the request was abandoned (its HTTP wait ran out) before the registry took it.
 #[derive(Message)]
-#[rtype(result = "PublishResponse")]
+#[rtype(result = "Option<PublishResponse>")]
 pub struct Publish {
     pub user_id: String,
     pub events: Vec<PublishedEvent>,
+    pub ticket: PublishTicket,
+}
+
+/// Decides once, between an HTTP handler that stops waiting and the registry that takes the
+/// publish, which of the two won: a 503 then always means "nothing was published".
+#[derive(Clone, Debug, Default)]
+pub struct PublishTicket(Arc<AtomicU8>);
+
+impl PublishTicket {
+    const PENDING: u8 = 0;
+    const TAKEN: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    pub fn new() -> PublishTicket {
+        PublishTicket::default()
+    }
+
+    /// The registry takes the publish; false when the caller had already given up.
+    pub fn take(&self) -> bool {
+        self.settle(Self::TAKEN)
+    }
+
+    /// The caller gives up; false when the registry had already taken it.
+    pub fn abandon(&self) -> bool {
+        self.settle(Self::ABANDONED)
+    }
+
+    fn settle(&self, to: u8) -> bool {
+        self.0.compare_exchange(Self::PENDING, to, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
 }
 
 /// Graceful shutdown: every session is told to close with 1012. Answers how many were told.

@@ -102,6 +102,8 @@ pub struct Registry {
     runs: HashMap<String, Run>,
     /// Reused to serialise events, so each costs one exact-size allocation.
     scratch: Vec<u8>,
+    /// Set by [`Shutdown`]: a session registered after it is told to close at once.
+    shutting_down: bool,
 }
 
 /// `prefix` + 16 random characters: message and run ids.
@@ -174,6 +176,7 @@ impl Registry {
             users: HashMap::new(),
             runs: HashMap::new(),
             scratch: Vec::with_capacity(4096),
+            shutting_down: false,
         }
     }
 
@@ -267,6 +270,10 @@ impl Registry {
             user.stream.push(seq, frame.clone());
             seqs.push(seq);
             frames.push(frame);
+        }
+        // Section 6: an offline user's stream is kept for the TTL after its last event.
+        if user.sessions.is_empty() {
+            user.stream.idle_since = Some(created);
         }
         self.scratch = scratch;
         self.metrics.events_published.inc_by(events.len() as u64);
@@ -435,6 +442,11 @@ impl Handler<Register> for Registry {
         self.metrics.move_gauge(None, Some(ConnectionState::Accepted));
         debug!("{id}: accepted");
         self.tell(id, ToSession::Accepted);
+        if self.shutting_down {
+            // The upgrade raced the shutdown: it gets the same 1012 as every other session.
+            self.tell(id, ToSession::Shutdown);
+            return;
+        }
         if let Some(identity) = msg.identity {
             self.authenticate(id, identity, msg.resume, ctx);
         }
@@ -567,6 +579,10 @@ impl Handler<Publish> for Registry {
     type Result = MessageResult<Publish>;
 
     fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
+        if !msg.ticket.take() {
+            debug!("publish to user {} abandoned by its caller before it was taken", msg.user_id);
+            return MessageResult(None);
+        }
         let events: Vec<NewEvent<'_>> = msg
             .events
             .iter()
@@ -578,7 +594,7 @@ impl Handler<Publish> for Registry {
             })
             .collect();
         let (seqs, sessions) = self.publish(&msg.user_id, &events);
-        MessageResult(PublishResponse { seqs, sessions })
+        MessageResult(Some(PublishResponse { seqs, sessions }))
     }
 }
 
@@ -602,6 +618,9 @@ impl Handler<Closing> for Registry {
         if state.is_some_and(|s| s.can_transition_to(ConnectionState::Closing)) {
             let _ = self.transition(msg.id, ConnectionState::Closing);
         }
+        // A closing session may take a while to stop (its peer may not be reading its close
+        // frame); its place under the user's session cap is free from now on.
+        self.release_user_slot(msg.id);
     }
 }
 
@@ -652,6 +671,7 @@ impl Handler<Shutdown> for Registry {
     type Result = usize;
 
     fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> usize {
+        self.shutting_down = true;
         // Queued behind every delivery already handed to each session, so those go out first.
         for connection in self.connections.values() {
             connection.session.do_send(ToSession::Shutdown);

@@ -21,6 +21,9 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub const API_KEY: &str = "test-api-key-0123456789";
 
+/// The HS256 secret of every test server (the built-in defaults have none).
+pub const TEST_SECRET: &str = "agentwire-test-secret-0123456789";
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub config: Config,
@@ -35,7 +38,14 @@ pub fn test_config() -> Config {
     config.server.bind = "127.0.0.1:0".parse().unwrap();
     config.server.workers = 2;
     config.api.keys = vec![API_KEY.to_owned()];
+    config.auth.secret = TEST_SECRET.to_owned();
+    config.auth.dev_tokens = true;
     config
+}
+
+/// The auth configuration of every test server and binary, for minting tokens.
+pub fn test_auth() -> agentwire::config::AuthConfig {
+    test_config().auth
 }
 
 impl TestServer {
@@ -406,6 +416,7 @@ impl BinaryServer {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_agentwire"));
         command.current_dir(dir.path()).env("AGENTWIRE__SERVER__BIND", "127.0.0.1:0");
         command.env("AGENTWIRE__API__KEYS", API_KEY).env("RUST_LOG", "info");
+        command.env("AGENTWIRE__AUTH__SECRET", TEST_SECRET);
         for (key, value) in env {
             command.env(key, value);
         }
@@ -446,7 +457,7 @@ impl BinaryServer {
     }
 
     pub fn token(&self, sub: &str) -> String {
-        let minter = agentwire::auth::Minter::new(&agentwire::config::AuthConfig::default()).unwrap();
+        let minter = agentwire::auth::Minter::new(&test_auth()).unwrap();
         minter.mint(sub, None, 3600).unwrap().0
     }
 
