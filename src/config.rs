@@ -217,7 +217,7 @@ impl Default for AgentConfig {
         AgentConfig {
             kind: AgentKind::Demo,
             step_delay_ms: 120,
-            max_runs_per_user: 4,
+            max_runs_per_user: 16,
             run_timeout_secs: 300,
             max_response_bytes: 1 << 20,
             max_queued_runs: 10_000,

@@ -129,6 +129,17 @@ async fn upgrade(
             "the server is shutting down",
         ));
     }
+    // A registry that is behind takes no new setups: a quick 503 with a spread-out Retry-After
+    // instead of sockets that hang in `accepted`, and no herd of clients retrying in step.
+    let backlog = env.metrics.registry_backlog.get();
+    if backlog >= state.config.limits.max_registry_backlog as i64 {
+        env.metrics.fail("registry_behind");
+        info!("upgrade from {peer} refused: {backlog} setups wait for the registry (limits.max_registry_backlog)");
+        let retry_after = rand::random_range(1..=10u32).to_string();
+        return Ok(HttpResponse::ServiceUnavailable()
+            .insert_header((header::RETRY_AFTER, retry_after))
+            .json(HttpError { error: "over_capacity", message: "the server is catching up; retry later" }));
+    }
     let Some(slot) = state.slots.try_acquire() else {
         env.metrics.fail("over_capacity");
         info!("upgrade from {peer} refused: limits.max_connections reached");

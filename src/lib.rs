@@ -12,6 +12,7 @@ pub mod config;
 pub mod frame_guard;
 pub mod http;
 pub mod loadtest;
+pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;
@@ -123,7 +124,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     }
 
     let metrics = Arc::new(Metrics::new());
-    let agent = agent::start_runtime(&config.agent);
+    let agent = agent::start_runtime(&config.agent, &config.faults);
     let registry = Registry::new(RegistrySettings::from_config(&config), Arc::clone(&metrics), agent).start();
     let limits = &config.limits;
     let env = Arc::new(SessionEnv {
@@ -133,6 +134,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         field_limits: FieldLimits { max_content_chars: limits.max_content_chars },
         pending_messages: limits.pending_messages,
         pending_bytes: limits.pending_bytes,
+        max_outbound_bytes: limits.max_outbound_bytes,
         max_message_bytes: limits.max_message_bytes,
         auth_timeout: Duration::from_secs(config.auth.timeout_secs),
         auth_leeway: Duration::from_secs(config.auth.leeway_secs),

@@ -2,7 +2,8 @@
 //! several servers in one process (the tests) never mix their counts.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::state::ConnectionState;
@@ -20,6 +21,11 @@ pub struct Metrics {
     pub frames_sent: IntCounter,
     pub slow_consumer_closes: IntCounter,
     pub event_delivery_seconds: Histogram,
+    /// Connection setups sent to the registry and not yet handled by it.
+    pub registry_backlog: IntGauge,
+    pub user_streams: IntGauge,
+    pub history_bytes: IntGauge,
+    pub runs_in_progress: IntGauge,
 }
 
 impl Metrics {
@@ -45,7 +51,18 @@ impl Metrics {
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             register(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid"))
         };
+        let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help).expect("valid"));
         Metrics {
+            registry_backlog: gauge(
+                "agentwire_registry_backlog",
+                "Connection setups waiting for the registry (limits.max_registry_backlog)",
+            ),
+            user_streams: gauge("agentwire_user_streams", "User streams kept (history.max_users)"),
+            history_bytes: gauge(
+                "agentwire_history_bytes",
+                "Bytes of history kept, all streams (history.max_bytes)",
+            ),
+            runs_in_progress: gauge("agentwire_runs_in_progress", "Runs started and not ended"),
             connections_opened: counter(
                 "agentwire_connections_opened_total",
                 "WebSocket sessions registered",

@@ -18,6 +18,7 @@ use actix_web::error::PayloadError;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError, WebsocketContext};
 use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
 use futures_util::Stream;
 use log::{debug, info, warn};
 
@@ -46,6 +47,9 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`limits.max_outbound_bytes`) is what bounds a slow session's backlog.
 pub const MAILBOX_CAPACITY: usize = 65_536;
 
+/// How often a session with a resume backlog checks whether its peer has read enough for more.
+const BACKLOG_RETRY: Duration = Duration::from_millis(5);
+
 /// `token_expiring` is sent this long before the token's `exp`.
 pub const TOKEN_EXPIRY_NOTICE: Duration = Duration::from_secs(60);
 
@@ -58,6 +62,7 @@ pub struct SessionEnv {
     pub pending_messages: usize,
     pub pending_bytes: usize,
     pub max_message_bytes: usize,
+    pub max_outbound_bytes: usize,
     pub auth_timeout: Duration,
     pub auth_leeway: Duration,
     pub heartbeat_interval: Duration,
@@ -103,6 +108,12 @@ pub struct Session {
     held_close: Option<Option<CloseReason>>,
     /// This connection's place under the unauthenticated caps, given back once it authenticates.
     unauthenticated: Option<UnauthenticatedSlot>,
+    /// Frames still to write after a resume: the replay (shared with the stream's history, not
+    /// counted yet) and the live events that came in behind it (counted by the registry when it
+    /// handed them over). Written only while the unsent output is under
+    /// `limits.max_outbound_bytes`, so a resume from seq 0 holds no more than live events may.
+    backlog: VecDeque<(ByteString, bool)>,
+    backlog_pump: Option<SpawnHandle>,
     /// A fragmented text message being reassembled.
     fragments: Option<BytesMut>,
     last_heard: Instant,
@@ -138,6 +149,8 @@ impl Session {
             held: Vec::new(),
             held_close: None,
             unauthenticated,
+            backlog: VecDeque::new(),
+            backlog_pump: None,
             fragments: None,
             last_heard: now,
             expiry_timers: Vec::new(),
@@ -252,6 +265,7 @@ impl Session {
                 self.identity = Some(identity.clone());
                 self.unauthenticated = None;
                 let resume = self.resume.take();
+                self.env.metrics.registry_backlog.inc();
                 self.env.registry.do_send(Authenticate { id: self.id, identity, resume });
                 self.begin_setup(ctx);
             }
@@ -301,10 +315,8 @@ impl Session {
         }
         .to_text();
         self.write_text(ctx, ready);
-        for frame in replay {
-            self.outbound.add(encoded_len(frame.len()));
-            ctx.text(frame);
-        }
+        self.backlog.extend(replay.into_iter().map(|frame| (frame, false)));
+        self.pump_backlog(ctx);
         self.schedule_token_expiry(ctx);
         // Early messages, in arrival order, right after the ready frame (section 3); parsed only
         // now, when the connection has an owner.
@@ -316,6 +328,26 @@ impl Session {
             let parsed = parse_client_frame(&early, self.env.field_limits);
             self.process(parsed, ctx);
         }
+    }
+
+    /// Writes the resume backlog while the session is within its outbound budget; what is left
+    /// waits for the peer to read (checked every few milliseconds while anything is left).
+    fn pump_backlog(&mut self, ctx: &mut WebsocketContext<Self>) {
+        let budget = self.env.max_outbound_bytes as i64;
+        while self.outbound.pending() < budget {
+            let Some((frame, counted)) = self.backlog.pop_front() else { break };
+            if !counted {
+                self.outbound.add(encoded_len(frame.len()));
+            }
+            ctx.text(frame);
+        }
+        if self.backlog.is_empty() || self.backlog_pump.is_some() || self.phase != Phase::ProcessingReady {
+            return;
+        }
+        self.backlog_pump = Some(ctx.run_later(BACKLOG_RETRY, |session, ctx| {
+            session.backlog_pump = None;
+            session.pump_backlog(ctx);
+        }));
     }
 
     /// `token_expiring` 60 s before `exp`, close 4003 at `exp` + leeway (section 2).
@@ -463,6 +495,12 @@ impl Session {
                 self.env.metrics.event_delivery_seconds.observe(waited);
             }
         }
+        if !self.backlog.is_empty() {
+            // Behind a resume that is still being written: in seq order, after it.
+            self.backlog.push_back((delivery.first, true));
+            self.backlog.extend(delivery.rest.into_iter().map(|frame| (frame, true)));
+            return;
+        }
         // Written into the context's buffer together: the dispatcher sends them in one write.
         ctx.text(delivery.first);
         for frame in delivery.rest {
@@ -509,6 +547,7 @@ impl Actor for Session {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         // With a token from the upgrade, the whole setup is asked for at once.
         let resume = if self.identity.is_some() { self.resume.take() } else { None };
+        self.env.metrics.registry_backlog.inc();
         self.env.registry.do_send(Register {
             id: self.id,
             session: ctx.address().recipient(),

@@ -13,17 +13,45 @@ use crate::protocol::{AgentOutput, RunStatus};
 
 pub struct DemoAgent {
     step_delay: Duration,
+    /// `agent.max_queued_runs`: the bound of this actor's mailbox.
+    mailbox: usize,
+    slow: SlowStep,
     runs: HashMap<String, SpawnHandle>,
 }
 
+/// `[faults] slow_agent_*`: the tool step of these users' runs blocks for this long, as an
+/// expensive tool would.
+#[derive(Clone, Debug, Default)]
+pub struct SlowStep {
+    pub user_prefix: String,
+    pub block: Duration,
+}
+
+impl SlowStep {
+    pub fn from_faults(faults: &crate::config::FaultsConfig) -> SlowStep {
+        SlowStep {
+            user_prefix: faults.slow_agent_user_prefix.clone(),
+            block: Duration::from_millis(faults.slow_agent_step_ms),
+        }
+    }
+
+    fn applies_to(&self, user_id: &str) -> bool {
+        !self.block.is_zero() && user_id.starts_with(&self.user_prefix)
+    }
+}
+
 impl DemoAgent {
-    pub fn new(step_delay: Duration) -> DemoAgent {
-        DemoAgent { step_delay, runs: HashMap::new() }
+    pub fn new(step_delay: Duration, mailbox: usize, slow: SlowStep) -> DemoAgent {
+        DemoAgent { step_delay, mailbox, slow, runs: HashMap::new() }
     }
 }
 
 impl Actor for DemoAgent {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.mailbox);
+    }
 }
 
 /// The tool call the demo makes for a message, with its result.
@@ -140,11 +168,29 @@ impl Handler<StartRun> for DemoAgent {
 
     fn handle(&mut self, msg: StartRun, ctx: &mut Self::Context) {
         let StartRun { run, sink } = msg;
-        let outputs = plan(&run);
         let delay = self.step_delay;
         let run_id = run.run_id.clone();
+        let slow = self.slow.applies_to(&run.user_id).then_some(self.slow.block);
+        let finished = run_id.clone();
+        let key = run_id.clone();
         let work = async move {
             let started = Instant::now();
+            // The tool runs on the blocking pool: an expensive step (a big expression, or the
+            // rehearsed slow step) holds up its own run only, never this actor's other runs.
+            let planned = actix_web::rt::task::spawn_blocking(move || {
+                if let Some(block) = slow {
+                    std::thread::sleep(block);
+                }
+                plan(&run)
+            });
+            let Ok(outputs) = planned.await else {
+                let output = AgentOutput::Error {
+                    code: "agent_failed".into(),
+                    message: "the demo agent's tool failed".into(),
+                };
+                sink.do_send(AgentEvent { run_id, output });
+                return;
+            };
             let mut tool_started = started;
             for mut output in outputs {
                 if !delay.is_zero() {
@@ -154,11 +200,10 @@ impl Handler<StartRun> for DemoAgent {
                 sink.do_send(AgentEvent { run_id: run_id.clone(), output });
             }
         };
-        let finished = run.run_id.clone();
         let handle = ctx.spawn(work.into_actor(self).map(move |_, agent, _| {
             agent.runs.remove(&finished);
         }));
-        self.runs.insert(run.run_id, handle);
+        self.runs.insert(key, handle);
     }
 }
 

@@ -9,7 +9,7 @@ pub mod demo;
 
 use actix::prelude::*;
 
-use crate::config::{AgentConfig, AgentKind};
+use crate::config::{AgentConfig, AgentKind, FaultsConfig};
 use crate::protocol::AgentOutput;
 
 /// What a run is about: enough for any runtime to answer the message.
@@ -53,11 +53,18 @@ pub struct AgentHandle {
     pub stop: Recipient<StopRun>,
 }
 
-/// Starts the runtime `agent.kind` names on the current arbiter.
-pub fn start_runtime(config: &AgentConfig) -> AgentHandle {
+/// Starts the runtime `agent.kind` names on an arbiter (thread) of its own: agent work never
+/// runs on the registry's thread, so a slow agent cannot hold up setups and fan-out.
+pub fn start_runtime(config: &AgentConfig, faults: &FaultsConfig) -> AgentHandle {
+    let arbiter = Arbiter::new();
     match config.kind {
         AgentKind::Demo => {
-            let addr = demo::DemoAgent::new(std::time::Duration::from_millis(config.step_delay_ms)).start();
+            let agent = demo::DemoAgent::new(
+                std::time::Duration::from_millis(config.step_delay_ms),
+                config.max_queued_runs,
+                demo::SlowStep::from_faults(faults),
+            );
+            let addr = demo::DemoAgent::start_in_arbiter(&arbiter.handle(), move |_| agent);
             AgentHandle { name: "demo", start: addr.clone().recipient(), stop: addr.recipient() }
         }
     }

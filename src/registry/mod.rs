@@ -8,6 +8,7 @@
 
 pub mod messages;
 pub mod stream;
+pub mod users;
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -29,30 +30,46 @@ use crate::protocol::{
     close, now_ms, user_message_payload, AgentOutput, ErrorCode, Event, EventKind, PublishResponse,
     RunStatus, ServerFrame,
 };
+use crate::ratelimit::Verdict;
 use crate::state::ConnectionState;
 pub use messages::*;
-use stream::{ResumeRequest, UserStream};
+use stream::{HistoryLimits, ResumeRequest};
+use users::{SeenMessage, UserLimits, Users};
 
 /// The parts of the configuration the registry acts on.
 #[derive(Clone, Debug)]
 pub struct RegistrySettings {
     pub max_sessions_per_user: usize,
-    pub events_per_user: usize,
-    pub history_ttl: Duration,
+    pub users: UserLimits,
     pub setup_delay: Duration,
     pub fail_setup_user_prefix: String,
     pub max_outbound_bytes: usize,
+    pub max_runs_per_user: usize,
+    pub run_timeout: Duration,
+    pub max_response_bytes: usize,
 }
 
 impl RegistrySettings {
     pub fn from_config(config: &Config) -> RegistrySettings {
         RegistrySettings {
             max_sessions_per_user: config.limits.max_sessions_per_user,
-            events_per_user: config.history.events_per_user,
-            history_ttl: Duration::from_secs(config.history.ttl_secs),
+            users: UserLimits {
+                history: HistoryLimits {
+                    events: config.history.events_per_user,
+                    bytes: config.history.max_bytes_per_user,
+                },
+                max_history_bytes: config.history.max_bytes,
+                max_users: config.history.max_users,
+                dedupe_per_user: config.history.dedupe_per_user,
+                ttl: Duration::from_secs(config.history.ttl_secs),
+                messages_per_second: config.limits.user_messages_per_second,
+            },
             setup_delay: Duration::from_millis(config.faults.setup_delay_ms),
             fail_setup_user_prefix: config.faults.fail_setup_user_prefix.clone(),
             max_outbound_bytes: config.limits.max_outbound_bytes,
+            max_runs_per_user: config.agent.max_runs_per_user,
+            run_timeout: Duration::from_secs(config.agent.run_timeout_secs),
+            max_response_bytes: config.agent.max_response_bytes,
         }
     }
 }
@@ -66,21 +83,6 @@ struct Connection {
     /// Over its outbound budget: no more deliveries, a 4008 close is on its way.
     slow: bool,
     connected_at: u64,
-}
-
-/// What the registry remembers of a `client_msg_id` so a repeat is acked with the same ids.
-struct SeenMessage {
-    message_id: String,
-    run_id: String,
-    seq: u64,
-    at: Instant,
-}
-
-struct User {
-    /// Connections holding one of the user's session slots (authenticated and later).
-    sessions: Vec<ConnectionId>,
-    stream: UserStream,
-    seen_messages: HashMap<String, SeenMessage>,
 }
 
 /// A run that has started and not ended.
@@ -98,12 +100,13 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     agent: AgentHandle,
     connections: HashMap<ConnectionId, Connection>,
-    users: HashMap<String, User>,
+    users: Users,
     runs: HashMap<String, Run>,
     /// Reused to serialise events, so each costs one exact-size allocation.
     scratch: Vec<u8>,
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
     shutting_down: bool,
+    trimmer: crate::memory::Trimmer,
 }
 
 /// `prefix` + 16 random characters: message and run ids.
@@ -115,8 +118,11 @@ fn new_id(prefix: &str) -> String {
 }
 
 /// Hands frames to one session within its outbound budget, as one mailbox message however many
-/// they are. Over budget, or with its mailbox full, the session is flagged slow and told to close
-/// with 4008; nothing more is sent to it.
+/// they are. A session is slow when what it had not yet sent was already over the budget before
+/// these frames (or its mailbox is full): it is flagged, told to close with 4008, and sent
+/// nothing more. Judging the backlog before the frames, not after, is what lets a reading
+/// session take a publish batch of up to `api.max_body_bytes` whole, which is about as large as
+/// the budget itself; what a session can hold is then bounded by the budget plus one batch.
 fn deliver(
     connection: &mut Connection,
     id: ConnectionId,
@@ -130,8 +136,8 @@ fn deliver(
         return false;
     }
     let cost: usize = frames.iter().map(|f| encoded_len(f.len())).sum();
-    let queued = connection.outbound.add(cost);
-    let sent = queued <= max_outbound_bytes as i64 && {
+    let before = connection.outbound.add(cost) - cost as i64;
+    let sent = before <= max_outbound_bytes as i64 && {
         let delivery = Delivery { first: first.clone(), rest: rest.to_vec(), created };
         connection.session.try_send(ToSession::Deliver(delivery)).is_ok()
     };
@@ -161,22 +167,36 @@ impl Actor for Registry {
     fn started(&mut self, ctx: &mut Self::Context) {
         // The registry's mailbox is unbounded on purpose: sessions `do_send` a handful of setup
         // messages each, and HTTP routes wait for answers.
-        let sweep = self.settings.history_ttl.min(Duration::from_secs(5)).max(Duration::from_millis(100));
-        ctx.run_interval(sweep, |registry, _| registry.forget_idle_streams());
+        // A quarter of the TTL, so a stream outlives its TTL by at most that much.
+        let sweep = (self.settings.users.ttl / 4).min(Duration::from_secs(5)).max(Duration::from_millis(100));
+        ctx.run_interval(sweep, |registry, _| {
+            registry.users.forget_idle();
+            registry.metrics.user_streams.set(registry.users.len() as i64);
+            registry.metrics.history_bytes.set(registry.users.history_bytes() as i64);
+            registry.metrics.runs_in_progress.set(registry.runs.len() as i64);
+        });
+        ctx.run_interval(Duration::from_secs(2), |registry, _| {
+            registry.trimmer.observe(registry.connections.len())
+        });
+        let overdue =
+            (self.settings.run_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        ctx.run_interval(overdue, |registry, _| registry.end_overdue_runs());
     }
 }
 
 impl Registry {
     pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>, agent: AgentHandle) -> Registry {
+        let users = Users::new(settings.users);
         Registry {
             settings,
             metrics,
             agent,
             connections: HashMap::new(),
-            users: HashMap::new(),
+            users,
             runs: HashMap::new(),
             scratch: Vec::with_capacity(4096),
             shutting_down: false,
+            trimmer: crate::memory::Trimmer::new(),
         }
     }
 
@@ -237,14 +257,13 @@ impl Registry {
         }
     }
 
-    fn user_mut(&mut self, user_id: &str) -> &mut User {
-        let capacity = self.settings.events_per_user;
-        self.users.entry(user_id.to_owned()).or_insert_with(|| {
-            let mut stream = UserStream::new(capacity);
-            // A stream created by a publish, before any session, starts its TTL at once.
-            stream.idle_since = Some(Instant::now());
-            User { sessions: Vec::new(), stream, seen_messages: HashMap::new() }
-        })
+    /// A connection the registry gave up on (slow): out of the fan-out and of its user's
+    /// session cap at once, while its actor may take a while to stop.
+    fn abandon(&mut self, id: ConnectionId) {
+        if self.connections.get(&id).is_some_and(|c| c.state.can_transition_to(ConnectionState::Closing)) {
+            let _ = self.transition(id, ConnectionState::Closing);
+        }
+        self.release_user_slot(id);
     }
 
     /// Appends events to a user's stream and fans them out to the user's ready sessions: each
@@ -253,7 +272,7 @@ impl Registry {
     fn publish(&mut self, user_id: &str, events: &[NewEvent<'_>]) -> (Vec<u64>, usize) {
         let created = Instant::now();
         let mut scratch = std::mem::take(&mut self.scratch);
-        let user = self.user_mut(user_id);
+        let user = self.users.entry(user_id);
         let mut seqs = Vec::with_capacity(events.len());
         let mut frames = Vec::with_capacity(events.len());
         for event in events {
@@ -266,28 +285,36 @@ impl Registry {
                 run_id: event.run_id,
                 payload: event.payload,
             };
-            let frame = wire.to_frame(&mut scratch);
-            user.stream.push(seq, frame.clone());
             seqs.push(seq);
-            frames.push(frame);
+            frames.push(wire.to_frame(&mut scratch));
         }
         // Section 6: an offline user's stream is kept for the TTL after its last event.
         if user.sessions.is_empty() {
             user.stream.idle_since = Some(created);
+        }
+        for (seq, frame) in seqs.iter().zip(&frames) {
+            self.users.keep(user_id, *seq, frame.clone());
         }
         self.scratch = scratch;
         self.metrics.events_published.inc_by(events.len() as u64);
         let Some(user) = self.users.get(user_id) else { return (seqs, 0) };
         let max = self.settings.max_outbound_bytes;
         let mut reached = 0;
+        let mut slow = Vec::new();
         for id in &user.sessions {
             if let Some(connection) = self.connections.get_mut(id) {
-                if connection.state == ConnectionState::ProcessingReady
-                    && deliver(connection, *id, &frames, Some(created), max, &self.metrics)
-                {
+                if connection.state != ConnectionState::ProcessingReady {
+                    continue;
+                }
+                if deliver(connection, *id, &frames, Some(created), max, &self.metrics) {
                     reached += 1;
+                } else {
+                    slow.push(*id);
                 }
             }
+        }
+        for id in slow {
+            self.abandon(id);
         }
         (seqs, reached)
     }
@@ -302,7 +329,9 @@ impl Registry {
         let max = self.settings.max_outbound_bytes;
         if let Some(connection) = self.connections.get_mut(&id) {
             let frame = ByteString::from(frame.to_text());
-            deliver(connection, id, std::slice::from_ref(&frame), None, max, &self.metrics);
+            if !deliver(connection, id, std::slice::from_ref(&frame), None, max, &self.metrics) {
+                self.abandon(id);
+            }
         }
     }
 
@@ -314,21 +343,6 @@ impl Registry {
             return None;
         }
         connection.user_id.clone()
-    }
-
-    /// Streams of users with no session for `history.ttl_secs` are forgotten (section 6), and
-    /// so are the `client_msg_id`s seen longer ago than that.
-    fn forget_idle_streams(&mut self) {
-        let ttl = self.settings.history_ttl;
-        let before = self.users.len();
-        self.users.retain(|_, user| {
-            user.seen_messages.retain(|_, seen| seen.at.elapsed() < ttl);
-            !user.sessions.is_empty() || user.stream.idle_since.is_none_or(|since| since.elapsed() < ttl)
-        });
-        let forgotten = before - self.users.len();
-        if forgotten > 0 {
-            debug!("forgot {forgotten} idle user streams");
-        }
     }
 
     /// `authenticated`: binds the connection to its user, within the user's session cap. Then
@@ -351,7 +365,7 @@ impl Registry {
         }
         let user_id = identity.user_id;
         let cap = self.settings.max_sessions_per_user;
-        let user = self.user_mut(&user_id);
+        let user = self.users.entry(&user_id);
         if user.sessions.len() >= cap {
             self.fail_setup(id, "too_many_sessions", close::TOO_MANY_SESSIONS, None);
             return;
@@ -386,7 +400,7 @@ impl Registry {
             self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
             return;
         }
-        self.user_mut(&user_id);
+        self.users.entry(&user_id);
         if self.transition(id, ConnectionState::ServicesReady).is_err() {
             self.refuse_out_of_order(id);
             return;
@@ -402,7 +416,7 @@ impl Registry {
             self.refuse_out_of_order(id);
             return;
         }
-        let stream = &self.user_mut(user_id).stream;
+        let stream = &self.users.entry(user_id).stream;
         let replay = stream.replay(resume.as_ref());
         let answer = ToSession::ProcessingReady {
             epoch: stream.epoch().to_owned(),
@@ -425,6 +439,7 @@ impl Handler<Register> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Register, ctx: &mut Self::Context) {
+        self.metrics.registry_backlog.dec();
         let id = msg.id;
         let connection = Connection {
             state: ConnectionState::Accepted,
@@ -457,6 +472,7 @@ impl Handler<Authenticate> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Authenticate, ctx: &mut Self::Context) {
+        self.metrics.registry_backlog.dec();
         self.authenticate(msg.id, msg.identity, msg.resume, ctx);
     }
 }
@@ -469,14 +485,30 @@ impl Handler<SubmitMessage> for Registry {
         let Some(user_id) = self.ready_user(id) else { return };
         let message = msg.message;
         let client_msg_id = message.client_msg_id.as_deref();
+        let max_runs = self.settings.max_runs_per_user;
+        let user = self.users.entry(&user_id);
         // A repeated client_msg_id is acked again with the same ids and starts nothing.
-        if let Some(seen) = client_msg_id.and_then(|c| self.user_mut(&user_id).seen_messages.get(c)) {
+        if let Some(seen) = client_msg_id.and_then(|c| user.seen(c)) {
             let (message_id, run_id, seq) = (seen.message_id.clone(), seen.run_id.clone(), seen.seq);
             debug!("{id}: repeated client_msg_id; acked again");
             let ack = ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq };
             self.send_to(id, ack);
             return;
         }
+        // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
+        let refusal = if user.limiter.check(Instant::now()) != Verdict::Allow {
+            Some("too many messages from this user across its sessions; slow down")
+        } else if user.runs_in_progress >= max_runs {
+            Some("too many runs in progress for this user; wait for one to end or cancel one")
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            debug!("{id}: user_message of user {user_id} refused: {message}");
+            self.send_to(id, ServerFrame::error(ErrorCode::RateLimited, message, Some("user_message")));
+            return;
+        }
+        user.runs_in_progress += 1;
         let message_id = new_id("m_");
         let run_id = new_id("r_");
         let payload = user_message_payload(&message_id, &message.content, client_msg_id);
@@ -495,7 +527,8 @@ impl Handler<SubmitMessage> for Registry {
                 seq,
                 at: Instant::now(),
             };
-            self.user_mut(&user_id).seen_messages.insert(client_msg_id, seen);
+            let cap = self.users.limits().dedupe_per_user;
+            self.users.entry(&user_id).remember(client_msg_id, seen, cap);
         }
         let run = Run {
             user_id: Rc::from(user_id.as_str()),
@@ -506,13 +539,64 @@ impl Handler<SubmitMessage> for Registry {
         self.runs.insert(run_id.clone(), run);
         debug!("{id}: run {run_id} started for user {user_id}");
         let request = RunRequest {
-            run_id,
+            run_id: run_id.clone(),
             user_id,
             thread_id: message.thread_id,
             message_id,
             content: message.content,
         };
-        self.agent.start.do_send(StartRun { run: request, sink: ctx.address().recipient() });
+        // The runtime's mailbox is bounded (`agent.max_queued_runs`): a runtime that is behind
+        // ends the run at once instead of piling requests up.
+        let start = StartRun { run: request, sink: ctx.address().recipient() };
+        if self.agent.start.try_send(start).is_err() {
+            warn!("run {run_id}: the agent runtime is behind (agent.max_queued_runs); run ended");
+            self.metrics.fail("agent_unavailable");
+            let output = AgentOutput::Error {
+                code: "agent_unavailable".into(),
+                message: "the agent is too busy to take this run; try again shortly".into(),
+            };
+            self.end_run(&run_id, output);
+        }
+    }
+}
+
+impl Registry {
+    /// Ends a run with its terminal event: out of the run table and of its user's count, then
+    /// onto the stream. Nothing of the run is published after this.
+    fn end_run(&mut self, run_id: &str, output: AgentOutput) {
+        let Some(run) = self.runs.remove(run_id) else { return };
+        if let Some(user) = self.users.get_mut(&run.user_id) {
+            user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
+        }
+        let payload = output.payload();
+        let end = NewEvent {
+            kind: output.kind(),
+            thread_id: &run.thread_id,
+            run_id: Some(run_id),
+            payload: &payload,
+        };
+        self.publish_one(&run.user_id, end);
+    }
+
+    /// `agent.run_timeout_secs`: a run whose agent never ends it is ended here.
+    fn end_overdue_runs(&mut self) {
+        let deadline = self.settings.run_timeout;
+        let overdue: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|(_, run)| run.started.elapsed() >= deadline)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for run_id in overdue {
+            warn!("run {run_id}: no end after {deadline:?}; ended with agent_timeout");
+            self.metrics.fail("agent_timeout");
+            self.agent.stop.do_send(StopRun { run_id: run_id.clone() });
+            let output = AgentOutput::Error {
+                code: "agent_timeout".into(),
+                message: format!("the agent did not finish within {} seconds", deadline.as_secs()),
+            };
+            self.end_run(&run_id, output);
+        }
     }
 }
 
@@ -526,20 +610,24 @@ impl Handler<AgentEvent> for Registry {
             debug!("event of ended run {run_id} dropped");
             return;
         };
-        if let AgentOutput::MessageChunk { delta } = &output {
-            run.response.push_str(delta);
+        if output.kind().is_terminal() {
+            return self.end_run(&run_id, output);
         }
-        let kind = output.kind();
-        let (user_id, thread_id) = if kind.is_terminal() {
-            let run = self.runs.remove(&run_id).expect("looked up above");
-            (run.user_id, run.thread_id)
-        } else {
-            (run.user_id.clone(), run.thread_id.clone())
-        };
+        if let AgentOutput::MessageChunk { delta } = &output {
+            // Kept for a cancel's `agent_completed`, up to `agent.max_response_bytes`; the
+            // chunks themselves all go out.
+            let room = self.settings.max_response_bytes.saturating_sub(run.response.len());
+            let mut cut = delta.len().min(room);
+            while !delta.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            run.response.push_str(&delta[..cut]);
+        }
+        let (user_id, thread_id) = (run.user_id.clone(), run.thread_id.clone());
         let payload = output.payload();
         self.publish_one(
             &user_id,
-            NewEvent { kind, thread_id: &thread_id, run_id: Some(&run_id), payload: &payload },
+            NewEvent { kind: output.kind(), thread_id: &thread_id, run_id: Some(&run_id), payload: &payload },
         );
     }
 }
@@ -551,8 +639,7 @@ impl Handler<CancelRequest> for Registry {
         let id = msg.id;
         let Some(user_id) = self.ready_user(id) else { return };
         // Another user's run is indistinguishable from an unknown one.
-        let owned = self.runs.get(&msg.run_id).is_some_and(|run| *run.user_id == *user_id);
-        let Some(run) = owned.then(|| self.runs.remove(&msg.run_id)).flatten() else {
+        let Some(run) = self.runs.get_mut(&msg.run_id).filter(|run| *run.user_id == *user_id) else {
             let message = format!("no running run {} of yours", msg.run_id);
             self.send_to(id, ServerFrame::error(ErrorCode::NotFound, &message, Some("cancel_run")));
             return;
@@ -561,17 +648,10 @@ impl Handler<CancelRequest> for Registry {
         self.agent.stop.do_send(StopRun { run_id: msg.run_id.clone() });
         let output = AgentOutput::Completed {
             status: RunStatus::Cancelled,
-            content: run.response,
+            content: std::mem::take(&mut run.response),
             duration_ms: run.started.elapsed().as_millis() as u64,
         };
-        let payload = output.payload();
-        let end = NewEvent {
-            kind: EventKind::AgentCompleted,
-            thread_id: &run.thread_id,
-            run_id: Some(&msg.run_id),
-            payload: &payload,
-        };
-        self.publish_one(&user_id, end);
+        self.end_run(&msg.run_id, output);
     }
 }
 

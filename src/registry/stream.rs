@@ -29,19 +29,47 @@ struct StoredEvent {
     frame: ByteString,
 }
 
+/// How much history one stream may keep: `history.events_per_user` and
+/// `history.max_bytes_per_user`.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryLimits {
+    pub events: usize,
+    pub bytes: usize,
+}
+
 pub struct UserStream {
     epoch: String,
     last_seq: u64,
     history: VecDeque<StoredEvent>,
-    capacity: usize,
-    /// When the user's last session closed; `None` while a session is open.
+    limits: HistoryLimits,
+    /// Bytes of the frames in `history`.
+    bytes: usize,
+    /// When the user's last session closed, or the last event while none is open; `None` while
+    /// a session is open.
     pub idle_since: Option<Instant>,
 }
 
 impl UserStream {
-    pub fn new(capacity: usize) -> UserStream {
+    pub fn new(limits: HistoryLimits) -> UserStream {
         let epoch = Alphanumeric.sample_string(&mut rand::rng(), 8).to_ascii_lowercase();
-        UserStream { epoch, last_seq: 0, history: VecDeque::new(), capacity, idle_since: None }
+        UserStream { epoch, last_seq: 0, history: VecDeque::new(), limits, bytes: 0, idle_since: None }
+    }
+
+    /// Bytes the history holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The seq of the oldest event kept, if any.
+    pub fn oldest_seq(&self) -> Option<u64> {
+        self.history.front().map(|e| e.seq)
+    }
+
+    /// Drops the oldest event kept; returns its bytes (0 when there was none).
+    pub fn drop_oldest(&mut self) -> usize {
+        let dropped = self.history.pop_front().map_or(0, |e| e.frame.len());
+        self.bytes -= dropped;
+        dropped
     }
 
     pub fn epoch(&self) -> &str {
@@ -58,12 +86,17 @@ impl UserStream {
         self.last_seq
     }
 
-    /// Keeps an event for resume, dropping the oldest beyond the capacity.
-    pub fn push(&mut self, seq: u64, frame: ByteString) {
-        if self.history.len() == self.capacity {
-            self.history.pop_front();
-        }
+    /// Keeps an event for resume, dropping the oldest beyond the count and byte limits (an
+    /// event larger than the byte limit is not kept at all). Returns the bytes the history grew
+    /// by, which is negative when more was dropped than added.
+    pub fn push(&mut self, seq: u64, frame: ByteString) -> isize {
+        let before = self.bytes as isize;
+        self.bytes += frame.len();
         self.history.push_back(StoredEvent { seq, frame });
+        while self.history.len() > self.limits.events || self.bytes > self.limits.bytes {
+            self.drop_oldest();
+        }
+        self.bytes as isize - before
     }
 
     /// Section 6: everything retained after `last_seq`, `complete` when nothing was lost. Without
@@ -87,8 +120,12 @@ impl UserStream {
 mod tests {
     use super::*;
 
+    fn limits(events: usize) -> HistoryLimits {
+        HistoryLimits { events, bytes: usize::MAX }
+    }
+
     fn stream_with(capacity: usize, events: u64) -> UserStream {
-        let mut stream = UserStream::new(capacity);
+        let mut stream = UserStream::new(limits(capacity));
         for _ in 0..events {
             let seq = stream.next_seq();
             stream.push(seq, ByteString::from(seq.to_string()));
@@ -133,8 +170,25 @@ mod tests {
     }
 
     #[test]
+    fn bytes_are_capped_oldest_first() {
+        let mut stream = UserStream::new(HistoryLimits { events: 100, bytes: 10 });
+        for frame in ["aaaa", "bbbb", "cccc"] {
+            let seq = stream.next_seq();
+            stream.push(seq, ByteString::from(frame));
+        }
+        assert_eq!(stream.bytes(), 8);
+        let (frames, info) = resume(&stream, 0, None);
+        assert_eq!(frames, ["bbbb", "cccc"]);
+        assert!(!info.complete, "seq 1 was dropped for bytes");
+        // An event larger than the whole budget empties the history and is not kept either.
+        let seq = stream.next_seq();
+        assert_eq!(stream.push(seq, ByteString::from("x".repeat(11))), -8);
+        assert_eq!((stream.bytes(), stream.oldest_seq()), (0, None));
+    }
+
+    #[test]
     fn fresh_stream_resume_from_zero_is_complete() {
-        let stream = UserStream::new(10);
+        let stream = UserStream::new(limits(10));
         let (frames, info) = resume(&stream, 0, None);
         assert!(frames.is_empty());
         assert_eq!(info, ResumeInfo { from_seq: 1, replayed: 0, complete: true });

@@ -1,0 +1,70 @@
+//! Giving memory back to the operating system after a crowd of sessions has gone.
+//!
+//! glibc's allocator keeps freed memory in its per-thread arenas: after 19,000 sessions close,
+//! the process would keep their peak footprint for good, although nothing of them is left.
+//! `malloc_trim` returns the free pages of every arena. It costs a pass over the heap, so it runs
+//! only after the connection count has fallen well below its last peak, on a thread of its own.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use log::{debug, info};
+
+/// Below this many connections closed since the peak, a trim is not worth its pass.
+const MIN_DROP: usize = 1000;
+
+/// Watches the connection count and trims once it has fallen to half of its peak or less.
+pub struct Trimmer {
+    peak: usize,
+    running: Arc<AtomicBool>,
+}
+
+impl Trimmer {
+    pub fn new() -> Trimmer {
+        Trimmer { peak: 0, running: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Called with the current number of connections from time to time.
+    pub fn observe(&mut self, connections: usize) {
+        self.peak = self.peak.max(connections);
+        if self.peak - connections < MIN_DROP.max(self.peak / 2) {
+            return;
+        }
+        if self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (peak, running) = (self.peak, Arc::clone(&self.running));
+        self.peak = connections;
+        let spawned = std::thread::Builder::new().name("agentwire-trim".into()).spawn(move || {
+            let started = std::time::Instant::now();
+            let released = trim();
+            info!("memory: {peak} -> {connections} connections; returned free heap to the OS ({released}) in {:?}", started.elapsed());
+            running.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            debug!("memory: could not start the trim thread");
+            self.running.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl Default for Trimmer {
+    fn default() -> Self {
+        Trimmer::new()
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() -> &'static str {
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes its own locks.
+    if unsafe { libc::malloc_trim(0) } == 1 {
+        "some"
+    } else {
+        "none"
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() -> &'static str {
+    "not needed on this allocator"
+}
