@@ -8,3 +8,16 @@ console.error = (...args) => {
   __errors.push(args.map(String).join(" "));
   consoleError(...args);
 };
+// A failed request (a 4xx/5xx answer to fetch or a resource) is a console error in the browser
+// but raises no JS event; the Resource Timing entries carry its status where the browser has it.
+if (typeof PerformanceObserver === "function") {
+  try {
+    new PerformanceObserver((list) => {
+      for (const entry of list.getEntries()) {
+        if (entry.responseStatus >= 400) __errors.push(`HTTP ${entry.responseStatus} ${entry.name}`);
+      }
+    }).observe({ type: "resource", buffered: true });
+  } catch (_) {
+    // Older browsers: no resource observer, no check.
+  }
+}

@@ -93,6 +93,12 @@ struct Run {
     started: Instant,
     /// The answer streamed so far, for the `agent_completed` of a cancelled run.
     response: String,
+    /// The message that started the run, for an `agent_started` the registry has to supply.
+    message_id: String,
+    /// `agent_started` is on the stream: a run ended before its agent started it (timeout,
+    /// agent unavailable, cancel) gets one from the registry first, so every run that reaches
+    /// clients starts with `agent_started`.
+    announced: bool,
 }
 
 pub struct Registry {
@@ -535,6 +541,8 @@ impl Handler<SubmitMessage> for Registry {
             thread_id: Rc::from(message.thread_id.as_str()),
             started: Instant::now(),
             response: String::new(),
+            message_id: message_id.clone(),
+            announced: false,
         };
         self.runs.insert(run_id.clone(), run);
         debug!("{id}: run {run_id} started for user {user_id}");
@@ -567,6 +575,18 @@ impl Registry {
         let Some(run) = self.runs.remove(run_id) else { return };
         if let Some(user) = self.users.get_mut(&run.user_id) {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
+        }
+        if !run.announced {
+            let started =
+                AgentOutput::Started { agent: self.agent.name.into(), message_id: run.message_id.clone() };
+            let payload = started.payload();
+            let event = NewEvent {
+                kind: started.kind(),
+                thread_id: &run.thread_id,
+                run_id: Some(run_id),
+                payload: &payload,
+            };
+            self.publish_one(&run.user_id, event);
         }
         let payload = output.payload();
         let end = NewEvent {
@@ -612,6 +632,18 @@ impl Handler<AgentEvent> for Registry {
         };
         if output.kind().is_terminal() {
             return self.end_run(&run_id, output);
+        }
+        match (&output, run.announced) {
+            (AgentOutput::Started { .. }, true) => {
+                debug!("run {run_id}: a second agent_started dropped");
+                return;
+            }
+            (AgentOutput::Started { .. }, false) => run.announced = true,
+            (_, false) => {
+                debug!("run {run_id}: an event before agent_started dropped");
+                return;
+            }
+            _ => {}
         }
         if let AgentOutput::MessageChunk { delta } = &output {
             // Kept for a cancel's `agent_completed`, up to `agent.max_response_bytes`; the

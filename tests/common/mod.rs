@@ -149,6 +149,44 @@ impl Client {
         Client::connect_request(request).await
     }
 
+    /// Connects from `source` (an address of 127.0.0.0/8), as another machine would.
+    pub async fn connect_from(
+        url: &str,
+        source: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        Client::connect_tuned(url, Some(source), None, None).await
+    }
+
+    /// Connects with a chosen source address, receive buffer and bearer token.
+    pub async fn connect_tuned(
+        url: &str,
+        source: Option<&str>,
+        recv_buffer: Option<u32>,
+        bearer: Option<&str>,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        if let Some(token) = bearer {
+            request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let host = request.uri().authority().expect("host and port").as_str().to_owned();
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        if let Some(source) = source {
+            socket.bind(format!("{source}:0").parse().unwrap()).expect("bind the source address");
+        }
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size).expect("receive buffer");
+        }
+        let tcp = tokio::time::timeout(WAIT, socket.connect(host.parse().unwrap()))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let (ws, _) =
+            tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)))
+                .await
+                .expect("upgrade answered in time")?;
+        Ok(Client { ws, connection_id: String::new(), backlog: Default::default() })
+    }
+
     pub async fn connect_request(
         request: tokio_tungstenite::tungstenite::handshake::client::Request,
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
@@ -179,8 +217,10 @@ impl Client {
     }
 
     async fn recv_socket(&mut self) -> Value {
+        // One deadline for the whole wait: the server's heartbeat pings must not extend it.
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
+            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.expect("frame in time");
             match next {
                 Some(Ok(Message::Text(text))) => {
                     return serde_json::from_str(&text).expect("server sent JSON")
@@ -194,8 +234,9 @@ impl Client {
     /// Reads until the server closes; returns the close frame and the text frames before it.
     pub async fn expect_close(&mut self) -> (Option<CloseFrame>, Vec<Value>) {
         let mut before = Vec::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.expect("close in time");
             match next {
                 Some(Ok(Message::Text(text))) => before.push(serde_json::from_str(&text).unwrap()),
                 Some(Ok(Message::Close(frame))) => return (frame, before),
@@ -289,6 +330,17 @@ pub fn refused_upgrade(result: Result<Client, tokio_tungstenite::tungstenite::Er
     }
 }
 
+/// Publishes a batch through the API; returns the status and body.
+pub async fn publish(server: &TestServer, user: &str, events: Vec<Value>) -> (u16, Value) {
+    let body = json!({"user_id": user, "events": events}).to_string();
+    http_post(&server.http("/api/v1/publish"), Some(API_KEY), &body).await
+}
+
+/// One `agent_thinking` event of run `r` on thread `t`, carrying `text`.
+pub fn thinking(text: &str) -> Value {
+    json!({"type": "agent_thinking", "thread_id": "t", "run_id": "r", "payload": {"text": text}})
+}
+
 /// A test server whose demo agent runs without pauses.
 pub fn fast_agent_server() -> TestServer {
     TestServer::with(|c| c.agent.step_delay_ms = 0)
@@ -310,12 +362,18 @@ impl Client {
         if let Some(at) = self.backlog.iter().position(&want) {
             return self.backlog.remove(at).expect("position is in range");
         }
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let frame = self.recv_socket().await;
             if want(&frame) {
                 return frame;
             }
             self.backlog.push_back(frame);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no wanted frame in time; skipped: {:?}",
+                self.backlog
+            );
         }
     }
 
