@@ -132,6 +132,9 @@ pub struct LimitsConfig {
     pub max_outbound_bytes: usize,
     pub heartbeat_interval_secs: u64,
     pub client_timeout_secs: u64,
+    /// Bytes a connection may send before it is authenticated (its `auth` frame included);
+    /// beyond, it is closed with 1008.
+    pub unauthenticated_bytes: usize,
     /// Connections not authenticated yet, server-wide and from one IP address.
     pub max_unauthenticated: usize,
     pub max_unauthenticated_per_ip: usize,
@@ -155,6 +158,7 @@ impl Default for LimitsConfig {
             max_outbound_bytes: 1 << 20,
             heartbeat_interval_secs: 5,
             client_timeout_secs: 30,
+            unauthenticated_bytes: 32_768,
             max_unauthenticated: 1000,
             max_unauthenticated_per_ip: 100,
             user_messages_per_second: 10,
@@ -395,6 +399,7 @@ impl Config {
         let positive = [
             ("limits.pending_bytes", l.pending_bytes as u64),
             ("limits.max_unauthenticated", l.max_unauthenticated as u64),
+            ("limits.unauthenticated_bytes", l.unauthenticated_bytes as u64),
             ("limits.max_unauthenticated_per_ip", l.max_unauthenticated_per_ip as u64),
             ("limits.user_messages_per_second", l.user_messages_per_second as u64),
             ("limits.max_registry_backlog", l.max_registry_backlog as u64),
@@ -465,7 +470,12 @@ impl Config {
     /// Limits that only make sense together; the first broken relation is the one line reported.
     fn check_relations(&self) -> Result<(), ConfigError> {
         let (l, h) = (&self.limits, &self.history);
-        let relations: [(bool, &str, String); 5] = [
+        let relations: [(bool, &str, String); 6] = [
+            (
+                l.unauthenticated_bytes >= crate::protocol::MAX_AUTH_FRAME_BYTES,
+                "limits.unauthenticated_bytes",
+                format!("must be at least {}: the largest auth frame must fit", crate::protocol::MAX_AUTH_FRAME_BYTES),
+            ),
             (
                 l.pending_bytes >= l.max_message_bytes,
                 "limits.pending_bytes",
@@ -654,6 +664,7 @@ mod tests {
         let secret = ("AGENTWIRE__AUTH__SECRET", "a-secret-of-the-test-0123456789");
         let cases: &[(&str, &str)] = &[
             ("AGENTWIRE__LIMITS__PENDING_BYTES", "limits.pending_bytes"),
+            ("AGENTWIRE__LIMITS__UNAUTHENTICATED_BYTES", "limits.unauthenticated_bytes"),
             ("AGENTWIRE__LIMITS__MAX_UNAUTHENTICATED", "limits.max_unauthenticated"),
             ("AGENTWIRE__HISTORY__MAX_BYTES", "history.max_bytes_per_user"),
             ("AGENTWIRE__HISTORY__MAX_USERS", "history.max_users"),

@@ -15,6 +15,8 @@ pub struct FrameGuard {
     header_len: usize,
     /// Payload bytes of the current frame still to pass; 0 while reading a header.
     remaining: u64,
+    /// Frames that have passed whole (header and payload).
+    completed: u64,
 }
 
 /// A frame announced a payload over the limit.
@@ -25,7 +27,13 @@ pub struct Oversized {
 
 impl FrameGuard {
     pub fn new(max_payload: usize) -> FrameGuard {
-        FrameGuard { max_payload: max_payload as u64, header: [0; 14], header_len: 0, remaining: 0 }
+        FrameGuard {
+            max_payload: max_payload as u64,
+            header: [0; 14],
+            header_len: 0,
+            remaining: 0,
+            completed: 0,
+        }
     }
 
     /// Inspects the next chunk of the stream.
@@ -35,6 +43,9 @@ impl FrameGuard {
                 let skip = self.remaining.min(bytes.len() as u64);
                 self.remaining -= skip;
                 bytes = &bytes[skip as usize..];
+                if self.remaining == 0 {
+                    self.completed += 1;
+                }
                 continue;
             }
             self.header[self.header_len] = bytes[0];
@@ -43,9 +54,22 @@ impl FrameGuard {
             if let Some(payload) = self.complete_header()? {
                 self.header_len = 0;
                 self.remaining = payload;
+                if payload == 0 {
+                    self.completed += 1;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Changes the limit for the frames whose headers are still to come.
+    pub fn set_limit(&mut self, max_payload: usize) {
+        self.max_payload = max_payload as u64;
+    }
+
+    /// Frames that have passed whole: each is one message (or fragment) for the decoder.
+    pub fn completed(&self) -> u64 {
+        self.completed
     }
 
     /// The payload length once the header is complete; `None` while more header bytes are due.
@@ -108,7 +132,7 @@ mod tests {
             for chunk in stream.chunks(split) {
                 assert_eq!(guard.inspect(chunk), Ok(()), "split {split}");
             }
-            assert_eq!((guard.header_len, guard.remaining), (0, 0));
+            assert_eq!((guard.header_len, guard.remaining, guard.completed), (0, 0, 6));
         }
     }
 

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod protocol;
 pub mod ratelimit;
+pub mod read_gate;
 pub mod registry;
 pub mod session;
 pub mod state;
@@ -39,6 +40,21 @@ use crate::metrics::Metrics;
 use crate::protocol::FieldLimits;
 use crate::registry::{Registry, RegistrySettings};
 use crate::session::SessionEnv;
+
+/// What a client has sent and the server has not read yet waits in the kernel, in a queue of
+/// this size (the kernel doubles it), not in actix-http's buffers, which take all the kernel
+/// holds in one read. Clients send chat messages, not bulk data; set on the listening socket so
+/// that accepted sockets start with it and the TCP window is sized for it from the first byte.
+const RECEIVE_BUFFER_BYTES: usize = 16 * 1024;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_recv_buffer_size(RECEIVE_BUFFER_BYTES)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
 
 /// Why the server could not start.
 #[derive(Debug)]
@@ -134,6 +150,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         field_limits: FieldLimits { max_content_chars: limits.max_content_chars },
         pending_messages: limits.pending_messages,
         pending_bytes: limits.pending_bytes,
+        unauthenticated_bytes: limits.unauthenticated_bytes,
         max_outbound_bytes: limits.max_outbound_bytes,
         max_message_bytes: limits.max_message_bytes,
         auth_timeout: Duration::from_secs(config.auth.timeout_secs),
@@ -161,6 +178,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     // is what still tears such a connection down (ACTIX-NOTES).
     let user_timeout = Duration::from_secs(config.limits.client_timeout_secs);
 
+    let listener = listen(config.server.bind).map_err(StartError::Io)?;
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
         .on_connect(move |connection, _| {
             if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
@@ -175,10 +193,9 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         // Signals are handled by the binary, which closes sessions with 1012 first.
         .disable_signals()
         .workers(config.worker_count())
-        .backlog(4096)
         .max_connections(config.limits.max_connections.saturating_add(1024))
         .shutdown_timeout(config.server.shutdown_grace_secs)
-        .bind(config.server.bind)
+        .listen(listener)
         .map_err(StartError::Io)?;
     let addr = server.addrs().first().copied().ok_or_else(|| {
         StartError::Io(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address bound"))

@@ -53,6 +53,8 @@ pub const MAX_THREAD_ID_CHARS: usize = 128;
 pub const MAX_CLIENT_MSG_ID_CHARS: usize = 64;
 pub const MAX_RUN_ID_CHARS: usize = 128;
 pub const MAX_TOKEN_BYTES: usize = 8192;
+/// The largest `auth` frame: a token of the largest size and room for its other fields.
+pub const MAX_AUTH_FRAME_BYTES: usize = MAX_TOKEN_BYTES + 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Client to server

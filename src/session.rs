@@ -7,14 +7,12 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::ws::Item;
-use actix_web::error::PayloadError;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError, WebsocketContext};
 use bytes::{Bytes, BytesMut};
@@ -24,7 +22,6 @@ use log::{debug, info, warn};
 
 use crate::admission::{ConnectionSlot, UnauthenticatedSlot};
 use crate::auth::{Identity, Verifier};
-use crate::frame_guard::FrameGuard;
 use crate::metrics::Metrics;
 use crate::outbound::{close_frame_len, encoded_len, Outbound};
 use crate::protocol::{
@@ -32,6 +29,7 @@ use crate::protocol::{
     FieldLimits, ServerFrame, SUBPROTOCOL,
 };
 use crate::ratelimit::{RateLimiter, Verdict};
+use crate::read_gate::ReadGate;
 use crate::registry::stream::ResumeRequest;
 use crate::registry::{
     Authenticate, CancelRequest, Closing, ConnectionId, Delivery, Fail, Register, Registry, SubmitMessage,
@@ -61,6 +59,7 @@ pub struct SessionEnv {
     pub field_limits: FieldLimits,
     pub pending_messages: usize,
     pub pending_bytes: usize,
+    pub unauthenticated_bytes: usize,
     pub max_message_bytes: usize,
     pub max_outbound_bytes: usize,
     pub auth_timeout: Duration,
@@ -121,8 +120,8 @@ pub struct Session {
     expiry_timers: Vec<SpawnHandle>,
     /// Unsent output in wire bytes: the registry and this actor add, [`CountedOutput`] takes off.
     outbound: Outbound,
-    /// Set by [`GuardedPayload`] when a frame header announced more than the size limit.
-    oversized: Arc<AtomicBool>,
+    /// How fast this client is read (and whether a frame header announced too much).
+    gate: ReadGate,
     _slot: ConnectionSlot,
 }
 
@@ -155,7 +154,7 @@ impl Session {
             last_heard: now,
             expiry_timers: Vec::new(),
             outbound: Outbound::new(),
-            oversized: Arc::new(AtomicBool::new(false)),
+            gate: ReadGate::default(),
             _slot: slot,
         }
     }
@@ -282,6 +281,7 @@ impl Session {
     /// The registry is taking the connection through setup; it has `SETUP_TIMEOUT` to finish.
     fn begin_setup(&mut self, ctx: &mut WebsocketContext<Self>) {
         self.phase = Phase::SettingUp;
+        self.gate.authenticated();
         ctx.run_later(SETUP_TIMEOUT, |session, ctx| {
             if session.phase == Phase::SettingUp {
                 session.env.registry.do_send(Fail { id: session.id, reason: "setup_timeout" });
@@ -615,6 +615,7 @@ impl Handler<ToSession> for Session {
 impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
     fn handle(&mut self, msg: Result<ws::Message, ProtocolError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
+        self.gate.frame_handled();
         match msg {
             Ok(ws::Message::Text(text)) => {
                 if self.fragments.is_some() {
@@ -645,7 +646,12 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
                 }
             }
             Err(ProtocolError::Overflow) => self.close(ctx, close::MESSAGE_TOO_BIG, "message too big"),
-            Err(ProtocolError::Io(_)) if self.oversized.load(Ordering::Acquire) => {
+            Err(ProtocolError::Io(_)) if self.gate.tripped_on_allowance() => {
+                self.env.metrics.fail("unauthenticated_overflow");
+                info!("{}: sent more than it may before authenticating", self.id);
+                self.close(ctx, close::POLICY_VIOLATION, "too much sent before authenticating")
+            }
+            Err(ProtocolError::Io(_)) if self.gate.tripped_on_oversized() => {
                 info!("{}: frame header announced more than {} bytes", self.id, self.env.max_message_bytes);
                 self.close(ctx, close::MESSAGE_TOO_BIG, "message too big")
             }
@@ -663,34 +669,6 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
     fn finished(&mut self, ctx: &mut Self::Context) {
         // The peer's stream ended (disconnect without a close frame).
         ctx.stop();
-    }
-}
-
-/// The client's byte stream, checked frame header by frame header: a frame announcing more than
-/// the limit ends the stream with an error at once, instead of being buffered whole.
-struct GuardedPayload {
-    inner: web::Payload,
-    guard: FrameGuard,
-    tripped: Arc<AtomicBool>,
-}
-
-impl Stream for GuardedPayload {
-    type Item = Result<Bytes, PayloadError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        if self.tripped.load(Ordering::Acquire) {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut self.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(bytes))) => match self.guard.inspect(&bytes) {
-                Ok(()) => Poll::Ready(Some(Ok(bytes))),
-                Err(_) => {
-                    self.tripped.store(true, Ordering::Release);
-                    Poll::Ready(Some(Err(PayloadError::Overflow)))
-                }
-            },
-            other => other,
-        }
     }
 }
 
@@ -719,13 +697,14 @@ pub fn start(
     req: &HttpRequest,
     payload: web::Payload,
     max_message_bytes: usize,
+    unauthenticated_bytes: usize,
 ) -> actix_web::Result<HttpResponse> {
     let mut response = ws::handshake_with_protocols(req, &[SUBPROTOCOL])?;
-    let guarded = GuardedPayload {
-        inner: payload,
-        guard: FrameGuard::new(max_message_bytes),
-        tripped: Arc::clone(&session.oversized),
-    };
+    if session.identity.is_some() {
+        // The upgrade carried a valid token: no allowance applies from the first byte.
+        session.gate.authenticated();
+    }
+    let guarded = session.gate.guard(payload, max_message_bytes, unauthenticated_bytes);
     let outbound = session.outbound.clone();
     let codec = actix_http::ws::Codec::new().max_size(max_message_bytes);
     let output = WebsocketContext::with_codec(session, guarded, codec);

@@ -11,6 +11,33 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
 
+/// `limits.unauthenticated_bytes`: a connection that sends more than that before it has
+/// authenticated is closed with 1008, judged from the header of the frame that would go past
+/// it; nothing is written before `accepted`.
+#[actix_web::test]
+async fn a_connection_that_sends_too_much_before_authenticating_is_closed_with_1008() {
+    let server = TestServer::with(|c| c.limits.unauthenticated_bytes = 16_384);
+    let mut client = Client::connect(&server.ws_url()).await.unwrap();
+    let pad = "p".repeat(6_000);
+    // 12 KB fit; the third frame's header announces more than the 4 KB left.
+    for i in 0..3 {
+        client.send(json!({"type": "ping", "id": i, "pad": pad})).await;
+    }
+    let (close, before) = client.expect_close().await;
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1008), "{before:?}");
+    assert_eq!(before.first().map(|f| f["state"].clone()), Some(json!("accepted")), "{before:?}");
+
+    // The same bytes after a token are fine: the allowance is for strangers only.
+    let mut known = Client::connect_bearer(&server.ws_url(), &server.token("known")).await.unwrap();
+    for i in 0..3 {
+        known.send(json!({"type": "ping", "id": i, "pad": pad})).await;
+    }
+    known.expect_setup("known").await;
+    for i in 0..3 {
+        assert_eq!(known.recv_where(|f| f["type"] == "pong").await["id"], i);
+    }
+}
+
 /// Section 3: early frames before authentication are queued by bytes as well as by count, and
 /// the `not_ready` answer to the one over the byte cap never comes before `accepted`.
 #[actix_web::test]

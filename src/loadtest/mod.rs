@@ -1,8 +1,9 @@
 //! `agentwire loadtest`: opens many sessions against a server, runs a scenario (`idle`, `chat`,
-//! `fanout`), and reports latencies, throughput and correctness counters. Any non-zero
-//! correctness counter (seq gap or duplicate, an event of another user, a malformed run) makes
-//! the exit code non-zero.
+//! `fanout`, `hostile`), and reports latencies, throughput and correctness counters. Any
+//! non-zero correctness counter (seq gap or duplicate, an event of another user, a malformed
+//! run) or an error frame to a real user makes the exit code non-zero.
 
+mod attack;
 mod report;
 mod session;
 
@@ -29,6 +30,8 @@ pub enum Scenario {
     Chat,
     /// Sessions listen while --events events per user are published through /api/v1/publish.
     Fanout,
+    /// The sessions chat as in `chat` while other connections attack the server (--attack).
+    Hostile,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -80,6 +83,14 @@ pub struct LoadtestArgs {
     /// fanout: API key for /api/v1/publish (default: the first of api.keys).
     #[arg(long, env = "AGENTWIRE_LOADTEST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// hostile: an attack and how many connections run it, e.g. unauth-senders=1000; repeatable.
+    /// Kinds: unauth-senders, slow-readers, flooders, oversized, fragmented, garbage, half-open,
+    /// resume-storm. Without any: a mix of all of them.
+    #[arg(long = "attack", value_parser = attack::parse_attack, value_name = "KIND=COUNT")]
+    pub attacks: Vec<(attack::Attack, usize)>,
+    /// hostile: milliseconds the attacks run before the real users start chatting.
+    #[arg(long, default_value_t = 2000)]
+    pub attack_warmup_ms: u64,
     /// Seconds each session may take to reach processing_ready.
     #[arg(long, default_value_t = 60)]
     pub connect_timeout_secs: u64,
@@ -114,6 +125,7 @@ pub struct Plan {
     events: usize,
     connect_timeout: Duration,
     scenario_timeout: Duration,
+    attack_warmup: Duration,
 }
 
 impl Plan {
@@ -224,27 +236,56 @@ pub fn run(args: LoadtestArgs, config: &Config) -> Result<Report, UsageError> {
         events: args.events,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         scenario_timeout: Duration::from_secs(args.scenario_timeout_secs),
+        attack_warmup: Duration::from_millis(args.attack_warmup_ms),
     };
     for user in 0..args.users {
         let (token, _) = minter.mint(&plan.user_id(user), None, 24 * 3600).map_err(UsageError)?;
         plan.tokens.push(token);
     }
-    let api_key = match (args.scenario, &args.api_key, config.api.keys.first()) {
-        (Scenario::Fanout, Some(key), _) | (Scenario::Fanout, None, Some(key)) => Some(key.clone()),
-        (Scenario::Fanout, None, None) => {
-            return Err(UsageError("fanout needs --api-key (or api.keys in the configuration)".into()))
+    let mut args = args;
+    if args.scenario == Scenario::Hostile && args.attacks.is_empty() {
+        args.attacks = attack::default_mix();
+    }
+    let needs_api = match args.scenario {
+        Scenario::Fanout => true,
+        Scenario::Hostile => args.attacks.iter().any(|(kind, count)| {
+            *count > 0 && matches!(kind, attack::Attack::SlowReaders | attack::Attack::ResumeStorm)
+        }),
+        _ => false,
+    };
+    let api_key = match (needs_api, &args.api_key, config.api.keys.first()) {
+        (true, Some(key), _) | (true, None, Some(key)) => Some(key.clone()),
+        (true, None, None) => {
+            return Err(UsageError(
+                "fanout, slow-readers and resume-storm need --api-key (or api.keys in the configuration)"
+                    .into(),
+            ))
         }
         _ => None,
     };
+    let arena = (args.scenario == Scenario::Hostile).then(|| {
+        attack::Arena::new(
+            plan.server_addr,
+            plan.url.clone(),
+            plan.source_ips.clone(),
+            minter,
+            plan.run_tag.clone(),
+        )
+    });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| UsageError(format!("tokio runtime: {e}")))?;
-    Ok(runtime.block_on(orchestrate(Arc::new(plan), args, api_key)))
+    Ok(runtime.block_on(orchestrate(Arc::new(plan), args, api_key, arena)))
 }
 
-async fn orchestrate(plan: Arc<Plan>, args: LoadtestArgs, api_key: Option<String>) -> Report {
+async fn orchestrate(
+    plan: Arc<Plan>,
+    args: LoadtestArgs,
+    api_key: Option<String>,
+    arena: Option<attack::Arena>,
+) -> Report {
     let (go_tx, go) = watch::channel(false);
     let (stop_tx, stop) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -255,7 +296,7 @@ async fn orchestrate(plan: Arc<Plan>, args: LoadtestArgs, api_key: Option<String
         events: AtomicU64::new(0),
         settled: Notify::new(),
         go,
-        stop,
+        stop: stop.clone(),
     });
     let server_before = args.server_pid.and_then(report::ServerSample::take);
     let progress = report::Progress::start(Arc::clone(&shared), plan.sessions, args.quiet);
@@ -283,7 +324,7 @@ async fn orchestrate(plan: Arc<Plan>, args: LoadtestArgs, api_key: Option<String
     let scenario_started = Instant::now();
     let events_before = shared.events.load(Ordering::Relaxed);
     let _ = go_tx.send(true);
-    let publisher = match (plan.scenario, api_key) {
+    let publisher = match (plan.scenario, api_key.clone()) {
         (Scenario::Fanout, Some(key)) => {
             let plan = Arc::clone(&plan);
             let base = http_base(&plan.url);
@@ -292,6 +333,8 @@ async fn orchestrate(plan: Arc<Plan>, args: LoadtestArgs, api_key: Option<String
         }
         _ => None,
     };
+    let siege = arena.map(|arena| Siege::start(arena, &args, &plan, api_key, stop.clone()));
+    let sampler = args.server_pid.map(report::RssTimeline::start);
     if plan.scenario == Scenario::Idle {
         tokio::time::sleep(plan.hold).await;
         let _ = stop_tx.send(true);
@@ -302,11 +345,25 @@ async fn orchestrate(plan: Arc<Plan>, args: LoadtestArgs, api_key: Option<String
             outcomes.push(outcome);
         }
     }
-    let publish_errors = match publisher {
+    let mut publish_errors = match publisher {
         Some(handle) => handle.await.unwrap_or_else(|e| vec![format!("publisher panicked: {e}")]),
         None => Vec::new(),
     };
     let scenario_elapsed = scenario_started.elapsed();
+    let _ = stop_tx.send(true);
+    let attacks = match siege {
+        Some(siege) => {
+            progress.phase("draining");
+            let (outcomes, errors) = siege.finish().await;
+            publish_errors.extend(errors);
+            outcomes
+        }
+        None => Default::default(),
+    };
+    let rss_timeline = match sampler {
+        Some(sampler) => sampler.finish().await,
+        None => Vec::new(),
+    };
     let events = shared.events.load(Ordering::Relaxed) - events_before;
     progress.finish();
     let server_after = args.server_pid.and_then(report::ServerSample::take);
@@ -319,7 +376,62 @@ async fn orchestrate(plan: Arc<Plan>, args: LoadtestArgs, api_key: Option<String
         errors: shared.errors.load(Ordering::Relaxed),
         publish_errors,
         server: [server_before, server_ready, server_after],
+        attacks,
+        rss_timeline,
     })
+}
+
+/// The hostile scenario's attackers and the feeder that gives slow readers and resume storms
+/// something to hold.
+struct Siege {
+    arena: Arc<attack::Arena>,
+    attackers: tokio::task::JoinSet<()>,
+    fed: Arc<std::sync::atomic::AtomicBool>,
+    feeder: Option<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Siege {
+    fn start(
+        arena: attack::Arena,
+        args: &LoadtestArgs,
+        plan: &Plan,
+        api_key: Option<String>,
+        stop: watch::Receiver<bool>,
+    ) -> Siege {
+        let arena = Arc::new(arena);
+        let fed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let count_of = |kind| args.attacks.iter().filter(|(k, _)| *k == kind).map(|(_, n)| n).sum::<usize>();
+        let feeder = api_key.map(|key| {
+            let slow = arena.users(attack::Attack::SlowReaders, count_of(attack::Attack::SlowReaders));
+            let storm = arena.users(attack::Attack::ResumeStorm, count_of(attack::Attack::ResumeStorm));
+            let (base, done) = (http_base(&plan.url), Arc::clone(&fed));
+            tokio::task::spawn_blocking(move || attack::feed(&base, &key, &slow, &storm, &done))
+        });
+        let mut attackers = tokio::task::JoinSet::new();
+        // Attackers take source addresses after the real sessions' ones, so a per-address cap
+        // meets them rather than the real users.
+        let mut next_index = plan.sessions;
+        for (kind, count) in &args.attacks {
+            for i in 0..*count {
+                attackers.spawn(attack::attacker(Arc::clone(&arena), stop.clone(), *kind, i, next_index + i));
+            }
+            next_index += count;
+        }
+        Siege { arena, attackers, fed, feeder }
+    }
+
+    async fn finish(
+        mut self,
+    ) -> (std::collections::BTreeMap<attack::Attack, std::collections::BTreeMap<String, u64>>, Vec<String>)
+    {
+        while self.attackers.join_next().await.is_some() {}
+        self.fed.store(true, Ordering::Relaxed);
+        let errors = match self.feeder {
+            Some(handle) => handle.await.unwrap_or_else(|e| vec![format!("feeder panicked: {e}")]),
+            None => Vec::new(),
+        };
+        (self.arena.outcomes(), errors)
+    }
 }
 
 /// Publishes `plan.events` events to every user through the HTTP API, in batches.

@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use super::attack::Attack;
 use super::session::Outcome;
 use super::{LoadtestArgs, Scenario, Shared};
 
@@ -58,6 +59,42 @@ impl Progress {
             ticker.abort();
         }
         self.bar.finish_and_clear();
+    }
+}
+
+/// The server's RSS sampled every half second through the scenario.
+pub struct RssTimeline {
+    task: tokio::task::JoinHandle<Vec<(f64, f64)>>,
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl RssTimeline {
+    pub fn start(pid: i32) -> RssTimeline {
+        let done = Arc::new(tokio::sync::Notify::new());
+        let stop = Arc::clone(&done);
+        let task = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut samples = Vec::new();
+            let mut interval = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    () = stop.notified() => break,
+                }
+                if let Some(sample) = ServerSample::take(pid) {
+                    samples
+                        .push((started.elapsed().as_secs_f64(), sample.rss_bytes as f64 / (1024.0 * 1024.0)));
+                }
+            }
+            samples
+        });
+        RssTimeline { task, done }
+    }
+
+    /// (seconds since the scenario started, RSS in MB).
+    pub async fn finish(self) -> Vec<(f64, f64)> {
+        self.done.notify_one();
+        self.task.await.unwrap_or_default()
     }
 }
 
@@ -161,6 +198,12 @@ pub struct Report {
     pub publish_errors: Vec<String>,
     pub correctness: Correctness,
     pub server: Option<ServerUsage>,
+    /// hostile: attack -> how its attempts ended -> attempts.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub attacks: BTreeMap<Attack, BTreeMap<String, u64>>,
+    /// (seconds into the scenario, server RSS in MB), with --server-pid.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rss_timeline: Vec<(f64, f64)>,
 }
 
 pub struct Inputs<'a> {
@@ -172,6 +215,8 @@ pub struct Inputs<'a> {
     pub errors: u64,
     pub publish_errors: Vec<String>,
     pub server: [Option<ServerSample>; 3],
+    pub attacks: BTreeMap<Attack, BTreeMap<String, u64>>,
+    pub rss_timeline: Vec<(f64, f64)>,
 }
 
 impl Report {
@@ -227,12 +272,18 @@ impl Report {
             publish_errors: inputs.publish_errors,
             correctness,
             server,
+            attacks: inputs.attacks,
+            rss_timeline: inputs.rss_timeline,
         }
     }
 
-    /// Every session ready, every scenario finished, every correctness counter zero.
+    /// Every session ready, every scenario finished, every correctness counter zero, and no
+    /// error frame to a real session.
     pub fn passed(&self) -> bool {
-        self.failed.is_empty() && self.correctness.is_clean() && self.publish_errors.is_empty()
+        self.failed.is_empty()
+            && self.correctness.is_clean()
+            && self.publish_errors.is_empty()
+            && self.error_frames == 0
     }
 
     /// The human-readable table.
@@ -305,6 +356,23 @@ impl Report {
                     s.cpu_connect_secs, s.cpu_scenario_secs
                 ),
             );
+        }
+        for (attack, endings) in &self.attacks {
+            let endings: Vec<String> = endings.iter().map(|(how, n)| format!("{n} x {how}")).collect();
+            line(
+                &format!(
+                    "attack {}",
+                    serde_json::to_value(attack).unwrap_or_default().as_str().unwrap_or("?")
+                ),
+                endings.join(", "),
+            );
+        }
+        if let Some(peak) = self.rss_timeline.iter().map(|(_, mb)| *mb).reduce(f64::max) {
+            // About a dozen points: enough to see a climb, a plateau and the way back.
+            let step = self.rss_timeline.len().div_ceil(12).max(1);
+            let points: Vec<String> =
+                self.rss_timeline.iter().step_by(step).map(|(t, mb)| format!("{t:.0}s {mb:.0}")).collect();
+            line("server RSS over time (MB)", format!("peak {peak:.1}; {}", points.join(", ")));
         }
         line("result", if self.passed() { "PASS".to_owned() } else { "FAIL".to_owned() });
         out

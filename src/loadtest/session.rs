@@ -169,7 +169,7 @@ pub async fn run(
         Ok(Err(reason)) => return outcome.failed(reason, &shared),
         Err(_) => return outcome.failed("connect_timeout".into(), &shared),
     };
-    let check_runs = plan.scenario == Scenario::Chat;
+    let check_runs = matches!(plan.scenario, Scenario::Chat | Scenario::Hostile);
     let mut checker =
         Checker { thread: thread_of(&user), check_runs, unreported: 0, last_seq: 0, runs: HashMap::new() };
 
@@ -206,6 +206,11 @@ pub async fn run(
     let result = match plan.scenario {
         Scenario::Idle => idle(&plan, &shared, &mut ws).await,
         Scenario::Chat => chat(&plan, &shared, &mut ws, &mut checker, &mut outcome, index).await,
+        Scenario::Hostile => {
+            // The attacks are in full swing before the first real message.
+            tokio::time::sleep(plan.attack_warmup).await;
+            chat(&plan, &shared, &mut ws, &mut checker, &mut outcome, index).await
+        }
         Scenario::Fanout => fanout(&plan, &shared, &mut ws, &mut checker, &mut outcome).await,
     };
     shared.events.fetch_add(checker.unreported, Ordering::Relaxed);
