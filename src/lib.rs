@@ -46,11 +46,16 @@ use crate::session::SessionEnv;
 /// holds in one read. Clients send chat messages, not bulk data; set on the listening socket so
 /// that accepted sockets start with it and the TCP window is sized for it from the first byte.
 const RECEIVE_BUFFER_BYTES: usize = 16 * 1024;
+/// The kernel's queue toward a client that stops reading: without a bound it grows to 4 MB per
+/// socket (tcp_wmem), unseen by `limits.max_outbound_bytes`, and a slow reader is noticed only
+/// once that is full too.
+const SEND_BUFFER_BYTES: usize = 128 * 1024;
 
 fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_recv_buffer_size(RECEIVE_BUFFER_BYTES)?;
+    socket.set_send_buffer_size(SEND_BUFFER_BYTES)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())

@@ -10,10 +10,13 @@ use std::sync::Arc;
 
 use log::{debug, info};
 
-/// Below this many connections closed since the peak, a trim is not worth its pass.
+/// Below this many connections closed since the peak, a trim at once is not worth its pass.
 const MIN_DROP: usize = 1000;
+/// What a quiet period (see [`Trimmer::tick`]) still trims after.
+const SETTLED_DROP: usize = 100;
 
-/// Watches the connection count and trims once it has fallen to half of its peak or less.
+/// Watches the connection count (told of every change, so no peak is missed between samples)
+/// and trims once it has fallen to half of its peak or less.
 pub struct Trimmer {
     peak: usize,
     running: Arc<AtomicBool>,
@@ -27,9 +30,21 @@ impl Trimmer {
     /// Called with the current number of connections from time to time.
     pub fn observe(&mut self, connections: usize) {
         self.peak = self.peak.max(connections);
-        if self.peak - connections < MIN_DROP.max(self.peak / 2) {
-            return;
+        if self.peak - connections >= MIN_DROP.max(self.peak / 2) {
+            self.trim(connections);
         }
+    }
+
+    /// Called every few seconds: the tail of a crowd that left (fewer than [`MIN_DROP`] since the
+    /// last trim) is given back too, and so is what the caller just freed (`freed`: tables it
+    /// shrank).
+    pub fn tick(&mut self, connections: usize, freed: bool) {
+        if freed || self.peak >= connections + SETTLED_DROP {
+            self.trim(connections);
+        }
+    }
+
+    fn trim(&mut self, connections: usize) {
         if self.running.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -34,7 +34,7 @@ pub enum Attack {
     Flooders,
     /// Send one text frame of 1 MiB.
     Oversized,
-    /// Send a text message in 4 KB fragments that never ends below 1 MiB.
+    /// Authenticate, then send a text message in 4 KB fragments that never ends below 1 MiB.
     Fragmented,
     /// Write random bytes instead of an HTTP request.
     Garbage,
@@ -293,7 +293,8 @@ async fn oversized(a: Attempt<'_>) -> String {
 }
 
 async fn fragmented(a: Attempt<'_>) -> String {
-    let ws = match a.arena.websocket(a.index, None, "", None).await {
+    let user = a.arena.user(Attack::Fragmented, a.nth);
+    let ws = match a.arena.websocket(a.index, Some(&user), "", None).await {
         Ok(ws) => ws,
         Err(outcome) => return outcome,
     };

@@ -115,6 +115,15 @@ pub struct Registry {
     trimmer: crate::memory::Trimmer,
 }
 
+/// Gives back a map's table once it is four times larger than what it holds.
+pub(crate) fn shrink_if_oversized<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) -> bool {
+    let oversized = map.capacity() > 4 * map.len().max(256);
+    if oversized {
+        map.shrink_to_fit();
+    }
+    oversized
+}
+
 /// `prefix` + 16 random characters: message and run ids.
 fn new_id(prefix: &str) -> String {
     let mut id = String::with_capacity(prefix.len() + 16);
@@ -181,8 +190,12 @@ impl Actor for Registry {
             registry.metrics.history_bytes.set(registry.users.history_bytes() as i64);
             registry.metrics.runs_in_progress.set(registry.runs.len() as i64);
         });
-        ctx.run_interval(Duration::from_secs(2), |registry, _| {
-            registry.trimmer.observe(registry.connections.len())
+        ctx.run_interval(Duration::from_secs(5), |registry, _| {
+            // A table sized for a crowd that has left keeps the crowd's memory.
+            let shrunk = shrink_if_oversized(&mut registry.connections)
+                | shrink_if_oversized(&mut registry.runs)
+                | registry.users.shrink_if_oversized();
+            registry.trimmer.tick(registry.connections.len(), shrunk)
         });
         let overdue =
             (self.settings.run_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -459,6 +472,7 @@ impl Handler<Register> for Registry {
             // Ids are unique by construction; a duplicate would be a bug, never silently merged.
             warn!("{id}: registered twice");
         }
+        self.trimmer.observe(self.connections.len());
         self.metrics.connections_opened.inc();
         self.metrics.move_gauge(None, Some(ConnectionState::Accepted));
         debug!("{id}: accepted");
@@ -753,6 +767,7 @@ impl Handler<Unregister> for Registry {
             let user = connection.user_id.as_deref().unwrap_or("-");
             info!("{id}: closed (user {user}, was {state})");
         }
+        self.trimmer.observe(self.connections.len());
     }
 }
 

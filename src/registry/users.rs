@@ -88,6 +88,16 @@ pub struct Users {
 }
 
 impl Users {
+    /// See [`super::shrink_if_oversized`].
+    pub fn shrink_if_oversized(&mut self) -> bool {
+        let map = super::shrink_if_oversized(&mut self.map);
+        let order = self.order.capacity() > 4 * self.order.len().max(256);
+        if order {
+            self.order.shrink_to_fit();
+        }
+        map || order
+    }
+
     pub fn new(limits: UserLimits) -> Users {
         Users {
             map: HashMap::new(),
