@@ -141,6 +141,92 @@ chat = scenario("chat-10000", "3. Chat: 10,000 sessions over 2,500 users, 5 mess
                  cpu_scenario, scenario_secs])
 
 
+def hostile_section():
+    base, unauth, mix = reports("hostile-baseline"), reports("hostile-unauth-1000"), reports("hostile-mix")
+    if not base:
+        return {}
+    w("## 4. Hostile clients: real users' chats while other connections attack")
+    w("")
+    w("100 real sessions over 25 users send 3 messages each to the demo agent at its real pace")
+    w("(`agent.step_delay_ms = 120`, about 1 s a run), 2 s after the attacks began. Commands:")
+    w("")
+    for name in ("hostile-baseline", "hostile-unauth-1000", "hostile-mix"):
+        w(f"- {name}: `agentwire loadtest {commands.get(name, '')}`")
+    w("")
+    p = lambda r, q: get(r, "message_to_completed", q)
+    growth = lambda r: (max(mb for _, mb in r["rss_timeline"]) - r["server"]["rss_ready_mb"]) if r.get("rss_timeline") else None
+    w("| figure | unloaded | 1,000 unauthenticated senders | every attack at once |")
+    w("| --- | --- | --- | --- |")
+    figures = {}
+    for label, fn, digits in [
+        ("message to agent_completed p50 (ms)", lambda r: p(r, "p50_ms"), 0),
+        ("message to agent_completed p99 (ms)", lambda r: p(r, "p99_ms"), 0),
+        ("server RSS growth, peak over all-ready (MB)", growth, 1),
+        ("server CPU in the scenario (s)", lambda r: get(r, "server", "cpu_scenario_secs"), 2),
+        ("error frames to real users (all runs)", lambda r: r["error_frames"], 0),
+    ]:
+        row = [median([fn(r) for r in runs]) if runs else None for runs in (base, unauth, mix)]
+        if label.startswith("error"):
+            row = [sum(fn(r) for r in runs) if runs else None for runs in (base, unauth, mix)]
+        figures[label] = row
+        w(f"| {label} | " + " | ".join(fmt(v, digits) for v in row) + " |")
+    w("")
+    for title, runs in (("1,000 unauthenticated senders", unauth), ("every attack at once", mix)):
+        if not runs:
+            continue
+        w(f"How the server ended each attack's attempts ({title}, all runs; `open_at_end`: still")
+        w("going when the scenario ended):")
+        w("")
+        w("| attack | attempts, by how they ended |")
+        w("| --- | --- |")
+        totals = {}
+        for r in runs:
+            for attack, endings in r.get("attacks", {}).items():
+                for how, n in endings.items():
+                    totals.setdefault(attack, {}).setdefault(how, 0)
+                    totals[attack][how] += n
+        for attack, endings in totals.items():
+            w(f"| {attack} | " + ", ".join(f"{n:,} x {how}" for how, n in sorted(endings.items())) + " |")
+        w("")
+    if unauth and unauth[0].get("rss_timeline"):
+        w("Server RSS over the first run with 1,000 unauthenticated senders (s: MB): " +
+          ", ".join(f"{t:.0f}: {mb:.0f}" for t, mb in unauth[0]["rss_timeline"][::2]))
+        w("")
+    return figures
+
+
+hostile = hostile_section()
+
+
+def memory_return():
+    runs = reports("idle-19k")
+    returns = []
+    for rep in range(1, reps + 1):
+        path = os.path.join(out_dir, f"idle-19k.{rep}.return.json")
+        if os.path.exists(path) and rep <= len(runs):
+            with open(path) as f:
+                returns.append((runs[rep - 1], json.load(f)["rss_kb_each_second"]))
+    if not returns:
+        return None
+    w("## 5. Memory after 19,000 sessions close")
+    w("")
+    w("The server's RSS each second after the idle-19k load generator closed every session.")
+    w("")
+    w("| run | idle before (MB) | all ready (MB) | after 5 s | after 30 s | ratio to idle at 30 s |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    ratios = []
+    for i, (r, samples) in enumerate(returns, 1):
+        idle = r["server"]["rss_before_mb"]
+        at = lambda s: samples[min(s, len(samples)) - 1] / 1024
+        ratios.append(at(30) / idle)
+        w(f"| {i} | {idle:.1f} | {r['server']['rss_ready_mb']:.1f} | {at(5):.1f} | {at(30):.1f} | {at(30) / idle:.2f} |")
+    w("")
+    return median(ratios)
+
+
+returned = memory_return()
+
+
 def per_frame_us(medians, frames):
     if not medians or medians.get(cpu_scenario[0]) is None:
         return None
@@ -166,6 +252,15 @@ target("sessions to processing_ready >= 10,000/s (19,000)", idle19 and idle19[ra
 target("fan-out >= 1.5 M frames/s (1 user x 1,000 sessions)", fan1 and fan1[events_s[0]], 1.5e6, True, "/s")
 target("19,000 ready sessions, no failure", idle19 and idle19[ready[0]], 19000, True, "")
 target("paced delivery p99 <= 10 ms", paced and paced[delivery_p99[0]], 10, False, " ms")
+if hostile:
+    growth = hostile["server RSS growth, peak over all-ready (MB)"][1]
+    target("1,000 unauthenticated senders raise RSS by <= 64 MB", growth, 64, False, " MB")
+    p50, p99 = hostile["message to agent_completed p50 (ms)"], hostile["message to agent_completed p99 (ms)"]
+    if p50[0] and p50[1]:
+        target("real users' p50 under that attack <= 1.5x unloaded", p50[1] / p50[0], 1.5, False, "x")
+    if p99[0] and p99[1]:
+        target("real users' p99 under that attack <= 1.5x unloaded", p99[1] / p99[0], 1.5, False, "x")
+target("RSS 30 s after 19,000 sessions closed <= 2x idle", returned, 2, False, "x")
 w("")
 
 w("## What the numbers mean")

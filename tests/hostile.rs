@@ -445,3 +445,31 @@ async fn a_resume_is_paced_by_the_outbound_budget() {
         assert_eq!(event["seq"], seq);
     }
 }
+
+/// Memory comes back: once sessions have left, the server gives the freed heap back to the
+/// operating system (the figure itself is measured in benches/run.sh, not asserted here).
+#[actix_web::test]
+async fn the_heap_of_sessions_that_left_is_given_back() {
+    let server = BinaryServer::spawn(&[]);
+    let tabs = join_all((0..150).map(|i| {
+        let (url, user) = (server.ws_url(), format!("crowd-{}", i % 10));
+        let token = server.token(&user);
+        async move {
+            let mut tab = Client::connect_bearer(&url, &token).await.unwrap();
+            tab.expect_setup(&user).await;
+            tab
+        }
+    }))
+    .await;
+    join_all(tabs.into_iter().map(Client::close)).await;
+    // The registry looks every 5 s; allow three looks.
+    let deadline = std::time::Instant::now() + Duration::from_secs(16);
+    loop {
+        let log = server.log.lock().unwrap().clone();
+        if log.contains("returned free heap to the OS") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no trim after the sessions left; log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
