@@ -33,10 +33,6 @@ impl ConnectionSlots {
             .is_ok();
         acquired.then(|| ConnectionSlot(Arc::clone(self)))
     }
-
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
 }
 
 impl Drop for ConnectionSlot {
@@ -90,10 +86,6 @@ impl UnauthenticatedSlots {
         self.open.fetch_add(1, Ordering::AcqRel);
         Ok(UnauthenticatedSlot { slots: Arc::clone(self), ip })
     }
-
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
 }
 
 impl Drop for UnauthenticatedSlot {
@@ -130,7 +122,7 @@ mod tests {
         let _b = slots.try_acquire().unwrap();
         assert!(slots.try_acquire().is_none());
         drop(a);
-        assert_eq!(slots.open(), 1);
+        assert_eq!(slots.open.load(Ordering::Acquire), 1);
         assert!(slots.try_acquire().is_some());
     }
 
@@ -145,7 +137,7 @@ mod tests {
         let _b1 = slots.try_acquire(b).unwrap();
         assert_eq!(slots.try_acquire(c).err(), Some(UnauthenticatedRefusal::ServerWide));
         drop(a1);
-        assert_eq!(slots.open(), 2);
+        assert_eq!(slots.open.load(Ordering::Acquire), 2);
         assert!(slots.try_acquire(c).is_ok());
         assert!(slots.by_ip.lock().unwrap().get(&c).is_none(), "an IP with no connection is forgotten");
     }

@@ -10,12 +10,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Algorithm, AuthConfig};
 
+/// The user id rule of section 2, as said to clients (a macro, so messages can embed it).
+macro_rules! user_id_rule {
+    () => {
+        "^[A-Za-z0-9._:@-]{1,128}$"
+    };
+}
+pub const USER_ID_RULE: &str = user_id_rule!();
+
 /// Who a verified token speaks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     pub user_id: String,
-    pub name: Option<String>,
-    pub role: String,
     /// The token's `exp`, in milliseconds since the epoch.
     pub expires_at_ms: u64,
 }
@@ -61,14 +67,14 @@ impl AuthFailure {
             AuthFailure::MissingClaim => {
                 "the token lacks a required claim (exp, sub, and iss or aud when configured)"
             }
-            AuthFailure::InvalidSubject => "the token's sub must match ^[A-Za-z0-9._:@-]{1,128}$",
+            AuthFailure::InvalidSubject => concat!("the token's sub must match ", user_id_rule!()),
             AuthFailure::WrongIssuer => "the token's issuer is not accepted",
             AuthFailure::WrongAudience => "the token's audience is not accepted",
         }
     }
 }
 
-/// The user id rule of section 2: `^[A-Za-z0-9._:@-]{1,128}$`.
+/// The user id rule of section 2: [`USER_ID_RULE`].
 pub fn is_valid_user_id(sub: &str) -> bool {
     (1..=128).contains(&sub.len())
         && sub.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
@@ -79,10 +85,6 @@ struct VerifiedClaims {
     // Kept loose so a non-string `sub` is reported as an invalid subject, not a malformed token.
     sub: serde_json::Value,
     exp: u64,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    role: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -178,12 +180,7 @@ impl Verifier {
             serde_json::Value::String(sub) if is_valid_user_id(&sub) => sub,
             _ => return Err(AuthFailure::InvalidSubject),
         };
-        Ok(Identity {
-            user_id,
-            name: claims.name,
-            role: claims.role.unwrap_or_else(|| "user".to_owned()),
-            expires_at_ms: claims.exp.saturating_mul(1000),
-        })
+        Ok(Identity { user_id, expires_at_ms: claims.exp.saturating_mul(1000) })
     }
 }
 
@@ -237,7 +234,7 @@ impl Minter {
     /// A token for `sub` valid for `ttl_secs`; returns the token and its `exp` in milliseconds.
     pub fn mint(&self, sub: &str, name: Option<&str>, ttl_secs: u64) -> Result<(String, u64), String> {
         if !is_valid_user_id(sub) {
-            return Err("sub must match ^[A-Za-z0-9._:@-]{1,128}$".to_owned());
+            return Err(format!("sub must match {USER_ID_RULE}"));
         }
         let now = crate::protocol::now_ms() / 1000;
         let exp = now + ttl_secs;
@@ -278,8 +275,6 @@ mod tests {
         let (token, exp) = Minter::new(&config).unwrap().mint("alice", Some("Alice"), 60).unwrap();
         let identity = Verifier::new(&config).unwrap().verify(&token).unwrap();
         assert_eq!(identity.user_id, "alice");
-        assert_eq!(identity.name.as_deref(), Some("Alice"));
-        assert_eq!(identity.role, "user");
         assert_eq!(identity.expires_at_ms, exp);
     }
 

@@ -2,7 +2,7 @@
 //! buffered.
 //!
 //! actix-http's codec only rejects an oversized frame once all of it has arrived, so a header
-//! announcing 100 MB followed by a trickle would be buffered whole (ACTIX-NOTES). This reads the
+//! announcing 100 MB followed by a trickle would be buffered whole (docs/architecture.md). This reads the
 //! client's byte stream as it passes, frame header by frame header (RFC 6455 section 5.2), and
 //! reports the first frame whose announced length is over the limit. Pure: bytes in, verdict out.
 

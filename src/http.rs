@@ -11,15 +11,17 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use log::{debug, info};
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::admission::{origin_allowed, ConnectionSlots};
 use crate::admission::{UnauthenticatedRefusal, UnauthenticatedSlots};
 use crate::assets::Assets;
-use crate::auth::is_valid_user_id;
 use crate::auth::Minter;
+use crate::auth::{is_valid_user_id, USER_ID_RULE};
 use crate::config::Config;
-use crate::protocol::{parse_published_event, HttpError, PublishRequest};
+use crate::protocol::{
+    parse_published_event, ClientInfo, ConnectionsResponse, DevTokenResponse, HttpError, PublishRequest,
+    Status, SUBPROTOCOL,
+};
 use crate::registry::stream::ResumeRequest;
 use crate::registry::{ListConnections, Probe, Publish, PublishTicket};
 use crate::session::{self, Session, SessionEnv};
@@ -158,8 +160,7 @@ async fn upgrade(
         None => None,
         Some(Ok(identity)) => Some(identity),
         Some(Err(failure)) => {
-            env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
-            env.metrics.fail("invalid_token");
+            env.metrics.auth_failed(failure.reason());
             info!("upgrade from {peer} refused: {}", failure.reason());
             return Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_token", failure.message()));
         }
@@ -209,11 +210,11 @@ async fn upgrade(
 async fn client_info(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(json!({"dev_tokens": state.dev_minter.is_some(), "subprotocol": crate::protocol::SUBPROTOCOL}))
+        .json(ClientInfo { dev_tokens: state.dev_minter.is_some(), subprotocol: SUBPROTOCOL })
 }
 
 async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+    HttpResponse::Ok().json(Status { status: "ok" })
 }
 
 /// How long an HTTP request waits for the registry before it answers 503: a registry that is
@@ -240,7 +241,7 @@ fn registry_unavailable() -> HttpResponse {
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     match ask_registry(&state, Probe).await {
-        Some(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
+        Some(()) => HttpResponse::Ok().json(Status { status: "ready" }),
         None => registry_unavailable(),
     }
 }
@@ -285,7 +286,7 @@ async fn user_connections(
     }
     let user_id = path.into_inner();
     match ask_registry(&state, ListConnections { user_id: user_id.clone() }).await {
-        Some(connections) => HttpResponse::Ok().json(json!({"user_id": user_id, "connections": connections})),
+        Some(connections) => HttpResponse::Ok().json(ConnectionsResponse { user_id, connections }),
         None => registry_unavailable(),
     }
 }
@@ -341,7 +342,7 @@ async fn publish(
         Err(e) => return Ok(bad_request(&e.to_string())),
     };
     if !is_valid_user_id(&request.user_id) {
-        return Ok(bad_request("user_id must match ^[A-Za-z0-9._:@-]{1,128}$"));
+        return Ok(bad_request(&format!("user_id must match {USER_ID_RULE}")));
     }
     if request.events.is_empty() {
         return Ok(bad_request("events must not be empty"));
@@ -413,7 +414,7 @@ async fn dev_token(req: HttpRequest, body: web::Bytes, state: web::Data<AppState
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
     match minter.mint(&request.sub, request.name.as_deref(), DEV_TOKEN_TTL_SECS) {
-        Ok((token, expires_at)) => HttpResponse::Ok().json(json!({"token": token, "expires_at": expires_at})),
+        Ok((token, expires_at)) => HttpResponse::Ok().json(DevTokenResponse { token, expires_at }),
         Err(message) => error_response(StatusCode::BAD_REQUEST, "bad_request", &message),
     }
 }

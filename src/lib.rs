@@ -4,22 +4,22 @@
 //! The crate root builds the whole server from a [`Config`], so the binary and the tests start
 //! exactly the same thing.
 
-pub mod admission;
-pub mod agent;
-pub mod assets;
+mod admission;
+mod agent;
+mod assets;
 pub mod auth;
 pub mod config;
 pub mod frame_guard;
-pub mod http;
+mod http;
 pub mod loadtest;
-pub mod memory;
+mod memory;
 pub mod metrics;
-pub mod outbound;
+mod outbound;
 pub mod protocol;
-pub mod ratelimit;
-pub mod read_gate;
-pub mod registry;
-pub mod session;
+mod ratelimit;
+mod read_gate;
+mod registry;
+mod session;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -180,7 +180,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     });
     let registry = state.env.registry.clone();
     // A peer that stops reading freezes its session (actix-web #2441); the kernel's user timeout
-    // is what still tears such a connection down (ACTIX-NOTES).
+    // is what still tears such a connection down (docs/architecture.md).
     let user_timeout = Duration::from_secs(config.limits.client_timeout_secs);
 
     let listener = listen(config.server.bind).map_err(StartError::Io)?;

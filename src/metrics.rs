@@ -125,6 +125,13 @@ impl Metrics {
         self.connection_failures.with_label_values(&[reason]).inc();
     }
 
+    /// A token refused, at the upgrade or in an `auth` frame: counted by why, and as a failed
+    /// connection (`invalid_token`).
+    pub fn auth_failed(&self, reason: &str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
+        self.fail("invalid_token");
+    }
+
     /// The figures the dashboard charts (`GET /dashboard/stats.json`): gauges, counters summed
     /// over their labels, and the delivery histogram's cumulative buckets.
     pub fn dashboard_stats(&self) -> serde_json::Value {

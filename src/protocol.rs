@@ -543,6 +543,33 @@ pub fn parse_published_event(index: usize, value: Value) -> Result<PublishedEven
     Ok(PublishedEvent { kind, thread_id, run_id, payload })
 }
 
+/// `GET /healthz` and `GET /readyz` answers: `{"status":"ok"}`, `{"status":"ready"}`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub status: &'static str,
+}
+
+/// `GET /client.json`: what a frontend needs to know before it signs in.
+#[derive(Debug, Serialize)]
+pub struct ClientInfo {
+    pub dev_tokens: bool,
+    pub subprotocol: &'static str,
+}
+
+/// `GET /api/v1/users/{user_id}/connections` answer (`connections`: one row per connection).
+#[derive(Debug, Serialize)]
+pub struct ConnectionsResponse<Row: Serialize> {
+    pub user_id: String,
+    pub connections: Vec<Row>,
+}
+
+/// `POST /dev/token` answer.
+#[derive(Debug, Serialize)]
+pub struct DevTokenResponse {
+    pub token: String,
+    pub expires_at: u64,
+}
+
 /// `POST /api/v1/publish` answer.
 #[derive(Debug, Serialize)]
 pub struct PublishResponse {

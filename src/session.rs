@@ -209,16 +209,21 @@ impl Session {
         self.write_text(ctx, text);
     }
 
+    /// From now on the registry delivers nothing to this session and its user slot is free.
+    fn enter_closing(&mut self) {
+        self.phase = Phase::Closing;
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.env.registry.do_send(Closing { id: self.id });
+    }
+
     /// Sends a close frame with `code` and stops; the registry hears `Closing` now and
     /// `Unregister` when the actor has stopped.
     fn close(&mut self, ctx: &mut WebsocketContext<Self>, code: u16, reason: &str) {
         if self.phase == Phase::Closing {
             return;
         }
-        self.phase = Phase::Closing;
-        self.pending.clear();
-        self.pending_bytes = 0;
-        self.env.registry.do_send(Closing { id: self.id });
+        self.enter_closing();
         debug!("{}: closing with {code} ({reason})", self.id);
         let reason = CloseReason { code: CloseCode::from(code), description: Some(reason.to_owned()) };
         self.write_close_and_stop(ctx, Some(reason));
@@ -269,8 +274,7 @@ impl Session {
                 self.begin_setup(ctx);
             }
             Err(failure) => {
-                self.env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
-                self.env.metrics.fail("invalid_token");
+                self.env.metrics.auth_failed(failure.reason());
                 info!("{}: auth frame refused: {}", self.id, failure.reason());
                 self.send_error(ctx, ErrorCode::InvalidToken, failure.message(), Some("auth"));
                 self.close(ctx, close::TOKEN_INVALID, "token invalid");
@@ -410,8 +414,7 @@ impl Session {
             Ok(frame) => frame,
             Err(error) => {
                 // A broken `auth` frame is a failed authentication, answered at once.
-                self.env.metrics.auth_failures.with_label_values(&["malformed"]).inc();
-                self.env.metrics.fail("invalid_token");
+                self.env.metrics.auth_failed("malformed");
                 info!("{}: malformed auth frame", self.id);
                 self.send_error(ctx, ErrorCode::InvalidToken, &error.message, Some("auth"));
                 return self.close(ctx, close::TOKEN_INVALID, "token invalid");
@@ -634,14 +637,15 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
             Ok(ws::Message::Pong(_) | ws::Message::Nop) => {}
             Ok(ws::Message::Close(reason)) => {
                 debug!("{}: client closed ({:?})", self.id, reason.as_ref().map(|r| r.code));
-                if self.phase != Phase::Closing && self.accepted {
-                    self.phase = Phase::Closing;
-                    self.env.registry.do_send(Closing { id: self.id });
+                let answer = self.phase != Phase::Closing && self.accepted;
+                if self.phase != Phase::Closing {
+                    self.enter_closing();
+                }
+                if answer {
                     self.write_close_and_stop(ctx, reason);
                 } else {
-                    // Not accepted yet: nothing may be written, so the answer is the end of stream.
-                    self.phase = Phase::Closing;
-                    self.env.registry.do_send(Closing { id: self.id });
+                    // Already closing, or not accepted yet (nothing may be written): the answer
+                    // is the end of the stream.
                     ctx.stop();
                 }
             }

@@ -53,11 +53,6 @@ impl ConnectionState {
                 | (Closing | Failed, Closed)
         )
     }
-
-    /// Whether the connection has been counted against its user's session cap.
-    pub fn holds_user_slot(self) -> bool {
-        matches!(self, Authenticated | ServicesReady | ProcessingReady)
-    }
 }
 
 impl std::fmt::Display for ConnectionState {

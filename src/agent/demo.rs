@@ -247,7 +247,6 @@ mod tests {
         let run = RunRequest {
             run_id: "r_0123456789".into(),
             user_id: "u".into(),
-            thread_id: "t".into(),
             message_id: "m_1".into(),
             content: "how are you".into(),
         };

@@ -17,7 +17,6 @@ use crate::protocol::AgentOutput;
 pub struct RunRequest {
     pub run_id: String,
     pub user_id: String,
-    pub thread_id: String,
     pub message_id: String,
     pub content: String,
 }

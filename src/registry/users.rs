@@ -117,10 +117,6 @@ impl Users {
         self.map.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
     pub fn history_bytes(&self) -> usize {
         self.history_bytes
     }

@@ -1,0 +1,268 @@
+//! Connection lifecycle (protocol sections 3 and 7): registering a session, taking it through
+//! `accepted -> authenticated -> services_ready -> processing_ready` within its user's session
+//! cap, failing a setup alone, and closing. Every step is a transition checked against
+//! `state.rs`; a step asked out of order is contained as a setup failure of that connection.
+
+use super::*;
+
+impl Registry {
+    /// Moves a connection in setup to `failed` and tells its session to close with `close_code`
+    /// (after the error frame, if any); `reason` labels the failure metric.
+    pub(super) fn fail_setup(
+        &mut self,
+        id: ConnectionId,
+        reason: &'static str,
+        close_code: u16,
+        error: Option<(ErrorCode, String)>,
+    ) {
+        if self.mark_failed(id, reason) {
+            self.tell(id, ToSession::Refused { error, close_code, reason });
+        }
+    }
+
+    /// `failed`: counted, logged, and the user slot given back; false when the connection could
+    /// not go there (gone, or already past setup).
+    fn mark_failed(&mut self, id: ConnectionId, reason: &str) -> bool {
+        if self.transition(id, ConnectionState::Failed).is_err() {
+            return false;
+        }
+        self.metrics.fail(reason);
+        warn!("{id}: setup failed: {reason}");
+        self.release_user_slot(id);
+        true
+    }
+
+    pub(super) fn release_user_slot(&mut self, id: ConnectionId) {
+        let Some(user_id) = self.connections.get(&id).and_then(|c| c.user_id.as_deref()) else {
+            return;
+        };
+        if let Some(user) = self.users.get_mut(user_id) {
+            user.sessions.retain(|s| *s != id);
+            if user.sessions.is_empty() {
+                user.stream.idle_since = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    /// A connection the registry gave up on (slow): out of the fan-out and of its user's
+    /// session cap at once, while its actor may take a while to stop.
+    pub(super) fn abandon(&mut self, id: ConnectionId) {
+        if self.connections.get(&id).is_some_and(|c| c.state.can_transition_to(ConnectionState::Closing)) {
+            let _ = self.transition(id, ConnectionState::Closing);
+        }
+        self.release_user_slot(id);
+    }
+
+    /// `authenticated`: binds the connection to its user, within the user's session cap. Then
+    /// goes on to `services_ready`, after the `[faults]` delay if one is set.
+    pub(super) fn authenticate(
+        &mut self,
+        id: ConnectionId,
+        identity: Identity,
+        resume: Option<ResumeRequest>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(connection) = self.connections.get(&id) else {
+            debug!("{id}: vanished before authentication");
+            return;
+        };
+        if connection.state != ConnectionState::Accepted {
+            let _ = self.transition(id, ConnectionState::Authenticated); // counts the refusal
+            self.refuse_out_of_order(id);
+            return;
+        }
+        let user_id = identity.user_id;
+        let cap = self.settings.max_sessions_per_user;
+        let user = self.users.entry(&user_id);
+        if user.sessions.len() >= cap {
+            self.fail_setup(id, "too_many_sessions", close::TOO_MANY_SESSIONS, None);
+            return;
+        }
+        user.sessions.push(id);
+        user.stream.idle_since = None;
+        if let Some(connection) = self.connections.get_mut(&id) {
+            connection.user_id = Some(user_id);
+        }
+        if self.transition(id, ConnectionState::Authenticated).is_err() {
+            return;
+        }
+        self.tell(id, ToSession::Authenticated);
+        let delay = self.settings.setup_delay;
+        if delay.is_zero() {
+            self.attach(id, resume);
+        } else {
+            // A timer, not a sleep: the registry keeps serving everyone else meanwhile.
+            ctx.run_later(delay, move |registry, _| registry.attach(id, resume));
+        }
+    }
+
+    /// `services_ready`: the user's stream is attached. This is where a setup can fail.
+    pub(super) fn attach(&mut self, id: ConnectionId, resume: Option<ResumeRequest>) {
+        let Some(user_id) = self.connections.get(&id).and_then(|c| c.user_id.clone()) else {
+            debug!("{id}: vanished before services_ready");
+            return;
+        };
+        let prefix = &self.settings.fail_setup_user_prefix;
+        if !prefix.is_empty() && user_id.starts_with(prefix.as_str()) {
+            let message = "the user's services could not be set up".to_owned();
+            self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
+            return;
+        }
+        self.users.entry(&user_id);
+        if self.transition(id, ConnectionState::ServicesReady).is_err() {
+            self.refuse_out_of_order(id);
+            return;
+        }
+        self.tell(id, ToSession::ServicesReady);
+        self.activate(id, &user_id, resume);
+    }
+
+    /// `processing_ready`: from now on the connection is in the fan-out. The replay is computed
+    /// in the same step, so no event can fall between the two.
+    pub(super) fn activate(&mut self, id: ConnectionId, user_id: &str, resume: Option<ResumeRequest>) {
+        if self.transition(id, ConnectionState::ProcessingReady).is_err() {
+            self.refuse_out_of_order(id);
+            return;
+        }
+        let stream = &self.users.entry(user_id).stream;
+        let replay = stream.replay(resume.as_ref());
+        let answer = ToSession::ProcessingReady {
+            epoch: stream.epoch().to_owned(),
+            last_seq: stream.last_seq(),
+            resume: replay.info,
+            replay: replay.frames,
+        };
+        info!("{id}: processing_ready for user {user_id}");
+        self.tell(id, answer);
+    }
+
+    /// A session asked for a step its connection is not in: contained as a setup failure.
+    pub(super) fn refuse_out_of_order(&mut self, id: ConnectionId) {
+        let message = "connection setup went out of order".to_owned();
+        self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
+    }
+}
+
+impl Handler<Register> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Register, ctx: &mut Self::Context) {
+        self.metrics.registry_backlog.dec();
+        let id = msg.id;
+        let connection = Connection {
+            state: ConnectionState::Accepted,
+            user_id: None,
+            session: msg.session,
+            outbound: msg.outbound,
+            slow: false,
+            connected_at: now_ms(),
+        };
+        if self.connections.insert(id, connection).is_some() {
+            // Ids are unique by construction; a duplicate would be a bug, never silently merged.
+            warn!("{id}: registered twice");
+        }
+        self.trimmer.observe(self.connections.len());
+        self.metrics.connections_opened.inc();
+        self.metrics.move_gauge(None, Some(ConnectionState::Accepted));
+        debug!("{id}: accepted");
+        self.tell(id, ToSession::Accepted);
+        if self.shutting_down {
+            // The upgrade raced the shutdown: it gets the same 1012 as every other session.
+            self.tell(id, ToSession::Shutdown);
+            return;
+        }
+        if let Some(identity) = msg.identity {
+            self.authenticate(id, identity, msg.resume, ctx);
+        }
+    }
+}
+
+impl Handler<Authenticate> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Authenticate, ctx: &mut Self::Context) {
+        self.metrics.registry_backlog.dec();
+        self.authenticate(msg.id, msg.identity, msg.resume, ctx);
+    }
+}
+
+impl Handler<Fail> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Fail, _: &mut Self::Context) {
+        // The session has answered its client itself (`setup_failed`, 1011).
+        self.mark_failed(msg.id, msg.reason);
+    }
+}
+
+impl Handler<Closing> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Closing, _: &mut Self::Context) {
+        let state = self.connections.get(&msg.id).map(|c| c.state);
+        if state.is_some_and(|s| s.can_transition_to(ConnectionState::Closing)) {
+            let _ = self.transition(msg.id, ConnectionState::Closing);
+        }
+        // A closing session may take a while to stop (its peer may not be reading its close
+        // frame); its place under the user's session cap is free from now on.
+        self.release_user_slot(msg.id);
+    }
+}
+
+impl Handler<Unregister> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unregister, _: &mut Self::Context) {
+        let id = msg.id;
+        let Some(state) = self.connections.get(&id).map(|c| c.state) else {
+            return;
+        };
+        if state.can_transition_to(ConnectionState::Closing) {
+            let _ = self.transition(id, ConnectionState::Closing);
+        }
+        let _ = self.transition(id, ConnectionState::Closed);
+        self.release_user_slot(id);
+        if let Some(connection) = self.connections.remove(&id) {
+            let user = connection.user_id.as_deref().unwrap_or("-");
+            info!("{id}: closed (user {user}, was {state})");
+        }
+        self.trimmer.observe(self.connections.len());
+    }
+}
+
+impl Handler<ListConnections> for Registry {
+    type Result = MessageResult<ListConnections>;
+
+    fn handle(&mut self, msg: ListConnections, _: &mut Self::Context) -> Self::Result {
+        let Some(user) = self.users.get(&msg.user_id) else {
+            return MessageResult(Vec::new());
+        };
+        let views = user
+            .sessions
+            .iter()
+            .filter_map(|id| {
+                self.connections.get(id).map(|c| ConnectionView {
+                    connection_id: id.to_string(),
+                    state: c.state,
+                    connected_at: c.connected_at,
+                    unsent_bytes: c.outbound.pending(),
+                })
+            })
+            .collect();
+        MessageResult(views)
+    }
+}
+
+impl Handler<Shutdown> for Registry {
+    type Result = usize;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> usize {
+        self.shutting_down = true;
+        // Queued behind every delivery already handed to each session, so those go out first.
+        for connection in self.connections.values() {
+            connection.session.do_send(ToSession::Shutdown);
+        }
+        info!("shutdown: telling {} sessions to close with 1012", self.connections.len());
+        self.connections.len()
+    }
+}

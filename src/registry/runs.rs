@@ -1,0 +1,219 @@
+//! Runs (protocol sections 4 and 5): a user message becomes an echo on the stream and a run of
+//! the agent; the agent's events go onto the stream; every run ends with exactly one terminal
+//! event, whether the agent ends it, the client cancels it, or its deadline passes.
+
+use super::*;
+
+/// A run that has started and not ended.
+pub(super) struct Run {
+    // Shared strings: each of the run's events needs them while the registry is borrowed mutably.
+    pub(super) user_id: Rc<str>,
+    pub(super) thread_id: Rc<str>,
+    pub(super) started: Instant,
+    /// The answer streamed so far, for the `agent_completed` of a cancelled run.
+    pub(super) response: String,
+    /// The message that started the run, for an `agent_started` the registry has to supply.
+    pub(super) message_id: String,
+    /// `agent_started` is on the stream: a run ended before its agent started it (timeout,
+    /// agent unavailable, cancel) gets one from the registry first, so every run that reaches
+    /// clients starts with `agent_started`.
+    pub(super) announced: bool,
+}
+
+impl Registry {
+    /// Ends a run with its terminal event: out of the run table and of its user's count, then
+    /// onto the stream. Nothing of the run is published after this.
+    pub(super) fn end_run(&mut self, run_id: &str, output: AgentOutput) {
+        let Some(run) = self.runs.remove(run_id) else { return };
+        if let Some(user) = self.users.get_mut(&run.user_id) {
+            user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
+        }
+        if !run.announced {
+            let started =
+                AgentOutput::Started { agent: self.agent.name.into(), message_id: run.message_id.clone() };
+            let payload = started.payload();
+            let event = NewEvent {
+                kind: started.kind(),
+                thread_id: &run.thread_id,
+                run_id: Some(run_id),
+                payload: &payload,
+            };
+            self.publish_one(&run.user_id, event);
+        }
+        let payload = output.payload();
+        let end = NewEvent {
+            kind: output.kind(),
+            thread_id: &run.thread_id,
+            run_id: Some(run_id),
+            payload: &payload,
+        };
+        self.publish_one(&run.user_id, end);
+    }
+
+    /// `agent.run_timeout_secs`: a run whose agent never ends it is ended here.
+    pub(super) fn end_overdue_runs(&mut self) {
+        let deadline = self.settings.run_timeout;
+        let overdue: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|(_, run)| run.started.elapsed() >= deadline)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for run_id in overdue {
+            warn!("run {run_id}: no end after {deadline:?}; ended with agent_timeout");
+            self.metrics.fail("agent_timeout");
+            self.agent.stop.do_send(StopRun { run_id: run_id.clone() });
+            let output = AgentOutput::Error {
+                code: "agent_timeout".into(),
+                message: format!("the agent did not finish within {} seconds", deadline.as_secs()),
+            };
+            self.end_run(&run_id, output);
+        }
+    }
+}
+
+impl Handler<SubmitMessage> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubmitMessage, ctx: &mut Self::Context) {
+        let id = msg.id;
+        let Some(user_id) = self.ready_user(id) else { return };
+        let message = msg.message;
+        let client_msg_id = message.client_msg_id.as_deref();
+        let max_runs = self.settings.max_runs_per_user;
+        let user = self.users.entry(&user_id);
+        // A repeated client_msg_id is acked again with the same ids and starts nothing.
+        if let Some(seen) = client_msg_id.and_then(|c| user.seen(c)) {
+            let (message_id, run_id, seq) = (seen.message_id.clone(), seen.run_id.clone(), seen.seq);
+            debug!("{id}: repeated client_msg_id; acked again");
+            let ack = ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq };
+            self.send_to(id, ack);
+            return;
+        }
+        // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
+        let refusal = if user.limiter.check(Instant::now()) != Verdict::Allow {
+            Some("too many messages from this user across its sessions; slow down")
+        } else if user.runs_in_progress >= max_runs {
+            Some("too many runs in progress for this user; wait for one to end or cancel one")
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            debug!("{id}: user_message of user {user_id} refused: {message}");
+            self.send_to(id, ServerFrame::error(ErrorCode::RateLimited, message, Some("user_message")));
+            return;
+        }
+        user.runs_in_progress += 1;
+        let message_id = new_id("m_");
+        let run_id = new_id("r_");
+        let payload = user_message_payload(&message_id, &message.content, client_msg_id);
+        let echo = NewEvent {
+            kind: EventKind::UserMessage,
+            thread_id: &message.thread_id,
+            run_id: None,
+            payload: &payload,
+        };
+        let seq = self.publish_one(&user_id, echo);
+        self.send_to(id, ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq });
+        if let Some(client_msg_id) = message.client_msg_id {
+            let seen = SeenMessage {
+                message_id: message_id.clone(),
+                run_id: run_id.clone(),
+                seq,
+                at: Instant::now(),
+            };
+            let cap = self.users.limits().dedupe_per_user;
+            self.users.entry(&user_id).remember(client_msg_id, seen, cap);
+        }
+        let run = Run {
+            user_id: Rc::from(user_id.as_str()),
+            thread_id: Rc::from(message.thread_id.as_str()),
+            started: Instant::now(),
+            response: String::new(),
+            message_id: message_id.clone(),
+            announced: false,
+        };
+        self.runs.insert(run_id.clone(), run);
+        debug!("{id}: run {run_id} started for user {user_id}");
+        let request = RunRequest { run_id: run_id.clone(), user_id, message_id, content: message.content };
+        // The runtime's mailbox is bounded (`agent.max_queued_runs`): a runtime that is behind
+        // ends the run at once instead of piling requests up.
+        let start = StartRun { run: request, sink: ctx.address().recipient() };
+        if self.agent.start.try_send(start).is_err() {
+            warn!("run {run_id}: the agent runtime is behind (agent.max_queued_runs); run ended");
+            self.metrics.fail("agent_unavailable");
+            let output = AgentOutput::Error {
+                code: "agent_unavailable".into(),
+                message: "the agent is too busy to take this run; try again shortly".into(),
+            };
+            self.end_run(&run_id, output);
+        }
+    }
+}
+
+impl Handler<AgentEvent> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentEvent, _: &mut Self::Context) {
+        let AgentEvent { run_id, output } = msg;
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            // The run was cancelled (or never existed): nothing of it after its end.
+            debug!("event of ended run {run_id} dropped");
+            return;
+        };
+        if output.kind().is_terminal() {
+            return self.end_run(&run_id, output);
+        }
+        match (&output, run.announced) {
+            (AgentOutput::Started { .. }, true) => {
+                debug!("run {run_id}: a second agent_started dropped");
+                return;
+            }
+            (AgentOutput::Started { .. }, false) => run.announced = true,
+            (_, false) => {
+                debug!("run {run_id}: an event before agent_started dropped");
+                return;
+            }
+            _ => {}
+        }
+        if let AgentOutput::MessageChunk { delta } = &output {
+            // Kept for a cancel's `agent_completed`, up to `agent.max_response_bytes`; the
+            // chunks themselves all go out.
+            let room = self.settings.max_response_bytes.saturating_sub(run.response.len());
+            let mut cut = delta.len().min(room);
+            while !delta.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            run.response.push_str(&delta[..cut]);
+        }
+        let (user_id, thread_id) = (run.user_id.clone(), run.thread_id.clone());
+        let payload = output.payload();
+        self.publish_one(
+            &user_id,
+            NewEvent { kind: output.kind(), thread_id: &thread_id, run_id: Some(&run_id), payload: &payload },
+        );
+    }
+}
+
+impl Handler<CancelRequest> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelRequest, _: &mut Self::Context) {
+        let id = msg.id;
+        let Some(user_id) = self.ready_user(id) else { return };
+        // Another user's run is indistinguishable from an unknown one.
+        let Some(run) = self.runs.get_mut(&msg.run_id).filter(|run| *run.user_id == *user_id) else {
+            let message = format!("no running run {} of yours", msg.run_id);
+            self.send_to(id, ServerFrame::error(ErrorCode::NotFound, &message, Some("cancel_run")));
+            return;
+        };
+        info!("{id}: run {} cancelled", msg.run_id);
+        self.agent.stop.do_send(StopRun { run_id: msg.run_id.clone() });
+        let output = AgentOutput::Completed {
+            status: RunStatus::Cancelled,
+            content: std::mem::take(&mut run.response),
+            duration_ms: run.started.elapsed().as_millis() as u64,
+        };
+        self.end_run(&msg.run_id, output);
+    }
+}
