@@ -11,7 +11,6 @@ pub mod auth;
 pub mod config;
 pub mod frame_guard;
 mod http;
-pub mod loadtest;
 mod memory;
 pub mod metrics;
 mod outbound;

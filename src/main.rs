@@ -36,7 +36,7 @@ enum Command {
         name: Option<String>,
     },
     /// Open many sessions against a server, run a scenario, report latencies and correctness.
-    Loadtest(Box<agentwire::loadtest::LoadtestArgs>),
+    Loadtest(Box<agentwire_loadtest::LoadtestArgs>),
 }
 
 /// Exit code for a configuration that cannot be used.
@@ -48,6 +48,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config, source) = match Config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,
+        // The load generator needs the server's configuration only for its key: `--secret`
+        // replaces it.
+        Err(_) if matches!(&cli.command, Some(Command::Loadtest(args)) if args.secret.is_some()) => {
+            (Config::default(), Source::Defaults)
+        }
         Err(e) => {
             eprintln!("agentwire: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -60,9 +65,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn loadtest(args: agentwire::loadtest::LoadtestArgs, config: &Config) -> ExitCode {
+/// The load generator mints its users' tokens with the configured key, or with `--secret` (HS256).
+fn loadtest(args: agentwire_loadtest::LoadtestArgs, config: &Config) -> ExitCode {
     let json = args.json.clone();
-    let report = match agentwire::loadtest::run(args, config) {
+    let mut auth = config.auth.clone();
+    if let Some(secret) = &args.secret {
+        auth.algorithm = agentwire::config::Algorithm::HS256;
+        auth.secret = secret.clone();
+    }
+    let minter = match Minter::new(&auth) {
+        Ok(minter) => minter,
+        Err(e) => {
+            eprintln!("agentwire loadtest: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let tokens: agentwire_loadtest::TokenSource =
+        std::sync::Arc::new(move |sub: &str| minter.mint(sub, None, 24 * 3600).map(|(token, _)| token));
+    let report = match agentwire_loadtest::run(args, tokens, config.api.keys.first().cloned()) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("agentwire loadtest: {e}");
@@ -105,9 +125,10 @@ async fn wait_for_signal() -> &'static str {
     use actix_web::rt::signal::unix::{signal, SignalKind};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
+            let (term, int) = (std::pin::pin!(term.recv()), std::pin::pin!(int.recv()));
+            match futures_util::future::select(term, int).await {
+                futures_util::future::Either::Left(_) => "SIGTERM",
+                futures_util::future::Either::Right(_) => "SIGINT",
             }
         }
         _ => {

@@ -9,18 +9,21 @@ use common::*;
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
-    args: agentwire::loadtest::LoadtestArgs,
+    args: agentwire_loadtest::LoadtestArgs,
 }
 
-fn loadtest(server: &TestServer, extra: &[&str]) -> agentwire::loadtest::Report {
+fn loadtest(server: &TestServer, extra: &[&str]) -> agentwire_loadtest::Report {
     let url = server.ws_url();
     let mut argv = vec!["loadtest", "--url", &url, "--quiet", "--api-key", API_KEY];
     argv.extend_from_slice(extra);
     let cli = Cli::try_parse_from(argv).expect("valid arguments");
-    agentwire::loadtest::run(cli.args, &server.config).expect("load test runs")
+    let minter = agentwire::auth::Minter::new(&server.config.auth).expect("the test key mints");
+    let tokens: agentwire_loadtest::TokenSource =
+        std::sync::Arc::new(move |sub: &str| minter.mint(sub, None, 3600).map(|(token, _)| token));
+    agentwire_loadtest::run(cli.args, tokens, None).expect("load test runs")
 }
 
-fn assert_clean(report: &agentwire::loadtest::Report) {
+fn assert_clean(report: &agentwire_loadtest::Report) {
     assert!(report.passed(), "{}", report.table());
     assert_eq!(report.ready, report.sessions);
     assert!(report.correctness.is_clean());

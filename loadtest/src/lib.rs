@@ -2,6 +2,9 @@
 //! `fanout`, `hostile`), and reports latencies, throughput and correctness counters. Any
 //! non-zero correctness counter (seq gap or duplicate, an event of another user, a malformed
 //! run) or an error frame to a real user makes the exit code non-zero.
+//!
+//! It speaks the protocol from the client side with its own small types, and knows nothing of
+//! the server's: tokens come from the caller (the binary mints them with the configured key).
 
 mod attack;
 mod report;
@@ -17,9 +20,6 @@ use tokio::sync::{watch, Notify};
 
 pub use report::Report;
 use session::{now_us, thread_of};
-
-use crate::auth::Minter;
-use crate::config::{AuthConfig, Config};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,7 +53,7 @@ pub struct LoadtestArgs {
     /// Connection attempts in flight at once.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
-    /// HS256 secret to mint tokens with (default: the configured auth key).
+    /// HS256 secret to mint tokens with (default: the configured auth key; read by the caller).
     #[arg(long, env = "AGENTWIRE_LOADTEST_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
     /// Source addresses to spread connections over, e.g. 127.0.0.1-127.0.0.50.
@@ -194,12 +194,20 @@ fn http_base(url: &str) -> String {
     format!("http://{}", rest.split('/').next().unwrap_or(rest))
 }
 
-/// Runs the load test and returns its report.
-pub fn run(args: LoadtestArgs, config: &Config) -> Result<Report, UsageError> {
+/// Mints a token for a user id: the caller's key, the caller's claims.
+pub type TokenSource = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+
+fn raise_open_files_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024)
+}
+
+/// Runs the load test and returns its report. `api_key` is for the publish API (fan-out, and the
+/// hostile scenario's slow readers and resume storms) when `--api-key` is not given.
+pub fn run(args: LoadtestArgs, tokens: TokenSource, api_key: Option<String>) -> Result<Report, UsageError> {
     if args.sessions == 0 || args.users == 0 || args.users > args.sessions {
         return Err(UsageError("need --sessions >= --users >= 1".into()));
     }
-    let open_files = crate::raise_open_files_limit();
+    let open_files = raise_open_files_limit();
     let room = open_files.saturating_sub(64) as usize;
     eprintln!("open-files limit {open_files}: this process can hold about {room} connections");
     if args.sessions > room {
@@ -210,12 +218,6 @@ pub fn run(args: LoadtestArgs, config: &Config) -> Result<Report, UsageError> {
             args.sessions + 64
         )));
     }
-    let mut auth = AuthConfig { ..config.auth.clone() };
-    if let Some(secret) = &args.secret {
-        auth.algorithm = crate::config::Algorithm::HS256;
-        auth.secret = secret.clone();
-    }
-    let minter = Minter::new(&auth).map_err(UsageError)?;
     let run_tag = format!("{:x}", now_us() % 0xffff_ffff);
     let mut plan = Plan {
         scenario: args.scenario,
@@ -239,8 +241,7 @@ pub fn run(args: LoadtestArgs, config: &Config) -> Result<Report, UsageError> {
         attack_warmup: Duration::from_millis(args.attack_warmup_ms),
     };
     for user in 0..args.users {
-        let (token, _) = minter.mint(&plan.user_id(user), None, 24 * 3600).map_err(UsageError)?;
-        plan.tokens.push(token);
+        plan.tokens.push(tokens(&plan.user_id(user)).map_err(UsageError)?);
     }
     let mut args = args;
     if args.scenario == Scenario::Hostile && args.attacks.is_empty() {
@@ -253,7 +254,7 @@ pub fn run(args: LoadtestArgs, config: &Config) -> Result<Report, UsageError> {
         }),
         _ => false,
     };
-    let api_key = match (needs_api, &args.api_key, config.api.keys.first()) {
+    let api_key = match (needs_api, &args.api_key, &api_key) {
         (true, Some(key), _) | (true, None, Some(key)) => Some(key.clone()),
         (true, None, None) => {
             return Err(UsageError(
@@ -268,7 +269,7 @@ pub fn run(args: LoadtestArgs, config: &Config) -> Result<Report, UsageError> {
             plan.server_addr,
             plan.url.clone(),
             plan.source_ips.clone(),
-            minter,
+            tokens,
             plan.run_tag.clone(),
         )
     });

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::auth::Minter;
+use crate::TokenSource;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -87,7 +87,7 @@ pub struct Arena {
     pub server_addr: SocketAddr,
     pub url: String,
     pub source_ips: Vec<IpAddr>,
-    pub minter: Minter,
+    pub tokens: TokenSource,
     pub run_tag: String,
     /// (attack, how the attempt ended) -> attempts
     outcomes: Mutex<BTreeMap<(Attack, String), u64>>,
@@ -98,10 +98,10 @@ impl Arena {
         server_addr: SocketAddr,
         url: String,
         source_ips: Vec<IpAddr>,
-        minter: Minter,
+        tokens: TokenSource,
         run_tag: String,
     ) -> Arena {
-        Arena { server_addr, url, source_ips, minter, run_tag, outcomes: Mutex::new(BTreeMap::new()) }
+        Arena { server_addr, url, source_ips, tokens, run_tag, outcomes: Mutex::new(BTreeMap::new()) }
     }
 
     /// The user whose sessions attackers `index` of `attack` use.
@@ -157,7 +157,7 @@ impl Arena {
         let stream = self.tcp(index, recv_buffer).await?;
         let mut request = format!("{}{query}", self.url).into_client_request().map_err(|e| e.to_string())?;
         if let Some(user) = user {
-            let (token, _) = self.minter.mint(user, None, 3600)?;
+            let token = (self.tokens)(user)?;
             let bearer =
                 format!("Bearer {token}").parse().map_err(|_| "token is not a header value".to_owned())?;
             request.headers_mut().insert("Authorization", bearer);
