@@ -1,7 +1,18 @@
 //! Fan-out (protocol section 5): appending events to a user's stream and handing them to the
 //! user's ready sessions within each session's outbound budget; the publish API's entry point.
 
-use super::*;
+use std::time::Instant;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use log::{debug, warn};
+use serde_json::Value;
+
+use super::{Connection, ConnectionId, Delivery, Publish, Registry, ToSession};
+use crate::metrics::Metrics;
+use crate::outbound::encoded_len;
+use crate::protocol::{now_ms, Event, EventKind, PublishResponse, ServerFrame};
+use crate::state::ConnectionState;
 
 /// Hands frames to one session within its outbound budget, as one mailbox message however many
 /// they are. A session is slow when what it had not yet sent was already over the budget before

@@ -3,7 +3,17 @@
 //! cap, failing a setup alone, and closing. Every step is a transition checked against
 //! `state.rs`; a step asked out of order is contained as a setup failure of that connection.
 
-use super::*;
+use actix::prelude::*;
+use log::{debug, info, warn};
+
+use super::stream::ResumeRequest;
+use super::{
+    Authenticate, Closing, Connection, ConnectionId, ConnectionView, Fail, ListConnections, Register,
+    Registry, Shutdown, ToSession, Unregister,
+};
+use crate::auth::Identity;
+use crate::protocol::{close, now_ms, ErrorCode};
+use crate::state::ConnectionState;
 
 impl Registry {
     /// Moves a connection in setup to `failed` and tells its session to close with `close_code`

@@ -14,32 +14,22 @@ pub mod stream;
 pub mod users;
 
 use std::collections::HashMap;
-use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
-use bytestring::ByteString;
-use log::{debug, info, warn};
+use log::{debug, warn};
 use rand::distr::{Alphanumeric, SampleString};
-use serde_json::Value;
 
-use crate::agent::{AgentEvent, AgentHandle, RunRequest, StartRun, StopRun};
-use crate::auth::Identity;
+use crate::agent::AgentHandle;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::outbound::{encoded_len, Outbound};
-use crate::protocol::{
-    close, now_ms, user_message_payload, AgentOutput, ErrorCode, Event, EventKind, PublishResponse,
-    RunStatus, ServerFrame,
-};
-use crate::ratelimit::Verdict;
+use crate::outbound::Outbound;
 use crate::state::ConnectionState;
-use fanout::NewEvent;
 pub use messages::*;
 use runs::Run;
-use stream::{HistoryLimits, ResumeRequest};
-use users::{SeenMessage, UserLimits, Users};
+use stream::HistoryLimits;
+use users::{UserLimits, Users};
 
 /// The parts of the configuration the registry acts on.
 #[derive(Clone, Debug)]

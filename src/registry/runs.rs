@@ -2,7 +2,18 @@
 //! the agent; the agent's events go onto the stream; every run ends with exactly one terminal
 //! event, whether the agent ends it, the client cancels it, or its deadline passes.
 
-use super::*;
+use std::rc::Rc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use log::{debug, info, warn};
+
+use super::fanout::NewEvent;
+use super::users::SeenMessage;
+use super::{new_id, CancelRequest, Registry, SubmitMessage};
+use crate::agent::{AgentEvent, RunRequest, StartRun, StopRun};
+use crate::protocol::{user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame};
+use crate::ratelimit::Verdict;
 
 /// A run that has started and not ended.
 pub(super) struct Run {
