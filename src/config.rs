@@ -263,11 +263,19 @@ pub struct FaultsConfig {
     /// `slow_agent_user_prefix` (an expensive agent step); 0 is off.
     pub slow_agent_step_ms: u64,
     pub slow_agent_user_prefix: String,
+    /// Every broker call is answered this late (a broker across a slow network); 0 is off.
+    pub broker_delay_ms: u64,
+    /// Broker calls for users whose id starts with this fail (a broken broker); empty is off.
+    pub broker_fail_user_prefix: String,
 }
 
 impl FaultsConfig {
     pub fn any_enabled(&self) -> bool {
-        self.setup_delay_ms > 0 || !self.fail_setup_user_prefix.is_empty() || self.slow_agent_step_ms > 0
+        self.setup_delay_ms > 0
+            || !self.fail_setup_user_prefix.is_empty()
+            || self.slow_agent_step_ms > 0
+            || self.broker_delay_ms > 0
+            || !self.broker_fail_user_prefix.is_empty()
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use log::{debug, info};
+use log::{debug, info, warn};
 use serde::Deserialize;
 
 use crate::admission::{origin_allowed, ConnectionSlots};
@@ -17,12 +17,12 @@ use crate::admission::{UnauthenticatedRefusal, UnauthenticatedSlots};
 use crate::assets::Assets;
 use crate::auth::Minter;
 use crate::auth::{is_valid_user_id, USER_ID_RULE};
+use crate::broker::ResumeRequest;
 use crate::config::Config;
 use crate::protocol::{
     parse_published_event, ClientInfo, ConnectionsResponse, DevTokenResponse, HttpError, PublishRequest,
     Status, SUBPROTOCOL,
 };
-use crate::registry::stream::ResumeRequest;
 use crate::registry::{ListConnections, Probe, Publish, PublishTicket};
 use crate::session::{self, Session, SessionEnv};
 
@@ -367,9 +367,17 @@ async fn publish(
         Err(_) => answer.await.ok().flatten(),
     };
     match published {
-        Some(published) => {
+        Some(Ok(published)) => {
             info!("published {count} events to user {} ({} sessions)", request.user_id, published.sessions);
             Ok(HttpResponse::Ok().json(published))
+        }
+        Some(Err(e)) => {
+            warn!("publish to user {} failed in the broker: {e}", request.user_id);
+            Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                "the stream store did not take the events; nothing was published",
+            ))
         }
         None => Ok(registry_unavailable()),
     }

@@ -8,6 +8,7 @@ mod admission;
 mod agent;
 mod assets;
 pub mod auth;
+mod broker;
 pub mod config;
 pub mod frame_guard;
 mod http;

@@ -22,6 +22,7 @@ use log::{debug, info, warn};
 
 use crate::admission::{ConnectionSlot, UnauthenticatedSlot};
 use crate::auth::{Identity, Verifier};
+use crate::broker::ResumeRequest;
 use crate::metrics::Metrics;
 use crate::outbound::{close_frame_len, encoded_len, Outbound};
 use crate::protocol::{
@@ -30,7 +31,6 @@ use crate::protocol::{
 };
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::read_gate::ReadGate;
-use crate::registry::stream::ResumeRequest;
 use crate::registry::{
     Authenticate, CancelRequest, Closing, ConnectionId, Delivery, Fail, Register, Registry, SubmitMessage,
     ToSession, Unregister,

@@ -1,17 +1,18 @@
-//! Fan-out (protocol section 5): appending events to a user's stream and handing them to the
-//! user's ready sessions within each session's outbound budget; the publish API's entry point.
+//! Fan-out (protocol section 5): appending events to a user's stream (through the broker) and
+//! handing them to the user's ready sessions here within each session's outbound budget; the
+//! publish API's entry point.
 
 use std::time::Instant;
 
 use actix::prelude::*;
 use bytestring::ByteString;
 use log::{debug, warn};
-use serde_json::Value;
 
 use super::{Connection, ConnectionId, Delivery, Publish, Registry, ToSession};
+use crate::broker::{BrokerError, NewEvent, Stored};
 use crate::metrics::Metrics;
 use crate::outbound::encoded_len;
-use crate::protocol::{now_ms, Event, EventKind, PublishResponse, ServerFrame};
+use crate::protocol::{PublishResponse, ServerFrame};
 use crate::state::ConnectionState;
 
 /// Hands frames to one session within its outbound budget, as one mailbox message however many
@@ -50,47 +51,45 @@ pub(super) fn deliver(
     false
 }
 
-/// An event to append to a user's stream.
-pub(super) struct NewEvent<'a> {
-    pub(super) kind: EventKind,
-    pub(super) thread_id: &'a str,
-    pub(super) run_id: Option<&'a str>,
-    pub(super) payload: &'a Value,
-}
-
 impl Registry {
-    /// Appends events to a user's stream and fans them out to the user's ready sessions: each
-    /// serialised once and shared by all, all of them in one message per session. Returns their
-    /// seqs and how many sessions they reached.
-    pub(super) fn publish(&mut self, user_id: &str, events: &[NewEvent<'_>]) -> (Vec<u64>, usize) {
+    /// Appends events to a user's stream through the broker. Once it answers, they go to the
+    /// user's sessions here ([`Registry::deliver_events`]) and `done` learns their seqs and how
+    /// many sessions they reached, or why nothing was published.
+    pub(super) fn publish(
+        &mut self,
+        ctx: &mut Context<Self>,
+        user_id: &str,
+        events: &[NewEvent<'_>],
+        done: impl FnOnce(&mut Registry, Result<(Vec<u64>, usize), BrokerError>) + 'static,
+    ) {
         let created = Instant::now();
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let user = self.users.entry(user_id);
-        let mut seqs = Vec::with_capacity(events.len());
-        let mut frames = Vec::with_capacity(events.len());
-        for event in events {
-            let seq = user.stream.next_seq();
-            let wire = Event {
-                kind: event.kind,
-                seq,
-                ts: now_ms(),
-                thread_id: event.thread_id,
-                run_id: event.run_id,
-                payload: event.payload,
-            };
-            seqs.push(seq);
-            frames.push(wire.to_frame(&mut scratch));
-        }
-        // Section 6: an offline user's stream is kept for the TTL after its last event.
-        if user.sessions.is_empty() {
-            user.stream.idle_since = Some(created);
-        }
-        for (seq, frame) in seqs.iter().zip(&frames) {
-            self.users.keep(user_id, *seq, frame.clone());
-        }
-        self.scratch = scratch;
-        self.metrics.events_published.inc_by(events.len() as u64);
-        let Some(user) = self.users.get(user_id) else { return (seqs, 0) };
+        let call = self.broker.append(user_id, events);
+        let user = user_id.to_owned();
+        self.when(ctx, user_id, call, move |registry, answer, _| match answer {
+            Ok(stored) => {
+                registry.metrics.events_published.inc_by(stored.len() as u64);
+                let reached = registry.deliver_events(&user, &stored, created);
+                done(registry, Ok((stored.iter().map(|e| e.seq).collect(), reached)));
+            }
+            Err(e) => {
+                warn!("broker: events for user {user} not published: {e}");
+                registry.metrics.fail("broker_error");
+                done(registry, Err(e));
+            }
+        });
+    }
+
+    /// Appends one event; a failure is logged and counted (its run's caller is the agent).
+    pub(super) fn publish_one(&mut self, ctx: &mut Context<Self>, user_id: &str, event: NewEvent<'_>) {
+        self.publish(ctx, user_id, std::slice::from_ref(&event), |_, _| {});
+    }
+
+    /// The one way events reach this process's sessions, whoever appended them: each frame
+    /// serialised once and shared by all, all of them in one message per `processing_ready`
+    /// session of the user. Returns how many sessions they reached.
+    pub(super) fn deliver_events(&mut self, user_id: &str, stored: &[Stored], created: Instant) -> usize {
+        let Some(user) = self.local.get(user_id) else { return 0 };
+        let frames: Vec<ByteString> = stored.iter().map(|e| e.frame.clone()).collect();
         let max = self.settings.max_outbound_bytes;
         let mut reached = 0;
         let mut slow = Vec::new();
@@ -109,12 +108,7 @@ impl Registry {
         for id in slow {
             self.abandon(id);
         }
-        (seqs, reached)
-    }
-
-    /// Appends one event; returns its seq.
-    pub(super) fn publish_one(&mut self, user_id: &str, event: NewEvent<'_>) -> u64 {
-        self.publish(user_id, std::slice::from_ref(&event)).0[0]
+        reached
     }
 
     /// A frame for one session alone (ack, error), under the same budget as events.
@@ -130,12 +124,12 @@ impl Registry {
 }
 
 impl Handler<Publish> for Registry {
-    type Result = MessageResult<Publish>;
+    type Result = ResponseFuture<Option<Result<PublishResponse, BrokerError>>>;
 
-    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) -> Self::Result {
         if !msg.ticket.take() {
             debug!("publish to user {} abandoned by its caller before it was taken", msg.user_id);
-            return MessageResult(None);
+            return Box::pin(std::future::ready(None));
         }
         let events: Vec<NewEvent<'_>> = msg
             .events
@@ -147,7 +141,10 @@ impl Handler<Publish> for Registry {
                 payload: &e.payload,
             })
             .collect();
-        let (seqs, sessions) = self.publish(&msg.user_id, &events);
-        MessageResult(Some(PublishResponse { seqs, sessions }))
+        let (answer, answered) = futures_channel::oneshot::channel();
+        self.publish(ctx, &msg.user_id, &events, move |_, published| {
+            let _ = answer.send(published.map(|(seqs, sessions)| PublishResponse { seqs, sessions }));
+        });
+        Box::pin(async move { answered.await.ok() })
     }
 }

@@ -6,12 +6,13 @@
 use actix::prelude::*;
 use log::{debug, info, warn};
 
-use super::stream::ResumeRequest;
 use super::{
     Authenticate, Closing, Connection, ConnectionId, ConnectionView, Fail, ListConnections, Register,
     Registry, Shutdown, ToSession, Unregister,
 };
 use crate::auth::Identity;
+use crate::broker::BrokerError;
+use crate::broker::ResumeRequest;
 use crate::protocol::{close, now_ms, ErrorCode};
 use crate::state::ConnectionState;
 
@@ -42,16 +43,27 @@ impl Registry {
         true
     }
 
+    /// Out of its user's fan-out here and of the user's session cap in the broker; once only.
     pub(super) fn release_user_slot(&mut self, id: ConnectionId) {
-        let Some(user_id) = self.connections.get(&id).and_then(|c| c.user_id.as_deref()) else {
+        let Some(user_id) = self.connections.get(&id).and_then(|c| c.user_id.clone()) else {
             return;
         };
-        if let Some(user) = self.users.get_mut(user_id) {
-            user.sessions.retain(|s| *s != id);
-            if user.sessions.is_empty() {
-                user.stream.idle_since = Some(std::time::Instant::now());
+        let Some(user) = self.local.get_mut(user_id.as_str()) else { return };
+        let Some(at) = user.sessions.iter().position(|s| *s == id) else { return };
+        user.sessions.remove(at);
+        self.forget_local_if_unused(&user_id);
+        self.leave_broker(&user_id, id);
+    }
+
+    /// The broker's slot of a session given back. Its effect is decided now; only a failure
+    /// answers, so nobody waits for it.
+    fn leave_broker(&mut self, user_id: &str, id: ConnectionId) {
+        let call = self.broker.leave(user_id, id);
+        actix::spawn(async move {
+            if let Err(e) = call.await {
+                warn!("{id}: the broker did not take back the session slot: {e}");
             }
-        }
+        });
     }
 
     /// A connection the registry gave up on (slow): out of the fan-out and of its user's
@@ -83,13 +95,31 @@ impl Registry {
         }
         let user_id = identity.user_id;
         let cap = self.settings.max_sessions_per_user;
-        let user = self.users.entry(&user_id);
-        if user.sessions.len() >= cap {
-            self.fail_setup(id, "too_many_sessions", close::TOO_MANY_SESSIONS, None);
-            return;
+        let call = self.broker.admit(&user_id, id, cap);
+        self.when(ctx, &user_id.clone(), call, move |registry, answer, ctx| {
+            registry.admitted(ctx, id, user_id, resume, answer);
+        });
+    }
+
+    /// The broker's answer on the user's session cap.
+    fn admitted(
+        &mut self,
+        ctx: &mut Context<Self>,
+        id: ConnectionId,
+        user_id: String,
+        resume: Option<ResumeRequest>,
+        answer: Result<bool, BrokerError>,
+    ) {
+        match answer {
+            Ok(true) => {}
+            Ok(false) => return self.fail_setup(id, "too_many_sessions", close::TOO_MANY_SESSIONS, None),
+            Err(e) => return self.broker_failed_setup(id, &e),
         }
-        user.sessions.push(id);
-        user.stream.idle_since = None;
+        if self.connections.get(&id).is_none_or(|c| c.state != ConnectionState::Accepted) {
+            // Gone (or failed) while the broker answered: its slot goes back at once.
+            return self.leave_broker(&user_id, id);
+        }
+        self.local_user(&user_id).sessions.push(id);
         if let Some(connection) = self.connections.get_mut(&id) {
             connection.user_id = Some(user_id);
         }
@@ -99,15 +129,26 @@ impl Registry {
         self.tell(id, ToSession::Authenticated);
         let delay = self.settings.setup_delay;
         if delay.is_zero() {
-            self.attach(id, resume);
+            self.attach(ctx, id, resume);
         } else {
             // A timer, not a sleep: the registry keeps serving everyone else meanwhile.
-            ctx.run_later(delay, move |registry, _| registry.attach(id, resume));
+            ctx.run_later(delay, move |registry, ctx| registry.attach(ctx, id, resume));
         }
     }
 
+    fn broker_failed_setup(&mut self, id: ConnectionId, error: &BrokerError) {
+        warn!("{id}: setup failed in the broker: {error}");
+        let message = "the user's stream could not be reached".to_owned();
+        self.fail_setup(id, "broker_error", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
+    }
+
     /// `services_ready`: the user's stream is attached. This is where a setup can fail.
-    pub(super) fn attach(&mut self, id: ConnectionId, resume: Option<ResumeRequest>) {
+    pub(super) fn attach(
+        &mut self,
+        ctx: &mut Context<Self>,
+        id: ConnectionId,
+        resume: Option<ResumeRequest>,
+    ) {
         let Some(user_id) = self.connections.get(&id).and_then(|c| c.user_id.clone()) else {
             debug!("{id}: vanished before services_ready");
             return;
@@ -118,32 +159,45 @@ impl Registry {
             self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
             return;
         }
-        self.users.entry(&user_id);
         if self.transition(id, ConnectionState::ServicesReady).is_err() {
             self.refuse_out_of_order(id);
             return;
         }
         self.tell(id, ToSession::ServicesReady);
-        self.activate(id, &user_id, resume);
+        self.activate(ctx, id, &user_id, resume);
     }
 
-    /// `processing_ready`: from now on the connection is in the fan-out. The replay is computed
-    /// in the same step, so no event can fall between the two.
-    pub(super) fn activate(&mut self, id: ConnectionId, user_id: &str, resume: Option<ResumeRequest>) {
-        if self.transition(id, ConnectionState::ProcessingReady).is_err() {
-            self.refuse_out_of_order(id);
-            return;
-        }
-        let stream = &self.users.entry(user_id).stream;
-        let replay = stream.replay(resume.as_ref());
-        let answer = ToSession::ProcessingReady {
-            epoch: stream.epoch().to_owned(),
-            last_seq: stream.last_seq(),
-            resume: replay.info,
-            replay: replay.frames,
-        };
-        info!("{id}: processing_ready for user {user_id}");
-        self.tell(id, answer);
+    /// `processing_ready`: from now on the connection is in the fan-out. It gets there when the
+    /// broker's replay is acted on, which is after every event appended before the replay was
+    /// asked for (those are in it) and before every one appended after (those come live), so
+    /// no event falls between the two and none comes twice.
+    pub(super) fn activate(
+        &mut self,
+        ctx: &mut Context<Self>,
+        id: ConnectionId,
+        user_id: &str,
+        resume: Option<ResumeRequest>,
+    ) {
+        let call = self.broker.attach(user_id, resume.as_ref());
+        let user_id = user_id.to_owned();
+        self.when(ctx, &user_id.clone(), call, move |registry, answer, _| {
+            let attached = match answer {
+                Ok(attached) => attached,
+                Err(e) => return registry.broker_failed_setup(id, &e),
+            };
+            if registry.transition(id, ConnectionState::ProcessingReady).is_err() {
+                registry.refuse_out_of_order(id);
+                return;
+            }
+            info!("{id}: processing_ready for user {user_id}");
+            let answer = ToSession::ProcessingReady {
+                epoch: attached.epoch,
+                last_seq: attached.last_seq,
+                resume: attached.info,
+                replay: attached.frames,
+            };
+            registry.tell(id, answer);
+        });
     }
 
     /// A session asked for a step its connection is not in: contained as a setup failure.
@@ -244,7 +298,7 @@ impl Handler<ListConnections> for Registry {
     type Result = MessageResult<ListConnections>;
 
     fn handle(&mut self, msg: ListConnections, _: &mut Self::Context) -> Self::Result {
-        let Some(user) = self.users.get(&msg.user_id) else {
+        let Some(user) = self.local.get(msg.user_id.as_str()) else {
             return MessageResult(Vec::new());
         };
         let views = user

@@ -11,8 +11,8 @@ use std::time::Instant;
 use actix::prelude::*;
 use bytestring::ByteString;
 
-use super::stream::ResumeRequest;
 use crate::auth::Identity;
+use crate::broker::ResumeRequest;
 use crate::outbound::Outbound;
 use crate::protocol::{ErrorCode, PublishResponse, PublishedEvent, ResumeInfo, UserMessage};
 use crate::state::ConnectionState;
@@ -168,9 +168,10 @@ pub struct ListConnections {
 }
 
 /// `POST /api/v1/publish`: all events of the batch, atomically, onto one user's stream. Answers
-/// `None` when the request was abandoned (its HTTP wait ran out) before the registry took it.
+/// `None` when the request was abandoned (its HTTP wait ran out) before the registry took it,
+/// `Some(Err)` when the broker failed it (nothing was published).
 #[derive(Message)]
-#[rtype(result = "Option<PublishResponse>")]
+#[rtype(result = "Option<Result<PublishResponse, crate::broker::BrokerError>>")]
 pub struct Publish {
     pub user_id: String,
     pub events: Vec<PublishedEvent>,

@@ -1,17 +1,17 @@
-//! The registry: the supervisor actor that knows every connection, owns every state transition
-//! (protocol section 3) and every user's stream (sections 5 and 6), and fans events out.
+//! The registry: the supervisor actor that knows every connection of this process, owns every
+//! state transition (protocol section 3), and fans events out to sessions. Users' streams
+//! (sections 5 and 6) live in the broker underneath (`crate::broker`), which the registry asks
+//! and never waits for.
 //!
-//! It processes one message at a time, so each user's "assign seq, append to history, deliver"
-//! is atomic without locks. Nothing a single connection does can hurt the others here: every
-//! message names a connection id that may already be gone, and every "no" is an answer to the
-//! asking session, a metric and a log line, never a panic.
+//! It processes one message at a time. Nothing a single connection does can hurt the others
+//! here: every message names a connection id that may already be gone, and every "no" is an
+//! answer to the asking session, a metric and a log line, never a panic.
 
+mod broker_calls;
 mod fanout;
 mod lifecycle;
 pub mod messages;
 mod runs;
-pub mod stream;
-pub mod users;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,14 +22,19 @@ use log::{debug, warn};
 use rand::distr::{Alphanumeric, SampleString};
 
 use crate::agent::AgentHandle;
+use crate::broker::faulty::Faulty;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::stream::HistoryLimits;
+use crate::broker::users::UserLimits;
+use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
+use crate::ratelimit::RateLimiter;
 use crate::state::ConnectionState;
+use broker_calls::CallQueue;
 pub use messages::*;
 use runs::Run;
-use stream::HistoryLimits;
-use users::{UserLimits, Users};
 
 /// The parts of the configuration the registry acts on.
 #[derive(Clone, Debug)]
@@ -42,6 +47,11 @@ pub struct RegistrySettings {
     pub max_runs_per_user: usize,
     pub run_timeout: Duration,
     pub max_response_bytes: usize,
+    /// `limits.user_messages_per_second`.
+    pub user_messages_per_second: u32,
+    /// `faults.broker_delay_ms` and `faults.broker_fail_user_prefix`.
+    pub broker_delay: Duration,
+    pub broker_fail_user_prefix: String,
 }
 
 impl RegistrySettings {
@@ -57,7 +67,6 @@ impl RegistrySettings {
                 max_users: config.history.max_users,
                 dedupe_per_user: config.history.dedupe_per_user,
                 ttl: Duration::from_secs(config.history.ttl_secs),
-                messages_per_second: config.limits.user_messages_per_second,
             },
             setup_delay: Duration::from_millis(config.faults.setup_delay_ms),
             fail_setup_user_prefix: config.faults.fail_setup_user_prefix.clone(),
@@ -65,8 +74,22 @@ impl RegistrySettings {
             max_runs_per_user: config.agent.max_runs_per_user,
             run_timeout: Duration::from_secs(config.agent.run_timeout_secs),
             max_response_bytes: config.agent.max_response_bytes,
+            user_messages_per_second: config.limits.user_messages_per_second,
+            broker_delay: Duration::from_millis(config.faults.broker_delay_ms),
+            broker_fail_user_prefix: config.faults.broker_fail_user_prefix.clone(),
         }
     }
+}
+
+/// What this process knows of a user it has sessions of: node-local, never in the broker.
+struct LocalUser {
+    /// This process's connections of the user that hold a session slot (authenticated, not
+    /// yet closing): the fan-out list.
+    sessions: Vec<ConnectionId>,
+    /// Runs of the user that have started here and not ended (`agent.max_runs_per_user`).
+    runs_in_progress: usize,
+    /// `limits.user_messages_per_second` across all of the user's sessions.
+    limiter: RateLimiter,
 }
 
 struct Connection {
@@ -85,12 +108,17 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     agent: AgentHandle,
     connections: HashMap<ConnectionId, Connection>,
-    users: Users,
+    /// Users' streams, history, dedupe and session counts.
+    broker: Box<dyn Broker>,
+    /// Users with sessions or runs in this process.
+    local: HashMap<std::rc::Rc<str>, LocalUser>,
+    /// Broker calls still to be answered, per user, in the order they were made.
+    calls: HashMap<String, CallQueue>,
     runs: HashMap<String, Run>,
-    /// Reused to serialise events, so each costs one exact-size allocation.
-    scratch: Vec<u8>,
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
     shutting_down: bool,
+    /// The broker gave back memory since the last trim.
+    broker_freed: bool,
     trimmer: crate::memory::Trimmer,
 }
 
@@ -120,35 +148,51 @@ impl Actor for Registry {
         // A quarter of the TTL, so a stream outlives its TTL by at most that much.
         let sweep = (self.settings.users.ttl / 4).min(Duration::from_secs(5)).max(Duration::from_millis(100));
         ctx.run_interval(sweep, |registry, _| {
-            registry.users.forget_idle();
-            registry.metrics.user_streams.set(registry.users.len() as i64);
-            registry.metrics.history_bytes.set(registry.users.history_bytes() as i64);
+            let shrunk = registry.broker.upkeep();
+            let (streams, history_bytes) = registry.broker.gauges();
+            registry.metrics.user_streams.set(streams as i64);
+            registry.metrics.history_bytes.set(history_bytes as i64);
             registry.metrics.runs_in_progress.set(registry.runs.len() as i64);
+            registry.broker_freed |= shrunk;
         });
         ctx.run_interval(Duration::from_secs(5), |registry, _| {
             // A table sized for a crowd that has left keeps the crowd's memory.
             let shrunk = shrink_if_oversized(&mut registry.connections)
                 | shrink_if_oversized(&mut registry.runs)
-                | registry.users.shrink_if_oversized();
+                | shrink_if_oversized(&mut registry.local)
+                | std::mem::take(&mut registry.broker_freed);
             registry.trimmer.tick(registry.connections.len(), shrunk)
         });
         let overdue =
             (self.settings.run_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        ctx.run_interval(overdue, |registry, _| registry.end_overdue_runs());
+        ctx.run_interval(overdue, |registry, ctx| registry.end_overdue_runs(ctx));
     }
 }
 
 impl Registry {
     pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>, agent: AgentHandle) -> Registry {
-        let users = Users::new(settings.users);
+        let mut broker: Box<dyn Broker> = Box::new(MemoryBroker::new(settings.users));
+        if !settings.broker_delay.is_zero() || !settings.broker_fail_user_prefix.is_empty() {
+            warn!(
+                "[faults] broker: calls answered after {:?}, refused for users starting with {:?}",
+                settings.broker_delay, settings.broker_fail_user_prefix
+            );
+            broker = Box::new(Faulty::new(
+                broker,
+                settings.broker_delay,
+                settings.broker_fail_user_prefix.clone(),
+            ));
+        }
         Registry {
             settings,
             metrics,
             agent,
             connections: HashMap::new(),
-            users,
+            broker,
+            local: HashMap::new(),
+            calls: HashMap::new(),
+            broker_freed: false,
             runs: HashMap::new(),
-            scratch: Vec::with_capacity(4096),
             shutting_down: false,
             trimmer: crate::memory::Trimmer::new(),
         }
@@ -179,6 +223,29 @@ impl Registry {
             // Setup answers are a bounded handful per connection, so they may bypass the mailbox
             // capacity; events never do (see `deliver`).
             connection.session.do_send(message);
+        }
+    }
+
+    /// This process's record of a user, made when missing.
+    fn local_user(&mut self, user_id: &str) -> &mut LocalUser {
+        if !self.local.contains_key(user_id) {
+            let rate = self.settings.user_messages_per_second;
+            let user = LocalUser {
+                sessions: Vec::new(),
+                runs_in_progress: 0,
+                limiter: RateLimiter::new(rate, rate.saturating_mul(2), std::time::Instant::now()),
+            };
+            self.local.insert(std::rc::Rc::from(user_id), user);
+        }
+        // Inserted just above when it was missing.
+        self.local.get_mut(user_id).expect("the entry exists")
+    }
+
+    /// Forgets the local record of a user with neither sessions nor runs here. Its message rate
+    /// goes with it: a user who comes back within the second gets a fresh burst.
+    fn forget_local_if_unused(&mut self, user_id: &str) {
+        if self.local.get(user_id).is_some_and(|u| u.sessions.is_empty() && u.runs_in_progress == 0) {
+            self.local.remove(user_id);
         }
     }
 

@@ -8,11 +8,12 @@ use std::time::Instant;
 use actix::prelude::*;
 use log::{debug, info, warn};
 
-use super::fanout::NewEvent;
-use super::users::SeenMessage;
-use super::{new_id, CancelRequest, Registry, SubmitMessage};
+use super::{new_id, CancelRequest, ConnectionId, Registry, SubmitMessage};
 use crate::agent::{AgentEvent, RunRequest, StartRun, StopRun};
-use crate::protocol::{user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame};
+use crate::broker::{BrokerError, NewEvent, SeenMessage, Submitted};
+use crate::protocol::{
+    user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame, UserMessage,
+};
 use crate::ratelimit::Verdict;
 
 /// A run that has started and not ended.
@@ -34,11 +35,12 @@ pub(super) struct Run {
 impl Registry {
     /// Ends a run with its terminal event: out of the run table and of its user's count, then
     /// onto the stream. Nothing of the run is published after this.
-    pub(super) fn end_run(&mut self, run_id: &str, output: AgentOutput) {
+    pub(super) fn end_run(&mut self, ctx: &mut Context<Self>, run_id: &str, output: AgentOutput) {
         let Some(run) = self.runs.remove(run_id) else { return };
-        if let Some(user) = self.users.get_mut(&run.user_id) {
+        if let Some(user) = self.local.get_mut(&*run.user_id) {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
         }
+        self.forget_local_if_unused(&run.user_id);
         if !run.announced {
             let started =
                 AgentOutput::Started { agent: self.agent.name.into(), message_id: run.message_id.clone() };
@@ -49,7 +51,7 @@ impl Registry {
                 run_id: Some(run_id),
                 payload: &payload,
             };
-            self.publish_one(&run.user_id, event);
+            self.publish_one(ctx, &run.user_id, event);
         }
         let payload = output.payload();
         let end = NewEvent {
@@ -58,11 +60,11 @@ impl Registry {
             run_id: Some(run_id),
             payload: &payload,
         };
-        self.publish_one(&run.user_id, end);
+        self.publish_one(ctx, &run.user_id, end);
     }
 
     /// `agent.run_timeout_secs`: a run whose agent never ends it is ended here.
-    pub(super) fn end_overdue_runs(&mut self) {
+    pub(super) fn end_overdue_runs(&mut self, ctx: &mut Context<Self>) {
         let deadline = self.settings.run_timeout;
         let overdue: Vec<String> = self
             .runs
@@ -78,7 +80,7 @@ impl Registry {
                 code: "agent_timeout".into(),
                 message: format!("the agent did not finish within {} seconds", deadline.as_secs()),
             };
-            self.end_run(&run_id, output);
+            self.end_run(ctx, &run_id, output);
         }
     }
 }
@@ -89,18 +91,44 @@ impl Handler<SubmitMessage> for Registry {
     fn handle(&mut self, msg: SubmitMessage, ctx: &mut Self::Context) {
         let id = msg.id;
         let Some(user_id) = self.ready_user(id) else { return };
-        let message = msg.message;
-        let client_msg_id = message.client_msg_id.as_deref();
+        // A repeated client_msg_id is acked again with the same ids and starts nothing, even
+        // over the rate limit: it asks for nothing new.
+        let Some(client_msg_id) = msg.message.client_msg_id.clone() else {
+            return self.submit(ctx, id, user_id, msg.message);
+        };
+        let call = self.broker.seen(&user_id, &client_msg_id);
+        self.when(ctx, &user_id.clone(), call, move |registry, answer, ctx| match answer {
+            Ok(Some(seen)) => registry.ack_again(id, &client_msg_id, &seen),
+            Ok(None) => registry.submit(ctx, id, user_id, msg.message),
+            Err(e) => registry.message_not_stored(id, &e),
+        });
+    }
+}
+
+impl Registry {
+    fn ack_again(&mut self, id: ConnectionId, client_msg_id: &str, seen: &SeenMessage) {
+        debug!("{id}: repeated client_msg_id; acked again");
+        let ack = ServerFrame::Ack {
+            client_msg_id: Some(client_msg_id),
+            message_id: &seen.message_id,
+            run_id: &seen.run_id,
+            seq: seen.seq,
+        };
+        self.send_to(id, ack);
+    }
+
+    fn message_not_stored(&mut self, id: ConnectionId, error: &BrokerError) {
+        warn!("{id}: user_message not stored: broker: {error}");
+        self.metrics.fail("broker_error");
+        let message = "the message could not be stored; send it again";
+        self.send_to(id, ServerFrame::error(ErrorCode::Internal, message, Some("user_message")));
+    }
+
+    /// Section 4: within the user's rate and runs cap, the message goes onto the stream (unless
+    /// its `client_msg_id` got there first), is acked, and starts a run.
+    fn submit(&mut self, ctx: &mut Context<Self>, id: ConnectionId, user_id: String, message: UserMessage) {
         let max_runs = self.settings.max_runs_per_user;
-        let user = self.users.entry(&user_id);
-        // A repeated client_msg_id is acked again with the same ids and starts nothing.
-        if let Some(seen) = client_msg_id.and_then(|c| user.seen(c)) {
-            let (message_id, run_id, seq) = (seen.message_id.clone(), seen.run_id.clone(), seen.seq);
-            debug!("{id}: repeated client_msg_id; acked again");
-            let ack = ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq };
-            self.send_to(id, ack);
-            return;
-        }
+        let user = self.local_user(&user_id);
         // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
         let refusal = if user.limiter.check(Instant::now()) != Verdict::Allow {
             Some("too many messages from this user across its sessions; slow down")
@@ -109,14 +137,15 @@ impl Handler<SubmitMessage> for Registry {
         } else {
             None
         };
-        if let Some(message) = refusal {
-            debug!("{id}: user_message of user {user_id} refused: {message}");
-            self.send_to(id, ServerFrame::error(ErrorCode::RateLimited, message, Some("user_message")));
+        if let Some(refusal) = refusal {
+            debug!("{id}: user_message of user {user_id} refused: {refusal}");
+            self.send_to(id, ServerFrame::error(ErrorCode::RateLimited, refusal, Some("user_message")));
             return;
         }
         user.runs_in_progress += 1;
         let message_id = new_id("m_");
         let run_id = new_id("r_");
+        let client_msg_id = message.client_msg_id.as_deref();
         let payload = user_message_payload(&message_id, &message.content, client_msg_id);
         let echo = NewEvent {
             kind: EventKind::UserMessage,
@@ -124,18 +153,49 @@ impl Handler<SubmitMessage> for Registry {
             run_id: None,
             payload: &payload,
         };
-        let seq = self.publish_one(&user_id, echo);
-        self.send_to(id, ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq });
-        if let Some(client_msg_id) = message.client_msg_id {
-            let seen = SeenMessage {
-                message_id: message_id.clone(),
-                run_id: run_id.clone(),
-                seq,
-                at: Instant::now(),
+        let created = Instant::now();
+        let call = self.broker.submit(&user_id, client_msg_id, (&message_id, &run_id), &echo);
+        self.when(ctx, &user_id.clone(), call, move |registry, answer, ctx| {
+            let stored = match answer {
+                Ok(Submitted::Appended(stored)) => stored,
+                Ok(Submitted::Seen(seen)) => {
+                    registry.run_not_started(&user_id);
+                    let client_msg_id = message.client_msg_id.as_deref().unwrap_or_default();
+                    return registry.ack_again(id, client_msg_id, &seen);
+                }
+                Err(e) => {
+                    registry.run_not_started(&user_id);
+                    return registry.message_not_stored(id, &e);
+                }
             };
-            let cap = self.users.limits().dedupe_per_user;
-            self.users.entry(&user_id).remember(client_msg_id, seen, cap);
+            registry.metrics.events_published.inc();
+            let seq = stored.seq;
+            registry.deliver_events(&user_id, std::slice::from_ref(&stored), created);
+            let client_msg_id = message.client_msg_id.as_deref();
+            registry.send_to(
+                id,
+                ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq },
+            );
+            registry.start_run(ctx, id, user_id, run_id, message_id, message);
+        });
+    }
+
+    fn run_not_started(&mut self, user_id: &str) {
+        if let Some(user) = self.local.get_mut(user_id) {
+            user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
         }
+        self.forget_local_if_unused(user_id);
+    }
+
+    fn start_run(
+        &mut self,
+        ctx: &mut Context<Self>,
+        id: ConnectionId,
+        user_id: String,
+        run_id: String,
+        message_id: String,
+        message: UserMessage,
+    ) {
         let run = Run {
             user_id: Rc::from(user_id.as_str()),
             thread_id: Rc::from(message.thread_id.as_str()),
@@ -157,7 +217,7 @@ impl Handler<SubmitMessage> for Registry {
                 code: "agent_unavailable".into(),
                 message: "the agent is too busy to take this run; try again shortly".into(),
             };
-            self.end_run(&run_id, output);
+            self.end_run(ctx, &run_id, output);
         }
     }
 }
@@ -165,7 +225,7 @@ impl Handler<SubmitMessage> for Registry {
 impl Handler<AgentEvent> for Registry {
     type Result = ();
 
-    fn handle(&mut self, msg: AgentEvent, _: &mut Self::Context) {
+    fn handle(&mut self, msg: AgentEvent, ctx: &mut Self::Context) {
         let AgentEvent { run_id, output } = msg;
         let Some(run) = self.runs.get_mut(&run_id) else {
             // The run was cancelled (or never existed): nothing of it after its end.
@@ -173,7 +233,7 @@ impl Handler<AgentEvent> for Registry {
             return;
         };
         if output.kind().is_terminal() {
-            return self.end_run(&run_id, output);
+            return self.end_run(ctx, &run_id, output);
         }
         match (&output, run.announced) {
             (AgentOutput::Started { .. }, true) => {
@@ -200,6 +260,7 @@ impl Handler<AgentEvent> for Registry {
         let (user_id, thread_id) = (run.user_id.clone(), run.thread_id.clone());
         let payload = output.payload();
         self.publish_one(
+            ctx,
             &user_id,
             NewEvent { kind: output.kind(), thread_id: &thread_id, run_id: Some(&run_id), payload: &payload },
         );
@@ -209,7 +270,7 @@ impl Handler<AgentEvent> for Registry {
 impl Handler<CancelRequest> for Registry {
     type Result = ();
 
-    fn handle(&mut self, msg: CancelRequest, _: &mut Self::Context) {
+    fn handle(&mut self, msg: CancelRequest, ctx: &mut Self::Context) {
         let id = msg.id;
         let Some(user_id) = self.ready_user(id) else { return };
         // Another user's run is indistinguishable from an unknown one.
@@ -225,6 +286,6 @@ impl Handler<CancelRequest> for Registry {
             content: std::mem::take(&mut run.response),
             duration_ms: run.started.elapsed().as_millis() as u64,
         };
-        self.end_run(&msg.run_id, output);
+        self.end_run(ctx, &msg.run_id, output);
     }
 }

@@ -1,5 +1,5 @@
-//! The registry's table of users: each user's sessions, stream, dedupe memory, runs in progress
-//! and message rate, with a cap on every part of it that a client or a publisher can grow.
+//! The in-memory broker's table of users: each user's admitted sessions, stream and dedupe
+//! memory, with a cap on every part of it that a client or a publisher can grow.
 //!
 //! Everything here grows with input from outside (a new user id in a token or a publish, an
 //! event, a `client_msg_id`), so each has a count or byte bound and a rule for what goes first
@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use bytestring::ByteString;
 use log::{debug, info};
 
-use super::messages::ConnectionId;
 use super::stream::{HistoryLimits, UserStream};
-use crate::ratelimit::RateLimiter;
+use super::SeenMessage;
+use crate::registry::ConnectionId;
 
-/// The caps of the table (`[history]` and `limits.user_messages_per_second`).
+/// The caps of the table (`[history]`).
 #[derive(Clone, Copy, Debug)]
 pub struct UserLimits {
     pub history: HistoryLimits,
@@ -26,15 +26,6 @@ pub struct UserLimits {
     pub max_users: usize,
     pub dedupe_per_user: usize,
     pub ttl: Duration,
-    pub messages_per_second: u32,
-}
-
-/// What the registry remembers of a `client_msg_id` so a repeat is acked with the same ids.
-pub struct SeenMessage {
-    pub message_id: String,
-    pub run_id: String,
-    pub seq: u64,
-    pub at: Instant,
 }
 
 /// The `client_msg_id`s of one user, at most `history.dedupe_per_user`, oldest forgotten first.
@@ -47,10 +38,6 @@ pub struct User {
     /// Connections holding one of the user's session slots (authenticated, not yet closing).
     pub sessions: Vec<ConnectionId>,
     pub stream: UserStream,
-    /// Runs of the user that have started and not ended (`agent.max_runs_per_user`).
-    pub runs_in_progress: usize,
-    /// `limits.user_messages_per_second` across all of the user's sessions.
-    pub limiter: RateLimiter,
     dedupe: Dedupe,
     /// Tells this stream from an earlier one of the same user id in the server-wide order.
     generation: u64,
@@ -88,9 +75,9 @@ pub struct Users {
 }
 
 impl Users {
-    /// See [`super::shrink_if_oversized`].
+    /// See [`crate::registry::shrink_if_oversized`].
     pub fn shrink_if_oversized(&mut self) -> bool {
-        let map = super::shrink_if_oversized(&mut self.map);
+        let map = crate::registry::shrink_if_oversized(&mut self.map);
         let order = self.order.capacity() > 4 * self.order.len().max(256);
         if order {
             self.order.shrink_to_fit();
@@ -140,12 +127,9 @@ impl Users {
             let mut stream = UserStream::new(self.limits.history);
             // A stream made by a publish, before any session, starts its TTL at once.
             stream.idle_since = Some(Instant::now());
-            let rate = self.limits.messages_per_second;
             let user = User {
                 sessions: Vec::new(),
                 stream,
-                runs_in_progress: 0,
-                limiter: RateLimiter::new(rate, rate.saturating_mul(2), Instant::now()),
                 dedupe: Dedupe { seen: HashMap::new(), order: VecDeque::new() },
                 generation: self.next_generation,
             };
@@ -245,7 +229,6 @@ mod tests {
             max_users,
             dedupe_per_user: 2,
             ttl: Duration::from_secs(60),
-            messages_per_second: 10,
         }
     }
 

@@ -1,0 +1,75 @@
+//! A broker that is slow, or refuses, on demand (`faults.broker_delay_ms`,
+//! `faults.broker_fail_user_prefix`): to rehearse what a broker across the network does to the
+//! registry, which must neither wait for it nor reorder a user's events because of it.
+
+use std::time::Duration;
+
+use super::{Attached, Broker, BrokerError, Call, NewEvent, ResumeRequest, SeenMessage, Submitted};
+use crate::registry::ConnectionId;
+
+pub struct Faulty {
+    inner: Box<dyn Broker>,
+    delay: Duration,
+    fail_user_prefix: String,
+}
+
+impl Faulty {
+    pub fn new(inner: Box<dyn Broker>, delay: Duration, fail_user_prefix: String) -> Faulty {
+        Faulty { inner, delay, fail_user_prefix }
+    }
+
+    /// The call refused outright for a matching user (nothing takes effect), else the inner
+    /// broker's answer after the delay.
+    fn wrap<T: 'static>(&mut self, user: &str, call: impl FnOnce(&mut dyn Broker) -> Call<T>) -> Call<T> {
+        if !self.fail_user_prefix.is_empty() && user.starts_with(&self.fail_user_prefix) {
+            let error = BrokerError("the broker refused the call (faults.broker_fail_user_prefix)".into());
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let answer = call(self.inner.as_mut());
+        let delay = self.delay;
+        Box::pin(async move {
+            actix_web::rt::time::sleep(delay).await;
+            answer.await
+        })
+    }
+}
+
+impl Broker for Faulty {
+    fn append(&mut self, user: &str, events: &[NewEvent<'_>]) -> Call<Vec<super::Stored>> {
+        self.wrap(user, |b| b.append(user, events))
+    }
+
+    fn submit(
+        &mut self,
+        user: &str,
+        client_msg_id: Option<&str>,
+        ids: (&str, &str),
+        echo: &NewEvent<'_>,
+    ) -> Call<Submitted> {
+        self.wrap(user, |b| b.submit(user, client_msg_id, ids, echo))
+    }
+
+    fn seen(&mut self, user: &str, client_msg_id: &str) -> Call<Option<SeenMessage>> {
+        self.wrap(user, |b| b.seen(user, client_msg_id))
+    }
+
+    fn attach(&mut self, user: &str, resume: Option<&ResumeRequest>) -> Call<Attached> {
+        self.wrap(user, |b| b.attach(user, resume))
+    }
+
+    fn admit(&mut self, user: &str, connection: ConnectionId, cap: usize) -> Call<bool> {
+        self.wrap(user, |b| b.admit(user, connection, cap))
+    }
+
+    fn leave(&mut self, user: &str, connection: ConnectionId) -> Call<()> {
+        self.wrap(user, |b| b.leave(user, connection))
+    }
+
+    fn upkeep(&mut self) -> bool {
+        self.inner.upkeep()
+    }
+
+    fn gauges(&self) -> (usize, usize) {
+        self.inner.gauges()
+    }
+}

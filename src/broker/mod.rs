@@ -1,0 +1,126 @@
+//! The broker: where users' streams live, under the registry (the way Centrifugo's `centrifuge`
+//! puts a `Broker` under its `Node`).
+//!
+//! The registry owns connections and everything node-local (who is connected here, rates, runs);
+//! the broker owns what must be one thing however many nodes there are: each user's stream (seqs,
+//! history, epoch, resume), the `client_msg_id` dedupe, and the per-user session count. Every
+//! call may be answered later and may fail, as a broker across the network would be: the
+//! registry never waits for an answer (it acts on it when it comes, in the order it asked, per
+//! user; see `registry/broker_calls.rs`), and a failed call is an error to whoever asked, never a
+//! silent loss. A call's effect is decided when it is made, in call order: a remote
+//! implementation keeps that by sending a user's calls in order over one connection.
+//!
+//! Implementations: [`memory::MemoryBroker`] (answers at once), and [`faulty::Faulty`], which
+//! wraps another with a delay and failures on demand (`[faults]`), to rehearse a slow or broken
+//! broker.
+
+pub mod faulty;
+pub mod memory;
+pub mod stream;
+pub mod users;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+use bytestring::ByteString;
+use serde_json::Value;
+
+pub use stream::ResumeRequest;
+
+use crate::protocol::{EventKind, ResumeInfo};
+use crate::registry::ConnectionId;
+
+/// A broker's answer, possibly later.
+pub type Call<T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>>>>;
+
+/// A call the broker could not carry out; nothing of it took effect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerError(pub String);
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An event to append to a user's stream; the broker gives it its seq and its wire form.
+pub struct NewEvent<'a> {
+    pub kind: EventKind,
+    pub thread_id: &'a str,
+    pub run_id: Option<&'a str>,
+    pub payload: &'a Value,
+}
+
+/// An event on a stream: its seq and the frame every session of the user receives.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub seq: u64,
+    pub frame: ByteString,
+}
+
+/// What a session resuming (or starting) on a stream gets: section 6.
+#[derive(Debug, Default)]
+pub struct Attached {
+    pub epoch: String,
+    pub last_seq: u64,
+    pub info: Option<ResumeInfo>,
+    pub frames: Vec<ByteString>,
+}
+
+/// What is remembered of a `client_msg_id`, so a repeat is acked with the same ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenMessage {
+    pub message_id: String,
+    pub run_id: String,
+    pub seq: u64,
+    pub at: Instant,
+}
+
+/// The answer to [`Broker::submit`].
+#[derive(Debug)]
+pub enum Submitted {
+    /// The `user_message` is on the stream.
+    Appended(Stored),
+    /// Its `client_msg_id` was seen before: nothing was appended.
+    Seen(SeenMessage),
+}
+
+/// The user stream store. Calls take effect in the order they are made.
+pub trait Broker {
+    /// Appends events to the user's stream (making it if needed): seqs assigned, history kept
+    /// within its caps. Answers the stored events in seq order: what to deliver.
+    fn append(&mut self, user: &str, events: &[NewEvent<'_>]) -> Call<Vec<Stored>>;
+
+    /// Appends a `user_message` unless its `client_msg_id` (when given) was seen within the TTL,
+    /// and remembers it with `message_id` and `run_id`: the dedupe check and the append in one
+    /// step, so two tabs sending the same id cannot both start a run.
+    fn submit(
+        &mut self,
+        user: &str,
+        client_msg_id: Option<&str>,
+        ids: (&str, &str),
+        echo: &NewEvent<'_>,
+    ) -> Call<Submitted>;
+
+    /// Whether `client_msg_id` was seen within the TTL (a check only; see [`Broker::submit`]).
+    fn seen(&mut self, user: &str, client_msg_id: &str) -> Call<Option<SeenMessage>>;
+
+    /// The stream's epoch and last seq, and the replay after `resume` with its verdict.
+    fn attach(&mut self, user: &str, resume: Option<&ResumeRequest>) -> Call<Attached>;
+
+    /// Counts a session against the user's cap; `false` (and nothing counted) when the user
+    /// already has `cap`.
+    fn admit(&mut self, user: &str, connection: ConnectionId, cap: usize) -> Call<bool>;
+
+    /// A session no longer counts against its user's cap. The last one leaving starts the
+    /// stream's TTL.
+    fn leave(&mut self, user: &str, connection: ConnectionId) -> Call<()>;
+
+    /// Periodic upkeep: forgets what outlived its TTL, gives back room. `true` when memory was
+    /// freed.
+    fn upkeep(&mut self) -> bool;
+
+    /// (user streams, bytes of history) held here, for the metrics.
+    fn gauges(&self) -> (usize, usize);
+}
