@@ -263,7 +263,8 @@ pub struct FaultsConfig {
     /// `slow_agent_user_prefix` (an expensive agent step); 0 is off.
     pub slow_agent_step_ms: u64,
     pub slow_agent_user_prefix: String,
-    /// Every broker call is answered this late (a broker across a slow network); 0 is off.
+    /// Every broker call is answered up to this late, at random, so answers overtake one
+    /// another (a broker across a slow network); 0 is off.
     pub broker_delay_ms: u64,
     /// Broker calls for users whose id starts with this fail (a broken broker); empty is off.
     pub broker_fail_user_prefix: String,

@@ -19,14 +19,15 @@ impl Faulty {
     }
 
     /// The call refused outright for a matching user (nothing takes effect), else the inner
-    /// broker's answer after the delay.
+    /// broker's answer after a random part of the delay, so later calls' answers overtake
+    /// earlier ones, as they may across a network.
     fn wrap<T: 'static>(&mut self, user: &str, call: impl FnOnce(&mut dyn Broker) -> Call<T>) -> Call<T> {
         if !self.fail_user_prefix.is_empty() && user.starts_with(&self.fail_user_prefix) {
             let error = BrokerError("the broker refused the call (faults.broker_fail_user_prefix)".into());
             return Box::pin(std::future::ready(Err(error)));
         }
         let answer = call(self.inner.as_mut());
-        let delay = self.delay;
+        let delay = self.delay.mul_f64(rand::random::<f64>());
         Box::pin(async move {
             actix_web::rt::time::sleep(delay).await;
             answer.await
