@@ -138,9 +138,11 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         );
     }
     if config.faults.any_enabled() {
+        let f = &config.faults;
         warn!(
-            "fault injection is ON: setup_delay_ms = {}, fail_setup_user_prefix = {:?}",
-            config.faults.setup_delay_ms, config.faults.fail_setup_user_prefix
+            "fault injection is ON: setup_delay_ms = {}, fail_setup_user_prefix = {:?}, slow_agent_step_ms = {}, \
+             broker_delay_ms = {}, broker_fail_user_prefix = {:?}",
+            f.setup_delay_ms, f.fail_setup_user_prefix, f.slow_agent_step_ms, f.broker_delay_ms, f.broker_fail_user_prefix
         );
     }
 

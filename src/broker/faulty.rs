@@ -66,6 +66,10 @@ impl Broker for Faulty {
         self.wrap(user, |b| b.leave(user, connection))
     }
 
+    fn interest(&mut self, user: &str, present: bool) {
+        self.inner.interest(user, present);
+    }
+
     fn upkeep(&mut self) -> bool {
         self.inner.upkeep()
     }

@@ -116,6 +116,11 @@ impl Broker for MemoryBroker {
         ready(())
     }
 
+    fn interest(&mut self, _user: &str, _present: bool) {
+        // One process: every event is appended here and delivered here; nothing comes from
+        // elsewhere to subscribe to.
+    }
+
     fn upkeep(&mut self) -> bool {
         self.users.forget_idle();
         self.users.shrink_if_oversized()

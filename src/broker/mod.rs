@@ -117,6 +117,11 @@ pub trait Broker {
     /// stream's TTL.
     fn leave(&mut self, user: &str, connection: ConnectionId) -> Call<()>;
 
+    /// This process has sessions of `user` now (`true`), or no longer has (`false`): a broker
+    /// shared by several processes sends a user's events from elsewhere only where they are
+    /// wanted, to [`crate::registry`]'s one delivery entry point.
+    fn interest(&mut self, user: &str, present: bool);
+
     /// Periodic upkeep: forgets what outlived its TTL, gives back room. `true` when memory was
     /// freed.
     fn upkeep(&mut self) -> bool;

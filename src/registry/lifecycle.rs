@@ -51,6 +51,9 @@ impl Registry {
         let Some(user) = self.local.get_mut(user_id.as_str()) else { return };
         let Some(at) = user.sessions.iter().position(|s| *s == id) else { return };
         user.sessions.remove(at);
+        if user.sessions.is_empty() {
+            self.broker.interest(&user_id, false);
+        }
         self.forget_local_if_unused(&user_id);
         self.leave_broker(&user_id, id);
     }
@@ -119,7 +122,11 @@ impl Registry {
             // Gone (or failed) while the broker answered: its slot goes back at once.
             return self.leave_broker(&user_id, id);
         }
-        self.local_user(&user_id).sessions.push(id);
+        let sessions = &mut self.local_user(&user_id).sessions;
+        sessions.push(id);
+        if sessions.len() == 1 {
+            self.broker.interest(&user_id, true);
+        }
         if let Some(connection) = self.connections.get_mut(&id) {
             connection.user_id = Some(user_id);
         }
