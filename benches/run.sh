@@ -35,7 +35,7 @@ start_server() {
     AGENTWIRE__AGENT__STEP_DELAY_MS="${STEP_DELAY:-0}" \
     AGENTWIRE__LIMITS__MAX_CONNECTIONS=19800 \
     AGENTWIRE__LIMITS__MAX_SESSIONS_PER_USER=1000 \
-    AGENTWIRE__LIMITS__MAX_OUTBOUND_BYTES=16777216 \
+    AGENTWIRE__LIMITS__MAX_OUTBOUND_BYTES="${OUTBOUND:-16777216}" \
     "$BIN" >"$OUT/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 100); do
@@ -81,9 +81,12 @@ run chat-10000 --scenario chat --sessions 10000 --users 2500 --messages 5 --conn
 # same real users unloaded, against 1,000 never-authenticating senders of 60 KB frames, and
 # against a mix of every attack. 20 source addresses, as the per-address cap is 100.
 HOSTILE=(--sessions 100 --users 25 --messages 3 --src-ips 127.0.0.1-127.0.0.20)
-STEP_DELAY=120 run hostile-baseline --scenario chat "${HOSTILE[@]}"
-STEP_DELAY=120 run hostile-unauth-1000 --scenario hostile "${HOSTILE[@]}" --attack unauth-senders=1000
-STEP_DELAY=120 run hostile-mix --scenario hostile "${HOSTILE[@]}"
+# The default outbound budget (1 MiB), so slow readers meet the limit they would in production.
+export STEP_DELAY=120 OUTBOUND=1048576
+run hostile-baseline --scenario chat "${HOSTILE[@]}"
+run hostile-unauth-1000 --scenario hostile "${HOSTILE[@]}" --attack unauth-senders=1000
+run hostile-mix --scenario hostile "${HOSTILE[@]}"
+unset STEP_DELAY OUTBOUND
 stop_server
 
 python3 benches/summarize.py "$OUT" "$REPS" >BENCHMARKS.md

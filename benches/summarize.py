@@ -148,7 +148,8 @@ def hostile_section():
     w("## 4. Hostile clients: real users' chats while other connections attack")
     w("")
     w("100 real sessions over 25 users send 3 messages each to the demo agent at its real pace")
-    w("(`agent.step_delay_ms = 120`, about 1 s a run), 2 s after the attacks began. Commands:")
+    w("(`agent.step_delay_ms = 120`, about 1 s a run), 2 s after the attacks began; the server")
+    w("has the default `limits.max_outbound_bytes` (1 MiB) here. Commands:")
     w("")
     for name in ("hostile-baseline", "hostile-unauth-1000", "hostile-mix"):
         w(f"- {name}: `agentwire loadtest {commands.get(name, '')}`")
