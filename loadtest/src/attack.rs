@@ -398,25 +398,16 @@ pub fn feed(
     storm_users: &[String],
     done: &AtomicBool,
 ) -> Vec<String> {
-    let agent = ureq::Agent::new_with_defaults();
-    let url = format!("{base}/api/v1/publish");
-    let auth = format!("Bearer {key}");
+    let publisher = crate::Publisher::new(base, key);
     let text = "s".repeat(2000);
     let mut errors = Vec::new();
     let mut publish = |user: &str, count: usize| {
-        let events: Vec<serde_json::Value> = (0..count)
+        let events = (0..count)
             .map(|_| serde_json::json!({"type": "agent_thinking", "thread_id": "attack", "run_id": "attack", "payload": {"text": text}}))
             .collect();
-        let body = serde_json::json!({"user_id": user, "events": events}).to_string();
-        let result = agent
-            .post(&url)
-            .header("Authorization", &auth)
-            .header("Content-Type", "application/json")
-            .send(&body)
-            .and_then(|mut response| response.body_mut().read_to_string());
-        if let Err(e) = result {
+        if let Err(e) = publisher.publish(user, events) {
             if errors.len() < 10 {
-                errors.push(format!("publish to {user}: {e}"));
+                errors.push(e);
             }
         }
     };

@@ -435,11 +435,40 @@ impl Siege {
     }
 }
 
+/// A client of `POST /api/v1/publish` that keeps its connection between requests.
+pub(crate) struct Publisher {
+    agent: ureq::Agent,
+    url: String,
+    auth: String,
+}
+
+impl Publisher {
+    pub(crate) fn new(base: &str, key: &str) -> Publisher {
+        Publisher {
+            agent: ureq::Agent::new_with_defaults(),
+            url: format!("{base}/api/v1/publish"),
+            auth: format!("Bearer {key}"),
+        }
+    }
+
+    /// Publishes `events` to `user`; the error names the user.
+    pub(crate) fn publish(&self, user: &str, events: Vec<serde_json::Value>) -> Result<(), String> {
+        let body = serde_json::json!({"user_id": user, "events": events}).to_string();
+        self.agent
+            .post(&self.url)
+            .header("Authorization", &self.auth)
+            .header("Content-Type", "application/json")
+            .send(&body)
+            // Reading the answer to its end lets the connection be reused for the next request.
+            .and_then(|mut response| response.body_mut().read_to_string())
+            .map(|_| ())
+            .map_err(|e| format!("publish to {user}: {e}"))
+    }
+}
+
 /// Publishes `plan.events` events to every user through the HTTP API, in batches.
 fn publish_all(plan: &Plan, base: &str, key: &str, batch: usize, rate_per_user: u64) -> Vec<String> {
-    let agent = ureq::Agent::new_with_defaults();
-    let url = format!("{base}/api/v1/publish");
-    let auth = format!("Bearer {key}");
+    let publisher = Publisher::new(base, key);
     let mut errors = Vec::new();
     let started = Instant::now();
     let mut published = 0;
@@ -461,16 +490,8 @@ fn publish_all(plan: &Plan, base: &str, key: &str, batch: usize, rate_per_user: 
                         "payload": {"text": format!("event {}", published + i), "t_us": t_us}})
                 })
                 .collect();
-            let body = serde_json::json!({"user_id": user_id, "events": events}).to_string();
-            let result = agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(&body)
-                // Reading the answer to its end lets the connection be reused for the next request.
-                .and_then(|mut response| response.body_mut().read_to_string());
-            if let Err(e) = result {
-                errors.push(format!("publish to {user_id}: {e}"));
+            if let Err(e) = publisher.publish(&user_id, events) {
+                errors.push(e);
                 if errors.len() > 10 {
                     return errors;
                 }
