@@ -200,7 +200,7 @@ async fn upgrade(
     };
     let session = Session::new(Arc::clone(env), identity, resume, slot, unauthenticated);
     let id = session.id();
-    let response = session::start(session, &req, payload, env.max_message_bytes, env.unauthenticated_bytes)?;
+    let response = session::start(session, &req, payload)?;
     debug!("{id}: upgraded from {peer}");
     Ok(response)
 }

@@ -19,9 +19,9 @@
 //! - at a frame header that announces more than the size limit (see [`FrameGuard`]), instead
 //!   of buffering that frame.
 
+use std::cell::Cell;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use actix_web::error::PayloadError;
@@ -30,55 +30,54 @@ use futures_util::Stream;
 
 use crate::frame_guard::FrameGuard;
 
-/// The session's side of the gate.
+/// The session's side of the gate. The session actor and the byte stream it reads run in one
+/// task (its `WebsocketContext`), so plain cells are enough: nothing here crosses threads.
 #[derive(Clone, Default)]
 pub struct ReadGate {
-    shared: Arc<Shared>,
+    shared: Rc<Shared>,
 }
 
 #[derive(Default)]
 struct Shared {
-    handled: AtomicU64,
-    authenticated: AtomicBool,
-    oversized: AtomicBool,
-    overdrawn: AtomicBool,
+    handled: Cell<u64>,
+    authenticated: Cell<bool>,
+    oversized: Cell<bool>,
+    overdrawn: Cell<bool>,
     /// The reading task, parked while the gate is shut.
-    waker: Mutex<Option<Waker>>,
+    waker: Cell<Option<Waker>>,
 }
 
 impl ReadGate {
     /// The session has handled one frame (any frame, or a decoding error).
     pub fn frame_handled(&self) {
-        self.shared.handled.fetch_add(1, Ordering::AcqRel);
+        self.shared.handled.set(self.shared.handled.get() + 1);
         self.wake();
     }
 
     /// The client is authenticated: no allowance from now on.
     pub fn authenticated(&self) {
-        self.shared.authenticated.store(true, Ordering::Release);
+        self.shared.authenticated.set(true);
         self.wake();
     }
 
     /// A frame header announced more than the size limit (the stream ended with an error).
     pub fn tripped_on_oversized(&self) -> bool {
-        self.shared.oversized.load(Ordering::Acquire)
+        self.shared.oversized.get()
     }
 
     /// A client that was not authenticated sent more than its allowance (the stream ended).
     pub fn tripped_on_allowance(&self) -> bool {
-        self.shared.overdrawn.load(Ordering::Acquire)
+        self.shared.overdrawn.get()
     }
 
     fn wake(&self) {
-        if let Some(waker) = self.shared.waker.lock().ok().and_then(|mut w| w.take()) {
+        if let Some(waker) = self.shared.waker.take() {
             waker.wake();
         }
     }
 
     fn park(&self, cx: &Context<'_>) {
-        if let Ok(mut waker) = self.shared.waker.lock() {
-            *waker = Some(cx.waker().clone());
-        }
+        self.shared.waker.set(Some(cx.waker().clone()));
     }
 
     /// Wraps the connection's byte stream.
@@ -117,7 +116,7 @@ pub struct GatedPayload<S> {
 
 impl<S> GatedPayload<S> {
     fn overdrawn(&self) -> Poll<Option<Result<Bytes, PayloadError>>> {
-        self.gate.shared.overdrawn.store(true, Ordering::Release);
+        self.gate.shared.overdrawn.set(true);
         Poll::Ready(Some(Err(PayloadError::Overflow)))
     }
 }
@@ -135,9 +134,9 @@ where
         }
         // A whole frame is waiting for the session: park until it is handled. Checked again
         // after parking, as the session may have handled it in between.
-        if this.frames.completed() > this.gate.shared.handled.load(Ordering::Acquire) {
+        if this.frames.completed() > this.gate.shared.handled.get() {
             this.gate.park(cx);
-            if this.frames.completed() > this.gate.shared.handled.load(Ordering::Acquire) {
+            if this.frames.completed() > this.gate.shared.handled.get() {
                 return Poll::Pending;
             }
         }
@@ -148,7 +147,7 @@ where
             }
         }
         let piece = this.rest.split_to(this.rest.len().min(PIECE));
-        let authenticated = this.gate.shared.authenticated.load(Ordering::Acquire);
+        let authenticated = this.gate.shared.authenticated.get();
         if authenticated {
             this.frames.set_limit(this.max_message_bytes);
         } else {
@@ -165,7 +164,7 @@ where
                 this.overdrawn()
             }
             Err(_) => {
-                this.gate.shared.oversized.store(true, Ordering::Release);
+                this.gate.shared.oversized.set(true);
                 Poll::Ready(Some(Err(PayloadError::Overflow)))
             }
         }

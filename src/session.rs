@@ -696,18 +696,14 @@ impl<S: Stream<Item = Result<Bytes, actix_web::Error>> + Unpin> Stream for Count
 }
 
 /// Upgrades the request and starts the session actor on it.
-pub fn start(
-    session: Session,
-    req: &HttpRequest,
-    payload: web::Payload,
-    max_message_bytes: usize,
-    unauthenticated_bytes: usize,
-) -> actix_web::Result<HttpResponse> {
+pub fn start(session: Session, req: &HttpRequest, payload: web::Payload) -> actix_web::Result<HttpResponse> {
     let mut response = ws::handshake_with_protocols(req, &[SUBPROTOCOL])?;
     if session.identity.is_some() {
         // The upgrade carried a valid token: no allowance applies from the first byte.
         session.gate.authenticated();
     }
+    let (max_message_bytes, unauthenticated_bytes) =
+        (session.env.max_message_bytes, session.env.unauthenticated_bytes);
     let guarded = session.gate.guard(payload, max_message_bytes, unauthenticated_bytes);
     let outbound = session.outbound.clone();
     let codec = actix_http::ws::Codec::new().max_size(max_message_bytes);

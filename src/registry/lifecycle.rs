@@ -54,7 +54,6 @@ impl Registry {
         if user.sessions.is_empty() {
             self.broker.interest(&user_id, false);
         }
-        self.forget_local_if_unused(&user_id);
         self.leave_broker(&user_id, id);
     }
 

@@ -117,8 +117,6 @@ pub struct Registry {
     runs: HashMap<String, Run>,
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
     shutting_down: bool,
-    /// The broker gave back memory since the last trim.
-    broker_freed: bool,
     trimmer: crate::memory::Trimmer,
 }
 
@@ -148,19 +146,23 @@ impl Actor for Registry {
         // A quarter of the TTL, so a stream outlives its TTL by at most that much.
         let sweep = (self.settings.users.ttl / 4).min(Duration::from_secs(5)).max(Duration::from_millis(100));
         ctx.run_interval(sweep, |registry, _| {
+            // Users with neither sessions nor runs here are forgotten at a sweep, not at once, so
+            // closing the last tab and reconnecting does not buy a fresh burst of messages.
+            registry.local.retain(|_, u| !u.sessions.is_empty() || u.runs_in_progress > 0);
             let shrunk = registry.broker.upkeep();
             let (streams, history_bytes) = registry.broker.gauges();
             registry.metrics.user_streams.set(streams as i64);
             registry.metrics.history_bytes.set(history_bytes as i64);
             registry.metrics.runs_in_progress.set(registry.runs.len() as i64);
-            registry.broker_freed |= shrunk;
+            if shrunk {
+                registry.trimmer.tick(registry.connections.len(), true);
+            }
         });
         ctx.run_interval(Duration::from_secs(5), |registry, _| {
             // A table sized for a crowd that has left keeps the crowd's memory.
             let shrunk = shrink_if_oversized(&mut registry.connections)
                 | shrink_if_oversized(&mut registry.runs)
-                | shrink_if_oversized(&mut registry.local)
-                | std::mem::take(&mut registry.broker_freed);
+                | shrink_if_oversized(&mut registry.local);
             registry.trimmer.tick(registry.connections.len(), shrunk)
         });
         let overdue =
@@ -172,11 +174,8 @@ impl Actor for Registry {
 impl Registry {
     pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>, agent: AgentHandle) -> Registry {
         let mut broker: Box<dyn Broker> = Box::new(MemoryBroker::new(settings.users));
+        // `build` has logged the faults at start.
         if !settings.broker_delay.is_zero() || !settings.broker_fail_user_prefix.is_empty() {
-            warn!(
-                "[faults] broker: calls answered after {:?}, refused for users starting with {:?}",
-                settings.broker_delay, settings.broker_fail_user_prefix
-            );
             broker = Box::new(Faulty::new(
                 broker,
                 settings.broker_delay,
@@ -191,7 +190,6 @@ impl Registry {
             broker,
             local: HashMap::new(),
             calls: HashMap::new(),
-            broker_freed: false,
             runs: HashMap::new(),
             shutting_down: false,
             trimmer: crate::memory::Trimmer::new(),
@@ -239,14 +237,6 @@ impl Registry {
         }
         // Inserted just above when it was missing.
         self.local.get_mut(user_id).expect("the entry exists")
-    }
-
-    /// Forgets the local record of a user with neither sessions nor runs here. Its message rate
-    /// goes with it: a user who comes back within the second gets a fresh burst.
-    fn forget_local_if_unused(&mut self, user_id: &str) {
-        if self.local.get(user_id).is_some_and(|u| u.sessions.is_empty() && u.runs_in_progress == 0) {
-            self.local.remove(user_id);
-        }
     }
 
     /// The user of a `processing_ready` connection; requests from any other state are ignored.

@@ -40,7 +40,6 @@ impl Registry {
         if let Some(user) = self.local.get_mut(&*run.user_id) {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
         }
-        self.forget_local_if_unused(&run.user_id);
         if !run.announced {
             let started =
                 AgentOutput::Started { agent: self.agent.name.into(), message_id: run.message_id.clone() };
@@ -184,7 +183,6 @@ impl Registry {
         if let Some(user) = self.local.get_mut(user_id) {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
         }
-        self.forget_local_if_unused(user_id);
     }
 
     fn start_run(
