@@ -2,6 +2,7 @@
 //! overrides `AGENTWIRE__SECTION__KEY`, then validation. Every failure names the key it is about,
 //! so an operator reads one line and knows what to fix.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -196,9 +197,24 @@ impl Default for HistoryConfig {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum AgentKind {
+    /// The built-in demo agent (`agent::demo`).
     Demo,
+    /// Any AG-UI agent at `agent.url` (`agent::ag_ui`, AGENTS.md).
+    AgUi,
+    /// No agent: user messages are acked and echoed, and the app's backend publishes runs.
+    None,
+}
+
+impl AgentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentKind::Demo => "demo",
+            AgentKind::AgUi => "ag-ui",
+            AgentKind::None => "none",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -214,6 +230,34 @@ pub struct AgentConfig {
     pub max_response_bytes: usize,
     /// Run requests waiting for the agent runtime; beyond, a run ends with `agent_unavailable`.
     pub max_queued_runs: usize,
+    /// The name `agent_started` carries; empty is the kind's own name.
+    pub name: String,
+    /// `kind = "ag-ui"`: the agent's AG-UI endpoint, POSTed once per run.
+    pub url: String,
+    /// Sent on every request to the agent (an API key, say). Never logged.
+    pub headers: BTreeMap<String, String>,
+    pub connect_timeout_secs: u64,
+    /// No event from the agent for this long ends the run with `agent_timeout`.
+    pub idle_timeout_secs: u64,
+    /// Runs in progress across all users with an upstream agent; beyond, `agent_busy`.
+    pub max_concurrent_runs: usize,
+    /// Messages of the thread's conversation sent with each run (and kept per thread).
+    pub history_messages: usize,
+    /// Threads whose conversation is kept per user; the least recently used one goes first.
+    pub threads_per_user: usize,
+    /// Bytes of conversation kept per user, all threads together.
+    pub history_bytes_per_user: usize,
+}
+
+impl AgentConfig {
+    /// The name clients see in `agent_started`.
+    pub fn display_name(&self) -> String {
+        if self.name.is_empty() {
+            self.kind.as_str().to_owned()
+        } else {
+            self.name.clone()
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -225,6 +269,15 @@ impl Default for AgentConfig {
             run_timeout_secs: 300,
             max_response_bytes: 1 << 20,
             max_queued_runs: 10_000,
+            name: String::new(),
+            url: String::new(),
+            headers: BTreeMap::new(),
+            connect_timeout_secs: 5,
+            idle_timeout_secs: 60,
+            max_concurrent_runs: 1000,
+            history_messages: 50,
+            threads_per_user: 32,
+            history_bytes_per_user: 1 << 20,
         }
     }
 }
@@ -420,6 +473,12 @@ impl Config {
             ("agent.run_timeout_secs", g.run_timeout_secs),
             ("agent.max_response_bytes", g.max_response_bytes as u64),
             ("agent.max_queued_runs", g.max_queued_runs as u64),
+            ("agent.connect_timeout_secs", g.connect_timeout_secs),
+            ("agent.idle_timeout_secs", g.idle_timeout_secs),
+            ("agent.max_concurrent_runs", g.max_concurrent_runs as u64),
+            ("agent.history_messages", g.history_messages as u64),
+            ("agent.threads_per_user", g.threads_per_user as u64),
+            ("agent.history_bytes_per_user", g.history_bytes_per_user as u64),
             ("limits.max_connections", l.max_connections as u64),
             ("limits.max_sessions_per_user", l.max_sessions_per_user as u64),
             ("limits.max_content_chars", l.max_content_chars as u64),
@@ -447,6 +506,15 @@ impl Config {
             ));
         }
         self.check_relations()?;
+        if let Err(why) = crate::agent::ag_ui::header_map(&g.headers) {
+            return Err(error("agent.headers", why));
+        }
+        if g.kind == AgentKind::AgUi && !(g.url.starts_with("http://") || g.url.starts_with("https://")) {
+            return Err(error(
+                "agent.url",
+                format!("{:?} is not an http(s) URL; kind = \"ag-ui\" needs the agent's AG-UI endpoint", g.url),
+            ));
+        }
         if self.api.keys.iter().any(|k| k.len() < 16) {
             return Err(error("api.keys", "every key must be at least 16 characters"));
         }

@@ -147,7 +147,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     }
 
     let metrics = Arc::new(Metrics::new());
-    let agent = agent::start_runtime(&config.agent, &config.faults);
+    let agent = agent::start_runtime(&config, &metrics);
     let registry = Registry::new(RegistrySettings::from_config(&config), Arc::clone(&metrics), agent).start();
     let limits = &config.limits;
     let env = Arc::new(SessionEnv {

@@ -26,6 +26,11 @@ pub struct Metrics {
     pub user_streams: IntGauge,
     pub history_bytes: IntGauge,
     pub runs_in_progress: IntGauge,
+    /// Runs ended, by `outcome` (ok, cancelled, error, refused) and error `code`.
+    pub agent_runs: IntCounterVec,
+    pub agent_run_duration_seconds: Histogram,
+    /// From a run's request to the agent to its first event (`kind = "ag-ui"`).
+    pub agent_first_event_seconds: Histogram,
 }
 
 impl Metrics {
@@ -106,9 +111,39 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            agent_runs: counter_vec(
+                "agentwire_agent_runs_total",
+                "Runs ended, by outcome (ok, cancelled, error, refused) and agent_error code",
+                &["outcome", "code"],
+            ),
+            agent_run_duration_seconds: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("agentwire_agent_run_duration_seconds", "From a run's start to its end")
+                        .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                )
+                .expect("valid"),
+            ),
+            agent_first_event_seconds: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "agentwire_agent_first_event_seconds",
+                        "From a run's request to the upstream agent to its first event",
+                    )
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                )
+                .expect("valid"),
+            ),
             connections,
             registry,
         }
+    }
+
+    /// A run's end, by outcome and code.
+    pub fn run_ended(&self, outcome: &str, code: &str, duration: std::time::Duration) {
+        self.agent_runs.with_label_values(&[outcome, code]).inc();
+        self.agent_run_duration_seconds.observe(duration.as_secs_f64());
     }
 
     /// Moves one connection from one state's gauge to another's (`None` = not counted).

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     RateLimited,
     SetupFailed,
     Internal,
+    /// AGENTS.md: `agent.max_concurrent_runs` runs are in progress; no run was started.
+    AgentBusy,
 }
 
 /// Field limits a client frame is checked against; they come from `[limits]`.
@@ -366,10 +368,12 @@ pub enum EventKind {
     AgentMessageChunk,
     AgentCompleted,
     AgentError,
+    /// AGENTS.md: an upstream AG-UI event with no native mapping, passed through as received.
+    AgentEvent,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::UserMessage,
         EventKind::AgentStarted,
         EventKind::AgentThinking,
@@ -378,6 +382,7 @@ impl EventKind {
         EventKind::AgentMessageChunk,
         EventKind::AgentCompleted,
         EventKind::AgentError,
+        EventKind::AgentEvent,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -390,6 +395,7 @@ impl EventKind {
             EventKind::AgentMessageChunk => "agent_message_chunk",
             EventKind::AgentCompleted => "agent_completed",
             EventKind::AgentError => "agent_error",
+            EventKind::AgentEvent => "agent_event",
         }
     }
 
@@ -456,6 +462,8 @@ pub enum AgentOutput {
     MessageChunk { delta: String },
     Completed { status: RunStatus, content: String, duration_ms: u64 },
     Error { code: String, message: String },
+    /// `agent_event` `{ag_ui: <the AG-UI event as received>}`.
+    Passthrough { ag_ui: Value },
 }
 
 impl AgentOutput {
@@ -468,6 +476,7 @@ impl AgentOutput {
             AgentOutput::MessageChunk { .. } => EventKind::AgentMessageChunk,
             AgentOutput::Completed { .. } => EventKind::AgentCompleted,
             AgentOutput::Error { .. } => EventKind::AgentError,
+            AgentOutput::Passthrough { .. } => EventKind::AgentEvent,
         }
     }
 
@@ -487,6 +496,7 @@ impl AgentOutput {
                 json!({"status": status, "response": {"content": content}, "duration_ms": duration_ms})
             }
             AgentOutput::Error { code, message } => json!({"code": code, "message": message}),
+            AgentOutput::Passthrough { ag_ui } => json!({"ag_ui": ag_ui}),
         }
     }
 }

@@ -12,6 +12,8 @@ use super::{AgentEvent, RunRequest, StartRun, StopRun};
 use crate::protocol::{AgentOutput, RunStatus};
 
 pub struct DemoAgent {
+    /// The `agent` of `agent_started` (`agent.name`).
+    name: String,
     step_delay: Duration,
     /// `agent.max_queued_runs`: the bound of this actor's mailbox.
     mailbox: usize,
@@ -41,8 +43,8 @@ impl SlowStep {
 }
 
 impl DemoAgent {
-    pub fn new(step_delay: Duration, mailbox: usize, slow: SlowStep) -> DemoAgent {
-        DemoAgent { step_delay, mailbox, slow, runs: HashMap::new() }
+    pub fn new(name: String, step_delay: Duration, mailbox: usize, slow: SlowStep) -> DemoAgent {
+        DemoAgent { name, step_delay, mailbox, slow, runs: HashMap::new() }
     }
 }
 
@@ -127,11 +129,11 @@ fn chunks(answer: &str) -> Vec<String> {
 }
 
 /// The run's outputs, in order. Durations are stamped as the steps are emitted.
-fn plan(run: &RunRequest) -> Vec<AgentOutput> {
+fn plan(run: &RunRequest, agent: &str) -> Vec<AgentOutput> {
     let tool = choose_tool(&run.content);
     let tool_call_id = format!("call_{}", &run.run_id[run.run_id.len().saturating_sub(8)..]);
     let mut outputs = vec![
-        AgentOutput::Started { agent: "demo".into(), message_id: run.message_id.clone() },
+        AgentOutput::Started { agent: agent.to_owned(), message_id: run.message_id.clone() },
         AgentOutput::Thinking { text: format!("Reading your message and picking a tool: {}.", tool.tool) },
         AgentOutput::ToolExecuting {
             tool_call_id: tool_call_id.clone(),
@@ -172,6 +174,7 @@ impl Handler<StartRun> for DemoAgent {
         let run_id = run.run_id.clone();
         let slow = self.slow.applies_to(&run.user_id).then_some(self.slow.block);
         let finished = run_id.clone();
+        let agent = self.name.clone();
         let key = run_id.clone();
         let work = async move {
             let started = Instant::now();
@@ -181,14 +184,14 @@ impl Handler<StartRun> for DemoAgent {
                 if let Some(block) = slow {
                     std::thread::sleep(block);
                 }
-                plan(&run)
+                plan(&run, &agent)
             });
             let Ok(outputs) = planned.await else {
                 let output = AgentOutput::Error {
                     code: "agent_failed".into(),
                     message: "the demo agent's tool failed".into(),
                 };
-                sink.do_send(AgentEvent { run_id, output });
+                sink.do_send(AgentEvent { run_id, output, turn: None });
                 return;
             };
             let mut tool_started = started;
@@ -197,7 +200,7 @@ impl Handler<StartRun> for DemoAgent {
                     actix_web::rt::time::sleep(delay).await;
                 }
                 stamp(&mut output, started, &mut tool_started);
-                sink.do_send(AgentEvent { run_id: run_id.clone(), output });
+                sink.do_send(AgentEvent { run_id: run_id.clone(), output, turn: None });
             }
         };
         let handle = ctx.spawn(work.into_actor(self).map(move |_, agent, _| {
@@ -247,10 +250,13 @@ mod tests {
         let run = RunRequest {
             run_id: "r_0123456789".into(),
             user_id: "u".into(),
+            thread_id: "t".into(),
             message_id: "m_1".into(),
+            client_msg_id: None,
             content: "how are you".into(),
+            conversation: Default::default(),
         };
-        let outputs = plan(&run);
+        let outputs = plan(&run, "demo");
         assert!(matches!(outputs[0], AgentOutput::Started { .. }));
         assert!(matches!(outputs[1], AgentOutput::Thinking { .. }));
         assert!(matches!(outputs[2], AgentOutput::ToolExecuting { .. }));

@@ -1,15 +1,20 @@
 //! The seam between the registry and agent runtimes.
 //!
 //! The registry starts and stops runs through an [`AgentHandle`] (two typed messages) and hears
-//! back [`AgentEvent`]s; it never knows which runtime it talks to. The built-in `demo` runtime is
-//! one implementation; an HTTP/webhook agent or remote agent workers would be others, added
-//! beside it without touching sessions or fan-out.
+//! back [`AgentEvent`]s; it never knows which runtime it talks to. Runtimes: the built-in `demo`,
+//! and `ag_ui`, which puts any AG-UI agent behind agentwire (AGENTS.md). `agent.kind = "none"`
+//! has no runtime at all: the registry starts no runs.
 
+pub mod ag_ui;
 pub mod demo;
+
+use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::config::{AgentConfig, AgentKind, FaultsConfig};
+use crate::broker::Conversation;
+use crate::config::{AgentConfig, AgentKind, Config};
+use crate::metrics::Metrics;
 use crate::protocol::AgentOutput;
 
 /// What a run is about: enough for any runtime to answer the message.
@@ -17,8 +22,13 @@ use crate::protocol::AgentOutput;
 pub struct RunRequest {
     pub run_id: String,
     pub user_id: String,
+    pub thread_id: String,
     pub message_id: String,
+    pub client_msg_id: Option<String>,
     pub content: String,
+    /// The thread's conversation, ending with this message, and its state; empty unless the
+    /// runtime asked for it ([`AgentHandle::conversation`]).
+    pub conversation: Conversation,
 }
 
 /// Start a run; the runtime reports each step to `sink`, ending with one terminal output.
@@ -42,29 +52,62 @@ pub struct StopRun {
 pub struct AgentEvent {
     pub run_id: String,
     pub output: AgentOutput,
+    /// With a run's successful end: what the run adds to the thread's conversation (the agent's
+    /// messages, the thread's new state), for the registry to keep in the broker.
+    pub turn: Option<Conversation>,
 }
 
 /// How the registry reaches the configured runtime.
 #[derive(Clone)]
 pub struct AgentHandle {
-    pub name: &'static str,
+    /// The `agent` of `agent_started`.
+    pub name: String,
     pub start: Recipient<StartRun>,
     pub stop: Recipient<StopRun>,
+    /// The runtime is sent the thread's conversation with each run (and keeps it up to date).
+    pub conversation: bool,
+    /// `agent.max_concurrent_runs`, for runtimes whose runs hold upstream resources.
+    pub max_concurrent_runs: Option<usize>,
 }
 
 /// Starts the runtime `agent.kind` names on an arbiter (thread) of its own: agent work never
-/// runs on the registry's thread, so a slow agent cannot hold up setups and fan-out.
-pub fn start_runtime(config: &AgentConfig, faults: &FaultsConfig) -> AgentHandle {
+/// runs on the registry's thread, so a slow agent cannot hold up setups and fan-out. `None` for
+/// `kind = "none"`.
+pub fn start_runtime(config: &Config, metrics: &Arc<Metrics>) -> Option<AgentHandle> {
+    let agent: &AgentConfig = &config.agent;
     let arbiter = Arbiter::new();
-    match config.kind {
+    let name = agent.display_name();
+    match agent.kind {
         AgentKind::Demo => {
-            let agent = demo::DemoAgent::new(
-                std::time::Duration::from_millis(config.step_delay_ms),
-                config.max_queued_runs,
-                demo::SlowStep::from_faults(faults),
+            let demo = demo::DemoAgent::new(
+                name.clone(),
+                std::time::Duration::from_millis(agent.step_delay_ms),
+                agent.max_queued_runs,
+                demo::SlowStep::from_faults(&config.faults),
             );
-            let addr = demo::DemoAgent::start_in_arbiter(&arbiter.handle(), move |_| agent);
-            AgentHandle { name: "demo", start: addr.clone().recipient(), stop: addr.recipient() }
+            let addr = demo::DemoAgent::start_in_arbiter(&arbiter.handle(), move |_| demo);
+            Some(AgentHandle {
+                name,
+                start: addr.clone().recipient(),
+                stop: addr.recipient(),
+                conversation: false,
+                max_concurrent_runs: None,
+            })
         }
+        AgentKind::AgUi => {
+            let upstream = ag_ui::Upstream::new(config, Arc::clone(metrics));
+            let mailbox = agent.max_queued_runs;
+            let addr = ag_ui::AgUiAgent::start_in_arbiter(&arbiter.handle(), move |_| {
+                ag_ui::AgUiAgent::new(upstream, mailbox)
+            });
+            Some(AgentHandle {
+                name,
+                start: addr.clone().recipient(),
+                stop: addr.recipient(),
+                conversation: true,
+                max_concurrent_runs: Some(agent.max_concurrent_runs),
+            })
+        }
+        AgentKind::None => None,
     }
 }

@@ -17,6 +17,7 @@
 pub mod faulty;
 pub mod memory;
 pub mod stream;
+pub mod threads;
 pub mod users;
 
 use std::future::Future;
@@ -27,6 +28,7 @@ use bytestring::ByteString;
 use serde_json::Value;
 
 pub use stream::ResumeRequest;
+pub use threads::Conversation;
 
 use crate::protocol::{EventKind, ResumeInfo};
 use crate::registry::ConnectionId;
@@ -121,6 +123,11 @@ pub trait Broker {
     /// shared by several processes sends a user's events from elsewhere only where they are
     /// wanted, to [`crate::registry`]'s one delivery entry point.
     fn interest(&mut self, user: &str, present: bool);
+
+    /// Adds a turn to the conversation of the user's `thread` (messages, and the thread's new
+    /// state when it has one) and answers the conversation afterwards: what an AG-UI agent is
+    /// sent (`threads.rs`).
+    fn converse(&mut self, user: &str, thread: &str, turn: Conversation) -> Call<Conversation>;
 
     /// Periodic upkeep: forgets what outlived its TTL, gives back room. `true` when memory was
     /// freed.

@@ -14,6 +14,7 @@ use bytestring::ByteString;
 use log::{debug, info};
 
 use super::stream::{HistoryLimits, UserStream};
+use super::threads::{ThreadLimits, Threads};
 use super::SeenMessage;
 use crate::registry::ConnectionId;
 
@@ -26,6 +27,8 @@ pub struct UserLimits {
     pub max_users: usize,
     pub dedupe_per_user: usize,
     pub ttl: Duration,
+    /// `agent.history_messages`, `agent.threads_per_user`, `agent.history_bytes_per_user`.
+    pub threads: ThreadLimits,
 }
 
 /// The `client_msg_id`s of one user, at most `history.dedupe_per_user`, oldest forgotten first.
@@ -39,6 +42,8 @@ pub struct User {
     pub sessions: Vec<ConnectionId>,
     pub stream: UserStream,
     dedupe: Dedupe,
+    /// The conversations of the user's threads, for agents that are sent them.
+    pub threads: Threads,
     /// Tells this stream from an earlier one of the same user id in the server-wide order.
     generation: u64,
 }
@@ -131,6 +136,7 @@ impl Users {
                 sessions: Vec::new(),
                 stream,
                 dedupe: Dedupe { seen: HashMap::new(), order: VecDeque::new() },
+                threads: Threads::default(),
                 generation: self.next_generation,
             };
             self.map.insert(Rc::from(user_id), user);
@@ -229,6 +235,7 @@ mod tests {
             max_users,
             dedupe_per_user: 2,
             ttl: Duration::from_secs(60),
+            threads: ThreadLimits { messages_per_thread: 10, threads_per_user: 2, bytes_per_user: 1000 },
         }
     }
 

@@ -67,6 +67,11 @@ impl RegistrySettings {
                 max_users: config.history.max_users,
                 dedupe_per_user: config.history.dedupe_per_user,
                 ttl: Duration::from_secs(config.history.ttl_secs),
+                threads: crate::broker::threads::ThreadLimits {
+                    messages_per_thread: config.agent.history_messages,
+                    threads_per_user: config.agent.threads_per_user,
+                    bytes_per_user: config.agent.history_bytes_per_user,
+                },
             },
             setup_delay: Duration::from_millis(config.faults.setup_delay_ms),
             fail_setup_user_prefix: config.faults.fail_setup_user_prefix.clone(),
@@ -106,7 +111,8 @@ struct Connection {
 pub struct Registry {
     settings: RegistrySettings,
     metrics: Arc<Metrics>,
-    agent: AgentHandle,
+    /// `None` for `agent.kind = "none"`: messages are acked and echoed, no run starts.
+    agent: Option<AgentHandle>,
     connections: HashMap<ConnectionId, Connection>,
     /// Users' streams, history, dedupe and session counts.
     broker: Box<dyn Broker>,
@@ -172,7 +178,7 @@ impl Actor for Registry {
 }
 
 impl Registry {
-    pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>, agent: AgentHandle) -> Registry {
+    pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>, agent: Option<AgentHandle>) -> Registry {
         let mut broker: Box<dyn Broker> = Box::new(MemoryBroker::new(settings.users));
         // `build` has logged the faults at start.
         if !settings.broker_delay.is_zero() || !settings.broker_fail_user_prefix.is_empty() {

@@ -10,7 +10,7 @@ use log::{debug, info, warn};
 
 use super::{new_id, CancelRequest, ConnectionId, Registry, SubmitMessage};
 use crate::agent::{AgentEvent, RunRequest, StartRun, StopRun};
-use crate::broker::{BrokerError, NewEvent, SeenMessage, Submitted};
+use crate::broker::{BrokerError, Conversation, NewEvent, SeenMessage, Submitted};
 use crate::protocol::{
     user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame, UserMessage,
 };
@@ -40,9 +40,16 @@ impl Registry {
         if let Some(user) = self.local.get_mut(&*run.user_id) {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
         }
+        let (outcome, code) = match &output {
+            AgentOutput::Completed { status: RunStatus::Ok, .. } => ("ok", ""),
+            AgentOutput::Completed { status: RunStatus::Cancelled, .. } => ("cancelled", ""),
+            AgentOutput::Error { code, .. } => ("error", code.as_str()),
+            _ => ("error", ""),
+        };
+        self.metrics.run_ended(outcome, code, run.started.elapsed());
         if !run.announced {
-            let started =
-                AgentOutput::Started { agent: self.agent.name.into(), message_id: run.message_id.clone() };
+            let agent = self.agent.as_ref().map_or_else(String::new, |a| a.name.clone());
+            let started = AgentOutput::Started { agent, message_id: run.message_id.clone() };
             let payload = started.payload();
             let event = NewEvent {
                 kind: started.kind(),
@@ -74,7 +81,9 @@ impl Registry {
         for run_id in overdue {
             warn!("run {run_id}: no end after {deadline:?}; ended with agent_timeout");
             self.metrics.fail("agent_timeout");
-            self.agent.stop.do_send(StopRun { run_id: run_id.clone() });
+            if let Some(agent) = &self.agent {
+                agent.stop.do_send(StopRun { run_id: run_id.clone() });
+            }
             let output = AgentOutput::Error {
                 code: "agent_timeout".into(),
                 message: format!("the agent did not finish within {} seconds", deadline.as_secs()),
@@ -127,21 +136,33 @@ impl Registry {
     /// its `client_msg_id` got there first), is acked, and starts a run.
     fn submit(&mut self, ctx: &mut Context<Self>, id: ConnectionId, user_id: String, message: UserMessage) {
         let max_runs = self.settings.max_runs_per_user;
+        let starts_run = self.agent.is_some();
+        // AGENTS.md: `agent.max_concurrent_runs` across all users, for agents upstream.
+        let max_concurrent = self.agent.as_ref().and_then(|a| a.max_concurrent_runs);
+        let agent_busy = max_concurrent.is_some_and(|max| self.runs.len() >= max);
         let user = self.local_user(&user_id);
         // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
         let refusal = if user.limiter.check(Instant::now()) != Verdict::Allow {
-            Some("too many messages from this user across its sessions; slow down")
-        } else if user.runs_in_progress >= max_runs {
-            Some("too many runs in progress for this user; wait for one to end or cancel one")
+            Some((ErrorCode::RateLimited, "too many messages from this user across its sessions; slow down"))
+        } else if starts_run && user.runs_in_progress >= max_runs {
+            let why = "too many runs in progress for this user; wait for one to end or cancel one";
+            Some((ErrorCode::RateLimited, why))
+        } else if agent_busy {
+            Some((ErrorCode::AgentBusy, "the agent has as many runs in progress as it takes; try again shortly"))
         } else {
             None
         };
-        if let Some(refusal) = refusal {
+        if let Some((code, refusal)) = refusal {
             debug!("{id}: user_message of user {user_id} refused: {refusal}");
-            self.send_to(id, ServerFrame::error(ErrorCode::RateLimited, refusal, Some("user_message")));
+            if code == ErrorCode::AgentBusy {
+                self.metrics.agent_runs.with_label_values(&["refused", "agent_busy"]).inc();
+            }
+            self.send_to(id, ServerFrame::error(code, refusal, Some("user_message")));
             return;
         }
-        user.runs_in_progress += 1;
+        if starts_run {
+            user.runs_in_progress += 1;
+        }
         let message_id = new_id("m_");
         let run_id = new_id("r_");
         let client_msg_id = message.client_msg_id.as_deref();
@@ -158,12 +179,12 @@ impl Registry {
             let stored = match answer {
                 Ok(Submitted::Appended(stored)) => stored,
                 Ok(Submitted::Seen(seen)) => {
-                    registry.run_not_started(&user_id);
+                    registry.run_not_started(&user_id, starts_run);
                     let client_msg_id = message.client_msg_id.as_deref().unwrap_or_default();
                     return registry.ack_again(id, client_msg_id, &seen);
                 }
                 Err(e) => {
-                    registry.run_not_started(&user_id);
+                    registry.run_not_started(&user_id, starts_run);
                     return registry.message_not_stored(id, &e);
                 }
             };
@@ -175,11 +196,16 @@ impl Registry {
                 id,
                 ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq },
             );
-            registry.start_run(ctx, id, user_id, run_id, message_id, message);
+            if starts_run {
+                registry.start_run(ctx, id, user_id, run_id, message_id, message);
+            }
         });
     }
 
-    fn run_not_started(&mut self, user_id: &str) {
+    fn run_not_started(&mut self, user_id: &str, counted: bool) {
+        if !counted {
+            return;
+        }
         if let Some(user) = self.local.get_mut(user_id) {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
         }
@@ -204,11 +230,52 @@ impl Registry {
         };
         self.runs.insert(run_id.clone(), run);
         debug!("{id}: run {run_id} started for user {user_id}");
-        let request = RunRequest { run_id: run_id.clone(), user_id, message_id, content: message.content };
+        let Some(agent) = &self.agent else { return };
+        let wants_conversation = agent.conversation;
+        let turn = wants_conversation.then(|| Conversation::message(&message_id, "user", &message.content));
+        let mut request = RunRequest {
+            run_id,
+            user_id,
+            thread_id: message.thread_id,
+            message_id,
+            client_msg_id: message.client_msg_id,
+            content: message.content,
+            conversation: Conversation::default(),
+        };
+        let Some(turn) = turn else { return self.send_run(ctx, request) };
+        // The thread's conversation, with this message added, goes with the run: AG-UI agents
+        // keep nothing between requests.
+        let call = self.broker.converse(&request.user_id, &request.thread_id, turn);
+        let user_id = request.user_id.clone();
+        self.when(ctx, &user_id, call, move |registry, answer, ctx| {
+            if !registry.runs.contains_key(&request.run_id) {
+                return; // cancelled while the conversation was read
+            }
+            match answer {
+                Ok(conversation) => {
+                    request.conversation = conversation;
+                    registry.send_run(ctx, request);
+                }
+                Err(e) => {
+                    warn!("run {}: the thread's conversation could not be read: broker: {e}", request.run_id);
+                    let output = AgentOutput::Error {
+                        code: "broker_unavailable".into(),
+                        message: "the conversation could not be read; send the message again".into(),
+                    };
+                    registry.end_run(ctx, &request.run_id, output);
+                }
+            }
+        });
+    }
+
+    /// Hands a run to the runtime.
+    fn send_run(&mut self, ctx: &mut Context<Self>, request: RunRequest) {
+        let Some(agent) = &self.agent else { return };
+        let run_id = request.run_id.clone();
         // The runtime's mailbox is bounded (`agent.max_queued_runs`): a runtime that is behind
         // ends the run at once instead of piling requests up.
         let start = StartRun { run: request, sink: ctx.address().recipient() };
-        if self.agent.start.try_send(start).is_err() {
+        if agent.start.try_send(start).is_err() {
             warn!("run {run_id}: the agent runtime is behind (agent.max_queued_runs); run ended");
             self.metrics.fail("agent_unavailable");
             let output = AgentOutput::Error {
@@ -224,13 +291,24 @@ impl Handler<AgentEvent> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: AgentEvent, ctx: &mut Self::Context) {
-        let AgentEvent { run_id, output } = msg;
+        let AgentEvent { run_id, output, turn } = msg;
         let Some(run) = self.runs.get_mut(&run_id) else {
             // The run was cancelled (or never existed): nothing of it after its end.
             debug!("event of ended run {run_id} dropped");
             return;
         };
         if output.kind().is_terminal() {
+            if let Some(turn) = turn {
+                // What the run said goes into the thread's conversation for its next run.
+                let (user_id, thread_id) = (run.user_id.clone(), run.thread_id.clone());
+                let call = self.broker.converse(&user_id, &thread_id, turn);
+                let ended = run_id.clone();
+                self.when(ctx, &user_id, call, move |_, answer, _| {
+                    if let Err(e) = answer {
+                        warn!("run {ended}: its messages were not kept in the thread's conversation: broker: {e}");
+                    }
+                });
+            }
             return self.end_run(ctx, &run_id, output);
         }
         match (&output, run.announced) {
@@ -278,7 +356,9 @@ impl Handler<CancelRequest> for Registry {
             return;
         };
         info!("{id}: run {} cancelled", msg.run_id);
-        self.agent.stop.do_send(StopRun { run_id: msg.run_id.clone() });
+        if let Some(agent) = &self.agent {
+            agent.stop.do_send(StopRun { run_id: msg.run_id.clone() });
+        }
         let output = AgentOutput::Completed {
             status: RunStatus::Cancelled,
             content: std::mem::take(&mut run.response),

@@ -1,0 +1,372 @@
+//! The `ag-ui` runtime: any AG-UI agent behind agentwire (AGENTS.md). One run is one POST of a
+//! `RunAgentInput` to `agent.url`, whose Server-Sent Events body is read as it arrives and mapped
+//! onto the user's stream (`mapping.rs`).
+//!
+//! Runs are tasks on this runtime's own arbiter, never on the registry's thread: a slow or dead
+//! agent delays its own runs only. Each step is sent to the registry and waited for, so an agent
+//! that streams faster than the registry publishes is read only as fast as it is published. The
+//! HTTP and SSE work is reqwest's (a pooled client with a connect timeout) and
+//! eventsource-stream's; this file adds the timeouts and limits of the failure table.
+
+pub mod mapping;
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use log::{debug, info, warn};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::{AgentEvent, RunRequest, StartRun, StopRun};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::protocol::AgentOutput;
+use mapping::{Failure, Mapped, Mapping, AGENT_HTTP_ERROR, AGENT_PROTOCOL, AGENT_TIMEOUT, AGENT_UNAVAILABLE};
+
+/// How runs reach the agent: shared by every run of the runtime.
+pub struct Upstream {
+    client: reqwest::Client,
+    url: String,
+    headers: HeaderMap,
+    name: String,
+    idle_timeout: Duration,
+    run_timeout: Duration,
+    /// `limits.max_message_bytes`: the largest event accepted from the agent.
+    max_event_bytes: usize,
+    max_response_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstream {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Upstream {
+        let agent = &config.agent;
+        // reqwest is built without a TLS crypto provider of its own; rustls's ring provider is
+        // the process's (installing it twice is harmless).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(agent.connect_timeout_secs))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            // Building fails only without a TLS provider, which was installed just above.
+            .expect("the HTTP client builds");
+        Upstream {
+            client,
+            url: agent.url.clone(),
+            headers: header_map(&agent.headers).unwrap_or_default(),
+            name: agent.display_name(),
+            idle_timeout: Duration::from_secs(agent.idle_timeout_secs),
+            run_timeout: Duration::from_secs(agent.run_timeout_secs),
+            max_event_bytes: config.limits.max_message_bytes,
+            max_response_bytes: agent.max_response_bytes,
+            metrics,
+        }
+    }
+}
+
+/// `agent.headers` as HTTP headers; the error names the header that is not valid (never its
+/// value, which may be a key).
+pub fn header_map(headers: &std::collections::BTreeMap<String, String>) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a header name"))?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| format!("the value of {name:?} is not a header value"))?;
+        value.set_sensitive(true);
+        map.insert(header, value);
+    }
+    Ok(map)
+}
+
+/// AG-UI's `RunAgentInput`, as AGENTS.md gives it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RunAgentInput<'a> {
+    thread_id: &'a str,
+    run_id: &'a str,
+    messages: &'a [Box<RawValue>],
+    state: &'a RawValue,
+    tools: [(); 0],
+    context: [(); 0],
+    forwarded_props: ForwardedProps<'a>,
+}
+
+#[derive(Serialize)]
+struct ForwardedProps<'a> {
+    agentwire: Identity<'a>,
+}
+
+/// Who the run is for: the agent's only word on the user (docs/agents.md).
+#[derive(Serialize)]
+struct Identity<'a> {
+    user_id: &'a str,
+    message_id: &'a str,
+    client_msg_id: Option<&'a str>,
+}
+
+const EMPTY_STATE: &str = "{}";
+
+impl Upstream {
+    /// One run, start to end: its steps and then exactly one terminal event go to `sink`.
+    async fn run(self: Rc<Self>, run: RunRequest, sink: Recipient<AgentEvent>) {
+        let run_id = run.run_id.clone();
+        let (output, turn) = match self.stream(&run, &sink).await {
+            Ok((output, turn)) => (output, turn),
+            Err(failure) => {
+                warn!("run {run_id}: agent_error {}: {}", failure.code, failure.message);
+                (AgentOutput::Error { code: failure.code.into(), message: failure.message }, None)
+            }
+        };
+        sink.do_send(AgentEvent { run_id, output, turn });
+    }
+
+    /// Sends the request and maps the events until the run's end; the end itself is returned.
+    async fn stream(
+        &self,
+        run: &RunRequest,
+        sink: &Recipient<AgentEvent>,
+    ) -> Result<(AgentOutput, Option<crate::broker::Conversation>), Failure> {
+        let sent = Instant::now();
+        let deadline = sent + self.run_timeout;
+        let empty: Box<RawValue> = RawValue::from_string(EMPTY_STATE.to_owned()).unwrap_or_else(|_| RawValue::NULL.to_owned());
+        let state = run.conversation.state.as_deref().unwrap_or(&empty);
+        let input = RunAgentInput {
+            thread_id: &run.thread_id,
+            run_id: &run.run_id,
+            messages: &run.conversation.messages,
+            state,
+            tools: [],
+            context: [],
+            forwarded_props: ForwardedProps {
+                agentwire: Identity {
+                    user_id: &run.user_id,
+                    message_id: &run.message_id,
+                    client_msg_id: run.client_msg_id.as_deref(),
+                },
+            },
+        };
+        let body = serde_json::to_vec(&input).map_err(|e| Failure::new(AGENT_PROTOCOL, e.to_string()))?;
+        let request = self
+            .client
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "text/event-stream")
+            .body(body)
+            .send();
+        let response = match self.within(deadline, request).await? {
+            Ok(response) => response,
+            Err(e) => return Err(Failure::new(AGENT_UNAVAILABLE, format!("the agent could not be reached: {}", cause(&e)))),
+        };
+        let status = response.status();
+        if !status.is_success() {
+            return Err(Failure::new(AGENT_HTTP_ERROR, format!("the agent answered HTTP {status}")));
+        }
+        let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !content_type.to_ascii_lowercase().starts_with("text/event-stream") {
+            return Err(Failure::new(
+                AGENT_PROTOCOL,
+                format!("the agent answered {content_type:?}, not text/event-stream"),
+            ));
+        }
+
+        // Bytes read since the last whole event: the SSE parser buffers an event until it is
+        // complete, so an endless one is cut off here instead of growing without bound.
+        let unread = Rc::new(Cell::new(0usize));
+        let counted = Rc::clone(&unread);
+        let limit = self.max_event_bytes;
+        let body = response.bytes_stream().map(move |chunk| {
+            let chunk = chunk.map_err(|e| BodyError::Read(cause(&e)))?;
+            counted.set(counted.get() + chunk.len());
+            if counted.get() > limit.saturating_mul(2) {
+                return Err(BodyError::Oversized);
+            }
+            Ok(chunk)
+        });
+        let mut events = body.eventsource();
+        let initial_state = match &run.conversation.state {
+            Some(state) => serde_json::from_str(state.get()).unwrap_or(Value::Null),
+            None => Value::Object(Default::default()),
+        };
+        let mut mapping = Mapping::new(
+            self.name.clone(),
+            run.message_id.clone(),
+            initial_state,
+            self.max_response_bytes,
+            self.max_event_bytes,
+        );
+        let mut first = true;
+        loop {
+            let idle = Instant::now() + self.idle_timeout;
+            let next = match actix_web::rt::time::timeout(until(idle.min(deadline)), events.next()).await {
+                Ok(next) => next,
+                Err(_) if Instant::now() >= deadline => return Err(self.overdue()),
+                Err(_) => {
+                    let secs = self.idle_timeout.as_secs();
+                    return Err(Failure::new(AGENT_TIMEOUT, format!("no event from the agent for {secs} seconds")));
+                }
+            };
+            let event = match next {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => return Err(body_failure(e, limit)),
+                None => {
+                    return Err(Failure::new(AGENT_PROTOCOL, "the agent's response ended without RUN_FINISHED or RUN_ERROR"))
+                }
+            };
+            unread.set(0);
+            if first {
+                first = false;
+                self.metrics.agent_first_event_seconds.observe(sent.elapsed().as_secs_f64());
+            }
+            if event.data.len() > limit {
+                return Err(Failure::new(
+                    AGENT_PROTOCOL,
+                    format!("an event of {} bytes, over limits.max_message_bytes ({limit})", event.data.len()),
+                ));
+            }
+            if event.data.trim().is_empty() {
+                // A comment or keep-alive: it proves the agent is alive and carries nothing.
+                continue;
+            }
+            let parsed: Value = serde_json::from_str(&event.data)
+                .map_err(|e| Failure::new(AGENT_PROTOCOL, format!("an event that is not JSON: {e}")))?;
+            match mapping.map(parsed)? {
+                Mapped::Events(outputs) => {
+                    for output in outputs {
+                        // Waiting for the registry to take each step is the backpressure on
+                        // an agent that streams faster than its events are published.
+                        let step = AgentEvent { run_id: run.run_id.clone(), output, turn: None };
+                        if sink.send(step).await.is_err() {
+                            return Err(Failure::new(AGENT_PROTOCOL, "the registry is gone"));
+                        }
+                    }
+                }
+                Mapped::End(output @ AgentOutput::Completed { .. }) => return Ok((output, Some(mapping.turn()))),
+                Mapped::End(output) => return Ok((output, None)),
+            }
+        }
+    }
+
+    /// Waits for `work` until the run's deadline or the idle timeout, whichever comes first.
+    async fn within<T>(&self, deadline: Instant, work: impl std::future::Future<Output = T>) -> Result<T, Failure> {
+        let idle = Instant::now() + self.idle_timeout;
+        match actix_web::rt::time::timeout(until(idle.min(deadline)), work).await {
+            Ok(done) => Ok(done),
+            Err(_) if Instant::now() >= deadline => Err(self.overdue()),
+            Err(_) => {
+                let secs = self.idle_timeout.as_secs();
+                Err(Failure::new(AGENT_TIMEOUT, format!("the agent did not answer within {secs} seconds")))
+            }
+        }
+    }
+
+    fn overdue(&self) -> Failure {
+        let secs = self.run_timeout.as_secs();
+        Failure::new(AGENT_TIMEOUT, format!("the agent did not finish within {secs} seconds"))
+    }
+}
+
+fn until(instant: Instant) -> Duration {
+    instant.saturating_duration_since(Instant::now())
+}
+
+#[derive(Debug)]
+enum BodyError {
+    Read(String),
+    Oversized,
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Read(cause) => write!(f, "reading the agent's response failed: {cause}"),
+            BodyError::Oversized => f.write_str("an event over limits.max_message_bytes"),
+        }
+    }
+}
+
+fn body_failure(error: eventsource_stream::EventStreamError<BodyError>, limit: usize) -> Failure {
+    use eventsource_stream::EventStreamError;
+    match error {
+        EventStreamError::Transport(BodyError::Oversized) => {
+            Failure::new(AGENT_PROTOCOL, format!("an event over limits.max_message_bytes ({limit})"))
+        }
+        // The connection broke mid-run: the body ended without the run's end.
+        EventStreamError::Transport(read) => Failure::new(AGENT_PROTOCOL, read.to_string()),
+        other => Failure::new(AGENT_PROTOCOL, format!("an unparseable event stream: {other}")),
+    }
+}
+
+/// The innermost cause of an HTTP client error ("Connection refused", "deadline has elapsed"),
+/// without the URL, which may carry a key.
+fn cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner = error;
+    while let Some(source) = inner.source() {
+        inner = source;
+    }
+    inner.to_string()
+}
+
+/// The runtime's actor: takes runs from the registry and stops them on cancel.
+pub struct AgUiAgent {
+    upstream: Rc<Upstream>,
+    /// `agent.max_queued_runs`: the bound of this actor's mailbox.
+    mailbox: usize,
+    runs: HashMap<String, SpawnHandle>,
+}
+
+impl AgUiAgent {
+    pub fn new(upstream: Upstream, mailbox: usize) -> AgUiAgent {
+        AgUiAgent { upstream: Rc::new(upstream), mailbox, runs: HashMap::new() }
+    }
+}
+
+impl Actor for AgUiAgent {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.mailbox);
+        info!("agent: AG-UI agent at {} (agent.url)", redacted(&self.upstream.url));
+    }
+}
+
+/// The URL without its query, where a key may sit.
+fn redacted(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or(url)
+}
+
+impl Handler<StartRun> for AgUiAgent {
+    type Result = ();
+
+    fn handle(&mut self, msg: StartRun, ctx: &mut Self::Context) {
+        let StartRun { run, sink } = msg;
+        let run_id = run.run_id.clone();
+        debug!("run {run_id}: POST to the agent");
+        let work = Rc::clone(&self.upstream).run(run, sink);
+        let finished = run_id.clone();
+        let handle = ctx.spawn(work.into_actor(self).map(move |_, agent, _| {
+            agent.runs.remove(&finished);
+        }));
+        self.runs.insert(run_id, handle);
+    }
+}
+
+impl Handler<StopRun> for AgUiAgent {
+    type Result = ();
+
+    fn handle(&mut self, msg: StopRun, ctx: &mut Self::Context) {
+        // Dropping the run's task drops its response, which closes the upstream connection:
+        // that is how an AG-UI agent learns of a cancel.
+        if let Some(handle) = self.runs.remove(&msg.run_id) {
+            debug!("run {}: upstream request closed", msg.run_id);
+            ctx.cancel_future(handle);
+        }
+    }
+}
