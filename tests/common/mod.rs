@@ -2,6 +2,8 @@
 //! client (tokio-tungstenite) that asserts on what a client sees. Every wait is bounded.
 #![allow(dead_code)]
 
+pub mod fake_agent;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
