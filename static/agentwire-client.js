@@ -158,3 +158,37 @@ export class AgentwireClient extends EventTarget {
     this.retryTimer = setTimeout(() => this.connect(), delay);
   }
 }
+
+// A one-line, human-readable account of an AG-UI event that reached the stream as an
+// `agent_event` pass-through (docs/agents.md): steps, state, activity, custom events. Events
+// with a native mapping never arrive this way.
+export function describeAgUiEvent(event) {
+  const e = event || {};
+  const json = (value) => {
+    const text = JSON.stringify(value);
+    return text && text.length > 160 ? `${text.slice(0, 157)}…` : text;
+  };
+  switch (e.type) {
+    case "STEP_STARTED":
+      return `step started: ${e.stepName}`;
+    case "STEP_FINISHED":
+      return `step finished: ${e.stepName}`;
+    case "STATE_SNAPSHOT":
+      return `state: ${json(e.snapshot)}`;
+    case "STATE_DELTA":
+      return `state changed: ${(e.delta || []).map((op) => `${op.op} ${op.path}`).join(", ")}`;
+    case "MESSAGES_SNAPSHOT":
+      return `messages snapshot: ${(e.messages || []).length} messages`;
+    case "ACTIVITY_SNAPSHOT":
+    case "ACTIVITY_DELTA":
+      return `activity (${e.activityType || "update"}): ${json(e.content ?? e.patch)}`;
+    case "CUSTOM":
+      return `${e.name}: ${json(e.value)}`;
+    case "RAW":
+      return `raw${e.source ? ` from ${e.source}` : ""}: ${json(e.event)}`;
+    default: {
+      const { type, timestamp, rawEvent, ...rest } = e;
+      return `${String(type || "event").toLowerCase().replaceAll("_", " ")}: ${json(rest)}`;
+    }
+  }
+}

@@ -2,7 +2,7 @@
 // tabs of one user show the same conversation, and a reconnect that resumes with `last_seq`
 // neither duplicates nor loses anything.
 
-import { AgentwireClient, describeClose } from "./agentwire-client.js";
+import { AgentwireClient, describeAgUiEvent, describeClose } from "./agentwire-client.js";
 
 const $ = (id) => document.getElementById(id);
 const STATE_LABELS = {
@@ -159,7 +159,7 @@ function thread(id) {
 
 function run(runId, threadId) {
   if (!runs.has(runId)) {
-    const entry = { kind: "run", runId, threadId, thinking: "", tools: new Map(), answer: "", status: "running" };
+    const entry = { kind: "run", runId, threadId, thinking: "", steps: [], tools: new Map(), answer: "", status: "running" };
     runs.set(runId, entry);
     thread(threadId).items.push(entry);
   }
@@ -193,7 +193,11 @@ function onEvent(event) {
         r.agent = p.agent;
         break;
       case "agent_thinking":
-        r.thinking = p.text;
+        // The demo thinks in one piece; AG-UI agents stream their reasoning in deltas.
+        r.thinking += p.text;
+        break;
+      case "agent_event":
+        r.steps.push(describeAgUiEvent(p.ag_ui));
         break;
       case "tool_executing":
         r.tools.set(p.tool_call_id, { tool: p.tool, args: p.args, done: false });
@@ -279,6 +283,7 @@ function renderRun(r) {
     "li",
     { class: "msg run", "data-run": r.runId, "data-status": r.status },
     r.thinking ? el("p", { class: "thinking", textContent: r.thinking }) : null,
+    r.steps.length ? el("ul", { class: "steps" }, ...r.steps.map((step) => el("li", { textContent: step }))) : null,
     ...tools,
     el("div", { class: "answer", textContent: r.answer }),
     el("div", { class: `meta${r.status === "error" ? " bad" : ""}`, textContent: meta }),

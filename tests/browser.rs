@@ -112,21 +112,29 @@ async fn send_message(browser: &Browser, text: &str) {
     input.send_keys("\u{E007}").await.unwrap(); // Enter
 }
 
-fn runs_with_status(status: &str) -> String {
-    format!("document.querySelectorAll('#messages li.run[data-status=\"{status}\"]').length")
-}
-
-#[actix_web::test]
-async fn chat_page_and_dashboard_in_chromium() {
+/// False only when `AGENTWIRE_SKIP_BROWSER=1` says so; a missing browser fails the test.
+fn browser_wanted() -> bool {
     if std::env::var("AGENTWIRE_SKIP_BROWSER").as_deref() == Ok("1") {
         eprintln!("AGENTWIRE_SKIP_BROWSER=1: browser test skipped on purpose");
-        return;
+        return false;
     }
     assert!(
         Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists(),
         "the browser test needs Chromium and ChromeDriver: apt-get install -y chromium chromium-driver \
          (or set AGENTWIRE_SKIP_BROWSER=1 to skip it on purpose)"
     );
+    true
+}
+
+fn runs_with_status(status: &str) -> String {
+    format!("document.querySelectorAll('#messages li.run[data-status=\"{status}\"]').length")
+}
+
+#[actix_web::test]
+async fn chat_page_and_dashboard_in_chromium() {
+    if !browser_wanted() {
+        return;
+    }
     let server = TestServer::with(|c| c.agent.step_delay_ms = 60);
     let addr = server.addr;
     let base = format!("http://{addr}/");
@@ -232,6 +240,60 @@ async fn chat_page_and_dashboard_in_chromium() {
 
     browser.close().await.unwrap();
     drop(restarted);
+}
+
+/// An AG-UI agent's run in the chat page: its tool call with arguments and result, its streamed
+/// text, and its pass-through steps in readable form.
+#[actix_web::test]
+async fn an_ag_ui_run_in_the_chat_page() {
+    if !browser_wanted() {
+        return;
+    }
+    use common::fake_agent::{sse, FakeAgent};
+    let agent = FakeAgent::start(|input| {
+        let ids = json!({"threadId": input["threadId"], "runId": input["runId"]});
+        let with = |mut event: Value| {
+            event.as_object_mut().unwrap().extend(ids.as_object().unwrap().clone());
+            event
+        };
+        sse(&[
+            with(json!({"type": "RUN_STARTED"})),
+            json!({"type": "STEP_STARTED", "stepName": "look it up"}),
+            json!({"type": "REASONING_MESSAGE_CONTENT", "messageId": "r", "delta": "Checking the weather. "}),
+            json!({"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "weather", "parentMessageId": "a"}),
+            json!({"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": "{\"city\": \"Paris\"}"}),
+            json!({"type": "TOOL_CALL_END", "toolCallId": "c1"}),
+            json!({"type": "TOOL_CALL_RESULT", "messageId": "t", "toolCallId": "c1", "content": "sunny"}),
+            json!({"type": "STATE_SNAPSHOT", "snapshot": {"city": "Paris"}}),
+            json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "It is sunny "}),
+            json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "in Paris."}),
+            with(json!({"type": "RUN_FINISHED"})),
+        ])
+    });
+    let url = agent.url.clone();
+    let server = TestServer::with(move |c| {
+        c.agent.kind = agentwire::config::AgentKind::AgUi;
+        c.agent.url = url;
+        c.agent.name = "weather-bot".into();
+    });
+    let base = format!("http://{}/", server.addr);
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+    sign_in(&browser, &base, "browser-ag-ui").await;
+    send_message(&browser, "weather in Paris?").await;
+    wait_until(&browser, "the run to complete", &format!("{} === 1", runs_with_status("ok"))).await;
+    let text = |css: &'static str| {
+        let browser = browser.clone();
+        async move { browser.find(Locator::Css(css)).await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(text("li.run .answer").await, "It is sunny in Paris.");
+    assert_eq!(text("li.run .thinking").await, "Checking the weather.");
+    assert_eq!(text("li.run details summary").await, "✓ weather({\"city\":\"Paris\"})");
+    let steps = text("li.run .steps").await;
+    assert_eq!(steps, "step started: look it up\nstate: {\"city\":\"Paris\"}");
+    screenshot(&browser, "09-ag-ui-run.png").await;
+    assert_eq!(page_errors(&browser).await, Vec::<String>::new());
+    browser.close().await.unwrap();
 }
 
 #[actix_web::test]
