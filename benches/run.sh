@@ -2,6 +2,7 @@
 # The benchmark suite: builds release, runs the standard scenarios against a fresh server on
 # 127.0.0.1 (server and load generator share this machine), repeats each, and writes
 # BENCHMARKS.md with the medians. Usage: benches/run.sh [repetitions, default 3]
+# ONLY=core|hostile|agents runs one group of scenarios (BENCHMARKS.md then has only that group).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-3}
@@ -15,6 +16,9 @@ mkdir -p "$OUT"
 rm -f "$OUT"/*.json
 
 cargo build --release -q
+cargo build --release -q --example bench_agent
+AGENT_PORT=18090
+want() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
 
 server_pid=""
 stop_server() {
@@ -36,6 +40,9 @@ start_server() {
     AGENTWIRE__LIMITS__MAX_CONNECTIONS=19800 \
     AGENTWIRE__LIMITS__MAX_SESSIONS_PER_USER=1000 \
     AGENTWIRE__LIMITS__MAX_OUTBOUND_BYTES="${OUTBOUND:-16777216}" \
+    AGENTWIRE__AGENT__KIND="${AGENT_KIND:-demo}" \
+    AGENTWIRE__AGENT__URL="${AGENT_URL:-}" \
+    AGENTWIRE__AGENT__MAX_CONCURRENT_RUNS=5000 \
     "$BIN" >"$OUT/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 100); do
@@ -71,12 +78,15 @@ run() {
 }
 
 rm -f "$OUT/commands.txt"
+if want core; then
 run idle-10k --scenario idle --sessions 10000 --users 1000 --hold-secs 2 --connect-concurrency 1000
 MEASURE_RETURN=1 run idle-19k --scenario idle --sessions 19000 --users 2000 --hold-secs 2 --connect-concurrency 1000 --src-ips 127.0.0.1-127.0.0.20
 run fanout-1x1000 --scenario fanout --sessions 1000 --users 1 --events 2000 --batch 100
 run fanout-10000x1 --scenario fanout --sessions 10000 --users 10000 --events 200 --batch 50 --connect-concurrency 1000
 run paced-1x1000 --scenario fanout --sessions 1000 --users 1 --events 500 --batch 1 --publish-rate 50
 run chat-10000 --scenario chat --sessions 10000 --users 2500 --messages 5 --connect-concurrency 1000
+fi
+if want hostile; then
 # Hostile clients: the demo agent at its real pace (120 ms a step), so a run takes about 1 s; the
 # same real users unloaded, against 1,000 never-authenticating senders of 60 KB frames, and
 # against a mix of every attack. 20 source addresses, as the per-address cap is 100.
@@ -87,7 +97,42 @@ run hostile-baseline --scenario chat "${HOSTILE[@]}"
 run hostile-unauth-1000 --scenario hostile "${HOSTILE[@]}" --attack unauth-senders=1000
 run hostile-mix --scenario hostile "${HOSTILE[@]}"
 unset STEP_DELAY OUTBOUND
+fi
+
+# AG-UI agents (docs/agents.md): 1,000 sessions chat with an agent that answers at once, first
+# alone, then while 1,000 other users' runs hold the same agent for 10 s each (examples/
+# bench_agent.rs); the slow runs are all open before the measured chat starts and after it ends.
+agent_pid=""
+stop_agent() { if [ -n "$agent_pid" ]; then kill "$agent_pid" 2>/dev/null || true; wait "$agent_pid" 2>/dev/null || true; fi; }
+open_slow_runs() { curl -sf "http://127.0.0.1:$AGENT_PORT/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["open_slow_runs"])'; }
+if want agents; then
+  target/release/examples/bench_agent --port $AGENT_PORT --slow-secs 10 >"$OUT/agent.log" 2>&1 &
+  agent_pid=$!
+  trap 'stop_server; stop_agent' EXIT
+  export AGENT_KIND=ag-ui AGENT_URL="http://127.0.0.1:$AGENT_PORT/"
+  CHAT=(--scenario chat --sessions 1000 --users 250 --messages 5)
+  run agents-unloaded "${CHAT[@]}"
+  for rep in $(seq "$REPS"); do
+    start_server
+    echo "== agents-loaded (run $rep of $REPS)"
+    "$BIN" loadtest --url "ws://127.0.0.1:$PORT/ws" --quiet --scenario chat --sessions 1000 --users 1000 \
+      --messages 1 --message-text "take it slow" --json "$OUT/agents-slow.$rep.json" >/dev/null &
+    slow_pid=$!
+    for _ in $(seq 300); do
+      [ "$(open_slow_runs)" = 1000 ] && break
+      sleep 0.1
+    done
+    before=$(open_slow_runs)
+    "$BIN" loadtest --url "ws://127.0.0.1:$PORT/ws" --quiet --server-pid "$server_pid" \
+      --json "$OUT/agents-loaded.$rep.json" "${CHAT[@]}" | tail -n +2
+    echo "{\"open_slow_runs_before\": $before, \"open_slow_runs_after\": $(open_slow_runs)}" >"$OUT/agents-open.$rep.json"
+    wait "$slow_pid"
+  done
+  echo "agents-loaded|${CHAT[*]} (while: --sessions 1000 --users 1000 --messages 1 --message-text 'take it slow')" >>"$OUT/commands.txt"
+  unset AGENT_KIND AGENT_URL
+  stop_agent
+fi
 stop_server
 
-python3 benches/summarize.py "$OUT" "$REPS" >BENCHMARKS.md
-echo "wrote BENCHMARKS.md"
+python3 benches/summarize.py "$OUT" "$REPS" >"${BENCH_OUT:-BENCHMARKS.md}"
+echo "wrote ${BENCH_OUT:-BENCHMARKS.md}"

@@ -199,6 +199,55 @@ def hostile_section():
 hostile = hostile_section()
 
 
+def agents_section():
+    unloaded, loaded = reports("agents-unloaded"), reports("agents-loaded")
+    if not unloaded or not loaded:
+        return {}
+    opened = []
+    for rep in range(1, reps + 1):
+        path = os.path.join(out_dir, f"agents-open.{rep}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                opened.append(json.load(f))
+    w("## 5. AG-UI agents: upstream work never blocks the registry")
+    w("")
+    w("`agent.kind = \"ag-ui\"` against `examples/bench_agent.rs`, which answers at once (a tool call")
+    w("and three text chunks) unless the message says \"slow\", then holds the run open 10 s. 1,000")
+    w("sessions over 250 users chat (5 messages each, a ping with each), first alone, then while")
+    w("1,000 other users' runs are all open on the same agent (counted by the agent before the")
+    w("measured chat starts and after it ends). Commands:")
+    w("")
+    for name in ("agents-unloaded", "agents-loaded"):
+        w(f"- {name}: `agentwire loadtest {commands.get(name, '')}`")
+    w("")
+    w("| figure | unloaded | 1,000 runs of 10 s open | ratio |")
+    w("| --- | --- | --- | --- |")
+    figures = {}
+    for label, path, digits in [
+        ("ack p50 (ms)", ("ack", "p50_ms"), 1),
+        ("ack p99 (ms)", ("ack", "p99_ms"), 1),
+        ("ping to pong p99 (ms)", ("pong", "p99_ms"), 1),
+        ("message to agent_completed p50 (ms)", ("message_to_completed", "p50_ms"), 0),
+        ("message to agent_completed p99 (ms)", ("message_to_completed", "p99_ms"), 0),
+        ("server CPU in the scenario (s)", ("server", "cpu_scenario_secs"), 2),
+    ]:
+        row = [median([get(r, *path) for r in runs]) for runs in (unloaded, loaded)]
+        ratio = row[1] / row[0] if row[0] and row[1] is not None else None
+        figures[label] = ratio
+        w(f"| {label} | {fmt(row[0], digits)} | {fmt(row[1], digits)} | {fmt(ratio, 2, 'x')} |")
+    dirty = sum(sum(r["correctness"].values()) + sum(r["failed"].values()) + r["error_frames"] for r in unloaded + loaded)
+    w(f"| failed sessions, error frames and correctness counters (all runs, sum) | | {dirty} | |")
+    w("")
+    if opened:
+        w("Slow runs open on the agent, before and after each measured run: " +
+          ", ".join(f"{o['open_slow_runs_before']} / {o['open_slow_runs_after']}" for o in opened) + ".")
+        w("")
+    return figures
+
+
+agents = agents_section()
+
+
 def memory_return():
     runs = reports("idle-19k")
     returns = []
@@ -262,6 +311,10 @@ if hostile:
     if p99[0] and p99[1]:
         target("real users' p99 under that attack <= 1.5x unloaded", p99[1] / p99[0], 1.5, False, "x")
 target("RSS 30 s after 19,000 sessions closed <= 2x idle", returned, 2, False, "x")
+if agents:
+    target("chat p99 (message to completed) with 1,000 slow agent runs <= 1.5x unloaded",
+           agents["message to agent_completed p99 (ms)"], 1.5, False, "x")
+    target("ack p99 with 1,000 slow agent runs <= 1.5x unloaded", agents["ack p99 (ms)"], 1.5, False, "x")
 w("")
 
 w("## What the numbers mean")

@@ -512,7 +512,10 @@ impl Config {
         if g.kind == AgentKind::AgUi && !(g.url.starts_with("http://") || g.url.starts_with("https://")) {
             return Err(error(
                 "agent.url",
-                format!("{:?} is not an http(s) URL; kind = \"ag-ui\" needs the agent's AG-UI endpoint", g.url),
+                format!(
+                    "{:?} is not an http(s) URL; kind = \"ag-ui\" needs the agent's AG-UI endpoint",
+                    g.url
+                ),
             ));
         }
         if self.api.keys.iter().any(|k| k.len() < 16) {

@@ -119,8 +119,11 @@ impl Metrics {
             agent_run_duration_seconds: register(
                 &registry,
                 Histogram::with_opts(
-                    HistogramOpts::new("agentwire_agent_run_duration_seconds", "From a run's start to its end")
-                        .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                    HistogramOpts::new(
+                        "agentwire_agent_run_duration_seconds",
+                        "From a run's start to its end",
+                    )
+                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
                 )
                 .expect("valid"),
             ),

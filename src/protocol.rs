@@ -455,15 +455,41 @@ pub enum RunStatus {
 /// stream event.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentOutput {
-    Started { agent: String, message_id: String },
-    Thinking { text: String },
-    ToolExecuting { tool_call_id: String, tool: String, args: Value },
-    ToolCompleted { tool_call_id: String, tool: String, ok: bool, result: Value, duration_ms: u64 },
-    MessageChunk { delta: String },
-    Completed { status: RunStatus, content: String, duration_ms: u64 },
-    Error { code: String, message: String },
+    Started {
+        agent: String,
+        message_id: String,
+    },
+    Thinking {
+        text: String,
+    },
+    ToolExecuting {
+        tool_call_id: String,
+        tool: String,
+        args: Value,
+    },
+    ToolCompleted {
+        tool_call_id: String,
+        tool: String,
+        ok: bool,
+        result: Value,
+        duration_ms: u64,
+    },
+    MessageChunk {
+        delta: String,
+    },
+    Completed {
+        status: RunStatus,
+        content: String,
+        duration_ms: u64,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
     /// `agent_event` `{ag_ui: <the AG-UI event as received>}`.
-    Passthrough { ag_ui: Value },
+    Passthrough {
+        ag_ui: Value,
+    },
 }
 
 impl AgentOutput {

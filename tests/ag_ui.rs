@@ -129,10 +129,14 @@ async fn a_conversation_maps_every_event_and_sends_the_thread_history() {
     assert_eq!(events.last().unwrap()["payload"]["response"]["content"], "I was sent 5 messages.");
     let second = &agent.requests()[1];
     assert_eq!(second["state"], json!({"turns": 1}));
-    let roles: Vec<&str> = second["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> =
+        second["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["user", "assistant", "tool", "assistant", "user"]);
     let messages = &second["messages"];
-    assert_eq!(messages[1]["toolCalls"][0]["function"], json!({"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}));
+    assert_eq!(
+        messages[1]["toolCalls"][0]["function"],
+        json!({"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"})
+    );
     assert_eq!(messages[2], json!({"id": "tr1", "role": "tool", "content": "5", "toolCallId": "call_1"}));
     assert_eq!(messages[3]["content"], "I was sent 1 messages.");
     assert_eq!(messages[4]["id"], ack2["message_id"]);
@@ -166,11 +170,14 @@ async fn every_failure_row_ends_its_run_with_its_code_and_nothing_after() {
                 gap: Duration::ZERO,
                 tail: Tail::End,
             },
-            "garbage" => body(vec![events(&[started(input)]).concat(), "data: {not json\n\n".into()], Tail::End),
-            "no-start" => sse(&[json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "hi"})]),
-            "cut-short" => {
-                sse(&[started(input), json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "hi"})])
+            "garbage" => {
+                body(vec![events(&[started(input)]).concat(), "data: {not json\n\n".into()], Tail::End)
             }
+            "no-start" => sse(&[json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "hi"})]),
+            "cut-short" => sse(&[
+                started(input),
+                json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "hi"}),
+            ]),
             "huge" => sse(&[
                 started(input),
                 json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "x".repeat(20_000)}),
@@ -188,7 +195,9 @@ async fn every_failure_row_ends_its_run_with_its_code_and_nothing_after() {
                     format!("data: {}\n\n", json!({"type": "STEP_STARTED", "stepName": "again"})),
                 ),
             ),
-            "run-error" => sse(&[started(input), json!({"type": "RUN_ERROR", "message": "model overloaded"})]),
+            "run-error" => {
+                sse(&[started(input), json!({"type": "RUN_ERROR", "message": "model overloaded"})])
+            }
             _ => sse(&[
                 started(input),
                 json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "fine"}),
@@ -263,7 +272,10 @@ async fn an_agent_that_cannot_be_reached_is_agent_unavailable() {
 async fn cancel_closes_the_upstream_request_and_the_cap_refuses_with_agent_busy() {
     let agent = FakeAgent::start(|input| {
         if user_of(input) == "waiter" {
-            let opening = [started(input), json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "Let me"})];
+            let opening = [
+                started(input),
+                json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "Let me"}),
+            ];
             return Reply::Body {
                 content_type: "text/event-stream",
                 pieces: pieces(&opening),

@@ -104,20 +104,26 @@ async fn a_conversation_with_a_pydantic_ai_agent() {
     // A cancel mid-stream: the run ends cancelled with what was streamed, and nothing after.
     let ack = tab.say("t1", "count slowly to ten", None).await;
     let run_id = ack["run_id"].as_str().unwrap().to_owned();
-    let chunk = tab.recv_where(|f| f["run_id"] == run_id.as_str() && f["type"] == "agent_message_chunk").await;
+    let chunk =
+        tab.recv_where(|f| f["run_id"] == run_id.as_str() && f["type"] == "agent_message_chunk").await;
     tab.send(json!({"type": "cancel_run", "run_id": run_id})).await;
     let end = tab.recv_where(|f| f["run_id"] == run_id.as_str() && is_terminal(f)).await;
     assert_eq!(end["type"], "agent_completed");
     assert_eq!(end["payload"]["status"], "cancelled");
-    assert!(end["payload"]["response"]["content"].as_str().unwrap().starts_with(chunk["payload"]["delta"].as_str().unwrap()));
+    assert!(end["payload"]["response"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with(chunk["payload"]["delta"].as_str().unwrap()));
     // The agent keeps serving: the next message of another thread runs to completion, and no
     // event of the cancelled run arrived in between.
     let ack = tab.say("t2", "hello", None).await;
     let next_run = ack["run_id"].as_str().unwrap().to_owned();
     let events = tab.events_until_run_ends(&next_run).await;
     let end_seq = end["seq"].as_u64().unwrap();
-    let after_end: Vec<&Value> =
-        events.iter().filter(|e| e["run_id"] == run_id.as_str() && e["seq"].as_u64() > Some(end_seq)).collect();
+    let after_end: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["run_id"] == run_id.as_str() && e["seq"].as_u64() > Some(end_seq))
+        .collect();
     assert!(after_end.is_empty(), "{after_end:?}");
     assert_eq!(events.last().unwrap()["payload"]["status"], "ok");
     assert_eq!(server.metric("agentwire_agent_runs_total{code=\"\",outcome=\"cancelled\"}"), 1.0);

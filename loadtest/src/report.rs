@@ -189,6 +189,7 @@ pub struct Report {
     pub sessions_per_sec: f64,
     pub connect_to_ready: Option<Latency>,
     pub ack: Option<Latency>,
+    pub pong: Option<Latency>,
     pub message_to_completed: Option<Latency>,
     pub delivery: Option<Latency>,
     pub scenario_secs: f64,
@@ -263,6 +264,7 @@ impl Report {
             sessions_per_sec: ready as f64 / connect_secs.max(1e-9),
             connect_to_ready: Latency::of(outcomes.iter().filter_map(|o| o.connect_us)),
             ack: Latency::of(outcomes.iter().flat_map(|o| o.ack_us.iter().copied())),
+            pong: Latency::of(outcomes.iter().flat_map(|o| o.pong_us.iter().copied())),
             message_to_completed: Latency::of(outcomes.iter().flat_map(|o| o.completed_us.iter().copied())),
             delivery: Latency::of(outcomes.iter().flat_map(|o| o.delivery_us.iter().copied())),
             scenario_secs,
@@ -315,6 +317,7 @@ impl Report {
         line("connect to ready", latency(&self.connect_to_ready));
         if self.ack.is_some() {
             line("ack", latency(&self.ack));
+            line("ping to pong", latency(&self.pong));
             line("message to completed", latency(&self.message_to_completed));
         }
         if self.delivery.is_some() {

@@ -51,6 +51,8 @@ pub struct Outcome {
     pub failure: Option<String>,
     pub connect_us: Option<u64>,
     pub ack_us: Vec<u64>,
+    /// chat: round trips of a `ping` sent with each message.
+    pub pong_us: Vec<u64>,
     pub completed_us: Vec<u64>,
     pub delivery_us: Vec<u64>,
     pub events: u64,
@@ -270,6 +272,7 @@ async fn chat(
     // client_msg_id -> (sent at, acked run id)
     let mut mine: HashMap<String, (Instant, Option<String>)> = HashMap::new();
     let mut waiting_for: Option<String> = None;
+    let mut pinged_at: Option<Instant> = None;
     let mut next_send = tokio::time::Instant::now();
     let deadline = tokio::time::Instant::now() + plan.scenario_timeout;
     loop {
@@ -278,6 +281,11 @@ async fn chat(
             let frame = serde_json::json!({
                 "type": "user_message", "thread_id": checker.thread, "content": plan.message_text, "client_msg_id": id,
             });
+            // A ping beside each message: its round trip is the session's responsiveness while
+            // runs are going on.
+            let ping = serde_json::json!({"type": "ping", "id": sent});
+            ws.send(Message::text(ping.to_string())).await.map_err(|e| e.to_string())?;
+            pinged_at = Some(Instant::now());
             ws.send(Message::text(frame.to_string())).await.map_err(|e| e.to_string())?;
             mine.insert(id.clone(), (Instant::now(), None));
             waiting_for = Some(id);
@@ -315,6 +323,11 @@ async fn chat(
             }
             "error" => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            "pong" => {
+                if let Some(at) = pinged_at.take() {
+                    outcome.pong_us.push(at.elapsed().as_micros() as u64);
+                }
             }
             _ => {
                 checker.event(&frame, outcome, shared);

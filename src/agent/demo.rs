@@ -169,7 +169,7 @@ impl Handler<StartRun> for DemoAgent {
     type Result = ();
 
     fn handle(&mut self, msg: StartRun, ctx: &mut Self::Context) {
-        let StartRun { run, sink } = msg;
+        let StartRun { run, sink, .. } = msg;
         let delay = self.step_delay;
         let run_id = run.run_id.clone();
         let slow = self.slow.applies_to(&run.user_id).then_some(self.slow.block);

@@ -37,7 +37,14 @@ pub struct RunRequest {
 pub struct StartRun {
     pub run: RunRequest,
     pub sink: Recipient<AgentEvent>,
+    /// Answered once every step sent before it is handled: a runtime's backpressure.
+    pub checkpoints: Recipient<Checkpoint>,
 }
+
+/// A no-op the registry answers in mailbox order (see [`StartRun::checkpoints`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Checkpoint;
 
 /// Stop a run. The registry has already ended it on the stream; the runtime only stops working.
 #[derive(Message)]

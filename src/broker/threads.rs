@@ -114,7 +114,8 @@ impl Conversation {
     /// Bytes of the conversation's JSON.
     #[cfg(test)]
     pub fn len_bytes(&self) -> usize {
-        self.messages.iter().map(|m| m.get().len()).sum::<usize>() + self.state.as_ref().map_or(0, |s| s.get().len())
+        self.messages.iter().map(|m| m.get().len()).sum::<usize>()
+            + self.state.as_ref().map_or(0, |s| s.get().len())
     }
 }
 
@@ -127,13 +128,16 @@ pub fn raw(value: &serde_json::Value) -> Box<RawValue> {
 mod tests {
     use super::*;
 
-    const LIMITS: ThreadLimits = ThreadLimits { messages_per_thread: 3, threads_per_user: 2, bytes_per_user: 10_000 };
+    const LIMITS: ThreadLimits =
+        ThreadLimits { messages_per_thread: 3, threads_per_user: 2, bytes_per_user: 10_000 };
 
     fn ids(conversation: &Conversation) -> Vec<String> {
         conversation
             .messages
             .iter()
-            .map(|m| serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["id"].as_str().unwrap().to_owned())
+            .map(|m| {
+                serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["id"].as_str().unwrap().to_owned()
+            })
             .collect()
     }
 

@@ -9,7 +9,7 @@ use actix::prelude::*;
 use log::{debug, info, warn};
 
 use super::{new_id, CancelRequest, ConnectionId, Registry, SubmitMessage};
-use crate::agent::{AgentEvent, RunRequest, StartRun, StopRun};
+use crate::agent::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
 use crate::broker::{BrokerError, Conversation, NewEvent, SeenMessage, Submitted};
 use crate::protocol::{
     user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame, UserMessage,
@@ -148,7 +148,10 @@ impl Registry {
             let why = "too many runs in progress for this user; wait for one to end or cancel one";
             Some((ErrorCode::RateLimited, why))
         } else if agent_busy {
-            Some((ErrorCode::AgentBusy, "the agent has as many runs in progress as it takes; try again shortly"))
+            Some((
+                ErrorCode::AgentBusy,
+                "the agent has as many runs in progress as it takes; try again shortly",
+            ))
         } else {
             None
         };
@@ -274,7 +277,11 @@ impl Registry {
         let run_id = request.run_id.clone();
         // The runtime's mailbox is bounded (`agent.max_queued_runs`): a runtime that is behind
         // ends the run at once instead of piling requests up.
-        let start = StartRun { run: request, sink: ctx.address().recipient() };
+        let start = StartRun {
+            run: request,
+            sink: ctx.address().recipient(),
+            checkpoints: ctx.address().recipient(),
+        };
         if agent.start.try_send(start).is_err() {
             warn!("run {run_id}: the agent runtime is behind (agent.max_queued_runs); run ended");
             self.metrics.fail("agent_unavailable");
@@ -341,6 +348,12 @@ impl Handler<AgentEvent> for Registry {
             NewEvent { kind: output.kind(), thread_id: &thread_id, run_id: Some(&run_id), payload: &payload },
         );
     }
+}
+
+impl Handler<Checkpoint> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, _: Checkpoint, _: &mut Self::Context) {}
 }
 
 impl Handler<CancelRequest> for Registry {

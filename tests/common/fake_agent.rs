@@ -33,7 +33,12 @@ pub enum Tail {
 
 /// An SSE body of these AG-UI events, one `data:` line each.
 pub fn sse(events: &[Value]) -> Reply {
-    Reply::Body { content_type: "text/event-stream", pieces: pieces(events), gap: Duration::ZERO, tail: Tail::End }
+    Reply::Body {
+        content_type: "text/event-stream",
+        pieces: pieces(events),
+        gap: Duration::ZERO,
+        tail: Tail::End,
+    }
 }
 
 pub fn pieces(events: &[Value]) -> Vec<String> {
@@ -160,31 +165,34 @@ async fn respond(reply: Reply, run_id: String, closed: mpsc::UnboundedSender<Str
         Reply::Body { content_type, pieces, gap, tail } => (content_type, pieces, gap, tail),
     };
     let guard = ClosedGuard { run_id, done: false, closed };
-    let body = futures_util::stream::unfold((pieces.into_iter(), guard, true), move |(mut pieces, mut guard, first)| {
-        let tail = tail.clone();
-        async move {
-            if !first && !gap.is_zero() {
-                tokio::time::sleep(gap).await;
+    let body = futures_util::stream::unfold(
+        (pieces.into_iter(), guard, true),
+        move |(mut pieces, mut guard, first)| {
+            let tail = tail.clone();
+            async move {
+                if !first && !gap.is_zero() {
+                    tokio::time::sleep(gap).await;
+                }
+                if let Some(piece) = pieces.next() {
+                    return Some((Ok::<_, actix_web::Error>(Bytes::from(piece)), (pieces, guard, false)));
+                }
+                let next = match tail {
+                    Tail::End => {
+                        guard.disarm();
+                        return None;
+                    }
+                    Tail::Hang => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        ": keep-alive\n\n".to_owned()
+                    }
+                    Tail::Repeat(every, piece) => {
+                        tokio::time::sleep(every).await;
+                        piece
+                    }
+                };
+                Some((Ok(Bytes::from(next)), (pieces, guard, false)))
             }
-            if let Some(piece) = pieces.next() {
-                return Some((Ok::<_, actix_web::Error>(Bytes::from(piece)), (pieces, guard, false)));
-            }
-            let next = match tail {
-                Tail::End => {
-                    guard.disarm();
-                    return None;
-                }
-                Tail::Hang => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    ": keep-alive\n\n".to_owned()
-                }
-                Tail::Repeat(every, piece) => {
-                    tokio::time::sleep(every).await;
-                    piece
-                }
-            };
-            Some((Ok(Bytes::from(next)), (pieces, guard, false)))
-        }
-    });
+        },
+    );
     HttpResponse::Ok().content_type(content_type).streaming(body)
 }

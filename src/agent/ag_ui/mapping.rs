@@ -84,7 +84,13 @@ fn required<'a>(event: &'a Map<String, Value>, kind: &str, name: &str) -> Result
 }
 
 impl Mapping {
-    pub fn new(agent: String, message_id: String, state: Value, max_text_bytes: usize, max_args_bytes: usize) -> Mapping {
+    pub fn new(
+        agent: String,
+        message_id: String,
+        state: Value,
+        max_text_bytes: usize,
+        max_args_bytes: usize,
+    ) -> Mapping {
         Mapping {
             agent,
             message_id,
@@ -115,7 +121,8 @@ impl Mapping {
                 return Err(Failure::protocol(format!("the first event is {kind}, not RUN_STARTED")));
             }
             self.run_started = true;
-            let started = AgentOutput::Started { agent: self.agent.clone(), message_id: self.message_id.clone() };
+            let started =
+                AgentOutput::Started { agent: self.agent.clone(), message_id: self.message_id.clone() };
             return Ok(Mapped::Events(vec![started]));
         }
         let one = |output| Ok(Mapped::Events(vec![output]));
@@ -177,10 +184,14 @@ impl Mapping {
             "TOOL_CALL_START" => {
                 let id = required(fields, kind, "toolCallId")?.to_owned();
                 let name = required(fields, kind, "toolCallName")?.to_owned();
-                let parent = field(fields, "parentMessageId").map(str::to_owned).unwrap_or_else(|| format!("{id}-message"));
+                let parent = field(fields, "parentMessageId")
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("{id}-message"));
                 let call = json!({"id": id, "type": "function", "function": {"name": name, "arguments": ""}});
                 let message = self.message(&parent, "assistant");
-                if let Value::Array(calls) = message.entry("toolCalls").or_insert_with(|| Value::Array(Vec::new())) {
+                if let Value::Array(calls) =
+                    message.entry("toolCalls").or_insert_with(|| Value::Array(Vec::new()))
+                {
                     calls.push(call);
                 }
                 self.tool_calls.insert(id, ToolCall { name, args: String::new(), ended: None });
@@ -204,7 +215,8 @@ impl Mapping {
                 let call = self.tool_call(kind, &id)?;
                 call.ended = Some(Instant::now());
                 let (tool, arguments) = (call.name.clone(), call.args.clone());
-                let args = serde_json::from_str(&arguments).unwrap_or_else(|_| Value::String(arguments.clone()));
+                let args =
+                    serde_json::from_str(&arguments).unwrap_or_else(|_| Value::String(arguments.clone()));
                 self.set_arguments(&id, arguments);
                 one(AgentOutput::ToolExecuting { tool_call_id: id, tool, args })
             }
@@ -216,11 +228,14 @@ impl Mapping {
                     None => return Err(Failure::protocol("TOOL_CALL_RESULT without `content`")),
                 };
                 let (tool, duration_ms) = match self.tool_calls.get(&id) {
-                    Some(call) => (call.name.clone(), call.ended.map_or(0, |e| e.elapsed().as_millis() as u64)),
+                    Some(call) => {
+                        (call.name.clone(), call.ended.map_or(0, |e| e.elapsed().as_millis() as u64))
+                    }
                     // A result for a call made in an earlier run (a client-side tool, say).
                     None => (String::new(), 0),
                 };
-                let message_id = field(fields, "messageId").map(str::to_owned).unwrap_or_else(|| format!("{id}-result"));
+                let message_id =
+                    field(fields, "messageId").map(str::to_owned).unwrap_or_else(|| format!("{id}-result"));
                 let message = self.message(&message_id, "tool");
                 message.insert("content".into(), Value::String(content.clone()));
                 message.insert("toolCallId".into(), Value::String(id.clone()));
@@ -353,13 +368,16 @@ mod tests {
     #[test]
     fn text_becomes_chunks_and_the_completed_response() {
         let mut m = started();
-        assert!(events(&mut m, json!({"type": "TEXT_MESSAGE_START", "messageId": "a", "role": "assistant"})).is_empty());
+        assert!(events(&mut m, json!({"type": "TEXT_MESSAGE_START", "messageId": "a", "role": "assistant"}))
+            .is_empty());
         let out = events(&mut m, json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "Hel"}));
         assert_eq!(out, vec![AgentOutput::MessageChunk { delta: "Hel".into() }]);
         events(&mut m, json!({"type": "TEXT_MESSAGE_CHUNK", "messageId": "a", "delta": "lo"}));
         assert!(events(&mut m, json!({"type": "TEXT_MESSAGE_END", "messageId": "a"})).is_empty());
         match m.map(json!({"type": "RUN_FINISHED"})).unwrap() {
-            Mapped::End(AgentOutput::Completed { status: RunStatus::Ok, content, .. }) => assert_eq!(content, "Hello"),
+            Mapped::End(AgentOutput::Completed { status: RunStatus::Ok, content, .. }) => {
+                assert_eq!(content, "Hello")
+            }
             other => panic!("{other:?}"),
         }
         let turn = m.turn();
@@ -373,14 +391,22 @@ mod tests {
         let mut m = started();
         let start = json!({"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "add", "parentMessageId": "a"});
         assert!(events(&mut m, start).is_empty());
-        assert!(events(&mut m, json!({"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": "{\"x\":"})).is_empty());
+        assert!(events(&mut m, json!({"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": "{\"x\":"}))
+            .is_empty());
         events(&mut m, json!({"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": "1}"}));
         let out = events(&mut m, json!({"type": "TOOL_CALL_END", "toolCallId": "c1"}));
         assert_eq!(
             out,
-            vec![AgentOutput::ToolExecuting { tool_call_id: "c1".into(), tool: "add".into(), args: json!({"x": 1}) }]
+            vec![AgentOutput::ToolExecuting {
+                tool_call_id: "c1".into(),
+                tool: "add".into(),
+                args: json!({"x": 1})
+            }]
         );
-        let out = events(&mut m, json!({"type": "TOOL_CALL_RESULT", "messageId": "t1", "toolCallId": "c1", "content": "2"}));
+        let out = events(
+            &mut m,
+            json!({"type": "TOOL_CALL_RESULT", "messageId": "t1", "toolCallId": "c1", "content": "2"}),
+        );
         match &out[..] {
             [AgentOutput::ToolCompleted { tool_call_id, tool, ok: true, result, .. }] => {
                 assert_eq!((tool_call_id.as_str(), tool.as_str(), result), ("c1", "add", &json!("2")));
@@ -388,7 +414,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let turn = m.turn();
-        let call = json!({"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"x\":1}"}});
+        let call =
+            json!({"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"x\":1}"}});
         assert_eq!(parsed(&turn, 0), json!({"id": "a", "role": "assistant", "toolCalls": [call]}));
         assert_eq!(parsed(&turn, 1), json!({"id": "t1", "role": "tool", "content": "2", "toolCallId": "c1"}));
     }
@@ -410,7 +437,9 @@ mod tests {
         let failure = m.map(json!({"type": "TOOL_CALL_END", "toolCallId": "nope"})).unwrap_err();
         assert_eq!(failure.code, AGENT_PROTOCOL);
         events(&mut m, json!({"type": "TOOL_CALL_START", "toolCallId": "c", "toolCallName": "t"}));
-        let failure = m.map(json!({"type": "TOOL_CALL_ARGS", "toolCallId": "c", "delta": "x".repeat(1001)})).unwrap_err();
+        let failure = m
+            .map(json!({"type": "TOOL_CALL_ARGS", "toolCallId": "c", "delta": "x".repeat(1001)}))
+            .unwrap_err();
         assert_eq!(failure.code, AGENT_PROTOCOL);
     }
 
@@ -418,7 +447,8 @@ mod tests {
     fn reasoning_is_thinking_and_run_error_is_agent_error() {
         let mut m = started();
         assert!(events(&mut m, json!({"type": "REASONING_START", "messageId": "r"})).is_empty());
-        let out = events(&mut m, json!({"type": "REASONING_MESSAGE_CONTENT", "messageId": "r", "delta": "hmm"}));
+        let out =
+            events(&mut m, json!({"type": "REASONING_MESSAGE_CONTENT", "messageId": "r", "delta": "hmm"}));
         assert_eq!(out, vec![AgentOutput::Thinking { text: "hmm".into() }]);
         let out = events(&mut m, json!({"type": "THINKING_TEXT_MESSAGE_CONTENT", "delta": "so"}));
         assert_eq!(out, vec![AgentOutput::Thinking { text: "so".into() }]);
@@ -442,7 +472,8 @@ mod tests {
             assert_eq!(events(&mut m, event.clone()), vec![AgentOutput::Passthrough { ag_ui: event }]);
         }
         events(&mut m, json!({"type": "STATE_SNAPSHOT", "snapshot": {"count": 1}}));
-        let delta = json!({"type": "STATE_DELTA", "delta": [{"op": "replace", "path": "/count", "value": 2}]});
+        let delta =
+            json!({"type": "STATE_DELTA", "delta": [{"op": "replace", "path": "/count", "value": 2}]});
         assert_eq!(events(&mut m, delta.clone()), vec![AgentOutput::Passthrough { ag_ui: delta }]);
         // A patch that does not apply is passed through and leaves the state alone.
         events(&mut m, json!({"type": "STATE_DELTA", "delta": [{"op": "remove", "path": "/missing"}]}));

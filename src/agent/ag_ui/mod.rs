@@ -3,8 +3,9 @@
 //! onto the user's stream (`mapping.rs`).
 //!
 //! Runs are tasks on this runtime's own arbiter, never on the registry's thread: a slow or dead
-//! agent delays its own runs only. Each step is sent to the registry and waited for, so an agent
-//! that streams faster than the registry publishes is read only as fast as it is published. The
+//! agent delays its own runs only. A run has a bounded number of steps sent to the registry and
+//! not yet handled ([`IN_FLIGHT`]), so an agent that streams faster than the registry publishes is read only as
+//! fast as it is published, without a round trip per event. The
 //! HTTP and SSE work is reqwest's (a pooled client with a connect timeout) and
 //! eventsource-stream's; this file adds the timeouts and limits of the failure table.
 
@@ -25,7 +26,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::{AgentEvent, RunRequest, StartRun, StopRun};
+use super::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::AgentOutput;
@@ -77,8 +78,10 @@ impl Upstream {
 pub fn header_map(headers: &std::collections::BTreeMap<String, String>) -> Result<HeaderMap, String> {
     let mut map = HeaderMap::new();
     for (name, value) in headers {
-        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a header name"))?;
-        let mut value = HeaderValue::from_str(value).map_err(|_| format!("the value of {name:?} is not a header value"))?;
+        let header =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a header name"))?;
+        let mut value = HeaderValue::from_str(value)
+            .map_err(|_| format!("the value of {name:?} is not a header value"))?;
         value.set_sensitive(true);
         map.insert(header, value);
     }
@@ -113,11 +116,21 @@ struct Identity<'a> {
 
 const EMPTY_STATE: &str = "{}";
 
+/// Steps of one run between checkpoints: a run has at most twice this many handed to the registry
+/// and not yet handled, enough to pipeline its events, few enough that a flooding agent waits
+/// for the registry instead of piling up.
+const IN_FLIGHT: usize = 64;
+
 impl Upstream {
     /// One run, start to end: its steps and then exactly one terminal event go to `sink`.
-    async fn run(self: Rc<Self>, run: RunRequest, sink: Recipient<AgentEvent>) {
+    async fn run(
+        self: Rc<Self>,
+        run: RunRequest,
+        sink: Recipient<AgentEvent>,
+        checkpoints: Recipient<Checkpoint>,
+    ) {
         let run_id = run.run_id.clone();
-        let (output, turn) = match self.stream(&run, &sink).await {
+        let (output, turn) = match self.stream(&run, &sink, &checkpoints).await {
             Ok((output, turn)) => (output, turn),
             Err(failure) => {
                 warn!("run {run_id}: agent_error {}: {}", failure.code, failure.message);
@@ -132,10 +145,12 @@ impl Upstream {
         &self,
         run: &RunRequest,
         sink: &Recipient<AgentEvent>,
+        checkpoints: &Recipient<Checkpoint>,
     ) -> Result<(AgentOutput, Option<crate::broker::Conversation>), Failure> {
         let sent = Instant::now();
         let deadline = sent + self.run_timeout;
-        let empty: Box<RawValue> = RawValue::from_string(EMPTY_STATE.to_owned()).unwrap_or_else(|_| RawValue::NULL.to_owned());
+        let empty: Box<RawValue> =
+            RawValue::from_string(EMPTY_STATE.to_owned()).unwrap_or_else(|_| RawValue::NULL.to_owned());
         let state = run.conversation.state.as_deref().unwrap_or(&empty);
         let input = RunAgentInput {
             thread_id: &run.thread_id,
@@ -163,7 +178,12 @@ impl Upstream {
             .send();
         let response = match self.within(deadline, request).await? {
             Ok(response) => response,
-            Err(e) => return Err(Failure::new(AGENT_UNAVAILABLE, format!("the agent could not be reached: {}", cause(&e)))),
+            Err(e) => {
+                return Err(Failure::new(
+                    AGENT_UNAVAILABLE,
+                    format!("the agent could not be reached: {}", cause(&e)),
+                ))
+            }
         };
         let status = response.status();
         if !status.is_success() {
@@ -203,6 +223,8 @@ impl Upstream {
             self.max_event_bytes,
         );
         let mut first = true;
+        let mut steps = 0usize;
+        let mut checkpoint = None;
         loop {
             let idle = Instant::now() + self.idle_timeout;
             let next = match actix_web::rt::time::timeout(until(idle.min(deadline)), events.next()).await {
@@ -210,14 +232,20 @@ impl Upstream {
                 Err(_) if Instant::now() >= deadline => return Err(self.overdue()),
                 Err(_) => {
                     let secs = self.idle_timeout.as_secs();
-                    return Err(Failure::new(AGENT_TIMEOUT, format!("no event from the agent for {secs} seconds")));
+                    return Err(Failure::new(
+                        AGENT_TIMEOUT,
+                        format!("no event from the agent for {secs} seconds"),
+                    ));
                 }
             };
             let event = match next {
                 Some(Ok(event)) => event,
                 Some(Err(e)) => return Err(body_failure(e, limit)),
                 None => {
-                    return Err(Failure::new(AGENT_PROTOCOL, "the agent's response ended without RUN_FINISHED or RUN_ERROR"))
+                    return Err(Failure::new(
+                        AGENT_PROTOCOL,
+                        "the agent's response ended without RUN_FINISHED or RUN_ERROR",
+                    ))
                 }
             };
             unread.set(0);
@@ -228,7 +256,10 @@ impl Upstream {
             if event.data.len() > limit {
                 return Err(Failure::new(
                     AGENT_PROTOCOL,
-                    format!("an event of {} bytes, over limits.max_message_bytes ({limit})", event.data.len()),
+                    format!(
+                        "an event of {} bytes, over limits.max_message_bytes ({limit})",
+                        event.data.len()
+                    ),
                 ));
             }
             if event.data.trim().is_empty() {
@@ -240,22 +271,35 @@ impl Upstream {
             match mapping.map(parsed)? {
                 Mapped::Events(outputs) => {
                     for output in outputs {
-                        // Waiting for the registry to take each step is the backpressure on
-                        // an agent that streams faster than its events are published.
-                        let step = AgentEvent { run_id: run.run_id.clone(), output, turn: None };
-                        if sink.send(step).await.is_err() {
-                            return Err(Failure::new(AGENT_PROTOCOL, "the registry is gone"));
+                        // `do_send`: into the registry's mailbox at once, in order.
+                        sink.do_send(AgentEvent { run_id: run.run_id.clone(), output, turn: None });
+                        steps += 1;
+                        if steps.is_multiple_of(IN_FLIGHT) {
+                            // The registry answers a checkpoint after every step sent before
+                            // it: waiting for the previous one bounds the steps not yet handled.
+                            let previous = checkpoint.replace(checkpoints.send(Checkpoint));
+                            if let Some(previous) = previous {
+                                if previous.await.is_err() {
+                                    return Err(Failure::new(AGENT_PROTOCOL, "the registry is gone"));
+                                }
+                            }
                         }
                     }
                 }
-                Mapped::End(output @ AgentOutput::Completed { .. }) => return Ok((output, Some(mapping.turn()))),
+                Mapped::End(output @ AgentOutput::Completed { .. }) => {
+                    return Ok((output, Some(mapping.turn())))
+                }
                 Mapped::End(output) => return Ok((output, None)),
             }
         }
     }
 
     /// Waits for `work` until the run's deadline or the idle timeout, whichever comes first.
-    async fn within<T>(&self, deadline: Instant, work: impl std::future::Future<Output = T>) -> Result<T, Failure> {
+    async fn within<T>(
+        &self,
+        deadline: Instant,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, Failure> {
         let idle = Instant::now() + self.idle_timeout;
         match actix_web::rt::time::timeout(until(idle.min(deadline)), work).await {
             Ok(done) => Ok(done),
@@ -346,10 +390,10 @@ impl Handler<StartRun> for AgUiAgent {
     type Result = ();
 
     fn handle(&mut self, msg: StartRun, ctx: &mut Self::Context) {
-        let StartRun { run, sink } = msg;
+        let StartRun { run, sink, checkpoints } = msg;
         let run_id = run.run_id.clone();
         debug!("run {run_id}: POST to the agent");
-        let work = Rc::clone(&self.upstream).run(run, sink);
+        let work = Rc::clone(&self.upstream).run(run, sink, checkpoints);
         let finished = run_id.clone();
         let handle = ctx.spawn(work.into_actor(self).map(move |_, agent, _| {
             agent.runs.remove(&finished);
