@@ -209,7 +209,7 @@ def agents_section():
         if os.path.exists(path):
             with open(path) as f:
                 opened.append(json.load(f))
-    w("## 5. AG-UI agents: upstream work never blocks the registry")
+    w("## 6. AG-UI agents: upstream work never blocks the registry")
     w("")
     w("`agent.kind = \"ag-ui\"` against `examples/bench_agent.rs`, which answers at once (a tool call")
     w("and three text chunks) unless the message says \"slow\", then holds the run open 10 s. 1,000")
@@ -245,7 +245,6 @@ def agents_section():
     return figures
 
 
-agents = agents_section()
 
 
 def memory_return():
@@ -275,6 +274,7 @@ def memory_return():
 
 
 returned = memory_return()
+agents = agents_section()
 
 
 def per_frame_us(medians, frames):
