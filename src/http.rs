@@ -46,6 +46,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/api/v1/users/{user_id}/connections", web::get().to(user_connections))
         .route("/api/v1/publish", web::post().to(publish))
+        .route("/ag-ui", web::post().to(crate::ag_ui_endpoint::run))
         .route("/dev/token", web::post().to(dev_token))
         .route("/client.json", web::get().to(client_info))
         .route("/", web::get().to(chat_page))
@@ -93,11 +94,11 @@ async fn dashboard_stats(state: web::Data<AppState>) -> HttpResponse {
         .json(state.env.metrics.dashboard_stats())
 }
 
-fn error_response(status: StatusCode, error: &str, message: &str) -> HttpResponse {
+pub(crate) fn error_response(status: StatusCode, error: &str, message: &str) -> HttpResponse {
     HttpResponse::build(status).json(HttpError { error, message })
 }
 
-fn bearer(req: &HttpRequest) -> Option<&str> {
+pub(crate) fn bearer(req: &HttpRequest) -> Option<&str> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
@@ -293,7 +294,7 @@ async fn user_connections(
 
 /// Reads a request body of at most `limit` bytes (`expected` is its declared length, to size the
 /// buffer once); `None` when it is larger.
-async fn read_body(
+pub(crate) async fn read_body(
     mut payload: web::Payload,
     limit: usize,
     expected: usize,

@@ -5,6 +5,7 @@
 //! exactly the same thing.
 
 mod admission;
+mod ag_ui_endpoint;
 mod agent;
 mod assets;
 pub mod auth;

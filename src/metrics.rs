@@ -31,6 +31,8 @@ pub struct Metrics {
     pub agent_run_duration_seconds: Histogram,
     /// From a run's request to the agent to its first event (`kind = "ag-ui"`).
     pub agent_first_event_seconds: Histogram,
+    /// `POST /ag-ui` requests by the status of their answer.
+    pub ag_ui_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -137,6 +139,11 @@ impl Metrics {
                     .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
                 )
                 .expect("valid"),
+            ),
+            ag_ui_requests: counter_vec(
+                "agentwire_ag_ui_requests_total",
+                "POST /ag-ui requests (runs for AG-UI clients), by the HTTP status of the answer",
+                &["status"],
             ),
             connections,
             registry,

@@ -191,7 +191,7 @@ impl Handler<StartRun> for DemoAgent {
                     code: "agent_failed".into(),
                     message: "the demo agent's tool failed".into(),
                 };
-                sink.do_send(AgentEvent { run_id, output, turn: None });
+                sink.do_send(AgentEvent { run_id, output, turn: None, ag_ui: Vec::new() });
                 return;
             };
             let mut tool_started = started;
@@ -200,7 +200,7 @@ impl Handler<StartRun> for DemoAgent {
                     actix_web::rt::time::sleep(delay).await;
                 }
                 stamp(&mut output, started, &mut tool_started);
-                sink.do_send(AgentEvent { run_id: run_id.clone(), output, turn: None });
+                sink.do_send(AgentEvent { run_id: run_id.clone(), output, turn: None, ag_ui: Vec::new() });
             }
         };
         let handle = ctx.spawn(work.into_actor(self).map(move |_, agent, _| {
@@ -255,6 +255,7 @@ mod tests {
             client_msg_id: None,
             content: "how are you".into(),
             conversation: Default::default(),
+            forward_ag_ui: false,
         };
         let outputs = plan(&run, "demo");
         assert!(matches!(outputs[0], AgentOutput::Started { .. }));

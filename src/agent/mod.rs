@@ -29,6 +29,9 @@ pub struct RunRequest {
     /// The thread's conversation, ending with this message, and its state; empty unless the
     /// runtime asked for it ([`AgentHandle::conversation`]).
     pub conversation: Conversation,
+    /// An AG-UI client follows the run (`POST /ag-ui`): the runtime hands over the original
+    /// AG-UI events with each step, so they pass through to that client unchanged.
+    pub forward_ag_ui: bool,
 }
 
 /// Start a run; the runtime reports each step to `sink`, ending with one terminal output.
@@ -62,6 +65,9 @@ pub struct AgentEvent {
     /// With a run's successful end: what the run adds to the thread's conversation (the agent's
     /// messages, the thread's new state), for the registry to keep in the broker.
     pub turn: Option<Conversation>,
+    /// With [`RunRequest::forward_ag_ui`]: the AG-UI events, as received, that this step stands
+    /// for (with those before it that mapped to nothing, such as `TEXT_MESSAGE_START`).
+    pub ag_ui: Vec<serde_json::Value>,
 }
 
 /// How the registry reaches the configured runtime.

@@ -81,6 +81,42 @@ pub struct CancelRequest {
     pub run_id: String,
 }
 
+// ----- AG-UI clients (`POST /ag-ui`) -> registry -----------------------------------------------
+
+/// One step of a run, for an AG-UI client that follows it: the stream event's output, and the
+/// agent's original AG-UI events when the agent speaks AG-UI (`ag_ui_endpoint/render.rs`).
+#[derive(Debug)]
+pub struct RunStep {
+    pub output: crate::protocol::AgentOutput,
+    pub ag_ui: Vec<serde_json::Value>,
+}
+
+/// Why a user message from an AG-UI client started no run.
+pub type HttpRunRefusal = (ErrorCode, String);
+
+/// `POST /ag-ui`: a user message on `thread_id` from an AG-UI client of `user_id`, echoed to the
+/// user's sessions like any other; its run's steps go to `steps` as well as onto the stream.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StartHttpRun {
+    pub user_id: String,
+    pub thread_id: String,
+    pub content: String,
+    /// The client's `runId`; a fresh one when `None`.
+    pub run_id: Option<String>,
+    pub steps: futures_channel::mpsc::Sender<RunStep>,
+    /// The run id once the run started, or why it did not.
+    pub answer: futures_channel::oneshot::Sender<Result<String, HttpRunRefusal>>,
+}
+
+/// Cancels `run_id` for an AG-UI client of `user_id` that went away (the request was aborted).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelRunOf {
+    pub user_id: String,
+    pub run_id: String,
+}
+
 /// Setup failed on the session's side (its setup deadline passed): move to `failed`.
 #[derive(Message)]
 #[rtype(result = "()")]

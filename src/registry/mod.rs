@@ -7,6 +7,7 @@
 //! here: every message names a connection id that may already be gone, and every "no" is an
 //! answer to the asking session, a metric and a log line, never a panic.
 
+mod ag_ui_clients;
 mod broker_calls;
 mod fanout;
 mod lifecycle;
@@ -121,6 +122,8 @@ pub struct Registry {
     /// Broker calls still to be answered, per user, in the order they were made.
     calls: HashMap<String, CallQueue>,
     runs: HashMap<String, Run>,
+    /// Runs an AG-UI client follows (`POST /ag-ui`): where their steps go besides the stream.
+    observers: HashMap<String, futures_channel::mpsc::Sender<RunStep>>,
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
     shutting_down: bool,
     trimmer: crate::memory::Trimmer,
@@ -197,6 +200,7 @@ impl Registry {
             local: HashMap::new(),
             calls: HashMap::new(),
             runs: HashMap::new(),
+            observers: HashMap::new(),
             shutting_down: false,
             trimmer: crate::memory::Trimmer::new(),
         }

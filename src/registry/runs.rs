@@ -8,13 +8,37 @@ use std::time::Instant;
 use actix::prelude::*;
 use log::{debug, info, warn};
 
-use super::{new_id, CancelRequest, ConnectionId, Registry, SubmitMessage};
+use serde_json::Value;
+
+use super::{new_id, CancelRequest, ConnectionId, HttpRunRefusal, Registry, RunStep, SubmitMessage};
 use crate::agent::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
 use crate::broker::{BrokerError, Conversation, NewEvent, SeenMessage, Submitted};
 use crate::protocol::{
     user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame, UserMessage,
 };
 use crate::ratelimit::Verdict;
+
+/// Who sent a user message, and so where its answers go.
+pub(super) enum Origin {
+    /// A WebSocket session: ack and error frames.
+    Session(ConnectionId),
+    /// An AG-UI client (`POST /ag-ui`): one answer, then the run's steps.
+    Http {
+        answer: futures_channel::oneshot::Sender<Result<String, HttpRunRefusal>>,
+        steps: futures_channel::mpsc::Sender<RunStep>,
+        /// The client's `runId`, when it chose one.
+        run_id: Option<String>,
+    },
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Session(id) => id.fmt(f),
+            Origin::Http { .. } => f.write_str("ag-ui client"),
+        }
+    }
+}
 
 /// A run that has started and not ended.
 pub(super) struct Run {
@@ -36,6 +60,17 @@ impl Registry {
     /// Ends a run with its terminal event: out of the run table and of its user's count, then
     /// onto the stream. Nothing of the run is published after this.
     pub(super) fn end_run(&mut self, ctx: &mut Context<Self>, run_id: &str, output: AgentOutput) {
+        self.end_run_with(ctx, run_id, output, Vec::new());
+    }
+
+    /// [`Registry::end_run`], with the agent's original AG-UI events for an AG-UI client.
+    fn end_run_with(
+        &mut self,
+        ctx: &mut Context<Self>,
+        run_id: &str,
+        output: AgentOutput,
+        ag_ui: Vec<Value>,
+    ) {
         let Some(run) = self.runs.remove(run_id) else { return };
         if let Some(user) = self.local.get_mut(&*run.user_id) {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
@@ -58,6 +93,7 @@ impl Registry {
                 payload: &payload,
             };
             self.publish_one(ctx, &run.user_id, event);
+            self.observe(run_id, started, Vec::new());
         }
         let payload = output.payload();
         let end = NewEvent {
@@ -67,6 +103,10 @@ impl Registry {
             payload: &payload,
         };
         self.publish_one(ctx, &run.user_id, end);
+        // The last step an AG-UI client gets; dropping its channel ends the client's response.
+        if let Some(mut steps) = self.observers.remove(run_id) {
+            let _ = steps.try_send(RunStep { output, ag_ui });
+        }
     }
 
     /// `agent.run_timeout_secs`: a run whose agent never ends it is ended here.
@@ -102,13 +142,13 @@ impl Handler<SubmitMessage> for Registry {
         // A repeated client_msg_id is acked again with the same ids and starts nothing, even
         // over the rate limit: it asks for nothing new.
         let Some(client_msg_id) = msg.message.client_msg_id.clone() else {
-            return self.submit(ctx, id, user_id, msg.message);
+            return self.submit(ctx, Origin::Session(id), user_id, msg.message);
         };
         let call = self.broker.seen(&user_id, &client_msg_id);
         self.when(ctx, &user_id.clone(), call, move |registry, answer, ctx| match answer {
             Ok(Some(seen)) => registry.ack_again(id, &client_msg_id, &seen),
-            Ok(None) => registry.submit(ctx, id, user_id, msg.message),
-            Err(e) => registry.message_not_stored(id, &e),
+            Ok(None) => registry.submit(ctx, Origin::Session(id), user_id, msg.message),
+            Err(e) => registry.message_not_stored(Origin::Session(id), &e),
         });
     }
 }
@@ -125,21 +165,42 @@ impl Registry {
         self.send_to(id, ack);
     }
 
-    fn message_not_stored(&mut self, id: ConnectionId, error: &BrokerError) {
-        warn!("{id}: user_message not stored: broker: {error}");
+    fn message_not_stored(&mut self, origin: Origin, error: &BrokerError) {
+        warn!("{origin}: user_message not stored: broker: {error}");
         self.metrics.fail("broker_error");
-        let message = "the message could not be stored; send it again";
-        self.send_to(id, ServerFrame::error(ErrorCode::Internal, message, Some("user_message")));
+        self.refuse(origin, ErrorCode::Internal, "the message could not be stored; send it again");
+    }
+
+    /// A user message that starts nothing: an error frame to a session, the answer to an AG-UI
+    /// client.
+    fn refuse(&mut self, origin: Origin, code: ErrorCode, message: &str) {
+        match origin {
+            Origin::Session(id) => self.send_to(id, ServerFrame::error(code, message, Some("user_message"))),
+            Origin::Http { answer, .. } => {
+                let _ = answer.send(Err((code, message.to_owned())));
+            }
+        }
     }
 
     /// Section 4: within the user's rate and runs cap, the message goes onto the stream (unless
     /// its `client_msg_id` got there first), is acked, and starts a run.
-    fn submit(&mut self, ctx: &mut Context<Self>, id: ConnectionId, user_id: String, message: UserMessage) {
+    pub(super) fn submit(
+        &mut self,
+        ctx: &mut Context<Self>,
+        origin: Origin,
+        user_id: String,
+        message: UserMessage,
+    ) {
         let max_runs = self.settings.max_runs_per_user;
         let starts_run = self.agent.is_some();
         // AGENTS.md: `agent.max_concurrent_runs` across all users, for agents upstream.
         let max_concurrent = self.agent.as_ref().and_then(|a| a.max_concurrent_runs);
         let agent_busy = max_concurrent.is_some_and(|max| self.runs.len() >= max);
+        let requested_run_id = match &origin {
+            Origin::Http { run_id, .. } => run_id.clone(),
+            Origin::Session(_) => None,
+        };
+        let run_id_taken = requested_run_id.as_ref().is_some_and(|r| self.runs.contains_key(r));
         let user = self.local_user(&user_id);
         // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
         let refusal = if user.limiter.check(Instant::now()) != Verdict::Allow {
@@ -147,6 +208,8 @@ impl Registry {
         } else if starts_run && user.runs_in_progress >= max_runs {
             let why = "too many runs in progress for this user; wait for one to end or cancel one";
             Some((ErrorCode::RateLimited, why))
+        } else if run_id_taken {
+            Some((ErrorCode::BadMessage, "a run with this runId is in progress"))
         } else if agent_busy {
             Some((
                 ErrorCode::AgentBusy,
@@ -156,18 +219,18 @@ impl Registry {
             None
         };
         if let Some((code, refusal)) = refusal {
-            debug!("{id}: user_message of user {user_id} refused: {refusal}");
+            debug!("{origin}: user_message of user {user_id} refused: {refusal}");
             if code == ErrorCode::AgentBusy {
                 self.metrics.agent_runs.with_label_values(&["refused", "agent_busy"]).inc();
             }
-            self.send_to(id, ServerFrame::error(code, refusal, Some("user_message")));
+            self.refuse(origin, code, refusal);
             return;
         }
         if starts_run {
             user.runs_in_progress += 1;
         }
         let message_id = new_id("m_");
-        let run_id = new_id("r_");
+        let run_id = requested_run_id.unwrap_or_else(|| new_id("r_"));
         let client_msg_id = message.client_msg_id.as_deref();
         let payload = user_message_payload(&message_id, &message.content, client_msg_id);
         let echo = NewEvent {
@@ -184,23 +247,37 @@ impl Registry {
                 Ok(Submitted::Seen(seen)) => {
                     registry.run_not_started(&user_id, starts_run);
                     let client_msg_id = message.client_msg_id.as_deref().unwrap_or_default();
-                    return registry.ack_again(id, client_msg_id, &seen);
+                    return match origin {
+                        Origin::Session(id) => registry.ack_again(id, client_msg_id, &seen),
+                        // AG-UI clients send no client_msg_id, so nothing of theirs is seen.
+                        http => registry.refuse(http, ErrorCode::BadMessage, "a repeated message"),
+                    };
                 }
                 Err(e) => {
                     registry.run_not_started(&user_id, starts_run);
-                    return registry.message_not_stored(id, &e);
+                    return registry.message_not_stored(origin, &e);
                 }
             };
             registry.metrics.events_published.inc();
             let seq = stored.seq;
             registry.deliver_events(&user_id, std::slice::from_ref(&stored), created);
-            let client_msg_id = message.client_msg_id.as_deref();
-            registry.send_to(
-                id,
-                ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq },
-            );
-            if starts_run {
-                registry.start_run(ctx, id, user_id, run_id, message_id, message);
+            match origin {
+                Origin::Session(id) => {
+                    let client_msg_id = message.client_msg_id.as_deref();
+                    let ack =
+                        ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq };
+                    registry.send_to(id, ack);
+                    if starts_run {
+                        registry.start_run(ctx, &id.to_string(), user_id, run_id, message_id, message, None);
+                    }
+                }
+                Origin::Http { answer, steps, .. } => {
+                    if starts_run {
+                        let started = run_id.clone();
+                        registry.start_run(ctx, "ag-ui", user_id, started, message_id, message, Some(steps));
+                    }
+                    let _ = answer.send(Ok(run_id));
+                }
             }
         });
     }
@@ -214,14 +291,16 @@ impl Registry {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_run(
         &mut self,
         ctx: &mut Context<Self>,
-        id: ConnectionId,
+        who: &str,
         user_id: String,
         run_id: String,
         message_id: String,
         message: UserMessage,
+        observer: Option<futures_channel::mpsc::Sender<RunStep>>,
     ) {
         let run = Run {
             user_id: Rc::from(user_id.as_str()),
@@ -232,7 +311,11 @@ impl Registry {
             announced: false,
         };
         self.runs.insert(run_id.clone(), run);
-        debug!("{id}: run {run_id} started for user {user_id}");
+        debug!("{who}: run {run_id} started for user {user_id}");
+        let forward_ag_ui = observer.is_some();
+        if let Some(observer) = observer {
+            self.observers.insert(run_id.clone(), observer);
+        }
         let Some(agent) = &self.agent else { return };
         let wants_conversation = agent.conversation;
         let turn = wants_conversation.then(|| Conversation::message(&message_id, "user", &message.content));
@@ -244,6 +327,7 @@ impl Registry {
             client_msg_id: message.client_msg_id,
             content: message.content,
             conversation: Conversation::default(),
+            forward_ag_ui,
         };
         let Some(turn) = turn else { return self.send_run(ctx, request) };
         // The thread's conversation, with this message added, goes with the run: AG-UI agents
@@ -298,7 +382,7 @@ impl Handler<AgentEvent> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: AgentEvent, ctx: &mut Self::Context) {
-        let AgentEvent { run_id, output, turn } = msg;
+        let AgentEvent { run_id, output, turn, ag_ui } = msg;
         let Some(run) = self.runs.get_mut(&run_id) else {
             // The run was cancelled (or never existed): nothing of it after its end.
             debug!("event of ended run {run_id} dropped");
@@ -316,7 +400,7 @@ impl Handler<AgentEvent> for Registry {
                     }
                 });
             }
-            return self.end_run(ctx, &run_id, output);
+            return self.end_run_with(ctx, &run_id, output, ag_ui);
         }
         match (&output, run.announced) {
             (AgentOutput::Started { .. }, true) => {
@@ -347,6 +431,7 @@ impl Handler<AgentEvent> for Registry {
             &user_id,
             NewEvent { kind: output.kind(), thread_id: &thread_id, run_id: Some(&run_id), payload: &payload },
         );
+        self.observe(&run_id, output, ag_ui);
     }
 }
 
@@ -362,21 +447,32 @@ impl Handler<CancelRequest> for Registry {
     fn handle(&mut self, msg: CancelRequest, ctx: &mut Self::Context) {
         let id = msg.id;
         let Some(user_id) = self.ready_user(id) else { return };
-        // Another user's run is indistinguishable from an unknown one.
-        let Some(run) = self.runs.get_mut(&msg.run_id).filter(|run| *run.user_id == *user_id) else {
+        if self.cancel_run(ctx, &user_id, &msg.run_id) {
+            info!("{id}: run {} cancelled", msg.run_id);
+        } else {
+            // Another user's run is indistinguishable from an unknown one.
             let message = format!("no running run {} of yours", msg.run_id);
             self.send_to(id, ServerFrame::error(ErrorCode::NotFound, &message, Some("cancel_run")));
-            return;
+        }
+    }
+}
+
+impl Registry {
+    /// Ends the user's run `run_id` as cancelled and stops its agent; `false` when the user has
+    /// no such run in progress.
+    pub(super) fn cancel_run(&mut self, ctx: &mut Context<Self>, user_id: &str, run_id: &str) -> bool {
+        let Some(run) = self.runs.get_mut(run_id).filter(|run| *run.user_id == *user_id) else {
+            return false;
         };
-        info!("{id}: run {} cancelled", msg.run_id);
         if let Some(agent) = &self.agent {
-            agent.stop.do_send(StopRun { run_id: msg.run_id.clone() });
+            agent.stop.do_send(StopRun { run_id: run_id.to_owned() });
         }
         let output = AgentOutput::Completed {
             status: RunStatus::Cancelled,
             content: std::mem::take(&mut run.response),
             duration_ms: run.started.elapsed().as_millis() as u64,
         };
-        self.end_run(ctx, &msg.run_id, output);
+        self.end_run(ctx, run_id, output);
+        true
     }
 }

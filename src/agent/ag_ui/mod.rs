@@ -130,14 +130,18 @@ impl Upstream {
         checkpoints: Recipient<Checkpoint>,
     ) {
         let run_id = run.run_id.clone();
-        let (output, turn) = match self.stream(&run, &sink, &checkpoints).await {
+        // The agent's events not yet handed over with a step go with the run's end. After a
+        // failure they are dropped (one of them may be what failed): the client gets RUN_ERROR.
+        let mut unsent = Vec::new();
+        let (output, turn) = match self.stream(&run, &sink, &checkpoints, &mut unsent).await {
             Ok((output, turn)) => (output, turn),
             Err(failure) => {
                 warn!("run {run_id}: agent_error {}: {}", failure.code, failure.message);
+                unsent.clear();
                 (AgentOutput::Error { code: failure.code.into(), message: failure.message }, None)
             }
         };
-        sink.do_send(AgentEvent { run_id, output, turn });
+        sink.do_send(AgentEvent { run_id, output, turn, ag_ui: unsent });
     }
 
     /// Sends the request and maps the events until the run's end; the end itself is returned.
@@ -146,6 +150,7 @@ impl Upstream {
         run: &RunRequest,
         sink: &Recipient<AgentEvent>,
         checkpoints: &Recipient<Checkpoint>,
+        unsent: &mut Vec<Value>,
     ) -> Result<(AgentOutput, Option<crate::broker::Conversation>), Failure> {
         let sent = Instant::now();
         let deadline = sent + self.run_timeout;
@@ -268,11 +273,15 @@ impl Upstream {
             }
             let parsed: Value = serde_json::from_str(&event.data)
                 .map_err(|e| Failure::new(AGENT_PROTOCOL, format!("an event that is not JSON: {e}")))?;
+            if run.forward_ag_ui {
+                unsent.push(parsed.clone());
+            }
             match mapping.map(parsed)? {
                 Mapped::Events(outputs) => {
                     for output in outputs {
                         // `do_send`: into the registry's mailbox at once, in order.
-                        sink.do_send(AgentEvent { run_id: run.run_id.clone(), output, turn: None });
+                        let ag_ui = std::mem::take(unsent);
+                        sink.do_send(AgentEvent { run_id: run.run_id.clone(), output, turn: None, ag_ui });
                         steps += 1;
                         if steps.is_multiple_of(IN_FLIGHT) {
                             // The registry answers a checkpoint after every step sent before

@@ -1,0 +1,169 @@
+//! `POST /ag-ui`: agentwire as an AG-UI server (AGENTS.md, last section; docs/ag-ui.md). An AG-UI
+//! client (`@ag-ui/client`'s `HttpAgent`, CopilotKit) posts a `RunAgentInput` with the user's
+//! JWT; the last user message goes onto the user's stream like a WebSocket `user_message` (every
+//! tab sees it and its run), and the response is that run as AG-UI Server-Sent Events.
+//!
+//! The request holds no registry state of its own: it follows the run through a bounded channel
+//! the registry feeds (`registry/ag_ui_clients.rs`). A client that goes away mid-run cancels it.
+
+pub mod input;
+pub mod render;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use log::{debug, info};
+use serde::Serialize;
+
+use crate::config::AgentKind;
+use crate::http::{bearer, error_response, read_body, AppState, REGISTRY_WAIT};
+use crate::protocol::ErrorCode;
+use crate::registry::{CancelRunOf, Registry, RunStep, StartHttpRun};
+use render::Renderer;
+
+/// Steps a following client may be behind by before it stops following (see `observe`).
+const STEPS_BUFFERED: usize = 256;
+
+/// A 400's body: `{"error":"bad_request","field":"threadId","message":"..."}`.
+#[derive(Serialize)]
+struct FieldErrorBody<'a> {
+    error: &'static str,
+    field: &'a str,
+    message: &'a str,
+}
+
+fn bad_field(field: &str, message: &str) -> HttpResponse {
+    HttpResponse::BadRequest().json(FieldErrorBody { error: "bad_request", field, message })
+}
+
+/// Counts the request by its answer's status, and gives the answer back.
+fn counted(state: &AppState, response: HttpResponse) -> HttpResponse {
+    state.env.metrics.ag_ui_requests.with_label_values(&[response.status().as_str()]).inc();
+    response
+}
+
+pub async fn run(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> actix_web::Result<HttpResponse> {
+    Ok(match answer(req, payload, &state).await? {
+        Ok(response) => counted(&state, response),
+        Err(response) => counted(&state, response),
+    })
+}
+
+async fn answer(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> actix_web::Result<Result<HttpResponse, HttpResponse>> {
+    let env = &state.env;
+    let Some(token) = bearer(&req) else {
+        let message = "a user token is required: Authorization: Bearer <JWT>";
+        return Ok(Err(error_response(StatusCode::UNAUTHORIZED, "invalid_token", message)));
+    };
+    let identity = match env.verifier.verify(token) {
+        Ok(identity) => identity,
+        Err(failure) => {
+            env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
+            let message = format!("the token was refused: {}", failure.reason());
+            return Ok(Err(error_response(StatusCode::UNAUTHORIZED, "invalid_token", &message)));
+        }
+    };
+    if state.config.agent.kind == AgentKind::None {
+        let message = "agent.kind = \"none\": this server starts no runs";
+        return Ok(Err(error_response(StatusCode::NOT_FOUND, "not_found", message)));
+    }
+    let limit = state.config.api.max_body_bytes;
+    let Some(body) = read_body(payload, limit, limit).await? else {
+        return Ok(Err(bad_field("body", &format!("larger than api.max_body_bytes ({limit} bytes)"))));
+    };
+    let input: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(input) => input,
+        Err(e) => return Ok(Err(bad_field("body", &format!("not JSON: {e}")))),
+    };
+    let run = match input::parse(&input, state.config.limits.max_content_chars) {
+        Ok(run) => run,
+        Err(wrong) => return Ok(Err(bad_field(&wrong.field, &wrong.message))),
+    };
+
+    let (steps, followed) = futures_channel::mpsc::channel(STEPS_BUFFERED);
+    let (answer, answered) = futures_channel::oneshot::channel();
+    let user_id = identity.user_id.clone();
+    env.registry.do_send(StartHttpRun {
+        user_id: user_id.clone(),
+        thread_id: run.thread_id.clone(),
+        content: run.content,
+        run_id: run.run_id,
+        steps,
+        answer,
+    });
+    let run_id = match actix_web::rt::time::timeout(REGISTRY_WAIT, answered).await {
+        Ok(Ok(Ok(run_id))) => run_id,
+        Ok(Ok(Err((code, message)))) => return Ok(Err(refused(code, &message))),
+        _ => {
+            let message = "the registry does not answer";
+            return Ok(Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message)));
+        }
+    };
+    info!("ag-ui client of user {user_id}: run {run_id} started on thread {}", run.thread_id);
+    let guard = Following { registry: env.registry.clone(), user_id, run_id: run_id.clone(), ended: false };
+    let renderer = Renderer::new(run.thread_id, run_id);
+    let body = futures_util::stream::unfold(
+        (followed, renderer, guard),
+        |(mut followed, mut renderer, mut guard)| async move {
+            let Some(step): Option<RunStep> = followed.next().await else {
+                // The registry let go of the run (it ended, or this client fell behind): nothing to
+                // cancel from here.
+                guard.release();
+                return None;
+            };
+            let events = renderer.render(step);
+            guard.ended |= renderer.ended();
+            Some((Ok::<_, actix_web::Error>(Bytes::from(events)), (followed, renderer, guard)))
+        },
+    );
+    Ok(Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("cache-control", "no-cache"))
+        .streaming(body)))
+}
+
+/// What a refused message becomes over HTTP.
+fn refused(code: ErrorCode, message: &str) -> HttpResponse {
+    let (status, error) = match code {
+        ErrorCode::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        ErrorCode::AgentBusy => (StatusCode::TOO_MANY_REQUESTS, "agent_busy"),
+        ErrorCode::BadMessage => return bad_field("runId", message),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "internal"),
+    };
+    error_response(status, error, message)
+}
+
+/// Held by the response body: dropped before the run's end (the client aborted or went away),
+/// it cancels the run, so nothing is left behind.
+struct Following {
+    registry: actix::Addr<Registry>,
+    user_id: String,
+    run_id: String,
+    ended: bool,
+}
+
+impl Following {
+    /// The run is over for this client: nothing to cancel when the body goes.
+    fn release(&mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        if !self.ended {
+            debug!("run {}: its AG-UI client went away before the end", self.run_id);
+            let (user_id, run_id) = (std::mem::take(&mut self.user_id), std::mem::take(&mut self.run_id));
+            self.registry.do_send(CancelRunOf { user_id, run_id });
+        }
+    }
+}

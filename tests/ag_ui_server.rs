@@ -1,0 +1,250 @@
+//! `POST /ag-ui` (AGENTS.md, last section): agentwire as an AG-UI server. The AG-UI project's own
+//! TypeScript client (`@ag-ui/client`, run by Node; `.ci/test` installs it) holds a conversation
+//! and aborts a run while a WebSocket tab of the same user watches; the pass-through of an AG-UI
+//! agent's own events; bad input; limits.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentwire::config::AgentKind;
+use common::fake_agent::{sse, FakeAgent};
+use common::*;
+use serde_json::{json, Value};
+
+/// Runs `tests/ag-ui-client/client.mjs` and returns what it printed.
+async fn node_client(mode: &str, server: &TestServer, token: &str, thread: &str) -> Value {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ag-ui-client");
+    assert!(
+        dir.join("node_modules/@ag-ui/client").exists(),
+        "@ag-ui/client is not installed: run .ci/test (it runs npm ci in tests/ag-ui-client)"
+    );
+    let run = tokio::process::Command::new("node")
+        .arg(dir.join("client.mjs"))
+        .args([mode, &server.http("/ag-ui"), token, thread])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the AG-UI client finished in time")
+        .expect("node runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the AG-UI client failed ({}):\n{stderr}", output.status);
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("client output: {e}\n{stderr}"))
+}
+
+fn types(events: &Value) -> Vec<&str> {
+    events.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
+#[actix_web::test]
+async fn http_agent_holds_a_conversation_in_sync_with_a_websocket_tab() {
+    let server = TestServer::with(|c| c.agent.step_delay_ms = 10);
+    let mut tab = server.ready_client("alice").await;
+    let token = server.token("alice");
+    let client = node_client("conversation", &server, &token, "ag-thread");
+
+    // The tab sees both messages and both runs while the AG-UI client reads them.
+    let watch = async {
+        let first = tab.recv_where(|f| f["type"] == "user_message").await;
+        let first_end = tab.recv_where(|f| f["run_id"] == "run-one" && is_terminal(f)).await;
+        let second = tab.recv_where(|f| f["type"] == "user_message").await;
+        let second_end = tab.recv_where(|f| is_terminal(f) && f["run_id"] != "run-one").await;
+        (first, first_end, second, second_end)
+    };
+    let (output, (first, first_end, second, second_end)) = tokio::join!(client, watch);
+
+    assert_eq!(
+        (first["thread_id"].as_str(), first["payload"]["content"].as_str()),
+        (Some("ag-thread"), Some("what is 12 * (3 + 4)?"))
+    );
+    assert_eq!(second["payload"]["content"], "and how many words is this?");
+    assert_eq!(first_end["type"], "agent_completed");
+    assert_eq!(second_end["type"], "agent_completed");
+    assert!(second_end["seq"].as_u64() > first_end["seq"].as_u64());
+
+    let runs = output["runs"].as_array().unwrap();
+    let first_types = types(&runs[0]["events"]);
+    assert_eq!(first_types.first(), Some(&"RUN_STARTED"));
+    assert_eq!(first_types.last(), Some(&"RUN_FINISHED"));
+    assert_eq!(runs[0]["events"][0]["runId"], "run-one");
+    for kind in
+        ["TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "TOOL_CALL_RESULT", "TEXT_MESSAGE_CONTENT"]
+    {
+        assert!(first_types.contains(&kind), "{kind} missing: {first_types:?}");
+    }
+    // The client's own view of the thread: the calculator call, its result, the answer the tab
+    // saw, then the second turn.
+    let messages = output["messages"].as_array().unwrap();
+    let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles[..4], ["user", "assistant", "tool", "assistant"], "{messages:?}");
+    assert_eq!(messages[1]["toolCalls"][0]["function"]["name"], "calculator");
+    assert_eq!(messages[2]["content"], r#"{"value":"84"}"#);
+    assert_eq!(messages[3]["content"], first_end["payload"]["response"]["content"]);
+    assert_eq!(roles[4], "user");
+    assert_eq!(messages.last().unwrap()["content"], second_end["payload"]["response"]["content"]);
+    assert_eq!(server.metric("agentwire_ag_ui_requests_total{status=\"200\"}"), 2.0);
+}
+
+#[actix_web::test]
+async fn aborting_the_request_cancels_the_run_for_every_tab() {
+    let server = TestServer::with(|c| c.agent.step_delay_ms = 150);
+    let mut tab = server.ready_client("bob").await;
+    let output = node_client("cancel", &server, &server.token("bob"), "t").await;
+    let seen: Vec<&str> = output["events"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(seen.first(), Some(&"RUN_STARTED"));
+    assert!(seen.contains(&"TOOL_CALL_START"), "{seen:?}");
+    let end = tab.recv_where(|f| f["run_id"] == "run-aborted" && is_terminal(f)).await;
+    assert_eq!(end["type"], "agent_completed");
+    assert_eq!(end["payload"]["status"], "cancelled");
+    server
+        .eventually("the run gone", |s| {
+            s.metric("agentwire_agent_runs_total{code=\"\",outcome=\"cancelled\"}") == 1.0
+        })
+        .await;
+    // Nothing is left behind: the user can run again at once, and nothing more of the aborted
+    // run reaches the tab.
+    let ack = tab.say("t", "again", None).await;
+    let events = tab.events_until_run_ends(ack["run_id"].as_str().unwrap()).await;
+    assert!(events.iter().all(|e| e["run_id"] != "run-aborted" || e["seq"].as_u64() <= end["seq"].as_u64()));
+}
+
+/// POSTs a body to `/ag-ui` and reads the whole answer: status and body text.
+async fn post_ag_ui(server: &TestServer, bearer: Option<&str>, body: String) -> (u16, String) {
+    let client = awc::Client::builder().timeout(WAIT).finish();
+    let mut request = client.post(server.http("/ag-ui")).insert_header(("content-type", "application/json"));
+    if let Some(bearer) = bearer {
+        request = request.bearer_auth(bearer);
+    }
+    let mut response = request.send_body(body).await.expect("HTTP answer");
+    let body = response.body().limit(16 << 20).await.expect("body");
+    (response.status().as_u16(), String::from_utf8_lossy(&body).into_owned())
+}
+
+fn sse_events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|block| block.strip_prefix("data: "))
+        .map(|data| serde_json::from_str(data).expect("each event is JSON"))
+        .collect()
+}
+
+fn input(thread: &str, content: &str) -> String {
+    json!({"threadId": thread, "runId": null, "messages": [{"id": "u1", "role": "user", "content": content}],
+        "state": {}, "tools": [], "context": [], "forwardedProps": {}})
+    .to_string()
+}
+
+#[actix_web::test]
+async fn an_ag_ui_agents_own_events_pass_through() {
+    let agent = FakeAgent::start(|input| {
+        let ids = json!({"threadId": input["threadId"], "runId": input["runId"]});
+        let with = |kind: &str| {
+            let mut event = ids.clone();
+            event["type"] = json!(kind);
+            event
+        };
+        sse(&[
+            with("RUN_STARTED"),
+            json!({"type": "STEP_STARTED", "stepName": "answer"}),
+            json!({"type": "TEXT_MESSAGE_START", "messageId": "agent-msg-1", "role": "assistant"}),
+            json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "agent-msg-1", "delta": "Hello"}),
+            json!({"type": "TEXT_MESSAGE_END", "messageId": "agent-msg-1"}),
+            json!({"type": "STEP_FINISHED", "stepName": "answer"}),
+            with("RUN_FINISHED"),
+        ])
+    });
+    let url = agent.url.clone();
+    let server = TestServer::with(move |c| {
+        c.agent.kind = AgentKind::AgUi;
+        c.agent.url = url;
+    });
+    let mut tab = server.ready_client("carol").await;
+    let (status, body) = post_ag_ui(&server, Some(&server.token("carol")), input("t", "hi")).await;
+    assert_eq!(status, 200, "{body}");
+    let events = sse_events(&body);
+    let sent = agent.requests();
+    let run_id = sent[0]["runId"].as_str().unwrap();
+    let expected = [
+        json!({"type": "RUN_STARTED", "threadId": "t", "runId": run_id}),
+        json!({"type": "STEP_STARTED", "stepName": "answer"}),
+        json!({"type": "TEXT_MESSAGE_START", "messageId": "agent-msg-1", "role": "assistant"}),
+        json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "agent-msg-1", "delta": "Hello"}),
+        json!({"type": "TEXT_MESSAGE_END", "messageId": "agent-msg-1"}),
+        json!({"type": "STEP_FINISHED", "stepName": "answer"}),
+        json!({"type": "RUN_FINISHED", "threadId": "t", "runId": run_id}),
+    ];
+    assert_eq!(events, expected);
+    // The tab saw the same run, mapped: the pass-through steps, the chunk, the end.
+    let kinds: Vec<String> = tab
+        .events_until_run_ends(run_id)
+        .await
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "user_message",
+            "agent_started",
+            "agent_event",
+            "agent_message_chunk",
+            "agent_event",
+            "agent_completed"
+        ]
+    );
+}
+
+#[actix_web::test]
+async fn bad_input_is_refused_naming_the_field() {
+    let server = TestServer::with(|c| c.api.max_body_bytes = 4096);
+    let token = server.token("dave");
+    let refused = |(status, body): (u16, String)| (status, serde_json::from_str::<Value>(&body).unwrap());
+
+    let (status, body) = refused(post_ag_ui(&server, None, input("t", "hi")).await);
+    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_token")));
+    let (status, _) = refused(post_ag_ui(&server, Some("not-a-jwt"), input("t", "hi")).await);
+    assert_eq!(status, 401);
+
+    for (body, field) in [
+        ("{not json".to_owned(), "body"),
+        (json!({"messages": [{"id": "1", "role": "user", "content": "x"}]}).to_string(), "threadId"),
+        (
+            json!({"threadId": "t", "messages": [{"id": "1", "role": "assistant", "content": "x"}]})
+                .to_string(),
+            "messages",
+        ),
+        (json!({"threadId": "t", "messages": []}).to_string(), "messages"),
+        (input("t", &"x".repeat(5000)), "body"),
+    ] {
+        let (status, answer) = refused(post_ag_ui(&server, Some(&token), body).await);
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["field"], field, "{answer}");
+        assert_eq!(answer["error"], "bad_request");
+    }
+    assert_eq!(server.metric("agentwire_ag_ui_requests_total{status=\"400\"}"), 5.0);
+}
+
+#[actix_web::test]
+async fn the_users_limits_apply() {
+    let server = TestServer::with(|c| {
+        c.agent.step_delay_ms = 300;
+        c.agent.max_runs_per_user = 1;
+    });
+    let token = server.token("erin");
+    let mut tab = server.ready_client("erin").await;
+    // The first run holds the user's one run slot while its response streams.
+    let client = awc::Client::builder().timeout(WAIT).finish();
+    let streaming = client
+        .post(server.http("/ag-ui"))
+        .bearer_auth(&token)
+        .send_body(input("t", "first"))
+        .await
+        .expect("HTTP answer");
+    assert_eq!(streaming.status().as_u16(), 200);
+    tab.recv_where(|f| f["type"] == "agent_started").await;
+    let (status, body) = post_ag_ui(&server, Some(&token), input("t", "second")).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"], "rate_limited");
+    drop(streaming);
+}
