@@ -203,12 +203,7 @@ def agents_section():
     unloaded, loaded = reports("agents-unloaded"), reports("agents-loaded")
     if not unloaded or not loaded:
         return {}
-    opened = []
-    for rep in range(1, reps + 1):
-        path = os.path.join(out_dir, f"agents-open.{rep}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                opened.append(json.load(f))
+    opened = reports("agents-open")
     w("## 6. AG-UI agents: upstream work never blocks the registry")
     w("")
     w("`agent.kind = \"ag-ui\"` against `examples/bench_agent.rs`, which answers at once (a tool call")
