@@ -24,6 +24,7 @@ pub struct Config {
     pub history: HistoryConfig,
     pub agent: AgentConfig,
     pub api: ApiConfig,
+    pub broker: BrokerConfig,
     pub faults: FaultsConfig,
 }
 
@@ -305,6 +306,50 @@ impl std::fmt::Debug for ApiConfig {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerKind {
+    /// Users' streams in this process's memory: one process (`broker/memory.rs`).
+    Memory,
+    /// Users' streams in Redis, shared by every process on it (`broker/redis/`, SCALE-OUT.md).
+    Redis,
+}
+
+/// `[broker]`: where users' streams live.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub kind: BrokerKind,
+    /// `redis://host:port` (`rediss://` and a password in the URL work too). Never logged whole.
+    pub url: String,
+    /// Every key and channel starts with it: several deployments on one Redis.
+    pub prefix: String,
+    /// This process's name in logs and the connections API; empty is hostname-pid.
+    pub node_id: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            kind: BrokerKind::Memory,
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "agentwire".into(),
+            node_id: String::new(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// `node_id`, or hostname-pid.
+    pub fn node_name(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultsConfig {
@@ -506,6 +551,18 @@ impl Config {
             ));
         }
         self.check_relations()?;
+        let b = &self.broker;
+        if b.kind == BrokerKind::Redis {
+            if !(b.url.starts_with("redis://") || b.url.starts_with("rediss://")) {
+                return Err(error("broker.url", "must be a redis:// or rediss:// URL"));
+            }
+            if b.prefix.is_empty() || b.prefix.contains(['{', '}', ' ', ':']) {
+                return Err(error(
+                    "broker.prefix",
+                    "must be a non-empty name without braces, colons or spaces",
+                ));
+            }
+        }
         if let Err(why) = crate::agent::ag_ui::header_map(&g.headers) {
             return Err(error("agent.headers", why));
         }

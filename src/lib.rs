@@ -147,6 +147,16 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         );
     }
 
+    if config.broker.kind == config::BrokerKind::Redis {
+        // SCALE-OUT.md: a node that cannot reach its Redis does not start.
+        broker::redis::check(&config.broker.url).map_err(StartError::Config)?;
+        info!(
+            "broker: Redis at {} (prefix {:?}), node {}",
+            broker::redis::redacted(&config.broker.url),
+            config.broker.prefix,
+            config.broker.node_name()
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let agent = agent::start_runtime(&config, &metrics);
     let registry = Registry::new(RegistrySettings::from_config(&config), Arc::clone(&metrics), agent).start();

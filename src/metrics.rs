@@ -33,6 +33,10 @@ pub struct Metrics {
     pub agent_first_event_seconds: Histogram,
     /// `POST /ag-ui` requests by the status of their answer.
     pub ag_ui_requests: IntCounterVec,
+    /// A shared broker: event batches heard from it, its reconnects, gaps filled from streams.
+    pub remote_batches: IntCounter,
+    pub broker_reconnects: IntCounter,
+    pub gap_fills: IntCounter,
 }
 
 impl Metrics {
@@ -144,6 +148,18 @@ impl Metrics {
                 "agentwire_ag_ui_requests_total",
                 "POST /ag-ui requests (runs for AG-UI clients), by the HTTP status of the answer",
                 &["status"],
+            ),
+            remote_batches: counter(
+                "agentwire_broker_remote_batches_total",
+                "Event batches heard from the shared broker (broker.kind = \"redis\")",
+            ),
+            broker_reconnects: counter(
+                "agentwire_broker_reconnects_total",
+                "Times the shared broker's subscriptions came back after a lost connection",
+            ),
+            gap_fills: counter(
+                "agentwire_broker_gap_fills_total",
+                "Missed events read back from a user's stream",
             ),
             connections,
             registry,

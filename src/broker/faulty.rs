@@ -58,6 +58,10 @@ impl Broker for Faulty {
         self.wrap(user, |b| b.attach(user, resume))
     }
 
+    fn range(&mut self, user: &str, from_seq: u64) -> Call<Vec<super::Stored>> {
+        self.wrap(user, |b| b.range(user, from_seq))
+    }
+
     fn admit(&mut self, user: &str, connection: ConnectionId, cap: usize) -> Call<bool> {
         self.wrap(user, |b| b.admit(user, connection, cap))
     }
@@ -72,6 +76,10 @@ impl Broker for Faulty {
 
     fn interest(&mut self, user: &str, present: bool) {
         self.inner.interest(user, present);
+    }
+
+    fn remote_events(&mut self) -> Option<futures_channel::mpsc::UnboundedReceiver<super::RemoteBatch>> {
+        self.inner.remote_events()
     }
 
     fn upkeep(&mut self) -> bool {

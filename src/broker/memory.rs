@@ -96,6 +96,11 @@ impl Broker for MemoryBroker {
         })
     }
 
+    fn range(&mut self, user: &str, from_seq: u64) -> Call<Vec<Stored>> {
+        let kept = self.users.get(user).map(|u| u.stream.from(from_seq)).unwrap_or_default();
+        ready(kept.into_iter().map(|(seq, frame)| Stored { seq, frame }).collect())
+    }
+
     fn admit(&mut self, user: &str, connection: ConnectionId, cap: usize) -> Call<bool> {
         let user = self.users.entry(user);
         if user.sessions.len() >= cap {

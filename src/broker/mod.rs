@@ -16,6 +16,7 @@
 
 pub mod faulty;
 pub mod memory;
+pub mod redis;
 pub mod stream;
 pub mod threads;
 pub mod users;
@@ -88,6 +89,16 @@ pub enum Submitted {
     Seen(SeenMessage),
 }
 
+/// What a broker shared by several processes hears from the others, for the registry.
+#[derive(Debug)]
+pub enum RemoteBatch {
+    /// Events appended to `user`'s stream (by any node, this one included), in seq order.
+    Events { user: String, epoch: String, events: Vec<Stored> },
+    /// The broker lost its subscriptions for a while and has them back: every user here may
+    /// have missed events, to be filled from the streams.
+    Reconnected,
+}
+
 /// The user stream store. Calls take effect in the order they are made.
 pub trait Broker {
     /// Appends events to the user's stream (making it if needed): seqs assigned, history kept
@@ -111,6 +122,9 @@ pub trait Broker {
     /// The stream's epoch and last seq, and the replay after `resume` with its verdict.
     fn attach(&mut self, user: &str, resume: Option<&ResumeRequest>) -> Call<Attached>;
 
+    /// The kept events of the user's stream from `from_seq` on: what fills a gap.
+    fn range(&mut self, user: &str, from_seq: u64) -> Call<Vec<Stored>>;
+
     /// Counts a session against the user's cap; `false` (and nothing counted) when the user
     /// already has `cap`.
     fn admit(&mut self, user: &str, connection: ConnectionId, cap: usize) -> Call<bool>;
@@ -128,6 +142,12 @@ pub trait Broker {
     /// state when it has one) and answers the conversation afterwards: what an AG-UI agent is
     /// sent (`threads.rs`).
     fn converse(&mut self, user: &str, thread: &str, turn: Conversation) -> Call<Conversation>;
+
+    /// Events from other processes, once: taken by the registry when it starts. `None` for a
+    /// broker of one process.
+    fn remote_events(&mut self) -> Option<futures_channel::mpsc::UnboundedReceiver<RemoteBatch>> {
+        None
+    }
 
     /// Periodic upkeep: forgets what outlived its TTL, gives back room. `true` when memory was
     /// freed.

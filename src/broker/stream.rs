@@ -106,13 +106,41 @@ impl UserStream {
             return Replay::default();
         };
         let oldest = self.history.front().map_or(self.last_seq + 1, |e| e.seq);
-        let same_epoch = request.epoch.as_deref().is_none_or(|e| e == self.epoch);
-        let complete = same_epoch && request.last_seq <= self.last_seq && oldest <= request.last_seq + 1;
-        let after = if complete { request.last_seq } else { 0 };
+        let resumed = verdict(request, &self.epoch, self.last_seq, oldest);
         let frames: Vec<ByteString> =
-            self.history.iter().filter(|e| e.seq > after).map(|e| e.frame.clone()).collect();
-        let from_seq = if complete { request.last_seq + 1 } else { oldest };
-        Replay { info: Some(ResumeInfo { from_seq, replayed: frames.len() as u64, complete }), frames }
+            self.history.iter().filter(|e| e.seq > resumed.after).map(|e| e.frame.clone()).collect();
+        let info = ResumeInfo {
+            from_seq: resumed.from_seq,
+            replayed: frames.len() as u64,
+            complete: resumed.complete,
+        };
+        Replay { info: Some(info), frames }
+    }
+}
+
+/// Section 6's judgement of a resume against a stream of `epoch` whose newest seq is
+/// `last_seq` and oldest kept one `oldest` (`last_seq + 1` when none is kept): whether it is
+/// complete, which seq the replay starts after, and the first seq replayed.
+pub struct Verdict {
+    pub complete: bool,
+    pub after: u64,
+    pub from_seq: u64,
+}
+
+pub fn verdict(request: &ResumeRequest, epoch: &str, last_seq: u64, oldest: u64) -> Verdict {
+    let same_epoch = request.epoch.as_deref().is_none_or(|e| e == epoch);
+    let complete = same_epoch && request.last_seq <= last_seq && oldest <= request.last_seq + 1;
+    if complete {
+        Verdict { complete, after: request.last_seq, from_seq: request.last_seq + 1 }
+    } else {
+        Verdict { complete, after: 0, from_seq: oldest }
+    }
+}
+
+impl UserStream {
+    /// The kept events from `from_seq` on.
+    pub fn from(&self, from_seq: u64) -> Vec<(u64, ByteString)> {
+        self.history.iter().filter(|e| e.seq >= from_seq).map(|e| (e.seq, e.frame.clone())).collect()
     }
 }
 

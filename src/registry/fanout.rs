@@ -65,10 +65,10 @@ impl Registry {
         let created = Instant::now();
         let call = self.broker.append(user_id, events);
         let user = user_id.to_owned();
-        self.when(ctx, user_id, call, move |registry, answer, _| match answer {
+        self.when(ctx, user_id, call, move |registry, answer, ctx| match answer {
             Ok(stored) => {
                 registry.metrics.events_published.inc_by(stored.len() as u64);
-                let reached = registry.deliver_events(&user, &stored, created);
+                let reached = registry.deliver_events(ctx, &user, &stored, created, true);
                 done(registry, Ok((stored.iter().map(|e| e.seq).collect(), reached)));
             }
             Err(e) => {
@@ -84,12 +84,43 @@ impl Registry {
         self.publish(ctx, user_id, std::slice::from_ref(&event), |_, _| {});
     }
 
-    /// The one way events reach this process's sessions, whoever appended them: each frame
-    /// serialised once and shared by all, all of them in one message per `processing_ready`
-    /// session of the user. Returns how many sessions they reached.
-    pub(super) fn deliver_events(&mut self, user_id: &str, stored: &[Stored], created: Instant) -> usize {
-        let Some(user) = self.local.get(user_id) else { return 0 };
-        let frames: Vec<ByteString> = stored.iter().map(|e| e.frame.clone()).collect();
+    /// The one way events reach this process's sessions, whoever appended them (this process
+    /// or, through a shared broker, another): in seq order and once (a shared broker brings
+    /// this process's own events twice, and may skip some: Pub/Sub is at most once, so a gap is
+    /// filled from the stream when `fill_gaps`), each frame serialised once and shared by all,
+    /// all of them in one message per `processing_ready` session of the user. Returns how many
+    /// sessions they reached.
+    pub(super) fn deliver_events(
+        &mut self,
+        ctx: &mut Context<Self>,
+        user_id: &str,
+        stored: &[Stored],
+        created: Instant,
+        fill_gaps: bool,
+    ) -> usize {
+        let Some(user) = self.local.get_mut(user_id) else { return 0 };
+        let delivered = user.delivered;
+        let fresh = &stored[stored.partition_point(|e| e.seq <= delivered)..];
+        let (Some(first), Some(last)) = (fresh.first(), fresh.last()) else { return 0 };
+        if delivered > 0 && first.seq > delivered + 1 {
+            if fill_gaps {
+                debug!(
+                    "user {user_id}: events {}..{} missed; filled from the stream",
+                    delivered + 1,
+                    first.seq
+                );
+                self.fill(ctx, user_id, delivered + 1);
+                return 0;
+            }
+            warn!(
+                "user {user_id}: events {}..{} are no longer kept; sessions see a gap",
+                delivered + 1,
+                first.seq
+            );
+        }
+        user.delivered = last.seq;
+        let user = &self.local[user_id];
+        let frames: Vec<ByteString> = fresh.iter().map(|e| e.frame.clone()).collect();
         let max = self.settings.max_outbound_bytes;
         let mut reached = 0;
         let mut slow = Vec::new();
@@ -98,7 +129,9 @@ impl Registry {
                 if connection.state != ConnectionState::ProcessingReady {
                     continue;
                 }
-                if deliver(connection, *id, &frames, Some(created), max, &self.metrics) {
+                // What the connection's replay already had is not sent again.
+                let from = fresh.partition_point(|e| e.seq <= connection.after);
+                if deliver(connection, *id, &frames[from..], Some(created), max, &self.metrics) {
                     reached += 1;
                 } else {
                     slow.push(*id);
@@ -109,6 +142,41 @@ impl Registry {
             self.abandon(id);
         }
         reached
+    }
+
+    /// Reads the user's kept events from `from_seq` on and delivers them: a gap filled. What
+    /// the stream no longer keeps is not asked for again.
+    pub(super) fn fill(&mut self, ctx: &mut Context<Self>, user_id: &str, from_seq: u64) {
+        self.metrics.gap_fills.inc();
+        let call = self.broker.range(user_id, from_seq);
+        let user = user_id.to_owned();
+        self.when(ctx, user_id, call, move |registry, answer, ctx| match answer {
+            Ok(events) => {
+                registry.deliver_events(ctx, &user, &events, Instant::now(), false);
+            }
+            Err(e) => warn!("user {user}: missed events not read from the stream: broker: {e}"),
+        });
+    }
+
+    /// A connection's replay is in hand (it had events up to `last_seq` of stream `epoch`):
+    /// live events reach it from `last_seq + 1` on. The first ready session of the user here
+    /// sets where this process's delivery stands.
+    pub(super) fn live_from(&mut self, id: ConnectionId, user_id: &str, epoch: &str, last_seq: u64) {
+        let ready = ConnectionState::ProcessingReady;
+        let Some(user) = self.local.get(user_id) else { return };
+        let others_ready = user
+            .sessions
+            .iter()
+            .any(|s| *s != id && self.connections.get(s).is_some_and(|c| c.state == ready));
+        if let Some(connection) = self.connections.get_mut(&id) {
+            connection.after = last_seq;
+        }
+        if let Some(user) = self.local.get_mut(user_id) {
+            if !others_ready || user.epoch.as_deref() != Some(epoch) {
+                user.delivered = last_seq;
+                user.epoch = Some(epoch.to_owned());
+            }
+        }
     }
 
     /// A frame for one session alone (ack, error), under the same budget as events.

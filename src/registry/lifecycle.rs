@@ -191,6 +191,7 @@ impl Registry {
                 Ok(attached) => attached,
                 Err(e) => return registry.broker_failed_setup(id, &e),
             };
+            registry.live_from(id, &user_id, &attached.epoch, attached.last_seq);
             if registry.transition(id, ConnectionState::ProcessingReady).is_err() {
                 registry.refuse_out_of_order(id);
                 return;
@@ -226,6 +227,7 @@ impl Handler<Register> for Registry {
             outbound: msg.outbound,
             slow: false,
             connected_at: now_ms(),
+            after: 0,
         };
         if self.connections.insert(id, connection).is_some() {
             // Ids are unique by construction; a duplicate would be a bug, never silently merged.

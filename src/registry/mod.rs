@@ -12,6 +12,7 @@ mod broker_calls;
 mod fanout;
 mod lifecycle;
 pub mod messages;
+mod remote;
 mod runs;
 
 use std::collections::HashMap;
@@ -53,6 +54,8 @@ pub struct RegistrySettings {
     /// `faults.broker_delay_ms` and `faults.broker_fail_user_prefix`.
     pub broker_delay: Duration,
     pub broker_fail_user_prefix: String,
+    /// `[broker] kind = "redis"`: where the streams live instead of this process.
+    pub redis: Option<crate::broker::redis::RedisSettings>,
 }
 
 impl RegistrySettings {
@@ -83,6 +86,8 @@ impl RegistrySettings {
             user_messages_per_second: config.limits.user_messages_per_second,
             broker_delay: Duration::from_millis(config.faults.broker_delay_ms),
             broker_fail_user_prefix: config.faults.broker_fail_user_prefix.clone(),
+            redis: (config.broker.kind == crate::config::BrokerKind::Redis)
+                .then(|| crate::broker::redis::RedisSettings::from_config(config)),
         }
     }
 }
@@ -96,6 +101,10 @@ struct LocalUser {
     runs_in_progress: usize,
     /// `limits.user_messages_per_second` across all of the user's sessions.
     limiter: RateLimiter,
+    /// The newest seq handed to the user's sessions here, and the stream's epoch: events reach
+    /// them in seq order, once, however the broker brings them (`fanout.rs`).
+    delivered: u64,
+    epoch: Option<String>,
 }
 
 struct Connection {
@@ -107,6 +116,8 @@ struct Connection {
     /// Over its outbound budget: no more deliveries, a 4008 close is on its way.
     slow: bool,
     connected_at: u64,
+    /// Events up to this seq came in the connection's replay: live delivery starts after it.
+    after: u64,
 }
 
 pub struct Registry {
@@ -174,6 +185,9 @@ impl Actor for Registry {
                 | shrink_if_oversized(&mut registry.local);
             registry.trimmer.tick(registry.connections.len(), shrunk)
         });
+        if let Some(remote) = self.broker.remote_events() {
+            ctx.add_stream(remote);
+        }
         let overdue =
             (self.settings.run_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         ctx.run_interval(overdue, |registry, ctx| registry.end_overdue_runs(ctx));
@@ -182,7 +196,17 @@ impl Actor for Registry {
 
 impl Registry {
     pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>, agent: Option<AgentHandle>) -> Registry {
-        let mut broker: Box<dyn Broker> = Box::new(MemoryBroker::new(settings.users));
+        let mut broker: Box<dyn Broker> = match &settings.redis {
+            // `build` checked at start that Redis answers; the broker reconnects from here on.
+            Some(redis) => match crate::broker::redis::RedisBroker::start(redis.clone()) {
+                Ok(redis) => Box::new(redis),
+                Err(e) => {
+                    warn!("broker: {e}; keeping users' streams in this process");
+                    Box::new(MemoryBroker::new(settings.users))
+                }
+            },
+            None => Box::new(MemoryBroker::new(settings.users)),
+        };
         // `build` has logged the faults at start.
         if !settings.broker_delay.is_zero() || !settings.broker_fail_user_prefix.is_empty() {
             broker = Box::new(Faulty::new(
@@ -241,6 +265,8 @@ impl Registry {
             let user = LocalUser {
                 sessions: Vec::new(),
                 runs_in_progress: 0,
+                delivered: 0,
+                epoch: None,
                 limiter: RateLimiter::new(rate, rate.saturating_mul(2), std::time::Instant::now()),
             };
             self.local.insert(std::rc::Rc::from(user_id), user);

@@ -260,7 +260,7 @@ impl Registry {
             };
             registry.metrics.events_published.inc();
             let seq = stored.seq;
-            registry.deliver_events(&user_id, std::slice::from_ref(&stored), created);
+            registry.deliver_events(ctx, &user_id, std::slice::from_ref(&stored), created, true);
             match origin {
                 Origin::Session(id) => {
                     let client_msg_id = message.client_msg_id.as_deref();

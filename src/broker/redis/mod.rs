@@ -1,0 +1,550 @@
+//! The broker of several processes: users' streams in Redis (`[broker] kind = "redis"`,
+//! SCALE-OUT.md), shaped like Centrifugo's Redis engine. Each call is one Lua script (one round
+//! trip): a publish assigns seqs, keeps the events in the user's Redis Stream (capped at
+//! `history.events_per_user`), refreshes the TTL and publishes them on the user's channel. A
+//! node subscribes to the channels of its users only, and hands what it hears to the registry's
+//! one delivery entry point, which puts events in seq order once and fills gaps from the stream
+//! (`registry/fanout.rs`).
+//!
+//! Keys: `{prefix}:{<user>}:meta|stream|dedupe|dedupe:order|sessions|conv:<thread>|state:<thread>|threads`,
+//! channel `{prefix}:{<user>}:events`: one hash tag per user.
+
+mod connection;
+mod scripts;
+
+use std::time::{Duration, Instant};
+
+use bytestring::ByteString;
+use futures_channel::{mpsc, oneshot};
+use log::warn;
+use rand::distr::{Alphanumeric, SampleString};
+use redis::Value as RedisValue;
+use serde_json::value::RawValue;
+
+use super::stream::{verdict, ResumeRequest};
+use super::{
+    Attached, Broker, BrokerError, Call, Conversation, NewEvent, RemoteBatch, SeenMessage, Stored, Submitted,
+};
+use crate::config::Config;
+use crate::protocol::{now_ms, Event};
+use crate::registry::ConnectionId;
+use connection::{Interest, Job};
+
+/// What the Redis broker is told at start.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    pub node: String,
+    pub events_per_user: usize,
+    pub ttl: Duration,
+    pub dedupe_per_user: usize,
+    pub messages_per_thread: usize,
+    pub threads_per_user: usize,
+}
+
+impl RedisSettings {
+    pub fn from_config(config: &Config) -> RedisSettings {
+        RedisSettings {
+            url: config.broker.url.clone(),
+            prefix: config.broker.prefix.clone(),
+            node: config.broker.node_name(),
+            events_per_user: config.history.events_per_user,
+            ttl: Duration::from_secs(config.history.ttl_secs),
+            dedupe_per_user: config.history.dedupe_per_user,
+            messages_per_thread: config.agent.history_messages,
+            threads_per_user: config.agent.threads_per_user,
+        }
+    }
+}
+
+/// `url` without its password, for messages.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// Connects once, at start: a server that cannot reach its Redis does not start.
+pub fn check(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| format!("broker.url {}: {e}", redacted(url)))?;
+    let mut connection = client
+        .get_connection_with_timeout(Duration::from_secs(3))
+        .map_err(|e| format!("broker.url {}: cannot reach Redis: {e}", redacted(url)))?;
+    redis::cmd("PING")
+        .query::<String>(&mut connection)
+        .map(|_| ())
+        .map_err(|e| format!("broker.url {}: Redis does not answer: {e}", redacted(url)))
+}
+
+pub struct RedisBroker {
+    settings: RedisSettings,
+    jobs: mpsc::UnboundedSender<Job>,
+    interest: mpsc::UnboundedSender<Interest>,
+    /// Users this node is subscribed to, with the subscription's confirmation while it is on
+    /// its way (an attach waits for it: subscribe first, then read the stream).
+    subscribed:
+        std::collections::HashMap<String, Option<futures_util::future::Shared<oneshot::Receiver<()>>>>,
+    remote: Option<mpsc::UnboundedReceiver<RemoteBatch>>,
+    scripts: Scripts,
+    scratch: Vec<u8>,
+}
+
+struct Scripts {
+    append: String,
+    submit: String,
+}
+
+/// A script's answer, when the writer has it.
+type Answer = oneshot::Receiver<Result<RedisValue, BrokerError>>;
+
+fn random_epoch() -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), 8).to_ascii_lowercase()
+}
+
+fn text(value: &RedisValue) -> Option<String> {
+    match value {
+        RedisValue::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        RedisValue::SimpleString(s) => Some(s.clone()),
+        RedisValue::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn items(value: RedisValue) -> Result<Vec<RedisValue>, BrokerError> {
+    match value {
+        RedisValue::Array(items) => Ok(items),
+        other => Err(BrokerError(format!("redis: unexpected answer {other:?}"))),
+    }
+}
+
+fn unexpected(what: &str) -> BrokerError {
+    BrokerError(format!("redis: unexpected answer to {what}"))
+}
+
+/// A frame with a placeholder seq, split around it: the script puts the real seq between.
+fn split_frame(event: &NewEvent<'_>, scratch: &mut Vec<u8>) -> (String, String) {
+    const PLACEHOLDER: &str = "18446744073709551615";
+    let wire = Event {
+        kind: event.kind,
+        seq: u64::MAX,
+        ts: now_ms(),
+        thread_id: event.thread_id,
+        run_id: event.run_id,
+        payload: event.payload,
+    };
+    let frame = wire.to_frame(scratch);
+    // `type` comes first and is one of a fixed set of names: the first match is the seq.
+    match frame.find(PLACEHOLDER) {
+        Some(at) => (frame[..at].to_owned(), frame[at + PLACEHOLDER.len()..].to_owned()),
+        None => (frame.to_string(), String::new()),
+    }
+}
+
+impl RedisBroker {
+    /// Starts the broker's connections on the current arbiter (the registry's).
+    pub fn start(settings: RedisSettings) -> Result<RedisBroker, BrokerError> {
+        let client =
+            redis::Client::open(settings.url.as_str()).map_err(|e| BrokerError(format!("redis: {e}")))?;
+        let (jobs, queued) = mpsc::unbounded();
+        let (interest, asked) = mpsc::unbounded();
+        let (messages_tx, messages) = mpsc::unbounded();
+        let (reconnected_tx, reconnected) = mpsc::unbounded();
+        let (remote_tx, remote) = mpsc::unbounded();
+        actix_web::rt::spawn(connection::writer(client.clone(), queued));
+        actix_web::rt::spawn(connection::subscriber(client, asked, messages_tx, reconnected_tx));
+        actix_web::rt::spawn(forward(settings.prefix.clone(), messages, reconnected, remote_tx));
+        Ok(RedisBroker {
+            settings,
+            jobs,
+            interest,
+            subscribed: Default::default(),
+            remote: Some(remote),
+            scripts: Scripts { append: scripts::append(), submit: scripts::submit() },
+            scratch: Vec::new(),
+        })
+    }
+
+    fn key(&self, user: &str, what: &str) -> String {
+        format!("{}:{{{user}}}:{what}", self.settings.prefix)
+    }
+
+    fn channel(&self, user: &str) -> String {
+        self.key(user, "events")
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.settings.ttl.as_millis().max(1) as u64
+    }
+
+    /// Queues a script now (its effect is decided in call order) and answers later.
+    fn eval(&mut self, script: &str, keys: &[String], args: Vec<Vec<u8>>) -> Answer {
+        let mut command = redis::cmd("EVAL");
+        command.arg(script).arg(keys.len());
+        for key in keys {
+            command.arg(key);
+        }
+        for arg in args {
+            command.arg(arg);
+        }
+        let (answer, answered) = oneshot::channel();
+        if self.jobs.unbounded_send(Job { command, answer }).is_err() {
+            warn!("broker: the Redis writer is gone");
+        }
+        answered
+    }
+
+    fn appended(&mut self, user: &str, events: &[NewEvent<'_>]) -> (Answer, Vec<(String, String)>) {
+        let parts: Vec<(String, String)> = events.iter().map(|e| split_frame(e, &mut self.scratch)).collect();
+        let keys = [self.key(user, "meta"), self.key(user, "stream")];
+        let mut args: Vec<Vec<u8>> = vec![
+            self.channel(user).into_bytes(),
+            random_epoch().into_bytes(),
+            self.settings.events_per_user.to_string().into_bytes(),
+            self.ttl_ms().to_string().into_bytes(),
+            events.len().to_string().into_bytes(),
+        ];
+        for (head, tail) in &parts {
+            args.push(head.clone().into_bytes());
+            args.push(tail.clone().into_bytes());
+        }
+        let script = self.scripts.append.clone();
+        (self.eval(&script, &keys, args), parts)
+    }
+}
+
+async fn answer(answered: Answer) -> Result<RedisValue, BrokerError> {
+    answered.await.map_err(|_| BrokerError("redis: the writer went away".into()))?
+}
+
+fn stored(parts: Vec<(String, String)>, first: u64) -> Vec<Stored> {
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, (head, tail))| {
+            let seq = first + i as u64;
+            Stored { seq, frame: ByteString::from(format!("{head}{seq}{tail}")) }
+        })
+        .collect()
+}
+
+/// Turns channel messages into batches for the registry, and reconnects into a "fill every
+/// user" batch (`RemoteBatch::Reconnected`).
+async fn forward(
+    prefix: String,
+    mut messages: mpsc::UnboundedReceiver<connection::Message>,
+    mut reconnected: mpsc::UnboundedReceiver<()>,
+    remote: mpsc::UnboundedSender<RemoteBatch>,
+) {
+    use futures_util::StreamExt;
+    let start = format!("{prefix}:{{");
+    loop {
+        futures_util::select! {
+            message = messages.next() => {
+                let Some((channel, payload)) = message else { return };
+                let user = channel.strip_prefix(&start).and_then(|rest| rest.strip_suffix("}:events"));
+                let Some(user) = user else { continue };
+                match parse_batch(&payload) {
+                    Some((epoch, events)) => {
+                        let _ = remote.unbounded_send(RemoteBatch::Events { user: user.to_owned(), epoch, events });
+                    }
+                    None => warn!("broker: a message on {channel} that is not an event batch"),
+                }
+            }
+            again = reconnected.next() => {
+                if again.is_none() { return }
+                let _ = remote.unbounded_send(RemoteBatch::Reconnected);
+            }
+        }
+    }
+}
+
+/// `epoch \n first_seq \n frame \n frame...`
+fn parse_batch(payload: &[u8]) -> Option<(String, Vec<Stored>)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut lines = text.split('\n');
+    let epoch = lines.next()?.to_owned();
+    let first: u64 = lines.next()?.parse().ok()?;
+    let events = lines
+        .enumerate()
+        .map(|(i, frame)| Stored { seq: first + i as u64, frame: ByteString::from(frame) })
+        .collect();
+    Some((epoch, events))
+}
+
+impl Broker for RedisBroker {
+    fn append(&mut self, user: &str, events: &[NewEvent<'_>]) -> Call<Vec<Stored>> {
+        let (answered, parts) = self.appended(user, events);
+        Box::pin(async move {
+            let reply = items(answer(answered).await?)?;
+            let first = reply
+                .get(1)
+                .and_then(text)
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| unexpected("append"))?;
+            Ok(stored(parts, first))
+        })
+    }
+
+    fn submit(
+        &mut self,
+        user: &str,
+        client_msg_id: Option<&str>,
+        (message_id, run_id): (&str, &str),
+        echo: &NewEvent<'_>,
+    ) -> Call<Submitted> {
+        let (head, tail) = split_frame(echo, &mut self.scratch);
+        let keys = [
+            self.key(user, "meta"),
+            self.key(user, "stream"),
+            self.key(user, "dedupe"),
+            self.key(user, "dedupe:order"),
+        ];
+        let args: Vec<Vec<u8>> = vec![
+            self.channel(user).into_bytes(),
+            random_epoch().into_bytes(),
+            self.settings.events_per_user.to_string().into_bytes(),
+            self.ttl_ms().to_string().into_bytes(),
+            client_msg_id.unwrap_or_default().as_bytes().to_vec(),
+            message_id.as_bytes().to_vec(),
+            run_id.as_bytes().to_vec(),
+            self.settings.dedupe_per_user.to_string().into_bytes(),
+            head.clone().into_bytes(),
+            tail.clone().into_bytes(),
+        ];
+        let script = self.scripts.submit.clone();
+        let answered = self.eval(&script, &keys, args);
+        Box::pin(async move {
+            let reply = items(answer(answered).await?)?;
+            match reply.first().and_then(text).as_deref() {
+                Some("seen") => {
+                    let seen = reply.get(1).and_then(text).ok_or_else(|| unexpected("submit"))?;
+                    parse_seen(&seen).map(Submitted::Seen).ok_or_else(|| unexpected("submit"))
+                }
+                Some("appended") => {
+                    let seq = reply
+                        .get(2)
+                        .and_then(text)
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .ok_or_else(|| unexpected("submit"))?;
+                    Ok(Submitted::Appended(Stored {
+                        seq,
+                        frame: ByteString::from(format!("{head}{seq}{tail}")),
+                    }))
+                }
+                _ => Err(unexpected("submit")),
+            }
+        })
+    }
+
+    fn seen(&mut self, user: &str, client_msg_id: &str) -> Call<Option<SeenMessage>> {
+        let mut command = redis::cmd("HGET");
+        command.arg(self.key(user, "dedupe")).arg(client_msg_id);
+        let (answer_tx, answered) = oneshot::channel();
+        let _ = self.jobs.unbounded_send(Job { command, answer: answer_tx });
+        Box::pin(async move {
+            match answer(answered).await? {
+                RedisValue::Nil => Ok(None),
+                value => Ok(text(&value).as_deref().and_then(parse_seen)),
+            }
+        })
+    }
+
+    fn attach(&mut self, user: &str, resume: Option<&ResumeRequest>) -> Call<Attached> {
+        let keys = [self.key(user, "meta"), self.key(user, "stream")];
+        let resume = resume.cloned();
+        let after = resume.as_ref().map_or(u64::MAX, |r| r.last_seq);
+        let args: Vec<Vec<u8>> = vec![
+            random_epoch().into_bytes(),
+            self.ttl_ms().to_string().into_bytes(),
+            // No resume asked: nothing to replay (an `after` past any seq).
+            after.to_string().into_bytes(),
+        ];
+        let subscribed = self.subscribed.get(user).cloned().flatten();
+        let jobs = self.jobs.clone();
+        Box::pin(async move {
+            // Subscribe first, then read the stream: nothing published in between is missed.
+            if let Some(subscribed) = subscribed {
+                let _ = subscribed.await;
+            }
+            let mut command = redis::cmd("EVAL");
+            command.arg(scripts::ATTACH).arg(keys.len());
+            for key in &keys {
+                command.arg(key);
+            }
+            for arg in args {
+                command.arg(arg);
+            }
+            let (answer_tx, answered) = oneshot::channel();
+            let _ = jobs.unbounded_send(Job { command, answer: answer_tx });
+            let reply = items(answer(answered).await?)?;
+            let mut fields = reply.iter().map(text);
+            let epoch = fields.next().flatten().ok_or_else(|| unexpected("attach"))?;
+            let last_seq: u64 =
+                fields.next().flatten().and_then(|s| s.parse().ok()).ok_or_else(|| unexpected("attach"))?;
+            let oldest = fields.next().flatten().and_then(|s| s.parse::<u64>().ok()).unwrap_or(last_seq + 1);
+            let kept: Vec<ByteString> = fields.flatten().map(ByteString::from).collect();
+            let Some(request) = resume else {
+                return Ok(Attached { epoch, last_seq, info: None, frames: Vec::new() });
+            };
+            let resumed = verdict(&request, &epoch, last_seq, oldest);
+            // The script read what follows the request's `last_seq`; a resume that is not
+            // complete replays every kept event instead, one more read.
+            let frames = if resumed.complete {
+                kept
+            } else {
+                let mut command = redis::cmd("EVAL");
+                command.arg(scripts::RANGE).arg(1).arg(&keys[1]).arg(oldest);
+                let (answer_tx, answered) = oneshot::channel();
+                let _ = jobs.unbounded_send(Job { command, answer: answer_tx });
+                let reply = items(answer(answered).await?)?;
+                reply.chunks(2).filter_map(|pair| pair.get(1).and_then(text)).map(ByteString::from).collect()
+            };
+            let info = crate::protocol::ResumeInfo {
+                from_seq: resumed.from_seq,
+                replayed: frames.len() as u64,
+                complete: resumed.complete,
+            };
+            Ok(Attached { epoch, last_seq, info: Some(info), frames })
+        })
+    }
+
+    fn range(&mut self, user: &str, from_seq: u64) -> Call<Vec<Stored>> {
+        let keys = [self.key(user, "stream")];
+        let answered = self.eval(scripts::RANGE, &keys, vec![from_seq.to_string().into_bytes()]);
+        Box::pin(async move {
+            let reply = items(answer(answered).await?)?;
+            Ok(reply
+                .chunks(2)
+                .filter_map(|pair| {
+                    let seq = pair.first().and_then(text)?.parse().ok()?;
+                    Some(Stored { seq, frame: ByteString::from(pair.get(1).and_then(text)?) })
+                })
+                .collect())
+        })
+    }
+
+    fn admit(&mut self, user: &str, connection: ConnectionId, cap: usize) -> Call<bool> {
+        let keys = [self.key(user, "sessions")];
+        let args = vec![
+            format!("{}/{connection}", self.settings.node).into_bytes(),
+            self.settings.node.clone().into_bytes(),
+            cap.to_string().into_bytes(),
+            self.ttl_ms().to_string().into_bytes(),
+        ];
+        let answered = self.eval(scripts::ADMIT, &keys, args);
+        Box::pin(async move { Ok(matches!(answer(answered).await?, RedisValue::Int(1))) })
+    }
+
+    fn leave(&mut self, user: &str, connection: ConnectionId) -> Call<()> {
+        let mut command = redis::cmd("HDEL");
+        command.arg(self.key(user, "sessions")).arg(format!("{}/{connection}", self.settings.node));
+        let (answer_tx, answered) = oneshot::channel();
+        let _ = self.jobs.unbounded_send(Job { command, answer: answer_tx });
+        Box::pin(async move { answer(answered).await.map(|_| ()) })
+    }
+
+    fn converse(&mut self, user: &str, thread: &str, turn: Conversation) -> Call<Conversation> {
+        let keys = [
+            self.key(user, &format!("conv:{thread}")),
+            self.key(user, &format!("state:{thread}")),
+            self.key(user, "threads"),
+        ];
+        let mut args = vec![
+            thread.as_bytes().to_vec(),
+            self.settings.messages_per_thread.to_string().into_bytes(),
+            self.settings.threads_per_user.to_string().into_bytes(),
+            self.ttl_ms().to_string().into_bytes(),
+            turn.state.map(|s| s.get().as_bytes().to_vec()).unwrap_or_default(),
+            self.key(user, "").into_bytes(),
+        ];
+        args.extend(turn.messages.iter().map(|m| m.get().as_bytes().to_vec()));
+        let answered = self.eval(scripts::CONVERSE, &keys, args);
+        Box::pin(async move {
+            let reply = items(answer(answered).await?)?;
+            let mut fields = reply.iter().map(text);
+            let state =
+                fields.next().flatten().filter(|s| !s.is_empty()).and_then(|s| RawValue::from_string(s).ok());
+            let messages = fields.flatten().filter_map(|m| RawValue::from_string(m).ok()).collect();
+            Ok(Conversation { messages, state })
+        })
+    }
+
+    fn interest(&mut self, user: &str, present: bool) {
+        let channel = self.channel(user);
+        if present {
+            let (done, subscribed) = oneshot::channel();
+            let _ = self.interest.unbounded_send(Interest::Subscribe(channel, done));
+            use futures_util::FutureExt;
+            self.subscribed.insert(user.to_owned(), Some(subscribed.shared()));
+        } else if self.subscribed.remove(user).is_some() {
+            let _ = self.interest.unbounded_send(Interest::Unsubscribe(channel));
+        }
+    }
+
+    fn remote_events(&mut self) -> Option<mpsc::UnboundedReceiver<RemoteBatch>> {
+        self.remote.take()
+    }
+
+    fn upkeep(&mut self) -> bool {
+        // The session slots of users with sessions here outlive the TTL while they are used.
+        let ttl = self.ttl_ms();
+        let users: Vec<String> = self.subscribed.keys().cloned().collect();
+        for user in users {
+            let mut command = redis::cmd("PEXPIRE");
+            command.arg(self.key(&user, "sessions")).arg(ttl);
+            let (answer, _) = oneshot::channel();
+            let _ = self.jobs.unbounded_send(Job { command, answer });
+        }
+        false
+    }
+
+    fn gauges(&self) -> (usize, usize) {
+        (self.subscribed.len(), 0)
+    }
+}
+
+fn parse_seen(text: &str) -> Option<SeenMessage> {
+    let mut parts = text.split(' ');
+    let message_id = parts.next()?.to_owned();
+    let run_id = parts.next()?.to_owned();
+    let seq = parts.next()?.parse().ok()?;
+    Some(SeenMessage { message_id, run_id, seq, at: Instant::now() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_message_round_trips() {
+        let (epoch, events) = parse_batch(b"ab12cd34\n7\n{\"seq\":7}\n{\"seq\":8}").unwrap();
+        assert_eq!(epoch, "ab12cd34");
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [7, 8]);
+        assert_eq!(&*events[1].frame, "{\"seq\":8}");
+        assert!(parse_batch(b"only-epoch").is_none());
+    }
+
+    #[test]
+    fn the_frame_is_split_around_its_seq() {
+        let payload = serde_json::json!({"text": "18446744073709551615"});
+        let event = NewEvent {
+            kind: crate::protocol::EventKind::AgentThinking,
+            thread_id: "t",
+            run_id: Some("r"),
+            payload: &payload,
+        };
+        let (head, tail) = split_frame(&event, &mut Vec::new());
+        assert_eq!(head, r#"{"type":"agent_thinking","seq":"#);
+        assert!(
+            tail.starts_with(r#","ts":"#) && tail.ends_with(r#""payload":{"text":"18446744073709551615"}}"#)
+        );
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(redacted("redis://:secret@db:6379/0"), "redis://…@db:6379/0");
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

@@ -1,0 +1,144 @@
+//! The Lua scripts of the Redis broker: each call of the broker is one script, so each is one
+//! round trip and atomic in Redis (SCALE-OUT.md: "one round trip per publish").
+//!
+//! Keys of one user share the hash tag `{user}`, so a Redis Cluster keeps them on one shard.
+//! Events are kept in a Redis Stream whose entry ids are `<seq>-1`, so a range of seqs is an
+//! `XRANGE`; the stream's `seq` and `epoch` live in the user's `meta` hash.
+
+/// Appends events: ensures the epoch, assigns seqs, `XADD`s each frame (the frame is the
+/// caller's head + seq + tail), trims the stream, refreshes the TTL, and publishes the batch to
+/// the user's channel as `epoch \n first_seq \n frame \n frame...`.
+/// KEYS: meta, stream. ARGV: channel, epoch if new, maxlen, ttl ms, count, then head, tail per event.
+/// Returns {epoch, first_seq}.
+const APPEND: &str = r#"
+local function append(meta, stream, channel, new_epoch, maxlen, ttl, count, at)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    epoch = new_epoch
+    redis.call('HSET', meta, 'epoch', epoch)
+  end
+  local last = redis.call('HINCRBY', meta, 'seq', count)
+  local first = last - count + 1
+  local frames = {}
+  for i = 0, count - 1 do
+    local seq = string.format('%d', first + i)
+    local frame = ARGV[at + 2 * i] .. seq .. ARGV[at + 2 * i + 1]
+    frames[#frames + 1] = frame
+    redis.call('XADD', stream, 'MAXLEN', maxlen, seq .. '-1', 'f', frame)
+  end
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('PEXPIRE', stream, ttl)
+  redis.call('PUBLISH', channel, epoch .. '\n' .. string.format('%d', first) .. '\n' .. table.concat(frames, '\n'))
+  return {epoch, first}
+end
+"#;
+
+pub fn append() -> String {
+    format!(
+        "{APPEND}
+local r = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), 6)
+return {{r[1], string.format('%d', r[2])}}"
+    )
+}
+
+/// A `user_message`: appended unless its `client_msg_id` was seen, and remembered with its ids.
+/// KEYS: meta, stream, dedupe hash, dedupe order list. ARGV: channel, epoch if new, maxlen,
+/// ttl ms, client_msg_id or "", message_id, run_id, dedupe cap, head, tail.
+/// Returns {"seen", "message_id run_id seq"} or {"appended", epoch, seq}.
+pub fn submit() -> String {
+    format!(
+        "{APPEND}
+local cmid = ARGV[5]
+if cmid ~= '' then
+  local seen = redis.call('HGET', KEYS[3], cmid)
+  if seen then return {{'seen', seen}} end
+end
+local r = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 1, 9)
+if cmid ~= '' then
+  redis.call('HSET', KEYS[3], cmid, ARGV[6] .. ' ' .. ARGV[7] .. ' ' .. string.format('%d', r[2]))
+  redis.call('RPUSH', KEYS[4], cmid)
+  while redis.call('LLEN', KEYS[4]) > tonumber(ARGV[8]) do
+    redis.call('HDEL', KEYS[3], redis.call('LPOP', KEYS[4]))
+  end
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+end
+return {{'appended', r[1], string.format('%d', r[2])}}"
+    )
+}
+
+/// A session attaching: the stream's epoch (made when new) and last seq, the first seq still
+/// kept, and the kept frames after `after` (0: all of them).
+/// KEYS: meta, stream. ARGV: epoch if new, ttl ms, after.
+/// Returns {epoch, last_seq, oldest_seq or "", frames...}.
+pub const ATTACH: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local last = redis.call('HGET', KEYS[1], 'seq') or '0'
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local reply = {epoch, last, ''}
+if #oldest > 0 then
+  reply[3] = string.match(oldest[1][1], '^(%d+)')
+end
+local entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-1', '+')
+for _, entry in ipairs(entries) do
+  reply[#reply + 1] = entry[2][2]
+end
+return reply
+"#;
+
+/// The kept events from `from` on, for filling a gap. KEYS: stream. ARGV: from.
+/// Returns {seq, frame, seq, frame...}.
+pub const RANGE: &str = r#"
+local reply = {}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], ARGV[1] .. '-1', '+')) do
+  reply[#reply + 1] = string.match(entry[1], '^(%d+)')
+  reply[#reply + 1] = entry[2][2]
+end
+return reply
+"#;
+
+/// A session against the user's cap across all nodes. KEYS: sessions hash. ARGV: session,
+/// node, cap, ttl ms. Returns 1 (admitted) or 0.
+pub const ADMIT: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"#;
+
+/// A turn of a thread's conversation, and the conversation after it. KEYS: messages list,
+/// state, threads zset. ARGV: thread, messages kept, threads kept, ttl ms, state or "", key
+/// prefix of the user's threads, then the messages. Returns {state or "", messages...}.
+pub const CONVERSE: &str = r#"
+for i = 7, #ARGV do
+  redis.call('RPUSH', KEYS[1], ARGV[i])
+end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[5])
+end
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(now[1]) * 1000000 + tonumber(now[2]), ARGV[1])
+local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[3])
+if extra > 0 then
+  for _, thread in ipairs(redis.call('ZRANGE', KEYS[3], 0, extra - 1)) do
+    redis.call('DEL', ARGV[6] .. 'conv:' .. thread, ARGV[6] .. 'state:' .. thread)
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, extra - 1)
+end
+for _, key in ipairs(KEYS) do
+  redis.call('PEXPIRE', key, ARGV[4])
+end
+local reply = {redis.call('GET', KEYS[2]) or ''}
+for _, message in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  reply[#reply + 1] = message
+end
+return reply
+"#;

@@ -1,0 +1,65 @@
+//! Events from other processes (a broker shared by several, `[broker] kind = "redis"`): each
+//! batch is acted on in its user's call order, after the answers this process was already
+//! waiting for, so a session's replay and the live events after it meet without a gap or a
+//! repeat (`fanout.rs::live_from`); a batch of another epoch means the stream was made anew
+//! (Redis restarted empty, or the stream expired), and the user's sessions here are sent to
+//! resume, which tells their clients to reload.
+
+use std::time::Instant;
+
+use actix::prelude::*;
+use log::{info, warn};
+
+use super::{Registry, ToSession};
+use crate::broker::{Call, RemoteBatch};
+
+impl StreamHandler<RemoteBatch> for Registry {
+    fn handle(&mut self, batch: RemoteBatch, ctx: &mut Self::Context) {
+        match batch {
+            RemoteBatch::Events { user, epoch, events } => {
+                self.metrics.remote_batches.inc();
+                let now: Call<()> = Box::pin(std::future::ready(Ok(())));
+                let user_id = user.clone();
+                self.when(ctx, &user_id, now, move |registry, _, ctx| {
+                    let Some(local) = registry.local.get(user.as_str()) else { return };
+                    if local.epoch.as_deref().is_some_and(|known| known != epoch) {
+                        return registry.stream_renewed(&user, &epoch);
+                    }
+                    registry.deliver_events(ctx, &user, &events, Instant::now(), true);
+                });
+            }
+            RemoteBatch::Reconnected => {
+                self.metrics.broker_reconnects.inc();
+                let behind: Vec<(String, u64)> = self
+                    .local
+                    .iter()
+                    .filter(|(_, u)| !u.sessions.is_empty() && u.delivered > 0)
+                    .map(|(user, u)| (user.to_string(), u.delivered + 1))
+                    .collect();
+                info!("broker: back; filling what {} users here may have missed", behind.len());
+                for (user, from) in behind {
+                    self.fill(ctx, &user, from);
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {
+        warn!("broker: the stream of events from other processes ended");
+    }
+}
+
+impl Registry {
+    /// The user's stream was made anew under another epoch: the sessions here hold seqs of the
+    /// old one, so they are closed with 1012 to resume (their clients learn `complete: false`).
+    fn stream_renewed(&mut self, user_id: &str, epoch: &str) {
+        let Some(local) = self.local.get_mut(user_id) else { return };
+        warn!("user {user_id}: the stream has a new epoch {epoch}; sessions here resume");
+        local.epoch = None;
+        local.delivered = 0;
+        let sessions = local.sessions.clone();
+        for id in sessions {
+            self.tell(id, ToSession::Shutdown);
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Several agentwire nodes on one Redis (`[broker] kind = "redis"`, SCALE-OUT.md): a user whose
+//! tabs sit on different nodes sees one identical stream; publishes and runs on any node reach
+//! all of them; resume on another node; `client_msg_id` dedupe and the session cap across nodes;
+//! a node that cannot reach Redis does not start.
+//!
+//! Uses the Redis at `AGENTWIRE_TEST_REDIS_URL` (default redis://127.0.0.1:6379; `.ci/test`
+//! starts one where none runs), each test under a key prefix of its own, never flushing.
+
+mod common;
+
+use agentwire::config::BrokerKind;
+use common::*;
+use serde_json::{json, Value};
+
+fn redis_url() -> String {
+    std::env::var("AGENTWIRE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn unique_prefix(test: &str) -> String {
+    format!("aw-test-{test}-{}-{:x}", std::process::id(), rand_suffix())
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// `count` nodes on one Redis under one prefix, each with a fast demo agent.
+fn nodes(test: &str, count: usize, adjust: impl Fn(&mut agentwire::config::Config)) -> Vec<TestServer> {
+    let prefix = unique_prefix(test);
+    (0..count)
+        .map(|i| {
+            let prefix = prefix.clone();
+            TestServer::with(|c| {
+                c.broker.kind = BrokerKind::Redis;
+                c.broker.url = redis_url();
+                c.broker.prefix = prefix;
+                c.broker.node_id = format!("node-{i}");
+                c.history.ttl_secs = 60;
+                c.agent.step_delay_ms = 0;
+                adjust(c);
+            })
+        })
+        .collect()
+}
+
+/// The next `count` stream events of a tab.
+async fn events(tab: &mut Client, count: usize) -> Vec<Value> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let frame = tab.recv().await;
+        if frame.get("seq").is_some() && frame["type"] != "ack" {
+            seen.push(frame);
+        }
+    }
+    seen
+}
+
+#[actix_web::test]
+async fn tabs_on_different_nodes_see_one_stream() {
+    let cluster = nodes("one-stream", 3, |_| {});
+    let mut tabs = Vec::new();
+    for node in &cluster {
+        tabs.push(node.ready_client("alice").await);
+    }
+    // A publish through each node, and a run started on the second.
+    for (i, node) in cluster.iter().enumerate() {
+        let (status, body) = publish(node, "alice", vec![thinking(&format!("from node {i}"))]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let ack = tabs[1].say("t", "what is 2 + 3?", Some("c1")).await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    let mut streams = Vec::new();
+    for tab in &mut tabs {
+        let mut stream = events(tab, 3).await;
+        stream.extend(tab.events_until_run_ends(&run_id).await);
+        streams.push(stream);
+    }
+    assert_eq!(streams[0], streams[1], "node 0 and node 1 differ");
+    assert_eq!(streams[1], streams[2], "node 1 and node 2 differ");
+    assert_contiguous(&streams[0], 1);
+    let texts: Vec<&str> = streams[0][..3].iter().map(|e| e["payload"]["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["from node 0", "from node 1", "from node 2"]);
+    assert_eq!(streams[0].last().unwrap()["type"], "agent_completed");
+    // Nobody else's tab hears any of it.
+    let mut bob = cluster[2].ready_client("bob").await;
+    assert_eq!(bob.ping(json!(1)).await["type"], "pong");
+}
+
+#[actix_web::test]
+async fn a_client_resumes_on_another_node() {
+    let cluster = nodes("resume", 2, |_| {});
+    let mut first = Client::connect_bearer(&cluster[0].ws_url(), &cluster[0].token("carol")).await.unwrap();
+    let epoch = first.expect_setup("carol").await["epoch"].as_str().unwrap().to_owned();
+    publish(&cluster[0], "carol", vec![thinking("1"), thinking("2")]).await;
+    let seen = events(&mut first, 2).await;
+    drop(first);
+    publish(&cluster[1], "carol", vec![thinking("3"), thinking("4")]).await;
+
+    let url = format!("{}?last_seq={}&epoch={epoch}", cluster[1].ws_url(), seen[1]["seq"]);
+    let mut again = Client::connect_bearer(&url, &cluster[1].token("carol")).await.unwrap();
+    let ready = again.expect_setup("carol").await;
+    assert_eq!(ready["epoch"], epoch.as_str());
+    assert_eq!(ready["resume"], json!({"from_seq": 3, "replayed": 2, "complete": true}));
+    let replayed = events(&mut again, 2).await;
+    assert_eq!(
+        replayed.iter().map(|e| e["payload"]["text"].clone()).collect::<Vec<_>>(),
+        [json!("3"), json!("4")]
+    );
+    // Live events go on right after the replay, from either node.
+    publish(&cluster[0], "carol", vec![thinking("5")]).await;
+    assert_eq!(events(&mut again, 1).await[0]["seq"], 5);
+}
+
+#[actix_web::test]
+async fn a_repeated_client_msg_id_is_one_message_across_nodes() {
+    let cluster = nodes("dedupe", 2, |_| {});
+    let mut a = cluster[0].ready_client("dave").await;
+    let mut b = cluster[1].ready_client("dave").await;
+    let first = a.say("t", "once", Some("same-id")).await;
+    let again = b.say("t", "once", Some("same-id")).await;
+    assert_eq!(
+        (&again["message_id"], &again["run_id"], &again["seq"]),
+        (&first["message_id"], &first["run_id"], &first["seq"])
+    );
+    // One echo and one run on both tabs.
+    let run_id = first["run_id"].as_str().unwrap();
+    for tab in [&mut a, &mut b] {
+        let stream = tab.events_until_run_ends(run_id).await;
+        assert_eq!(stream.iter().filter(|e| e["type"] == "user_message").count(), 1);
+        assert_eq!(stream.iter().filter(|e| e["type"] == "agent_started").count(), 1);
+    }
+}
+
+#[actix_web::test]
+async fn the_session_cap_holds_across_nodes() {
+    let cluster = nodes("cap", 2, |c| c.limits.max_sessions_per_user = 2);
+    let _one = cluster[0].ready_client("erin").await;
+    let _two = cluster[1].ready_client("erin").await;
+    let mut third = Client::connect_bearer(&cluster[0].ws_url(), &cluster[0].token("erin")).await.unwrap();
+    third.expect_state("accepted").await;
+    assert_eq!(third.expect_close_code().await, 4004);
+    // A slot given back on one node is free on the other.
+    drop(_two);
+    cluster[1]
+        .eventually("the slot given back", |s| {
+            s.metric("agentwire_connections{state=\"processing_ready\"}") == 0.0
+        })
+        .await;
+    let mut again = Client::connect_bearer(&cluster[0].ws_url(), &cluster[0].token("erin")).await.unwrap();
+    again.expect_setup("erin").await;
+}
+
+#[actix_web::test]
+async fn a_node_that_cannot_reach_redis_does_not_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut config = test_config();
+    config.broker.kind = BrokerKind::Redis;
+    config.broker.url = format!("redis://127.0.0.1:{port}");
+    config.validate().unwrap();
+    let error = match agentwire::build(config) {
+        Ok(_) => panic!("started without Redis"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("broker.url") && error.contains(&port.to_string()), "{error}");
+}
