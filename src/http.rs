@@ -23,7 +23,7 @@ use crate::protocol::{
     parse_published_event, ClientInfo, ConnectionsResponse, DevTokenResponse, HttpError, PublishRequest,
     Status, SUBPROTOCOL,
 };
-use crate::registry::{ListConnections, Probe, Publish, PublishTicket};
+use crate::registry::{ListConnections, Probe, ProbeBroker, Publish, PublishTicket};
 use crate::session::{self, Session, SessionEnv};
 
 /// What every route handler can reach.
@@ -241,8 +241,12 @@ fn registry_unavailable() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    match ask_registry(&state, Probe).await {
-        Some(()) => HttpResponse::Ok().json(Status { status: "ready" }),
+    if ask_registry(&state, Probe).await.is_none() {
+        return registry_unavailable();
+    }
+    match ask_registry(&state, ProbeBroker).await {
+        Some(Ok(())) => HttpResponse::Ok().json(Status { status: "ready" }),
+        Some(Err(e)) => error_response(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", &e.to_string()),
         None => registry_unavailable(),
     }
 }

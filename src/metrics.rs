@@ -37,6 +37,9 @@ pub struct Metrics {
     pub remote_batches: IntCounter,
     pub broker_reconnects: IntCounter,
     pub gap_fills: IntCounter,
+    /// 1 while the shared broker answers, 0 after a command failed to reach it.
+    pub broker_connected: IntGauge,
+    pub broker_round_trip_seconds: Histogram,
 }
 
 impl Metrics {
@@ -160,6 +163,23 @@ impl Metrics {
             gap_fills: counter(
                 "agentwire_broker_gap_fills_total",
                 "Missed events read back from a user's stream",
+            ),
+            broker_connected: gauge(
+                "agentwire_broker_connected",
+                "1 while the shared broker (Redis) answers, 0 after a command failed to reach it",
+            ),
+            broker_round_trip_seconds: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "agentwire_broker_round_trip_seconds",
+                        "One pipeline of commands to the shared broker and its answers",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+                    ]),
+                )
+                .expect("valid"),
             ),
             connections,
             registry,

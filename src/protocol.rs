@@ -43,6 +43,9 @@ pub enum ErrorCode {
     Internal,
     /// AGENTS.md: `agent.max_concurrent_runs` runs are in progress; no run was started.
     AgentBusy,
+    /// SCALE-OUT.md: the stream store cannot be reached; nothing was taken (send it again with
+    /// the same `client_msg_id`).
+    Unavailable,
 }
 
 /// Field limits a client frame is checked against; they come from `[limits]`.

@@ -137,6 +137,7 @@ fn refused(code: ErrorCode, message: &str) -> HttpResponse {
         ErrorCode::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         ErrorCode::AgentBusy => (StatusCode::TOO_MANY_REQUESTS, "agent_busy"),
         ErrorCode::BadMessage => return bad_field("runId", message),
+        ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "internal"),
     };
     error_response(status, error, message)

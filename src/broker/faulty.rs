@@ -82,6 +82,10 @@ impl Broker for Faulty {
         self.inner.remote_events()
     }
 
+    fn ping(&mut self) -> Call<()> {
+        self.inner.ping()
+    }
+
     fn upkeep(&mut self) -> bool {
         self.inner.upkeep()
     }

@@ -149,6 +149,11 @@ pub trait Broker {
         None
     }
 
+    /// Whether the store answers now: `/readyz`.
+    fn ping(&mut self) -> Call<()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Periodic upkeep: forgets what outlived its TTL, gives back room. `true` when memory was
     /// freed.
     fn upkeep(&mut self) -> bool;

@@ -252,3 +252,8 @@ pub struct Shutdown;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Probe;
+
+/// `/readyz`: does the broker answer?
+#[derive(Message)]
+#[rtype(result = "Result<(), crate::broker::BrokerError>")]
+pub struct ProbeBroker;

@@ -198,13 +198,15 @@ impl Registry {
     pub fn new(settings: RegistrySettings, metrics: Arc<Metrics>, agent: Option<AgentHandle>) -> Registry {
         let mut broker: Box<dyn Broker> = match &settings.redis {
             // `build` checked at start that Redis answers; the broker reconnects from here on.
-            Some(redis) => match crate::broker::redis::RedisBroker::start(redis.clone()) {
-                Ok(redis) => Box::new(redis),
-                Err(e) => {
-                    warn!("broker: {e}; keeping users' streams in this process");
-                    Box::new(MemoryBroker::new(settings.users))
+            Some(redis) => {
+                match crate::broker::redis::RedisBroker::start(redis.clone(), Arc::clone(&metrics)) {
+                    Ok(redis) => Box::new(redis),
+                    Err(e) => {
+                        warn!("broker: {e}; keeping users' streams in this process");
+                        Box::new(MemoryBroker::new(settings.users))
+                    }
                 }
-            },
+            }
             None => Box::new(MemoryBroker::new(settings.users)),
         };
         // `build` has logged the faults at start.
@@ -290,4 +292,12 @@ impl Handler<Probe> for Registry {
     type Result = ();
 
     fn handle(&mut self, _: Probe, _: &mut Self::Context) {}
+}
+
+impl Handler<ProbeBroker> for Registry {
+    type Result = ResponseFuture<Result<(), crate::broker::BrokerError>>;
+
+    fn handle(&mut self, _: ProbeBroker, _: &mut Self::Context) -> Self::Result {
+        self.broker.ping()
+    }
 }

@@ -168,7 +168,8 @@ impl Registry {
     fn message_not_stored(&mut self, origin: Origin, error: &BrokerError) {
         warn!("{origin}: user_message not stored: broker: {error}");
         self.metrics.fail("broker_error");
-        self.refuse(origin, ErrorCode::Internal, "the message could not be stored; send it again");
+        let message = "the message could not be stored now; send it again with the same client_msg_id";
+        self.refuse(origin, ErrorCode::Unavailable, message);
     }
 
     /// A user message that starts nothing: an error frame to a session, the answer to an AG-UI

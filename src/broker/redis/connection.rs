@@ -12,7 +12,10 @@ use futures_util::StreamExt;
 use log::{info, warn};
 use redis::aio::ConnectionManager;
 
+use std::sync::Arc;
+
 use crate::broker::BrokerError;
+use crate::metrics::Metrics;
 
 /// One command and where its answer goes.
 pub struct Job {
@@ -28,7 +31,7 @@ fn broker_error(error: &redis::RedisError) -> BrokerError {
 }
 
 /// Sends the jobs in order, each batch of waiting jobs as one pipeline.
-pub async fn writer(client: redis::Client, mut jobs: mpsc::UnboundedReceiver<Job>) {
+pub async fn writer(client: redis::Client, mut jobs: mpsc::UnboundedReceiver<Job>, metrics: Arc<Metrics>) {
     let mut connection: Option<ConnectionManager> = None;
     while let Some(first) = jobs.next().await {
         let mut batch = vec![first];
@@ -39,9 +42,17 @@ pub async fn writer(client: redis::Client, mut jobs: mpsc::UnboundedReceiver<Job
             }
         }
         if connection.is_none() {
-            match client.get_connection_manager().await {
+            // Short retries and timeouts: while Redis is away, calls fail fast (clients are told
+            // `unavailable` and send again) instead of waiting with the registry's answers.
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500))
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(5)));
+            match client.get_connection_manager_with_config(config).await {
                 Ok(manager) => connection = Some(manager),
                 Err(e) => {
+                    metrics.broker_connected.set(0);
                     let error = broker_error(&e);
                     for job in batch {
                         let _ = job.answer.send(Err(error.clone()));
@@ -57,7 +68,11 @@ pub async fn writer(client: redis::Client, mut jobs: mpsc::UnboundedReceiver<Job
         for job in &batch {
             pipe.add_command(job.command.clone());
         }
-        match pipe.query_async::<Vec<redis::Value>>(manager).await {
+        let sent = std::time::Instant::now();
+        let answered = pipe.query_async::<Vec<redis::Value>>(manager).await;
+        metrics.broker_round_trip_seconds.observe(sent.elapsed().as_secs_f64());
+        metrics.broker_connected.set(i64::from(answered.is_ok()));
+        match answered {
             Ok(values) if values.len() == batch.len() => {
                 for (job, value) in batch.into_iter().zip(values) {
                     let answer = match value {

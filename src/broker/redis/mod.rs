@@ -144,7 +144,10 @@ fn split_frame(event: &NewEvent<'_>, scratch: &mut Vec<u8>) -> (String, String) 
 
 impl RedisBroker {
     /// Starts the broker's connections on the current arbiter (the registry's).
-    pub fn start(settings: RedisSettings) -> Result<RedisBroker, BrokerError> {
+    pub fn start(
+        settings: RedisSettings,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Result<RedisBroker, BrokerError> {
         let client =
             redis::Client::open(settings.url.as_str()).map_err(|e| BrokerError(format!("redis: {e}")))?;
         let (jobs, queued) = mpsc::unbounded();
@@ -152,7 +155,7 @@ impl RedisBroker {
         let (messages_tx, messages) = mpsc::unbounded();
         let (reconnected_tx, reconnected) = mpsc::unbounded();
         let (remote_tx, remote) = mpsc::unbounded();
-        actix_web::rt::spawn(connection::writer(client.clone(), queued));
+        actix_web::rt::spawn(connection::writer(client.clone(), queued, metrics));
         actix_web::rt::spawn(connection::subscriber(client, asked, messages_tx, reconnected_tx));
         actix_web::rt::spawn(forward(settings.prefix.clone(), messages, reconnected, remote_tx));
         Ok(RedisBroker {
@@ -485,6 +488,12 @@ impl Broker for RedisBroker {
 
     fn remote_events(&mut self) -> Option<mpsc::UnboundedReceiver<RemoteBatch>> {
         self.remote.take()
+    }
+
+    fn ping(&mut self) -> Call<()> {
+        let (answer_tx, answered) = oneshot::channel();
+        let _ = self.jobs.unbounded_send(Job { command: redis::cmd("PING"), answer: answer_tx });
+        Box::pin(async move { answer(answered).await.map(|_| ()) })
     }
 
     fn upkeep(&mut self) -> bool {
