@@ -326,6 +326,8 @@ pub struct BrokerConfig {
     pub prefix: String,
     /// This process's name in logs and the connections API; empty is hostname-pid.
     pub node_id: String,
+    /// A node silent this long is gone: another ends its runs with `agent_error` `node_lost`.
+    pub node_lease_secs: u64,
 }
 
 impl Default for BrokerConfig {
@@ -335,6 +337,7 @@ impl Default for BrokerConfig {
             url: "redis://127.0.0.1:6379".into(),
             prefix: "agentwire".into(),
             node_id: String::new(),
+            node_lease_secs: 5,
         }
     }
 }
@@ -561,6 +564,12 @@ impl Config {
                     "broker.prefix",
                     "must be a non-empty name without braces, colons or spaces",
                 ));
+            }
+            if b.node_id.contains(['/', '\n', ' ', '{', '}']) {
+                return Err(error("broker.node_id", "must not contain '/', braces or white space"));
+            }
+            if b.node_lease_secs < 2 {
+                return Err(error("broker.node_lease_secs", "must be at least 2 (nodes beat every second)"));
             }
         }
         if let Err(why) = crate::agent::ag_ui::header_map(&g.headers) {

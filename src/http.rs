@@ -291,7 +291,8 @@ async fn user_connections(
     }
     let user_id = path.into_inner();
     match ask_registry(&state, ListConnections { user_id: user_id.clone() }).await {
-        Some(connections) => HttpResponse::Ok().json(ConnectionsResponse { user_id, connections }),
+        Some(Ok(connections)) => HttpResponse::Ok().json(ConnectionsResponse { user_id, connections }),
+        Some(Err(e)) => error_response(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", &e.to_string()),
         None => registry_unavailable(),
     }
 }

@@ -163,3 +163,90 @@ async fn a_node_that_cannot_reach_redis_does_not_start() {
     };
     assert!(error.contains("broker.url") && error.contains(&port.to_string()), "{error}");
 }
+
+#[actix_web::test]
+async fn cancel_and_the_connections_api_work_from_any_node() {
+    let cluster = nodes("cancel", 2, |c| c.agent.step_delay_ms = 150);
+    let mut on_a = cluster[0].ready_client("hank").await;
+    let mut on_b = cluster[1].ready_client("hank").await;
+
+    let (status, body) = http_get(&cluster[1].http("/api/v1/users/hank/connections"), Some(API_KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    let mut nodes: Vec<&str> =
+        body["connections"].as_array().unwrap().iter().map(|c| c["node"].as_str().unwrap()).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["node-0", "node-1"], "{body}");
+
+    // A run on node 0, cancelled from a tab on node 1.
+    let ack = on_a.say("t", "count these words slowly", None).await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    on_b.recv_where(|f| f["run_id"] == run_id.as_str() && f["type"] == "agent_started").await;
+    on_b.send(json!({"type": "cancel_run", "run_id": run_id})).await;
+    for tab in [&mut on_a, &mut on_b] {
+        let end = tab.recv_where(|f| f["run_id"] == run_id.as_str() && is_terminal(f)).await;
+        assert_eq!(
+            (end["type"].as_str(), end["payload"]["status"].as_str()),
+            (Some("agent_completed"), Some("cancelled"))
+        );
+    }
+    // An unknown run is still not found, wherever it is asked for.
+    on_b.send(json!({"type": "cancel_run", "run_id": "r_nobody"})).await;
+    let refused = on_b.recv_where(|f| f["type"] == "error").await;
+    assert_eq!(refused["code"], "not_found");
+}
+
+#[actix_web::test]
+async fn a_killed_nodes_runs_end_with_node_lost_and_its_tabs_resume_elsewhere() {
+    let prefix = unique_prefix("node-lost");
+    let survivor = {
+        let prefix = prefix.clone();
+        TestServer::with(move |c| {
+            c.broker.kind = BrokerKind::Redis;
+            c.broker.url = redis_url();
+            c.broker.prefix = prefix;
+            c.broker.node_id = "survivor".into();
+            c.broker.node_lease_secs = 2;
+            c.history.ttl_secs = 60;
+        })
+    };
+    let url = redis_url();
+    let mut doomed = BinaryServer::spawn(&[
+        ("AGENTWIRE__BROKER__KIND", "redis"),
+        ("AGENTWIRE__BROKER__URL", &url),
+        ("AGENTWIRE__BROKER__PREFIX", &prefix),
+        ("AGENTWIRE__BROKER__NODE_ID", "doomed"),
+        ("AGENTWIRE__BROKER__NODE_LEASE_SECS", "2"),
+        ("AGENTWIRE__HISTORY__TTL_SECS", "60"),
+        ("AGENTWIRE__AGENT__STEP_DELAY_MS", "1000"),
+    ]);
+    let mut watcher = survivor.ready_client("ivy").await;
+    let mut client = Client::connect_bearer(&doomed.ws_url(), &doomed.token("ivy")).await.unwrap();
+    let epoch = client.expect_setup("ivy").await["epoch"].as_str().unwrap().to_owned();
+    let ack = client.say("t", "a question for a node about to die", None).await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    let started = client.recv_where(|f| f["type"] == "agent_started").await;
+    // Once the doomed node has beaten (it is known to the others), kill it without a word.
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut connection = redis.get_connection().unwrap();
+    let alive = format!("{prefix}:node:doomed:alive");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !redis::cmd("EXISTS").arg(&alive).query::<bool>(&mut connection).unwrap() {
+        assert!(std::time::Instant::now() < deadline, "the doomed node never beat");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    doomed.child.kill().unwrap();
+    let _ = doomed.child.wait();
+
+    let end = watcher.recv_where(|f| f["run_id"] == run_id.as_str() && is_terminal(f)).await;
+    assert_eq!(
+        (end["type"].as_str(), end["payload"]["code"].as_str()),
+        (Some("agent_error"), Some("node_lost"))
+    );
+    // The dead node's tab resumes on the survivor with nothing missed.
+    let url = format!("{}?last_seq={}&epoch={epoch}", survivor.ws_url(), started["seq"]);
+    let mut again = Client::connect_bearer(&url, &survivor.token("ivy")).await.unwrap();
+    let ready = again.expect_setup("ivy").await;
+    assert_eq!(ready["resume"]["complete"], true);
+    let replayed = again.recv_where(|f| f["run_id"] == run_id.as_str() && is_terminal(f)).await;
+    assert_eq!(replayed, end);
+}

@@ -82,6 +82,26 @@ impl Broker for Faulty {
         self.inner.remote_events()
     }
 
+    fn sessions(&mut self, user: &str) -> Call<Vec<super::SessionRecord>> {
+        self.wrap(user, |b| b.sessions(user))
+    }
+
+    fn run_started(&mut self, user: &str, run_id: &str, thread_id: &str) {
+        self.inner.run_started(user, run_id, thread_id);
+    }
+
+    fn run_ended(&mut self, user: &str, run_id: &str) {
+        self.inner.run_ended(user, run_id);
+    }
+
+    fn cancel_elsewhere(&mut self, user: &str, run_id: &str) -> Call<bool> {
+        self.wrap(user, |b| b.cancel_elsewhere(user, run_id))
+    }
+
+    fn heartbeat(&mut self) {
+        self.inner.heartbeat();
+    }
+
     fn ping(&mut self) -> Call<()> {
         self.inner.ping()
     }

@@ -89,6 +89,14 @@ pub enum Submitted {
     Seen(SeenMessage),
 }
 
+/// A session as the broker records it for the connections API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub connection_id: String,
+    pub node: String,
+    pub connected_at: u64,
+}
+
 /// What a broker shared by several processes hears from the others, for the registry.
 #[derive(Debug)]
 pub enum RemoteBatch {
@@ -97,6 +105,8 @@ pub enum RemoteBatch {
     /// The broker lost its subscriptions for a while and has them back: every user here may
     /// have missed events, to be filled from the streams.
     Reconnected,
+    /// Another process asks this one to cancel a run it runs.
+    Cancel { user: String, run_id: String },
 }
 
 /// The user stream store. Calls take effect in the order they are made.
@@ -148,6 +158,27 @@ pub trait Broker {
     fn remote_events(&mut self) -> Option<futures_channel::mpsc::UnboundedReceiver<RemoteBatch>> {
         None
     }
+
+    /// The user's sessions on every node, as far as the broker knows them (a broker of one
+    /// process knows none beyond the registry's own).
+    fn sessions(&mut self, _user: &str) -> Call<Vec<SessionRecord>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    /// A run started here on `thread_id`: a broker shared by several processes records which
+    /// one runs it, for cancels from elsewhere and for ending it if this process goes away.
+    fn run_started(&mut self, _user: &str, _run_id: &str, _thread_id: &str) {}
+
+    /// The run ended (its record goes).
+    fn run_ended(&mut self, _user: &str, _run_id: &str) {}
+
+    /// Asks the process that runs `run_id` of `user` to cancel it; `false` when none does.
+    fn cancel_elsewhere(&mut self, _user: &str, _run_id: &str) -> Call<bool> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
+
+    /// Every second: this process is alive; runs of processes that are not are ended.
+    fn heartbeat(&mut self) {}
 
     /// Whether the store answers now: `/readyz`.
     fn ping(&mut self) -> Call<()> {

@@ -303,25 +303,41 @@ impl Handler<Unregister> for Registry {
 }
 
 impl Handler<ListConnections> for Registry {
-    type Result = MessageResult<ListConnections>;
+    type Result = ResponseFuture<Result<Vec<ConnectionView>, BrokerError>>;
 
+    /// This node's sessions of the user, then those the broker knows on other nodes.
     fn handle(&mut self, msg: ListConnections, _: &mut Self::Context) -> Self::Result {
-        let Some(user) = self.local.get(msg.user_id.as_str()) else {
-            return MessageResult(Vec::new());
-        };
-        let views = user
-            .sessions
-            .iter()
-            .filter_map(|id| {
-                self.connections.get(id).map(|c| ConnectionView {
-                    connection_id: id.to_string(),
-                    state: c.state,
-                    connected_at: c.connected_at,
-                    unsent_bytes: c.outbound.pending(),
-                })
-            })
-            .collect();
-        MessageResult(views)
+        let node = self.settings.node.clone();
+        let mut views: Vec<ConnectionView> =
+            self.local.get(msg.user_id.as_str()).map_or_else(Vec::new, |user| {
+                user.sessions
+                    .iter()
+                    .filter_map(|id| {
+                        self.connections.get(id).map(|c| ConnectionView {
+                            connection_id: id.to_string(),
+                            node: node.clone(),
+                            state: Some(c.state),
+                            connected_at: c.connected_at,
+                            unsent_bytes: Some(c.outbound.pending()),
+                        })
+                    })
+                    .collect()
+            });
+        let elsewhere = self.broker.sessions(&msg.user_id);
+        Box::pin(async move {
+            for session in elsewhere.await? {
+                if session.node != node {
+                    views.push(ConnectionView {
+                        connection_id: session.connection_id,
+                        node: session.node,
+                        state: None,
+                        connected_at: session.connected_at,
+                        unsent_bytes: None,
+                    });
+                }
+            }
+            Ok(views)
+        })
     }
 }
 

@@ -191,14 +191,17 @@ impl Delivery {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ConnectionView {
     pub connection_id: String,
-    pub state: ConnectionState,
+    /// The process the session is on (`broker.node_id`).
+    pub node: String,
+    /// Known to the session's own node only: `null` in rows of other nodes.
+    pub state: Option<ConnectionState>,
     pub connected_at: u64,
-    /// Bytes handed to the session and not yet written to its socket.
-    pub unsent_bytes: i64,
+    /// Bytes handed to the session and not yet written to its socket (its node only).
+    pub unsent_bytes: Option<i64>,
 }
 
 #[derive(Message)]
-#[rtype(result = "Vec<ConnectionView>")]
+#[rtype(result = "Result<Vec<ConnectionView>, crate::broker::BrokerError>")]
 pub struct ListConnections {
     pub user_id: String,
 }

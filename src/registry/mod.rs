@@ -56,6 +56,8 @@ pub struct RegistrySettings {
     pub broker_fail_user_prefix: String,
     /// `[broker] kind = "redis"`: where the streams live instead of this process.
     pub redis: Option<crate::broker::redis::RedisSettings>,
+    /// This process's name (`broker.node_id`, or hostname-pid).
+    pub node: String,
 }
 
 impl RegistrySettings {
@@ -88,6 +90,7 @@ impl RegistrySettings {
             broker_fail_user_prefix: config.faults.broker_fail_user_prefix.clone(),
             redis: (config.broker.kind == crate::config::BrokerKind::Redis)
                 .then(|| crate::broker::redis::RedisSettings::from_config(config)),
+            node: config.broker.node_name(),
         }
     }
 }
@@ -187,6 +190,7 @@ impl Actor for Registry {
         });
         if let Some(remote) = self.broker.remote_events() {
             ctx.add_stream(remote);
+            ctx.run_interval(Duration::from_secs(1), |registry, _| registry.broker.heartbeat());
         }
         let overdue =
             (self.settings.run_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));

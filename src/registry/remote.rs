@@ -28,6 +28,11 @@ impl StreamHandler<RemoteBatch> for Registry {
                     registry.deliver_events(ctx, &user, &events, Instant::now(), true);
                 });
             }
+            RemoteBatch::Cancel { user, run_id } => {
+                if self.cancel_run(ctx, &user, &run_id) {
+                    info!("run {run_id}: cancelled from another node");
+                }
+            }
             RemoteBatch::Reconnected => {
                 self.metrics.broker_reconnects.inc();
                 let behind: Vec<(String, u64)> = self

@@ -82,6 +82,7 @@ impl Registry {
             _ => ("error", ""),
         };
         self.metrics.run_ended(outcome, code, run.started.elapsed());
+        self.broker.run_ended(&run.user_id, run_id);
         if !run.announced {
             let agent = self.agent.as_ref().map_or_else(String::new, |a| a.name.clone());
             let started = AgentOutput::Started { agent, message_id: run.message_id.clone() };
@@ -313,6 +314,7 @@ impl Registry {
         };
         self.runs.insert(run_id.clone(), run);
         debug!("{who}: run {run_id} started for user {user_id}");
+        self.broker.run_started(&user_id, &run_id, &message.thread_id);
         let forward_ag_ui = observer.is_some();
         if let Some(observer) = observer {
             self.observers.insert(run_id.clone(), observer);
@@ -450,11 +452,19 @@ impl Handler<CancelRequest> for Registry {
         let Some(user_id) = self.ready_user(id) else { return };
         if self.cancel_run(ctx, &user_id, &msg.run_id) {
             info!("{id}: run {} cancelled", msg.run_id);
-        } else {
-            // Another user's run is indistinguishable from an unknown one.
-            let message = format!("no running run {} of yours", msg.run_id);
-            self.send_to(id, ServerFrame::error(ErrorCode::NotFound, &message, Some("cancel_run")));
+            return;
         }
+        // Not run here: perhaps by another process sharing the broker.
+        let call = self.broker.cancel_elsewhere(&user_id, &msg.run_id);
+        let run_id = msg.run_id;
+        self.when(ctx, &user_id, call, move |registry, answer, _| match answer {
+            Ok(true) => info!("{id}: run {run_id} cancelled on another node"),
+            _ => {
+                // Another user's run is indistinguishable from an unknown one.
+                let message = format!("no running run {run_id} of yours");
+                registry.send_to(id, ServerFrame::error(ErrorCode::NotFound, &message, Some("cancel_run")));
+            }
+        });
     }
 }
 

@@ -26,7 +26,7 @@ use super::{
     Attached, Broker, BrokerError, Call, Conversation, NewEvent, RemoteBatch, SeenMessage, Stored, Submitted,
 };
 use crate::config::Config;
-use crate::protocol::{now_ms, Event};
+use crate::protocol::{now_ms, Event, EventKind};
 use crate::registry::ConnectionId;
 use connection::{Interest, Job};
 
@@ -41,6 +41,8 @@ pub struct RedisSettings {
     pub dedupe_per_user: usize,
     pub messages_per_thread: usize,
     pub threads_per_user: usize,
+    /// A node whose heartbeat is older than this is gone: its runs end with `node_lost`.
+    pub node_lease: Duration,
 }
 
 impl RedisSettings {
@@ -54,6 +56,7 @@ impl RedisSettings {
             dedupe_per_user: config.history.dedupe_per_user,
             messages_per_thread: config.agent.history_messages,
             threads_per_user: config.agent.threads_per_user,
+            node_lease: Duration::from_secs(config.broker.node_lease_secs),
         }
     }
 }
@@ -157,7 +160,10 @@ impl RedisBroker {
         let (remote_tx, remote) = mpsc::unbounded();
         actix_web::rt::spawn(connection::writer(client.clone(), queued, metrics));
         actix_web::rt::spawn(connection::subscriber(client, asked, messages_tx, reconnected_tx));
-        actix_web::rt::spawn(forward(settings.prefix.clone(), messages, reconnected, remote_tx));
+        let control = format!("{}:node:{}:control", settings.prefix, settings.node);
+        let (subscribed, _) = oneshot::channel();
+        let _ = interest.unbounded_send(Interest::Subscribe(control.clone(), subscribed));
+        actix_web::rt::spawn(forward(settings.prefix.clone(), control, messages, reconnected, remote_tx));
         Ok(RedisBroker {
             settings,
             jobs,
@@ -199,22 +205,50 @@ impl RedisBroker {
     }
 
     fn appended(&mut self, user: &str, events: &[NewEvent<'_>]) -> (Answer, Vec<(String, String)>) {
-        let parts: Vec<(String, String)> = events.iter().map(|e| split_frame(e, &mut self.scratch)).collect();
-        let keys = [self.key(user, "meta"), self.key(user, "stream")];
-        let mut args: Vec<Vec<u8>> = vec![
-            self.channel(user).into_bytes(),
-            random_epoch().into_bytes(),
-            self.settings.events_per_user.to_string().into_bytes(),
-            self.ttl_ms().to_string().into_bytes(),
-            events.len().to_string().into_bytes(),
-        ];
-        for (head, tail) in &parts {
-            args.push(head.clone().into_bytes());
-            args.push(tail.clone().into_bytes());
-        }
-        let script = self.scripts.append.clone();
-        (self.eval(&script, &keys, args), parts)
+        let (command, parts) =
+            append_command(&self.settings, &self.scripts.append, user, events, &mut self.scratch);
+        let (answer, answered) = oneshot::channel();
+        let _ = self.jobs.unbounded_send(Job { command, answer });
+        (answered, parts)
     }
+
+    /// A script whose answer nobody waits for; a failure is logged.
+    fn eval_quietly(&mut self, what: &'static str, script: &str, keys: &[String], args: Vec<Vec<u8>>) {
+        let answered = self.eval(script, keys, args);
+        actix_web::rt::spawn(async move {
+            if let Err(e) = answer(answered).await {
+                warn!("broker: {what} not recorded: {e}");
+            }
+        });
+    }
+
+    fn node_key(&self, what: &str) -> String {
+        format!("{}:node:{}:{what}", self.settings.prefix, self.settings.node)
+    }
+}
+
+/// The append script for `events` of `user`, and each frame's parts around its seq.
+fn append_command(
+    settings: &RedisSettings,
+    script: &str,
+    user: &str,
+    events: &[NewEvent<'_>],
+    scratch: &mut Vec<u8>,
+) -> (redis::Cmd, Vec<(String, String)>) {
+    let parts: Vec<(String, String)> = events.iter().map(|e| split_frame(e, scratch)).collect();
+    let key = |what: &str| format!("{}:{{{user}}}:{what}", settings.prefix);
+    let mut command = redis::cmd("EVAL");
+    command.arg(script).arg(2).arg(key("meta")).arg(key("stream"));
+    command
+        .arg(key("events"))
+        .arg(random_epoch())
+        .arg(settings.events_per_user)
+        .arg(settings.ttl.as_millis().max(1) as u64)
+        .arg(events.len());
+    for (head, tail) in &parts {
+        command.arg(head).arg(tail);
+    }
+    (command, parts)
 }
 
 async fn answer(answered: Answer) -> Result<RedisValue, BrokerError> {
@@ -236,6 +270,7 @@ fn stored(parts: Vec<(String, String)>, first: u64) -> Vec<Stored> {
 /// user" batch (`RemoteBatch::Reconnected`).
 async fn forward(
     prefix: String,
+    control: String,
     mut messages: mpsc::UnboundedReceiver<connection::Message>,
     mut reconnected: mpsc::UnboundedReceiver<()>,
     remote: mpsc::UnboundedSender<RemoteBatch>,
@@ -246,6 +281,14 @@ async fn forward(
         futures_util::select! {
             message = messages.next() => {
                 let Some((channel, payload)) = message else { return };
+                if channel == control {
+                    let text = String::from_utf8_lossy(&payload);
+                    let mut parts = text.split('\n');
+                    if let (Some("cancel"), Some(user), Some(run_id)) = (parts.next(), parts.next(), parts.next()) {
+                        let _ = remote.unbounded_send(RemoteBatch::Cancel { user: user.to_owned(), run_id: run_id.to_owned() });
+                    }
+                    continue;
+                }
                 let user = channel.strip_prefix(&start).and_then(|rest| rest.strip_suffix("}:events"));
                 let Some(user) = user else { continue };
                 match parse_batch(&payload) {
@@ -429,23 +472,92 @@ impl Broker for RedisBroker {
     }
 
     fn admit(&mut self, user: &str, connection: ConnectionId, cap: usize) -> Call<bool> {
-        let keys = [self.key(user, "sessions")];
+        let record = serde_json::json!({"node": self.settings.node, "connected_at": now_ms()});
+        let keys = [self.key(user, "sessions"), self.node_key("sessions")];
         let args = vec![
             format!("{}/{connection}", self.settings.node).into_bytes(),
-            self.settings.node.clone().into_bytes(),
+            record.to_string().into_bytes(),
             cap.to_string().into_bytes(),
             self.ttl_ms().to_string().into_bytes(),
+            user.as_bytes().to_vec(),
         ];
         let answered = self.eval(scripts::ADMIT, &keys, args);
         Box::pin(async move { Ok(matches!(answer(answered).await?, RedisValue::Int(1))) })
     }
 
     fn leave(&mut self, user: &str, connection: ConnectionId) -> Call<()> {
-        let mut command = redis::cmd("HDEL");
-        command.arg(self.key(user, "sessions")).arg(format!("{}/{connection}", self.settings.node));
-        let (answer_tx, answered) = oneshot::channel();
-        let _ = self.jobs.unbounded_send(Job { command, answer: answer_tx });
+        let keys = [self.key(user, "sessions"), self.node_key("sessions")];
+        let args =
+            vec![format!("{}/{connection}", self.settings.node).into_bytes(), user.as_bytes().to_vec()];
+        let answered = self.eval(scripts::LEAVE, &keys, args);
         Box::pin(async move { answer(answered).await.map(|_| ()) })
+    }
+
+    fn run_started(&mut self, user: &str, run_id: &str, thread_id: &str) {
+        let keys = [self.key(user, "runs"), self.node_key("runs")];
+        let args = vec![
+            run_id.as_bytes().to_vec(),
+            self.settings.node.clone().into_bytes(),
+            thread_id.as_bytes().to_vec(),
+            user.as_bytes().to_vec(),
+            self.ttl_ms().to_string().into_bytes(),
+        ];
+        self.eval_quietly("a run's owner", scripts::RUN_STARTED, &keys, args);
+    }
+
+    fn run_ended(&mut self, user: &str, run_id: &str) {
+        let keys = [self.key(user, "runs"), self.node_key("runs")];
+        let args = vec![run_id.as_bytes().to_vec(), user.as_bytes().to_vec()];
+        self.eval_quietly("a run's end", scripts::RUN_ENDED, &keys, args);
+    }
+
+    fn cancel_elsewhere(&mut self, user: &str, run_id: &str) -> Call<bool> {
+        let keys = [self.key(user, "runs")];
+        let args = vec![
+            run_id.as_bytes().to_vec(),
+            user.as_bytes().to_vec(),
+            self.settings.prefix.clone().into_bytes(),
+        ];
+        let answered = self.eval(scripts::CANCEL_ELSEWHERE, &keys, args);
+        Box::pin(async move { Ok(matches!(answer(answered).await?, RedisValue::Int(1))) })
+    }
+
+    fn heartbeat(&mut self) {
+        let lease = self.settings.node_lease.as_millis().max(1) as u64;
+        let args = vec![
+            self.settings.prefix.clone().into_bytes(),
+            self.settings.node.clone().into_bytes(),
+            lease.to_string().into_bytes(),
+        ];
+        let answered = self.eval(scripts::HEARTBEAT, &[], args);
+        let (settings, script, jobs) =
+            (self.settings.clone(), self.scripts.append.clone(), self.jobs.clone());
+        actix_web::rt::spawn(async move {
+            let lost = match answer(answered).await.and_then(items) {
+                Ok(lost) => lost,
+                Err(e) => return warn!("broker: heartbeat: {e}"),
+            };
+            let mut scratch = Vec::new();
+            for run in lost.chunks(3) {
+                let (Some(user), Some(run_id), Some(thread)) =
+                    (text(&run[0]), run.get(1).and_then(text), run.get(2).and_then(text))
+                else {
+                    continue;
+                };
+                warn!("run {run_id} of user {user}: its node is gone; ended with agent_error node_lost");
+                let payload = serde_json::json!({"code": "node_lost", "message": "the server running this run went away"});
+                let event = NewEvent {
+                    kind: EventKind::AgentError,
+                    thread_id: &thread,
+                    run_id: Some(&run_id),
+                    payload: &payload,
+                };
+                let (command, _) =
+                    append_command(&settings, &script, &user, std::slice::from_ref(&event), &mut scratch);
+                let (answer_tx, _) = oneshot::channel();
+                let _ = jobs.unbounded_send(Job { command, answer: answer_tx });
+            }
+        });
     }
 
     fn converse(&mut self, user: &str, thread: &str, turn: Conversation) -> Call<Conversation> {
@@ -488,6 +600,30 @@ impl Broker for RedisBroker {
 
     fn remote_events(&mut self) -> Option<mpsc::UnboundedReceiver<RemoteBatch>> {
         self.remote.take()
+    }
+
+    fn sessions(&mut self, user: &str) -> Call<Vec<super::SessionRecord>> {
+        let mut command = redis::cmd("HGETALL");
+        command.arg(self.key(user, "sessions"));
+        let (answer_tx, answered) = oneshot::channel();
+        let _ = self.jobs.unbounded_send(Job { command, answer: answer_tx });
+        Box::pin(async move {
+            let reply = items(answer(answered).await?)?;
+            Ok(reply
+                .chunks(2)
+                .filter_map(|pair| {
+                    let field = pair.first().and_then(text)?;
+                    let record: serde_json::Value =
+                        serde_json::from_str(&pair.get(1).and_then(text)?).ok()?;
+                    let (_, connection_id) = field.split_once('/')?;
+                    Some(super::SessionRecord {
+                        connection_id: connection_id.to_owned(),
+                        node: record["node"].as_str()?.to_owned(),
+                        connected_at: record["connected_at"].as_u64().unwrap_or(0),
+                    })
+                })
+                .collect())
+        })
     }
 
     fn ping(&mut self) -> Call<()> {

@@ -102,12 +102,14 @@ end
 return reply
 "#;
 
-/// A session against the user's cap across all nodes. KEYS: sessions hash. ARGV: session,
-/// node, cap, ttl ms. Returns 1 (admitted) or 0.
+/// A session against the user's cap across all nodes, recorded for the connections API and in
+/// its node's set (for the reaper). KEYS: sessions hash, the node's sessions set. ARGV: session,
+/// record, cap, ttl ms, user. Returns 1 (admitted) or 0.
 pub const ADMIT: &str = r#"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[5] .. '\n' .. ARGV[1])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
@@ -141,4 +143,71 @@ for _, message in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
   reply[#reply + 1] = message
 end
 return reply
+"#;
+
+/// A session given back. KEYS: sessions hash, the node's sessions set. ARGV: session, user.
+pub const LEAVE: &str = r#"
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[2] .. '\n' .. ARGV[1])
+return 1
+"#;
+
+/// A run started on this node: its owner and thread in the user's runs, and the run in the
+/// node's set (for the reaper). KEYS: runs hash, the node's runs set. ARGV: run, node, thread,
+/// user, ttl ms.
+pub const RUN_STARTED: &str = r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\n' .. ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('SADD', KEYS[2], ARGV[4] .. '\n' .. ARGV[1])
+return 1
+"#;
+
+/// A run ended. KEYS: runs hash, the node's runs set. ARGV: run, user.
+pub const RUN_ENDED: &str = r#"
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[2] .. '\n' .. ARGV[1])
+return 1
+"#;
+
+/// A cancel for a run of another node: sent to its owner's control channel. KEYS: runs hash.
+/// ARGV: run, user, prefix. Returns 1 when some node runs it.
+pub const CANCEL_ELSEWHERE: &str = r#"
+local owner = redis.call('HGET', KEYS[1], ARGV[1])
+if not owner then return 0 end
+local node = string.match(owner, '^(.-)\n')
+redis.call('PUBLISH', ARGV[3] .. ':node:' .. node .. ':control', 'cancel\n' .. ARGV[2] .. '\n' .. ARGV[1])
+return 1
+"#;
+
+/// This node is alive, and the runs and sessions of nodes that are not are taken over: the
+/// caller ends each run with `agent_error` `node_lost`. ARGV: prefix, this node, lease ms.
+/// Returns {user, run, thread, ...} of the runs taken over.
+pub const HEARTBEAT: &str = r#"
+local prefix, me, lease = ARGV[1], ARGV[2], ARGV[3]
+redis.call('SET', prefix .. ':node:' .. me .. ':alive', '1', 'PX', lease)
+redis.call('SADD', prefix .. ':nodes', me)
+local lost = {}
+for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':nodes')) do
+  local base = prefix .. ':node:' .. node
+  if node ~= me and redis.call('EXISTS', base .. ':alive') == 0 then
+    for _, member in ipairs(redis.call('SMEMBERS', base .. ':runs')) do
+      local user, run = string.match(member, '^(.-)\n(.*)$')
+      local runs = prefix .. ':{' .. user .. '}:runs'
+      local owner = redis.call('HGET', runs, run)
+      if owner and string.match(owner, '^(.-)\n') == node then
+        redis.call('HDEL', runs, run)
+        lost[#lost + 1] = user
+        lost[#lost + 1] = run
+        lost[#lost + 1] = string.match(owner, '\n(.*)$')
+      end
+    end
+    for _, member in ipairs(redis.call('SMEMBERS', base .. ':sessions')) do
+      local user, session = string.match(member, '^(.-)\n(.*)$')
+      redis.call('HDEL', prefix .. ':{' .. user .. '}:sessions', session)
+    end
+    redis.call('DEL', base .. ':runs', base .. ':sessions')
+    redis.call('SREM', prefix .. ':nodes', node)
+  end
+end
+return lost
 "#;
