@@ -68,3 +68,27 @@ async fn sigterm_closes_every_session_with_1012_and_exits_0() {
     assert!(status.success(), "exit status {status}");
     eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
 }
+
+/// SCALE-OUT.md's SIGTERM row: a run in progress gets part of the grace period, then ends with
+/// `agent_error` `node_shutdown` before its session's 1012.
+#[actix_web::test]
+async fn sigterm_ends_unfinished_runs_with_node_shutdown_before_the_1012() {
+    let server = BinaryServer::spawn(&[
+        ("AGENTWIRE__SERVER__SHUTDOWN_GRACE_SECS", "2"),
+        ("AGENTWIRE__AGENT__STEP_DELAY_MS", "3000"),
+    ]);
+    let mut client = Client::connect_bearer(&server.ws_url(), &server.token("late")).await.unwrap();
+    client.expect_setup("late").await;
+    let run_id = client.say("t", "a long question", None).await["run_id"].as_str().unwrap().to_owned();
+    server.signal("TERM");
+    let (close, frames) = client.expect_close().await;
+    assert_eq!(u16::from(close.expect("a close frame").code), 1012);
+    let end = frames
+        .iter()
+        .find(|f| f["run_id"] == run_id.as_str() && is_terminal(f))
+        .expect("the run's end before 1012");
+    assert_eq!(
+        (end["type"].as_str(), end["payload"]["code"].as_str()),
+        (Some("agent_error"), Some("node_shutdown"))
+    );
+}

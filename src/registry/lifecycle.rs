@@ -4,6 +4,8 @@
 //! `state.rs`; a step asked out of order is contained as a setup failure of that connection.
 
 use actix::prelude::*;
+use std::time::{Duration, Instant};
+
 use log::{debug, info, warn};
 
 use super::{
@@ -342,15 +344,55 @@ impl Handler<ListConnections> for Registry {
 }
 
 impl Handler<Shutdown> for Registry {
-    type Result = usize;
+    type Result = ResponseFuture<usize>;
 
-    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> usize {
+    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
-        // Queued behind every delivery already handed to each session, so those go out first.
-        for connection in self.connections.values() {
-            connection.session.do_send(ToSession::Shutdown);
+        let (told, answered) = futures_channel::oneshot::channel();
+        let runs_deadline = Instant::now() + self.settings.shutdown_grace / 2;
+        if !self.runs.is_empty() {
+            info!(
+                "shutdown: {} runs in progress get until {:?} to end",
+                self.runs.len(),
+                self.settings.shutdown_grace / 2
+            );
         }
-        info!("shutdown: telling {} sessions to close with 1012", self.connections.len());
-        self.connections.len()
+        let mut told = Some(told);
+        let mut ended_runs = false;
+        let mut settle_deadline = None;
+        ctx.run_interval(Duration::from_millis(20), move |registry, ctx| {
+            if !registry.runs.is_empty() && Instant::now() < runs_deadline {
+                return;
+            }
+            if !ended_runs {
+                ended_runs = true;
+                let left: Vec<String> = registry.runs.keys().cloned().collect();
+                for run_id in left {
+                    warn!("run {run_id}: not ended within the shutdown grace; ended with agent_error node_shutdown");
+                    if let Some(agent) = &registry.agent {
+                        agent.stop.do_send(crate::agent::StopRun { run_id: run_id.clone() });
+                    }
+                    let output = crate::protocol::AgentOutput::Error {
+                        code: "node_shutdown".into(),
+                        message: "the server running this run is shutting down; send the message again".into(),
+                    };
+                    registry.end_run(ctx, &run_id, output);
+                }
+                settle_deadline = Some(Instant::now() + Duration::from_secs(1));
+            }
+            // The runs' last events are on their way to the sessions (through the broker):
+            // they go first, then the 1012.
+            if !registry.calls.is_empty() && settle_deadline.is_some_and(|d| Instant::now() < d) {
+                return;
+            }
+            let Some(told) = told.take() else { return };
+            // Queued behind every delivery already handed to each session, so those go out first.
+            for connection in registry.connections.values() {
+                connection.session.do_send(ToSession::Shutdown);
+            }
+            info!("shutdown: telling {} sessions to close with 1012", registry.connections.len());
+            let _ = told.send(registry.connections.len());
+        });
+        Box::pin(async move { answered.await.unwrap_or(0) })
     }
 }

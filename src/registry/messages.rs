@@ -246,7 +246,9 @@ impl PublishTicket {
     }
 }
 
-/// Graceful shutdown: every session is told to close with 1012. Answers how many were told.
+/// Graceful shutdown: runs in progress get half of `server.shutdown_grace_secs` to end, then end
+/// with `agent_error` `node_shutdown`; then every session is told to close with 1012. Answers
+/// how many were told.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Shutdown;

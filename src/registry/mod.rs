@@ -58,6 +58,8 @@ pub struct RegistrySettings {
     pub redis: Option<crate::broker::redis::RedisSettings>,
     /// This process's name (`broker.node_id`, or hostname-pid).
     pub node: String,
+    /// `server.shutdown_grace_secs`.
+    pub shutdown_grace: Duration,
 }
 
 impl RegistrySettings {
@@ -91,6 +93,7 @@ impl RegistrySettings {
             redis: (config.broker.kind == crate::config::BrokerKind::Redis)
                 .then(|| crate::broker::redis::RedisSettings::from_config(config)),
             node: config.broker.node_name(),
+            shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
         }
     }
 }

@@ -195,6 +195,7 @@ impl Registry {
     ) {
         let max_runs = self.settings.max_runs_per_user;
         let starts_run = self.agent.is_some();
+        let shutting_down = self.shutting_down;
         // AGENTS.md: `agent.max_concurrent_runs` across all users, for agents upstream.
         let max_concurrent = self.agent.as_ref().and_then(|a| a.max_concurrent_runs);
         let agent_busy = max_concurrent.is_some_and(|max| self.runs.len() >= max);
@@ -205,7 +206,9 @@ impl Registry {
         let run_id_taken = requested_run_id.as_ref().is_some_and(|r| self.runs.contains_key(r));
         let user = self.local_user(&user_id);
         // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
-        let refusal = if user.limiter.check(Instant::now()) != Verdict::Allow {
+        let refusal = if shutting_down {
+            Some((ErrorCode::Unavailable, "the server is shutting down; send it again after reconnecting"))
+        } else if user.limiter.check(Instant::now()) != Verdict::Allow {
             Some((ErrorCode::RateLimited, "too many messages from this user across its sessions; slow down"))
         } else if starts_run && user.runs_in_progress >= max_runs {
             let why = "too many runs in progress for this user; wait for one to end or cancel one";
