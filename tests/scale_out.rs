@@ -250,3 +250,34 @@ async fn a_killed_nodes_runs_end_with_node_lost_and_its_tabs_resume_elsewhere() 
     let replayed = again.recv_where(|f| f["run_id"] == run_id.as_str() && is_terminal(f)).await;
     assert_eq!(replayed, end);
 }
+
+/// `agentwire loadtest --url A --url B`: sessions spread over the nodes, every check unchanged.
+#[test]
+fn the_load_generator_spreads_sessions_over_nodes() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: agentwire_loadtest::LoadtestArgs,
+    }
+    let cluster = nodes("loadtest", 2, |_| {});
+    let (a, b) = (cluster[0].ws_url(), cluster[1].ws_url());
+    for scenario in [
+        vec!["--scenario", "chat", "--sessions", "20", "--users", "5", "--messages", "2"],
+        vec!["--scenario", "fanout", "--sessions", "20", "--users", "2", "--events", "50", "--batch", "10"],
+    ] {
+        let mut argv = vec!["loadtest", "--url", &a, "--url", &b, "--quiet", "--api-key", API_KEY];
+        argv.extend(scenario);
+        let cli = Cli::try_parse_from(argv).expect("valid arguments");
+        let minter = agentwire::auth::Minter::new(&cluster[0].config.auth).unwrap();
+        let tokens: agentwire_loadtest::TokenSource =
+            std::sync::Arc::new(move |sub: &str| minter.mint(sub, None, 3600).map(|(token, _)| token));
+        let report = agentwire_loadtest::run(cli.args, tokens, None).expect("load test runs");
+        assert!(report.passed(), "{}", report.table());
+        assert!(report.correctness.is_clean());
+    }
+    // Both nodes held sessions.
+    for node in &cluster {
+        assert!(node.metric("agentwire_connections_opened_total") >= 10.0);
+    }
+}

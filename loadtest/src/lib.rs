@@ -36,9 +36,10 @@ pub enum Scenario {
 
 #[derive(Args, Debug, Clone)]
 pub struct LoadtestArgs {
-    /// WebSocket URL of the server.
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub url: String,
+    /// WebSocket URL of the server; repeat it for several nodes of one deployment (session i
+    /// goes to the (i mod n)-th; publishes go through the first).
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8080/ws")]
+    pub urls: Vec<String>,
     #[arg(long, value_enum, default_value_t = Scenario::Idle)]
     pub scenario: Scenario,
     /// Sessions to open.
@@ -111,8 +112,11 @@ pub struct LoadtestArgs {
 /// Everything a session needs to know, fixed before the first connection.
 pub struct Plan {
     scenario: Scenario,
+    /// The nodes' URLs and addresses; session i uses node i mod n. The first is where
+    /// publishes and attacks go.
     url: String,
     server_addr: SocketAddr,
+    nodes: Vec<(String, SocketAddr)>,
     source_ips: Vec<IpAddr>,
     users: usize,
     sessions: usize,
@@ -204,6 +208,9 @@ fn raise_open_files_limit() -> u64 {
 /// Runs the load test and returns its report. `api_key` is for the publish API (fan-out, and the
 /// hostile scenario's slow readers and resume storms) when `--api-key` is not given.
 pub fn run(args: LoadtestArgs, tokens: TokenSource, api_key: Option<String>) -> Result<Report, UsageError> {
+    if args.urls.is_empty() {
+        return Err(UsageError("need at least one --url".into()));
+    }
     if args.sessions == 0 || args.users == 0 || args.users > args.sessions {
         return Err(UsageError("need --sessions >= --users >= 1".into()));
     }
@@ -221,8 +228,13 @@ pub fn run(args: LoadtestArgs, tokens: TokenSource, api_key: Option<String>) -> 
     let run_tag = format!("{:x}", now_us() % 0xffff_ffff);
     let mut plan = Plan {
         scenario: args.scenario,
-        url: args.url.clone(),
-        server_addr: resolve(&args.url)?,
+        url: args.urls[0].clone(),
+        server_addr: resolve(&args.urls[0])?,
+        nodes: args
+            .urls
+            .iter()
+            .map(|url| Ok((url.clone(), resolve(url)?)))
+            .collect::<Result<_, UsageError>>()?,
         source_ips: match &args.src_ips {
             Some(spec) => parse_source_ips(spec)?,
             None => Vec::new(),

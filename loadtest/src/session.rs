@@ -74,7 +74,8 @@ pub fn now_us() -> u64 {
 }
 
 async fn connect(plan: &Plan, index: usize, token: &str) -> Result<Socket, String> {
-    let addr: SocketAddr = plan.server_addr;
+    let (url, addr) = &plan.nodes[index % plan.nodes.len()];
+    let addr: SocketAddr = *addr;
     let socket = match addr.ip() {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => TcpSocket::new_v6(),
@@ -86,7 +87,7 @@ async fn connect(plan: &Plan, index: usize, token: &str) -> Result<Socket, Strin
     }
     let stream = socket.connect(addr).await.map_err(|e| format!("connect: {}", e.kind()))?;
     let _ = stream.set_nodelay(true);
-    let mut request = plan.url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let mut request = url.as_str().into_client_request().map_err(|e| e.to_string())?;
     let bearer = format!("Bearer {token}").parse().map_err(|_| "token is not a header value".to_owned())?;
     request.headers_mut().insert("Authorization", bearer);
     match tokio_tungstenite::client_async(request, stream).await {

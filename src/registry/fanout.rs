@@ -99,10 +99,12 @@ impl Registry {
         fill_gaps: bool,
     ) -> usize {
         let Some(user) = self.local.get_mut(user_id) else { return 0 };
+        // `None`: no session here has a place in the stream yet, so there is nothing to be in
+        // order with.
         let delivered = user.delivered;
-        let fresh = &stored[stored.partition_point(|e| e.seq <= delivered)..];
+        let fresh = &stored[stored.partition_point(|e| delivered.is_some_and(|d| e.seq <= d))..];
         let (Some(first), Some(last)) = (fresh.first(), fresh.last()) else { return 0 };
-        if delivered > 0 && first.seq > delivered + 1 {
+        if let Some(delivered) = delivered.filter(|d| first.seq > d + 1) {
             if fill_gaps {
                 debug!(
                     "user {user_id}: events {}..{} missed; filled from the stream",
@@ -118,7 +120,7 @@ impl Registry {
                 first.seq
             );
         }
-        user.delivered = last.seq;
+        user.delivered = Some(last.seq);
         let user = &self.local[user_id];
         let frames: Vec<ByteString> = fresh.iter().map(|e| e.frame.clone()).collect();
         let max = self.settings.max_outbound_bytes;
@@ -173,7 +175,7 @@ impl Registry {
         }
         if let Some(user) = self.local.get_mut(user_id) {
             if !others_ready || user.epoch.as_deref() != Some(epoch) {
-                user.delivered = last_seq;
+                user.delivered = Some(last_seq);
                 user.epoch = Some(epoch.to_owned());
             }
         }

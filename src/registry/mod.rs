@@ -109,7 +109,7 @@ struct LocalUser {
     limiter: RateLimiter,
     /// The newest seq handed to the user's sessions here, and the stream's epoch: events reach
     /// them in seq order, once, however the broker brings them (`fanout.rs`).
-    delivered: u64,
+    delivered: Option<u64>,
     epoch: Option<String>,
 }
 
@@ -274,7 +274,7 @@ impl Registry {
             let user = LocalUser {
                 sessions: Vec::new(),
                 runs_in_progress: 0,
-                delivered: 0,
+                delivered: None,
                 epoch: None,
                 limiter: RateLimiter::new(rate, rate.saturating_mul(2), std::time::Instant::now()),
             };

@@ -38,8 +38,8 @@ impl StreamHandler<RemoteBatch> for Registry {
                 let behind: Vec<(String, u64)> = self
                     .local
                     .iter()
-                    .filter(|(_, u)| !u.sessions.is_empty() && u.delivered > 0)
-                    .map(|(user, u)| (user.to_string(), u.delivered + 1))
+                    .filter(|(_, u)| !u.sessions.is_empty())
+                    .filter_map(|(user, u)| Some((user.to_string(), u.delivered? + 1)))
                     .collect();
                 info!("broker: back; filling what {} users here may have missed", behind.len());
                 for (user, from) in behind {
@@ -61,7 +61,7 @@ impl Registry {
         let Some(local) = self.local.get_mut(user_id) else { return };
         warn!("user {user_id}: the stream has a new epoch {epoch}; sessions here resume");
         local.epoch = None;
-        local.delivered = 0;
+        local.delivered = None;
         let sessions = local.sessions.clone();
         for id in sessions {
             self.tell(id, ToSession::Shutdown);
