@@ -2,7 +2,7 @@
 # The benchmark suite: builds release, runs the standard scenarios against a fresh server on
 # 127.0.0.1 (server and load generator share this machine), repeats each, and writes
 # BENCHMARKS.md with the medians. Usage: benches/run.sh [repetitions, default 3]
-# ONLY=core|hostile|agents runs one group of scenarios (BENCHMARKS.md then has only that group).
+# ONLY=core|hostile|agents|scale runs one group of scenarios (BENCHMARKS.md then has only that group).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-3}
@@ -13,7 +13,8 @@ PORT=18080
 # The server and the load generator sign and check tokens with the same secret.
 export AGENTWIRE__AUTH__SECRET=bench-secret-of-the-benchmarks-0123456789
 mkdir -p "$OUT"
-rm -f "$OUT"/*.json
+# One group alone (ONLY=...) keeps the other groups' reports, so BENCHMARKS.md keeps them too.
+[ -n "${ONLY:-}" ] || rm -f "$OUT"/*.json
 
 cargo build --release -q
 cargo build --release -q --example bench_agent
@@ -77,7 +78,7 @@ run() {
   echo "$name|$*" >>"$OUT/commands.txt"
 }
 
-rm -f "$OUT/commands.txt"
+[ -n "${ONLY:-}" ] || rm -f "$OUT/commands.txt"
 if want core; then
 run idle-10k --scenario idle --sessions 10000 --users 1000 --hold-secs 2 --connect-concurrency 1000
 MEASURE_RETURN=1 run idle-19k --scenario idle --sessions 19000 --users 2000 --hold-secs 2 --connect-concurrency 1000 --src-ips 127.0.0.1-127.0.0.20
@@ -131,6 +132,57 @@ if want agents; then
   echo "agents-loaded|${CHAT[*]} (while: --sessions 1000 --users 1000 --messages 1 --message-text 'take it slow')" >>"$OUT/commands.txt"
   unset AGENT_KIND AGENT_URL
   stop_agent
+fi
+# Scale-out (docs/scale-out.md): the same fan-out with the users' streams in Redis and the
+# sessions spread over 2 and 3 nodes, against one node with the memory broker in the same run.
+# Redis commands per event from Redis's own counter.
+node_pids=()
+stop_nodes() { for pid in "${node_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; node_pids=(); }
+start_nodes() {
+  local count=$1 prefix="bench-$RANDOM-$RANDOM"
+  stop_nodes
+  NODE_URLS=()
+  for i in $(seq 0 $((count - 1))); do
+    env RUST_LOG=warn AGENTWIRE__SERVER__BIND=127.0.0.1:$((PORT + 10 + i)) AGENTWIRE__API__KEYS=$KEY \
+      AGENTWIRE__AGENT__STEP_DELAY_MS=0 AGENTWIRE__LIMITS__MAX_CONNECTIONS=19800 \
+      AGENTWIRE__LIMITS__MAX_SESSIONS_PER_USER=1000 AGENTWIRE__LIMITS__MAX_OUTBOUND_BYTES=16777216 \
+      AGENTWIRE__BROKER__KIND=redis AGENTWIRE__BROKER__PREFIX="$prefix" AGENTWIRE__BROKER__NODE_ID="node-$i" \
+      "$BIN" >"$OUT/node-$i.log" 2>&1 &
+    node_pids+=($!)
+    NODE_URLS+=(--url "ws://127.0.0.1:$((PORT + 10 + i))/ws")
+  done
+  for i in $(seq 0 $((count - 1))); do
+    for _ in $(seq 100); do
+      curl -sf "http://127.0.0.1:$((PORT + 10 + i))/readyz" >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  done
+}
+redis_commands() { redis-cli -h 127.0.0.1 -p 6379 info stats | awk -F: '/total_commands_processed/ {print $2+0}'; }
+# run_nodes NAME COUNT ARGS...: one scenario over COUNT Redis nodes, REPS times.
+run_nodes() {
+  local name=$1 count=$2
+  shift 2
+  for rep in $(seq "$REPS"); do
+    start_nodes "$count"
+    echo "== $name (run $rep of $REPS)"
+    local before after
+    before=$(redis_commands)
+    "$BIN" loadtest "${NODE_URLS[@]}" --api-key "$KEY" --quiet --json "$OUT/$name.$rep.json" "$@" | tail -n +2
+    after=$(redis_commands)
+    echo "{\"redis_commands\": $((after - before))}" >"$OUT/$name-redis.$rep.json"
+  done
+  echo "$name|$* (over $count nodes on one Redis)" >>"$OUT/commands.txt"
+  stop_nodes
+}
+if want scale; then
+  trap 'stop_server; stop_nodes' EXIT
+  SCALE1=(--scenario fanout --sessions 1000 --users 1 --events 2000 --batch 100)
+  SCALE2=(--scenario fanout --sessions 10000 --users 1000 --events 100 --batch 10 --connect-concurrency 1000)
+  run scale-memory-1x1000 "${SCALE1[@]}"
+  run_nodes scale-redis-1x1000 2 "${SCALE1[@]}"
+  run scale-memory-1000x10 "${SCALE2[@]}"
+  run_nodes scale-redis-1000x10 3 "${SCALE2[@]}"
 fi
 stop_server
 

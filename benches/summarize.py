@@ -272,6 +272,49 @@ returned = memory_return()
 agents = agents_section()
 
 
+def scale_section():
+    pairs = [("1 user x 1,000 sessions", "scale-memory-1x1000", "scale-redis-1x1000", 2, 2000),
+             ("1,000 users x 10 sessions", "scale-memory-1000x10", "scale-redis-1000x10", 3, 100 * 1000)]
+    if not any(reports(r) for _, _, r, _, _ in pairs):
+        return {}
+    w("## 7. Scale-out: users' streams in Redis, sessions over several nodes")
+    w("")
+    w("The same fan-out with the memory broker on one node and with `[broker] kind = \"redis\"` on")
+    w("the machine's Redis with the sessions spread over the nodes (`--url` once per node), in the")
+    w("same run. A publish is one round trip to Redis (one script) whatever the batch; Redis commands")
+    w("per event are Redis's `total_commands_processed` over the whole run (sessions' setup and the")
+    w("nodes' heartbeats included, and each command a script runs: one `XADD` per event) divided by")
+    w("the events published. Commands:")
+    w("")
+    for _, memory, redis, _, _ in pairs:
+        w(f"- {memory}: `agentwire loadtest {commands.get(memory, '')}`")
+        w(f"- {redis}: `agentwire loadtest {commands.get(redis, '')}`")
+    w("")
+    w("| figure | memory, 1 node | Redis, over nodes | ratio |")
+    w("| --- | --- | --- | --- |")
+    figures = {}
+    for title, memory, redis, nodes, events in pairs:
+        m, r = reports(memory), reports(redis)
+        if not m or not r:
+            continue
+        for label, path, digits in [("frames delivered per second", ("events_per_sec",), 0),
+                                    ("publish to delivery p50 (ms)", ("delivery", "p50_ms"), 2),
+                                    ("publish to delivery p99 (ms)", ("delivery", "p99_ms"), 2)]:
+            row = [median([get(x, *path) for x in runs]) for runs in (m, r)]
+            ratio = row[1] / row[0] if row[0] and row[1] is not None else None
+            figures[(title, label)] = ratio
+            w(f"| {title}, {label} ({nodes} nodes) | {fmt(row[0], digits)} | {fmt(row[1], digits)} | {fmt(ratio, 2, 'x')} |")
+        per_event = median([x["redis_commands"] / events for x in reports(redis + "-redis") if events])
+        w(f"| {title}, Redis commands per event published | – | {fmt(per_event, 3)} | |")
+        dirty = sum(sum(x["correctness"].values()) + sum(x["failed"].values()) for x in m + r)
+        w(f"| {title}, failed sessions and correctness counters (all runs) | | {dirty} | |")
+    w("")
+    return figures
+
+
+scale = scale_section()
+
+
 def per_frame_us(medians, frames):
     if not medians or medians.get(cpu_scenario[0]) is None:
         return None
