@@ -186,6 +186,11 @@ pub const HEARTBEAT: &str = r#"
 local prefix, me, lease = ARGV[1], ARGV[2], ARGV[3]
 redis.call('SET', prefix .. ':node:' .. me .. ':alive', '1', 'PX', lease)
 redis.call('SADD', prefix .. ':nodes', me)
+-- Nothing of a deployment outlives its last node for long: every beat pushes these back.
+local keep = tonumber(lease) * 12
+redis.call('PEXPIRE', prefix .. ':nodes', keep)
+redis.call('PEXPIRE', prefix .. ':node:' .. me .. ':runs', keep)
+redis.call('PEXPIRE', prefix .. ':node:' .. me .. ':sessions', keep)
 local lost = {}
 for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':nodes')) do
   local base = prefix .. ':node:' .. node
