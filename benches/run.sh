@@ -2,7 +2,7 @@
 # The benchmark suite: builds release, runs the standard scenarios against a fresh server on
 # 127.0.0.1 (server and load generator share this machine), repeats each, and writes
 # BENCHMARKS.md with the medians. Usage: benches/run.sh [repetitions, default 3]
-# ONLY=core|hostile|agents|scale runs one group of scenarios (BENCHMARKS.md then has only that group).
+# ONLY=core|hostile|agents|scale runs one group; ONLY=raw runs the raw baseline (not in the full run) of scenarios (BENCHMARKS.md then has only that group).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-3}
@@ -175,6 +175,45 @@ run_nodes() {
   echo "$name|$* (over $count nodes on one Redis)" >>"$OUT/commands.txt"
   stop_nodes
 }
+# The raw baseline (benches/raw_ws.rs, issue 14): the same fan-out and idle load against a bare
+# tokio-tungstenite broadcast server and against agentwire, one after the other in the same run.
+raw_pid=""
+stop_raw() { if [ -n "$raw_pid" ]; then kill "$raw_pid" 2>/dev/null || true; wait "$raw_pid" 2>/dev/null || true; raw_pid=""; fi; }
+# run_raw NAME ARGS...: one scenario against a fresh raw server, REPS times.
+run_raw() {
+  local name=$1
+  shift
+  for rep in $(seq "$REPS"); do
+    stop_raw
+    target/release/examples/raw_ws $((PORT + 30)) >"$OUT/raw.log" 2>&1 &
+    raw_pid=$!
+    for _ in $(seq 100); do
+      (echo > /dev/tcp/127.0.0.1/$((PORT + 30))) 2>/dev/null && break
+      sleep 0.1
+    done
+    echo "== $name (run $rep of $REPS)"
+    "$BIN" loadtest --url "ws://127.0.0.1:$((PORT + 30))/ws" --api-key "$KEY" --quiet \
+      --server-pid "$raw_pid" --json "$OUT/$name.$rep.json" "$@" | tail -n +2
+  done
+  echo "$name|$* (against benches/raw_ws.rs)" >>"$OUT/commands.txt"
+  stop_raw
+}
+# Only when asked for (ONLY=raw): the baseline is a first version, not yet the lean server the
+# issue's table was measured against (it spends ~70 KB per connection and its broadcast channel
+# contends under fan-out), so its ratios are not yet the ones to quote.
+if [ "${ONLY:-}" = raw ]; then
+  cargo build --release -q --example raw_ws
+  trap 'stop_server; stop_raw' EXIT
+  RAW_FAN=(--scenario fanout --sessions 1000 --users 1 --events 2000 --batch 10)
+  RAW_PACED=(--scenario fanout --sessions 1000 --users 1 --events 500 --batch 1 --publish-rate 50)
+  RAW_IDLE=(--scenario idle --sessions 19000 --users 2000 --hold-secs 2 --connect-concurrency 1000 --src-ips 127.0.0.1-127.0.0.20)
+  run raw-agentwire-fanout "${RAW_FAN[@]}"
+  run_raw raw-baseline-fanout "${RAW_FAN[@]}"
+  run raw-agentwire-paced "${RAW_PACED[@]}"
+  run_raw raw-baseline-paced "${RAW_PACED[@]}"
+  run raw-agentwire-idle "${RAW_IDLE[@]}"
+  run_raw raw-baseline-idle "${RAW_IDLE[@]}"
+fi
 if want scale; then
   trap 'stop_server; stop_nodes' EXIT
   SCALE1=(--scenario fanout --sessions 1000 --users 1 --events 2000 --batch 100)

@@ -315,6 +315,43 @@ def scale_section():
 scale = scale_section()
 
 
+def raw_section():
+    pairs = [("fan-out, 1 user x 1,000 sessions, 2,000 events in batches of 10", "fanout"),
+             ("paced 50 events/s x 1,000 sessions", "paced"),
+             ("19,000 idle sessions", "idle")]
+    if not any(reports(f"raw-baseline-{key}") for _, key in pairs):
+        return {}
+    w("## 8. Against a raw WebSocket server in the same run")
+    w("")
+    w("`benches/raw_ws.rs`: a bare tokio-tungstenite broadcast server (no auth, limits, history or")
+    w("resume) under the same `agentwire loadtest` load, one after the other (`ONLY=raw benches/run.sh`).")
+    w("")
+    w("| figure | agentwire | raw | agentwire / raw |")
+    w("| --- | --- | --- | --- |")
+    figures = {}
+    rows = {
+        "fanout": [("frames delivered per second", ("events_per_sec",), 0),
+                   ("server CPU in the scenario (s)", ("server", "cpu_scenario_secs"), 2)],
+        "paced": [("publish to delivery p99 (ms)", ("delivery", "p99_ms"), 2)],
+        "idle": [("sessions/s to processing_ready", ("sessions_per_sec",), 0),
+                 ("server RSS per ready session (KB)", ("server", "rss_per_session_kb"), 1)],
+    }
+    for title, key in pairs:
+        a, r = reports(f"raw-agentwire-{key}"), reports(f"raw-baseline-{key}")
+        if not a or not r:
+            continue
+        for label, path, digits in rows[key]:
+            row = [median([get(x, *path) for x in runs]) for runs in (a, r)]
+            ratio = row[0] / row[1] if row[1] and row[0] is not None else None
+            figures[(key, label)] = ratio
+            w(f"| {title}: {label} | {fmt(row[0], digits)} | {fmt(row[1], digits)} | {fmt(ratio, 2, 'x')} |")
+    w("")
+    return figures
+
+
+raw = raw_section()
+
+
 def per_frame_us(medians, frames):
     if not medians or medians.get(cpu_scenario[0]) is None:
         return None
