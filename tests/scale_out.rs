@@ -43,18 +43,6 @@ fn nodes(test: &str, count: usize, adjust: impl Fn(&mut agentwire::config::Confi
         .collect()
 }
 
-/// The next `count` stream events of a tab.
-async fn events(tab: &mut Client, count: usize) -> Vec<Value> {
-    let mut seen = Vec::new();
-    while seen.len() < count {
-        let frame = tab.recv().await;
-        if frame.get("seq").is_some() && frame["type"] != "ack" {
-            seen.push(frame);
-        }
-    }
-    seen
-}
-
 #[actix_web::test]
 async fn tabs_on_different_nodes_see_one_stream() {
     let cluster = nodes("one-stream", 3, |_| {});
@@ -71,7 +59,7 @@ async fn tabs_on_different_nodes_see_one_stream() {
     let run_id = ack["run_id"].as_str().unwrap().to_owned();
     let mut streams = Vec::new();
     for tab in &mut tabs {
-        let mut stream = events(tab, 3).await;
+        let mut stream = tab.stream_events(3).await;
         stream.extend(tab.events_until_run_ends(&run_id).await);
         streams.push(stream);
     }
@@ -92,7 +80,7 @@ async fn a_client_resumes_on_another_node() {
     let mut first = Client::connect_bearer(&cluster[0].ws_url(), &cluster[0].token("carol")).await.unwrap();
     let epoch = first.expect_setup("carol").await["epoch"].as_str().unwrap().to_owned();
     publish(&cluster[0], "carol", vec![thinking("1"), thinking("2")]).await;
-    let seen = events(&mut first, 2).await;
+    let seen = first.stream_events(2).await;
     drop(first);
     publish(&cluster[1], "carol", vec![thinking("3"), thinking("4")]).await;
 
@@ -101,14 +89,14 @@ async fn a_client_resumes_on_another_node() {
     let ready = again.expect_setup("carol").await;
     assert_eq!(ready["epoch"], epoch.as_str());
     assert_eq!(ready["resume"], json!({"from_seq": 3, "replayed": 2, "complete": true}));
-    let replayed = events(&mut again, 2).await;
+    let replayed = again.stream_events(2).await;
     assert_eq!(
         replayed.iter().map(|e| e["payload"]["text"].clone()).collect::<Vec<_>>(),
         [json!("3"), json!("4")]
     );
     // Live events go on right after the replay, from either node.
     publish(&cluster[0], "carol", vec![thinking("5")]).await;
-    assert_eq!(events(&mut again, 1).await[0]["seq"], 5);
+    assert_eq!(again.stream_events(1).await[0]["seq"], 5);
 }
 
 #[actix_web::test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use agentwire::config::BrokerKind;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// A `redis-server` on a free port, stopped on drop.
 struct OwnRedis {
@@ -100,17 +100,6 @@ fn two_nodes(redis: &OwnRedis) -> (TestServer, TestServer) {
     (node(0), node(1))
 }
 
-async fn stream_events(tab: &mut Client, count: usize) -> Vec<Value> {
-    let mut seen = Vec::new();
-    while seen.len() < count {
-        let frame = tab.recv().await;
-        if frame.get("seq").is_some() && frame["type"] != "ack" {
-            seen.push(frame);
-        }
-    }
-    seen
-}
-
 #[actix_web::test]
 async fn lost_connections_are_resubscribed_and_missed_events_filled() {
     let redis = OwnRedis::start();
@@ -118,7 +107,7 @@ async fn lost_connections_are_resubscribed_and_missed_events_filled() {
     let mut on_a = a.ready_client("frank").await;
     let mut on_b = b.ready_client("frank").await;
     publish(&a, "frank", vec![thinking("before")]).await;
-    stream_events(&mut on_b, 1).await;
+    on_b.stream_events(1).await;
 
     // Every connection to Redis is cut; events published meanwhile reach node b's tab anyway,
     // in order, without the tab reconnecting.
@@ -127,9 +116,9 @@ async fn lost_connections_are_resubscribed_and_missed_events_filled() {
         let (status, _) = publish(&a, "frank", vec![thinking(&format!("during {i}"))]).await;
         assert_eq!(status, 200);
     }
-    let on_b_events = stream_events(&mut on_b, 5).await;
+    let on_b_events = on_b.stream_events(5).await;
     assert_contiguous(&on_b_events, 2);
-    assert_eq!(stream_events(&mut on_a, 6).await[1..], on_b_events[..]);
+    assert_eq!(on_a.stream_events(6).await[1..], on_b_events[..]);
     b.eventually("node b to count its reconnect", |s| s.metric("agentwire_broker_reconnects_total") >= 1.0)
         .await;
 }
@@ -142,8 +131,8 @@ async fn redis_gone_then_back_empty() {
     let epoch = on_a.expect_setup("gina").await["epoch"].as_str().unwrap().to_owned();
     let mut on_b = b.ready_client("gina").await;
     publish(&a, "gina", vec![thinking("1"), thinking("2")]).await;
-    stream_events(&mut on_a, 2).await;
-    stream_events(&mut on_b, 2).await;
+    on_a.stream_events(2).await;
+    on_b.stream_events(2).await;
 
     redis.stop();
     // Not ready, nothing published, nothing acked; the tabs stay open.
@@ -179,5 +168,5 @@ async fn redis_gone_then_back_empty() {
     let ready = again.expect_setup("gina").await;
     assert_ne!(ready["epoch"], epoch.as_str());
     assert_eq!(ready["resume"]["complete"], false);
-    assert_eq!(stream_events(&mut again, 1).await[0]["payload"]["text"], "new 1");
+    assert_eq!(again.stream_events(1).await[0]["payload"]["text"], "new 1");
 }

@@ -48,45 +48,42 @@ pub async fn run(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> actix_web::Result<HttpResponse> {
-    Ok(match answer(req, payload, &state).await? {
-        Ok(response) => counted(&state, response),
-        Err(response) => counted(&state, response),
-    })
+    Ok(counted(&state, answer(req, payload, &state).await?))
 }
 
 async fn answer(
     req: HttpRequest,
     payload: web::Payload,
     state: &AppState,
-) -> actix_web::Result<Result<HttpResponse, HttpResponse>> {
+) -> actix_web::Result<HttpResponse> {
     let env = &state.env;
     let Some(token) = bearer(&req) else {
         let message = "a user token is required: Authorization: Bearer <JWT>";
-        return Ok(Err(error_response(StatusCode::UNAUTHORIZED, "invalid_token", message)));
+        return Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_token", message));
     };
     let identity = match env.verifier.verify(token) {
         Ok(identity) => identity,
         Err(failure) => {
             env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
             let message = format!("the token was refused: {}", failure.reason());
-            return Ok(Err(error_response(StatusCode::UNAUTHORIZED, "invalid_token", &message)));
+            return Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_token", &message));
         }
     };
     if state.config.agent.kind == AgentKind::None {
         let message = "agent.kind = \"none\": this server starts no runs";
-        return Ok(Err(error_response(StatusCode::NOT_FOUND, "not_found", message)));
+        return Ok(error_response(StatusCode::NOT_FOUND, "not_found", message));
     }
     let limit = state.config.api.max_body_bytes;
     let Some(body) = read_body(payload, limit, limit).await? else {
-        return Ok(Err(bad_field("body", &format!("larger than api.max_body_bytes ({limit} bytes)"))));
+        return Ok(bad_field("body", &format!("larger than api.max_body_bytes ({limit} bytes)")));
     };
     let input: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(input) => input,
-        Err(e) => return Ok(Err(bad_field("body", &format!("not JSON: {e}")))),
+        Err(e) => return Ok(bad_field("body", &format!("not JSON: {e}"))),
     };
     let run = match input::parse(&input, state.config.limits.max_content_chars) {
         Ok(run) => run,
-        Err(wrong) => return Ok(Err(bad_field(&wrong.field, &wrong.message))),
+        Err(wrong) => return Ok(bad_field(&wrong.field, &wrong.message)),
     };
 
     let (steps, followed) = futures_channel::mpsc::channel(STEPS_BUFFERED);
@@ -102,10 +99,10 @@ async fn answer(
     });
     let run_id = match actix_web::rt::time::timeout(REGISTRY_WAIT, answered).await {
         Ok(Ok(Ok(run_id))) => run_id,
-        Ok(Ok(Err((code, message)))) => return Ok(Err(refused(code, &message))),
+        Ok(Ok(Err((code, message)))) => return Ok(refused(code, &message)),
         _ => {
             let message = "the registry does not answer";
-            return Ok(Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message)));
+            return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message));
         }
     };
     info!("ag-ui client of user {user_id}: run {run_id} started on thread {}", run.thread_id);
@@ -125,10 +122,10 @@ async fn answer(
             Some((Ok::<_, actix_web::Error>(Bytes::from(events)), (followed, renderer, guard)))
         },
     );
-    Ok(Ok(HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("cache-control", "no-cache"))
-        .streaming(body)))
+        .streaming(body))
 }
 
 /// What a refused message becomes over HTTP.

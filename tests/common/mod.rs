@@ -379,6 +379,18 @@ impl Client {
         }
     }
 
+    /// The next `count` stream events (acks and other frames skipped).
+    pub async fn stream_events(&mut self, count: usize) -> Vec<Value> {
+        let mut seen = Vec::new();
+        while seen.len() < count {
+            let frame = self.recv().await;
+            if frame.get("seq").is_some() && frame["type"] != "ack" {
+                seen.push(frame);
+            }
+        }
+        seen
+    }
+
     /// Every stream event up to and including the terminal event of `run_id`.
     pub async fn events_until_run_ends(&mut self, run_id: &str) -> Vec<Value> {
         let mut events = Vec::new();

@@ -189,27 +189,13 @@ impl RedisBroker {
 
     /// Queues a script now (its effect is decided in call order) and answers later.
     fn eval(&mut self, script: &str, keys: &[String], args: Vec<Vec<u8>>) -> Answer {
-        let mut command = redis::cmd("EVAL");
-        command.arg(script).arg(keys.len());
-        for key in keys {
-            command.arg(key);
-        }
-        for arg in args {
-            command.arg(arg);
-        }
-        let (answer, answered) = oneshot::channel();
-        if self.jobs.unbounded_send(Job { command, answer }).is_err() {
-            warn!("broker: the Redis writer is gone");
-        }
-        answered
+        queue(&self.jobs, script_command(script, keys, args))
     }
 
     fn appended(&mut self, user: &str, events: &[NewEvent<'_>]) -> (Answer, Vec<(String, String)>) {
         let (command, parts) =
             append_command(&self.settings, &self.scripts.append, user, events, &mut self.scratch);
-        let (answer, answered) = oneshot::channel();
-        let _ = self.jobs.unbounded_send(Job { command, answer });
-        (answered, parts)
+        (queue(&self.jobs, command), parts)
     }
 
     /// A script whose answer nobody waits for; a failure is logged.
@@ -249,6 +235,39 @@ fn append_command(
         command.arg(head).arg(tail);
     }
     (command, parts)
+}
+
+/// `EVAL script` with its keys and arguments.
+fn script_command(script: &str, keys: &[String], args: Vec<Vec<u8>>) -> redis::Cmd {
+    let mut command = redis::cmd("EVAL");
+    command.arg(script).arg(keys.len());
+    for key in keys {
+        command.arg(key);
+    }
+    for arg in args {
+        command.arg(arg);
+    }
+    command
+}
+
+/// Hands a command to the writer, in call order; its answer comes later.
+fn queue(jobs: &mpsc::UnboundedSender<Job>, command: redis::Cmd) -> Answer {
+    let (answer, answered) = oneshot::channel();
+    if jobs.unbounded_send(Job { command, answer }).is_err() {
+        warn!("broker: the Redis writer is gone");
+    }
+    answered
+}
+
+/// The `RANGE` script's answer: `{seq, frame, seq, frame...}`.
+fn ranged(reply: Vec<RedisValue>) -> Vec<Stored> {
+    reply
+        .chunks(2)
+        .filter_map(|pair| {
+            let seq = pair.first().and_then(text)?.parse().ok()?;
+            Some(Stored { seq, frame: ByteString::from(pair.get(1).and_then(text)?) })
+        })
+        .collect()
 }
 
 async fn answer(answered: Answer) -> Result<RedisValue, BrokerError> {
@@ -387,8 +406,7 @@ impl Broker for RedisBroker {
     fn seen(&mut self, user: &str, client_msg_id: &str) -> Call<Option<SeenMessage>> {
         let mut command = redis::cmd("HGET");
         command.arg(self.key(user, "dedupe")).arg(client_msg_id);
-        let (answer_tx, answered) = oneshot::channel();
-        let _ = self.jobs.unbounded_send(Job { command, answer: answer_tx });
+        let answered = queue(&self.jobs, command);
         Box::pin(async move {
             match answer(answered).await? {
                 RedisValue::Nil => Ok(None),
@@ -414,17 +432,7 @@ impl Broker for RedisBroker {
             if let Some(subscribed) = subscribed {
                 let _ = subscribed.await;
             }
-            let mut command = redis::cmd("EVAL");
-            command.arg(scripts::ATTACH).arg(keys.len());
-            for key in &keys {
-                command.arg(key);
-            }
-            for arg in args {
-                command.arg(arg);
-            }
-            let (answer_tx, answered) = oneshot::channel();
-            let _ = jobs.unbounded_send(Job { command, answer: answer_tx });
-            let reply = items(answer(answered).await?)?;
+            let reply = items(answer(queue(&jobs, script_command(scripts::ATTACH, &keys, args))).await?)?;
             let mut fields = reply.iter().map(text);
             let epoch = fields.next().flatten().ok_or_else(|| unexpected("attach"))?;
             let last_seq: u64 =
@@ -440,12 +448,8 @@ impl Broker for RedisBroker {
             let frames = if resumed.complete {
                 kept
             } else {
-                let mut command = redis::cmd("EVAL");
-                command.arg(scripts::RANGE).arg(1).arg(&keys[1]).arg(oldest);
-                let (answer_tx, answered) = oneshot::channel();
-                let _ = jobs.unbounded_send(Job { command, answer: answer_tx });
-                let reply = items(answer(answered).await?)?;
-                reply.chunks(2).filter_map(|pair| pair.get(1).and_then(text)).map(ByteString::from).collect()
+                let read = script_command(scripts::RANGE, &keys[1..], vec![oldest.to_string().into_bytes()]);
+                ranged(items(answer(queue(&jobs, read)).await?)?).into_iter().map(|e| e.frame).collect()
             };
             let info = crate::protocol::ResumeInfo {
                 from_seq: resumed.from_seq,
@@ -459,16 +463,7 @@ impl Broker for RedisBroker {
     fn range(&mut self, user: &str, from_seq: u64) -> Call<Vec<Stored>> {
         let keys = [self.key(user, "stream")];
         let answered = self.eval(scripts::RANGE, &keys, vec![from_seq.to_string().into_bytes()]);
-        Box::pin(async move {
-            let reply = items(answer(answered).await?)?;
-            Ok(reply
-                .chunks(2)
-                .filter_map(|pair| {
-                    let seq = pair.first().and_then(text)?.parse().ok()?;
-                    Some(Stored { seq, frame: ByteString::from(pair.get(1).and_then(text)?) })
-                })
-                .collect())
-        })
+        Box::pin(async move { Ok(ranged(items(answer(answered).await?)?)) })
     }
 
     fn admit(&mut self, user: &str, connection: ConnectionId, cap: usize) -> Call<bool> {
@@ -554,8 +549,7 @@ impl Broker for RedisBroker {
                 };
                 let (command, _) =
                     append_command(&settings, &script, &user, std::slice::from_ref(&event), &mut scratch);
-                let (answer_tx, _) = oneshot::channel();
-                let _ = jobs.unbounded_send(Job { command, answer: answer_tx });
+                drop(queue(&jobs, command)); // nobody waits for a node_lost end
             }
         });
     }
@@ -605,8 +599,7 @@ impl Broker for RedisBroker {
     fn sessions(&mut self, user: &str) -> Call<Vec<super::SessionRecord>> {
         let mut command = redis::cmd("HGETALL");
         command.arg(self.key(user, "sessions"));
-        let (answer_tx, answered) = oneshot::channel();
-        let _ = self.jobs.unbounded_send(Job { command, answer: answer_tx });
+        let answered = queue(&self.jobs, command);
         Box::pin(async move {
             let reply = items(answer(answered).await?)?;
             Ok(reply
@@ -627,8 +620,7 @@ impl Broker for RedisBroker {
     }
 
     fn ping(&mut self) -> Call<()> {
-        let (answer_tx, answered) = oneshot::channel();
-        let _ = self.jobs.unbounded_send(Job { command: redis::cmd("PING"), answer: answer_tx });
+        let answered = queue(&self.jobs, redis::cmd("PING"));
         Box::pin(async move { answer(answered).await.map(|_| ()) })
     }
 
@@ -639,8 +631,7 @@ impl Broker for RedisBroker {
         for user in users {
             let mut command = redis::cmd("PEXPIRE");
             command.arg(self.key(&user, "sessions")).arg(ttl);
-            let (answer, _) = oneshot::channel();
-            let _ = self.jobs.unbounded_send(Job { command, answer });
+            drop(queue(&self.jobs, command)); // a refresh; nobody waits for it
         }
         false
     }
