@@ -10,7 +10,7 @@ mod common;
 
 use agentwire::config::BrokerKind;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn redis_url() -> String {
     std::env::var("AGENTWIRE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
