@@ -5,10 +5,6 @@
 //! token's `sub` (not verified), ready at once; `POST /api/v1/publish` numbers the events of a
 //! user and hands each frame to every connection of that user. No auth, limits, history, resume.
 //!
-//! A first version: it spends ~70 KB per connection and its per-user broadcast channel contends
-//! under fan-out, so it is not yet the lean baseline to quote ratios against (`run.sh` runs it
-//! only with `ONLY=raw`).
-//!
 //!     cargo run --release --example raw_ws -- 18100
 
 use std::collections::HashMap;
@@ -19,19 +15,22 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-type Users = Arc<Mutex<HashMap<String, (u64, broadcast::Sender<Utf8Bytes>)>>>;
+/// One publish's frames, serialised once and shared by every connection of the user.
+type Batch = Arc<[Utf8Bytes]>;
 
-fn channel(users: &Users, user: &str) -> broadcast::Sender<Utf8Bytes> {
-    let mut users = users.lock().unwrap();
-    // Room for a publish batch or two per user; a reader further behind loses frames (and the
-    // load generator counts the gaps): the baseline keeps no history.
-    users.entry(user.to_owned()).or_insert_with(|| (0, broadcast::channel(1024).0)).1.clone()
+/// A user's last seq and the queues of its open connections.
+#[derive(Default)]
+struct User {
+    seq: u64,
+    sinks: Vec<(u64, mpsc::UnboundedSender<Batch>)>,
 }
+
+type Users = Arc<Mutex<HashMap<String, User>>>;
 
 /// The `sub` of a JWT, read without checking it (this is a baseline, not a server).
 fn sub(authorization: &str) -> Option<String> {
@@ -42,47 +41,47 @@ fn sub(authorization: &str) -> Option<String> {
 
 // The handshake callback's signature is tungstenite's, error type included.
 #[allow(clippy::result_large_err)]
-async fn session(stream: TcpStream, users: Users) {
+async fn session(stream: TcpStream, users: Users, id: u64) {
     let mut user = None;
     let callback = |request: &Request, response: Response| {
         user = request.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(sub);
         Ok(response)
     };
-    // Small buffers, as agentwire's sessions have: the kernel's socket buffers do the queueing.
-    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    // A small read buffer (clients send little); frames fed to the write buffer go out with one
+    // write per flush (a write buffer of 0 would make every frame its own write).
+    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(32 * 1024);
     let accepted = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await;
     let Ok(mut ws) = accepted else { return };
     let Some(user) = user else { return };
-    let mut frames = channel(&users, &user).subscribe();
+    let (sink, mut batches) = mpsc::unbounded_channel();
+    users.lock().unwrap().entry(user.clone()).or_default().sinks.push((id, sink));
     let ready = r#"{"type":"connection_state","state":"processing_ready"}"#;
-    if ws.send(Message::text(ready)).await.is_err() {
-        return;
-    }
-    loop {
-        tokio::select! {
-            frame = frames.recv() => match frame {
-                Ok(frame) => {
-                    // Everything already waiting goes out with one flush, as agentwire batches.
-                    if ws.feed(Message::Text(frame)).await.is_err() {
-                        return;
-                    }
-                    while let Ok(frame) = frames.try_recv() {
-                        if ws.feed(Message::Text(frame)).await.is_err() {
-                            return;
+    if ws.send(Message::text(ready)).await.is_ok() {
+        loop {
+            tokio::select! {
+                Some(batch) = batches.recv() => {
+                    // Every batch already waiting goes out with one flush, as agentwire batches.
+                    let mut next = Some(batch);
+                    let mut failed = false;
+                    while let Some(batch) = next.take() {
+                        for frame in batch.iter() {
+                            failed |= ws.feed(Message::Text(frame.clone())).await.is_err();
                         }
+                        next = batches.try_recv().ok();
                     }
-                    if ws.flush().await.is_err() {
-                        return;
+                    if failed || ws.flush().await.is_err() {
+                        break;
                     }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            incoming = ws.next() => match incoming {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                Some(Ok(_)) => {}
-            },
+                },
+                incoming = ws.next() => match incoming {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+            }
         }
+    }
+    if let Some(entry) = users.lock().unwrap().get_mut(&user) {
+        entry.sinks.retain(|(sink, _)| *sink != id);
     }
 }
 
@@ -116,20 +115,24 @@ async fn publish(mut stream: TcpStream, users: Users) {
         let body: Value = serde_json::from_slice(&buffer[head_end..head_end + length]).unwrap_or(Value::Null);
         buffer.drain(..head_end + length);
         let user = body["user_id"].as_str().unwrap_or_default().to_owned();
-        let sender = channel(&users, &user);
-        let mut seqs = Vec::new();
-        for mut event in body["events"].as_array().cloned().unwrap_or_default() {
-            let seq = {
-                let mut users = users.lock().unwrap();
-                let entry = users.get_mut(&user).expect("made by channel()");
-                entry.0 += 1;
-                entry.0
-            };
-            event["seq"] = seq.into();
-            seqs.push(seq);
-            let _ = sender.send(Utf8Bytes::from(event.to_string()));
-        }
-        let answer = serde_json::json!({"seqs": seqs, "sessions": sender.receiver_count()}).to_string();
+        let events = body["events"].as_array().cloned().unwrap_or_default();
+        let (seqs, sessions) = {
+            let mut users = users.lock().unwrap();
+            let entry = users.entry(user).or_default();
+            let mut seqs = Vec::with_capacity(events.len());
+            let batch: Batch = events
+                .into_iter()
+                .map(|mut event| {
+                    entry.seq += 1;
+                    seqs.push(entry.seq);
+                    event["seq"] = entry.seq.into();
+                    Utf8Bytes::from(event.to_string())
+                })
+                .collect();
+            entry.sinks.retain(|(_, sink)| sink.send(Arc::clone(&batch)).is_ok());
+            (seqs, entry.sinks.len())
+        };
+        let answer = serde_json::json!({"seqs": seqs, "sessions": sessions}).to_string();
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
             answer.len()
@@ -151,17 +154,20 @@ async fn main() -> std::io::Result<()> {
     let listener: TcpListener = socket.listen(4096)?;
     println!("raw baseline on ws://127.0.0.1:{port}/ws");
     let users: Users = Arc::default();
-    loop {
+    for id in 0u64.. {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let users = Arc::clone(&users);
         tokio::spawn(async move {
             let mut first = [0u8; 4];
+            // Each path boxed on its own: one future holding both would make every WebSocket
+            // connection carry the publish path's 64 KB read buffer.
             match stream.peek(&mut first).await {
-                Ok(4) if &first == b"POST" => publish(stream, users).await,
-                Ok(_) => session(stream, users).await,
+                Ok(4) if &first == b"POST" => Box::pin(publish(stream, users)).await,
+                Ok(_) => Box::pin(session(stream, users, id)).await,
                 Err(_) => {}
             }
         });
     }
+    Ok(())
 }

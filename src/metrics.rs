@@ -43,6 +43,23 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// `frames` events handed to one session `waited` after they were created. A batch's frames
+    /// are counted in a local histogram first and added with one set of atomic operations:
+    /// observing each frame alone made this shared histogram a contended line between the
+    /// threads that run sessions.
+    pub fn observe_delivery(&self, waited: std::time::Duration, frames: usize) {
+        let waited = waited.as_secs_f64();
+        if frames == 1 {
+            self.event_delivery_seconds.observe(waited);
+            return;
+        }
+        let local = self.event_delivery_seconds.local();
+        for _ in 0..frames {
+            local.observe(waited);
+        }
+        local.flush();
+    }
+
     pub fn new() -> Metrics {
         let registry = Registry::new();
         // Metric definitions are constants; a failure here is a programming error caught by tests.

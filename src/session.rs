@@ -487,27 +487,23 @@ impl Session {
     }
 
     fn on_delivery(&mut self, delivery: Delivery, ctx: &mut WebsocketContext<Self>) {
+        let frames = delivery.frames();
         if self.phase != Phase::ProcessingReady {
             // Counted by the registry when it was handed over, and never to be written.
-            self.outbound.release(delivery.frames().map(|f| encoded_len(f.len())).sum());
+            self.outbound.release(frames.iter().map(|f| encoded_len(f.len())).sum());
             return;
         }
         if let Some(created) = delivery.created {
-            let waited = created.elapsed().as_secs_f64();
-            for _ in delivery.frames() {
-                self.env.metrics.event_delivery_seconds.observe(waited);
-            }
+            self.env.metrics.observe_delivery(created.elapsed(), frames.len());
         }
         if !self.backlog.is_empty() {
             // Behind a resume that is still being written: in seq order, after it.
-            self.backlog.push_back((delivery.first, true));
-            self.backlog.extend(delivery.rest.into_iter().map(|frame| (frame, true)));
+            self.backlog.extend(frames.iter().map(|frame| (frame.clone(), true)));
             return;
         }
         // Written into the context's buffer together: the dispatcher sends them in one write.
-        ctx.text(delivery.first);
-        for frame in delivery.rest {
-            ctx.text(frame);
+        for frame in frames {
+            ctx.text(frame.clone());
         }
     }
 

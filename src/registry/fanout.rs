@@ -2,6 +2,7 @@
 //! handing them to the user's ready sessions here within each session's outbound budget; the
 //! publish API's entry point.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -24,19 +25,23 @@ use crate::state::ConnectionState;
 pub(super) fn deliver(
     connection: &mut Connection,
     id: ConnectionId,
-    frames: &[ByteString],
+    batch: &Batch,
+    from: usize,
     created: Option<Instant>,
     max_outbound_bytes: usize,
     metrics: &Metrics,
 ) -> bool {
-    let Some((first, rest)) = frames.split_first() else { return true };
+    let frames = &batch.frames[from.min(batch.frames.len())..];
+    if frames.is_empty() {
+        return true;
+    }
     if connection.slow {
         return false;
     }
-    let cost: usize = frames.iter().map(|f| encoded_len(f.len())).sum();
+    let cost = batch.cost_from(from);
     let before = connection.outbound.add(cost) - cost as i64;
     let sent = before <= max_outbound_bytes as i64 && {
-        let delivery = Delivery { first: first.clone(), rest: rest.to_vec(), created };
+        let delivery = Delivery::new(Arc::clone(&batch.frames), from, created);
         connection.session.try_send(ToSession::Deliver(delivery)).is_ok()
     };
     if sent {
@@ -49,6 +54,27 @@ pub(super) fn deliver(
     // One control message, so it may bypass the bound (a full mailbox would refuse it).
     connection.session.do_send(ToSession::SlowConsumer);
     false
+}
+
+/// Frames serialised once for every session of a user, with the wire bytes from each frame to
+/// the end (a session's budget is charged without walking the batch again per session).
+pub(super) struct Batch {
+    frames: Arc<[ByteString]>,
+    cost_to_end: Vec<usize>,
+}
+
+impl Batch {
+    pub(super) fn new(frames: Vec<ByteString>) -> Batch {
+        let mut cost_to_end = vec![0; frames.len() + 1];
+        for (i, frame) in frames.iter().enumerate().rev() {
+            cost_to_end[i] = cost_to_end[i + 1] + encoded_len(frame.len());
+        }
+        Batch { frames: frames.into(), cost_to_end }
+    }
+
+    fn cost_from(&self, from: usize) -> usize {
+        self.cost_to_end.get(from).copied().unwrap_or(0)
+    }
 }
 
 impl Registry {
@@ -122,7 +148,7 @@ impl Registry {
         }
         user.delivered = Some(last.seq);
         let user = &self.local[user_id];
-        let frames: Vec<ByteString> = fresh.iter().map(|e| e.frame.clone()).collect();
+        let batch = Batch::new(fresh.iter().map(|e| e.frame.clone()).collect());
         let max = self.settings.max_outbound_bytes;
         let mut reached = 0;
         let mut slow = Vec::new();
@@ -133,7 +159,7 @@ impl Registry {
                 }
                 // What the connection's replay already had is not sent again.
                 let from = fresh.partition_point(|e| e.seq <= connection.after);
-                if deliver(connection, *id, &frames[from..], Some(created), max, &self.metrics) {
+                if deliver(connection, *id, &batch, from, Some(created), max, &self.metrics) {
                     reached += 1;
                 } else {
                     slow.push(*id);
@@ -185,8 +211,8 @@ impl Registry {
     pub(super) fn send_to(&mut self, id: ConnectionId, frame: ServerFrame<'_>) {
         let max = self.settings.max_outbound_bytes;
         if let Some(connection) = self.connections.get_mut(&id) {
-            let frame = ByteString::from(frame.to_text());
-            if !deliver(connection, id, std::slice::from_ref(&frame), None, max, &self.metrics) {
+            let batch = Batch::new(vec![ByteString::from(frame.to_text())]);
+            if !deliver(connection, id, &batch, 0, None, max, &self.metrics) {
                 self.abandon(id);
             }
         }

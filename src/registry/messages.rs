@@ -168,20 +168,28 @@ pub enum ToSession {
     Shutdown,
 }
 
-/// Frames handed to a session: events of the user's stream (shared by every session of the
-/// user, serialised once) or a frame for this session alone (ack, error).
+/// Frames handed to a session: events of the user's stream or a frame for this session alone
+/// (ack, error). A batch of events is serialised once and the one allocation is shared by every
+/// session of the user: handing it over costs one reference count per session, not one per
+/// frame (each frame's count is contended by every thread that writes it).
 #[derive(Debug)]
 pub struct Delivery {
-    pub first: ByteString,
-    /// More frames handed over at once (a publish batch); empty, and not allocated, for one.
-    pub rest: Vec<ByteString>,
+    batch: Arc<[ByteString]>,
+    /// Where this session's part of the batch starts (its replay may have had the first ones).
+    from: usize,
     /// When the events were created; `None` for frames that are not stream events.
     pub created: Option<Instant>,
 }
 
 impl Delivery {
-    pub fn frames(&self) -> impl Iterator<Item = &ByteString> {
-        std::iter::once(&self.first).chain(&self.rest)
+    /// `batch[from..]`; `from` is within the batch (clamped otherwise).
+    pub fn new(batch: Arc<[ByteString]>, from: usize, created: Option<Instant>) -> Delivery {
+        let from = from.min(batch.len());
+        Delivery { batch, from, created }
+    }
+
+    pub fn frames(&self) -> &[ByteString] {
+        &self.batch[self.from..]
     }
 }
 
