@@ -34,6 +34,9 @@ pub struct ServerConfig {
     pub bind: SocketAddr,
     /// 0 means one worker per core.
     pub workers: usize,
+    /// Registry shards, each on a thread of its own with a share of the users; 0 means one per
+    /// core.
+    pub registry_shards: usize,
     /// Empty accepts every Origin.
     pub allowed_origins: Vec<String>,
     pub shutdown_grace_secs: u64,
@@ -51,6 +54,7 @@ impl Default for ServerConfig {
         ServerConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             workers: 0,
+            registry_shards: 0,
             allowed_origins: Vec::new(),
             shutdown_grace_secs: 10,
             static_dir: String::new(),
@@ -665,10 +669,21 @@ impl Config {
     /// Worker threads to start: `server.workers`, or one per core for 0.
     pub fn worker_count(&self) -> usize {
         match self.server.workers {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            0 => cores(),
             n => n,
         }
     }
+
+    pub fn registry_shard_count(&self) -> usize {
+        match self.server.registry_shards {
+            0 => cores(),
+            n => n,
+        }
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// Development mode's secret: read from `path`, or made (32 random bytes, hex) and written there

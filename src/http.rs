@@ -23,7 +23,7 @@ use crate::protocol::{
     parse_published_event, ClientInfo, ConnectionsResponse, DevTokenResponse, HttpError, PublishRequest,
     Status, SUBPROTOCOL,
 };
-use crate::registry::{ListConnections, Probe, ProbeBroker, Publish, PublishTicket};
+use crate::registry::{ListConnections, Probe, ProbeBroker, Publish, PublishTicket, Registry};
 use crate::session::{self, Session, SessionEnv};
 
 /// What every route handler can reach.
@@ -222,14 +222,14 @@ async fn healthz() -> HttpResponse {
 /// behind must not hold request handlers (and their clients) without bound.
 pub const REGISTRY_WAIT: Duration = Duration::from_secs(5);
 
-/// Asks the registry and waits at most [`REGISTRY_WAIT`]; `None` when it did not answer.
-async fn ask_registry<M>(state: &AppState, message: M) -> Option<M::Result>
+/// Asks a registry shard and waits at most [`REGISTRY_WAIT`]; `None` when it did not answer.
+async fn ask_registry<M>(shard: &actix::Addr<Registry>, message: M) -> Option<M::Result>
 where
     M: actix::Message + Send + 'static,
     M::Result: Send,
-    crate::registry::Registry: actix::Handler<M>,
+    Registry: actix::Handler<M>,
 {
-    let answer = state.env.registry.send(message);
+    let answer = shard.send(message);
     match actix_web::rt::time::timeout(REGISTRY_WAIT, answer).await {
         Ok(Ok(result)) => Some(result),
         _ => None,
@@ -240,15 +240,21 @@ fn registry_unavailable() -> HttpResponse {
     error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer")
 }
 
+/// Ready when every registry shard answers and each one's broker does.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if ask_registry(&state, Probe).await.is_none() {
-        return registry_unavailable();
+    for shard in state.env.registries.all() {
+        if ask_registry(shard, Probe).await.is_none() {
+            return registry_unavailable();
+        }
+        match ask_registry(shard, ProbeBroker).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", &e.to_string())
+            }
+            None => return registry_unavailable(),
+        }
     }
-    match ask_registry(&state, ProbeBroker).await {
-        Some(Ok(())) => HttpResponse::Ok().json(Status { status: "ready" }),
-        Some(Err(e)) => error_response(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", &e.to_string()),
-        None => registry_unavailable(),
-    }
+    HttpResponse::Ok().json(Status { status: "ready" })
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
@@ -290,7 +296,8 @@ async fn user_connections(
         return unauthorized();
     }
     let user_id = path.into_inner();
-    match ask_registry(&state, ListConnections { user_id: user_id.clone() }).await {
+    let shard = state.env.registries.for_user(&user_id);
+    match ask_registry(shard, ListConnections { user_id: user_id.clone() }).await {
         Some(Ok(connections)) => HttpResponse::Ok().json(ConnectionsResponse { user_id, connections }),
         Some(Err(e)) => error_response(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", &e.to_string()),
         None => registry_unavailable(),
@@ -363,7 +370,7 @@ async fn publish(
     let count = events.len();
     let ticket = PublishTicket::new();
     let message = Publish { user_id: request.user_id.clone(), events, ticket: ticket.clone() };
-    let answer = state.env.registry.send(message);
+    let answer = state.env.registries.for_user(&request.user_id).send(message);
     futures_util::pin_mut!(answer);
     let published = match actix_web::rt::time::timeout(REGISTRY_WAIT, &mut answer).await {
         Ok(answer) => answer.ok().flatten(),

@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Actor;
 use actix_web::{web, App, HttpServer};
 use log::{info, warn};
 
@@ -39,7 +38,7 @@ use crate::auth::{Minter, Verifier};
 use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::protocol::FieldLimits;
-use crate::registry::{Registry, RegistrySettings};
+use crate::registry::{Registries, RegistrySettings};
 use crate::session::SessionEnv;
 
 /// What a client has sent and the server has not read yet waits in the kernel, in a queue of
@@ -93,7 +92,7 @@ pub struct Running {
 /// Stops a running server gracefully (protocol section 7).
 #[derive(Clone)]
 pub struct Control {
-    registry: actix::Addr<Registry>,
+    registries: Registries,
     draining: Arc<AtomicBool>,
     handle: actix_web::dev::ServerHandle,
 }
@@ -104,10 +103,15 @@ impl Control {
     /// dropped.
     pub async fn shutdown(&self) {
         self.draining.store(true, Ordering::Release);
-        match self.registry.send(registry::Shutdown).await {
-            Ok(sessions) => info!("shutdown: {sessions} sessions told to close"),
-            Err(e) => warn!("shutdown: the registry did not answer: {e}"),
+        let asked = self.registries.all().iter().map(|shard| shard.send(registry::Shutdown));
+        let mut sessions = 0;
+        for answer in futures_util::future::join_all(asked).await {
+            match answer {
+                Ok(told) => sessions += told,
+                Err(e) => warn!("shutdown: a registry shard did not answer: {e}"),
+            }
         }
+        info!("shutdown: {sessions} sessions told to close");
         self.handle.stop(true).await;
     }
 }
@@ -118,8 +122,8 @@ pub fn raise_open_files_limit() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024)
 }
 
-/// Builds and binds the server. Must be called inside an actix `System` (the registry actor
-/// starts on the calling thread's arbiter); the returned server runs when awaited or spawned.
+/// Builds and binds the server. Must be called inside an actix `System` (the registry shards
+/// start on arbiters of their own); the returned server runs when awaited or spawned.
 pub fn build(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let verifier = Verifier::new(&config.auth).map_err(StartError::Config)?;
@@ -159,10 +163,13 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     }
     let metrics = Arc::new(Metrics::new());
     let agent = agent::start_runtime(&config, &metrics);
-    let registry = Registry::new(RegistrySettings::from_config(&config), Arc::clone(&metrics), agent).start();
+    let shards = config.registry_shard_count();
+    let registries =
+        Registries::start(RegistrySettings::from_config(&config), Arc::clone(&metrics), agent, shards);
+    info!("registry: {shards} shards");
     let limits = &config.limits;
     let env = Arc::new(SessionEnv {
-        registry,
+        registries,
         verifier: Arc::new(verifier),
         metrics: Arc::clone(&metrics),
         field_limits: FieldLimits { max_content_chars: limits.max_content_chars },
@@ -191,7 +198,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         draining: Arc::clone(&draining),
         assets: assets::Assets::new(&config.server.static_dir),
     });
-    let registry = state.env.registry.clone();
+    let registries = state.env.registries.clone();
     // A peer that stops reading freezes its session (actix-web #2441); the kernel's user timeout
     // is what still tears such a connection down (docs/architecture.md).
     let user_timeout = Duration::from_secs(config.limits.client_timeout_secs);
@@ -219,6 +226,6 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         StartError::Io(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address bound"))
     })?;
     let server = server.run();
-    let control = Control { registry, draining, handle: server.handle() };
+    let control = Control { registries, draining, handle: server.handle() };
     Ok(Running { addr, server, metrics, control })
 }

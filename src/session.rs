@@ -32,8 +32,8 @@ use crate::protocol::{
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::read_gate::ReadGate;
 use crate::registry::{
-    Authenticate, CancelRequest, Closing, ConnectionId, Delivery, Fail, Register, Registry, SubmitMessage,
-    ToSession, Unregister,
+    Authenticate, CancelRequest, Closing, ConnectionId, Delivery, Fail, Register, Registries, Registry,
+    SubmitMessage, ToSession, Unregister,
 };
 use crate::state::ConnectionState;
 
@@ -53,7 +53,7 @@ pub const TOKEN_EXPIRY_NOTICE: Duration = Duration::from_secs(60);
 
 /// Everything sessions share: built once per server.
 pub struct SessionEnv {
-    pub registry: Addr<Registry>,
+    pub registries: Registries,
     pub verifier: Arc<Verifier>,
     pub metrics: Arc<Metrics>,
     pub field_limits: FieldLimits,
@@ -89,6 +89,12 @@ type Parsed = Result<ClientFrame, crate::protocol::FrameError>;
 pub struct Session {
     id: ConnectionId,
     env: Arc<SessionEnv>,
+    /// The registry shard the connection is registered on: its lifecycle messages (register,
+    /// fail, closing, unregister) go there, in order, and are forwarded if it moved on.
+    registry: Addr<Registry>,
+    /// Its user's shard, where requests go once it is ready (the same as `registry` unless it
+    /// authenticated with an `auth` frame on another shard).
+    shard: Addr<Registry>,
     phase: Phase,
     /// The verified token's identity: given at upgrade, or from the `auth` frame.
     identity: Option<Identity>,
@@ -134,8 +140,16 @@ impl Session {
         unauthenticated: Option<UnauthenticatedSlot>,
     ) -> Session {
         let now = Instant::now();
+        let id = ConnectionId::next();
+        let registry = match &identity {
+            Some(identity) => env.registries.for_user(&identity.user_id),
+            None => env.registries.for_connection(id),
+        }
+        .clone();
         Session {
-            id: ConnectionId::next(),
+            id,
+            shard: registry.clone(),
+            registry,
             limiter: RateLimiter::new(env.messages_per_second, env.burst, now),
             env,
             phase: Phase::Registering,
@@ -214,7 +228,7 @@ impl Session {
         self.phase = Phase::Closing;
         self.pending.clear();
         self.pending_bytes = 0;
-        self.env.registry.do_send(Closing { id: self.id });
+        self.registry.do_send(Closing { id: self.id });
     }
 
     /// Sends a close frame with `code` and stops; the registry hears `Closing` now and
@@ -270,7 +284,8 @@ impl Session {
                 self.unauthenticated = None;
                 let resume = self.resume.take();
                 self.env.metrics.registry_backlog.inc();
-                self.env.registry.do_send(Authenticate { id: self.id, identity, resume });
+                self.shard = self.env.registries.for_user(&identity.user_id).clone();
+                self.registry.do_send(Authenticate { id: self.id, identity, resume });
                 self.begin_setup(ctx);
             }
             Err(failure) => {
@@ -288,7 +303,7 @@ impl Session {
         self.gate.authenticated();
         ctx.run_later(SETUP_TIMEOUT, |session, ctx| {
             if session.phase == Phase::SettingUp {
-                session.env.registry.do_send(Fail { id: session.id, reason: "setup_timeout" });
+                session.registry.do_send(Fail { id: session.id, reason: "setup_timeout" });
                 session.send_error(ctx, ErrorCode::SetupFailed, "connection setup timed out", None);
                 session.close(ctx, close::SERVER_ERROR, "setup failed");
             }
@@ -456,10 +471,10 @@ impl Session {
             }
             Ok(ClientFrame::Auth(frame)) => self.refresh_token(frame, ctx),
             Ok(ClientFrame::UserMessage(message)) => {
-                self.env.registry.do_send(SubmitMessage { id: self.id, message });
+                self.shard.do_send(SubmitMessage { id: self.id, message });
             }
             Ok(ClientFrame::CancelRun { run_id }) => {
-                self.env.registry.do_send(CancelRequest { id: self.id, run_id });
+                self.shard.do_send(CancelRequest { id: self.id, run_id });
             }
         }
     }
@@ -547,7 +562,7 @@ impl Actor for Session {
         // With a token from the upgrade, the whole setup is asked for at once.
         let resume = if self.identity.is_some() { self.resume.take() } else { None };
         self.env.metrics.registry_backlog.inc();
-        self.env.registry.do_send(Register {
+        self.registry.do_send(Register {
             id: self.id,
             session: ctx.address().recipient(),
             outbound: self.outbound.clone(),
@@ -575,7 +590,7 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.env.registry.do_send(Unregister { id: self.id });
+        self.registry.do_send(Unregister { id: self.id });
     }
 }
 

@@ -89,7 +89,8 @@ async fn answer(
     let (steps, followed) = futures_channel::mpsc::channel(STEPS_BUFFERED);
     let (answer, answered) = futures_channel::oneshot::channel();
     let user_id = identity.user_id.clone();
-    env.registry.do_send(StartHttpRun {
+    let registry = env.registries.for_user(&user_id).clone();
+    registry.do_send(StartHttpRun {
         user_id: user_id.clone(),
         thread_id: run.thread_id.clone(),
         content: run.content,
@@ -106,7 +107,7 @@ async fn answer(
         }
     };
     info!("ag-ui client of user {user_id}: run {run_id} started on thread {}", run.thread_id);
-    let guard = Following { registry: env.registry.clone(), user_id, run_id: run_id.clone(), ended: false };
+    let guard = Following { registry, user_id, run_id: run_id.clone(), ended: false };
     let renderer = Renderer::new(run.thread_id, run_id);
     let body = futures_util::stream::unfold(
         (followed, renderer, guard),

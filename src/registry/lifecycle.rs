@@ -92,6 +92,10 @@ impl Registry {
             debug!("{id}: vanished before authentication");
             return;
         };
+        let home = self.shards.as_ref().map_or(self.settings.shard, |s| s.index_of_user(&identity.user_id));
+        if connection.state == ConnectionState::Accepted && home != self.settings.shard {
+            return self.move_to(home, id, identity, resume);
+        }
         if connection.state != ConnectionState::Accepted {
             let _ = self.transition(id, ConnectionState::Authenticated); // counts the refusal
             self.refuse_out_of_order(id);
@@ -103,6 +107,19 @@ impl Registry {
         self.when(ctx, &user_id.clone(), call, move |registry, answer, ctx| {
             registry.admitted(ctx, id, user_id, resume, answer);
         });
+    }
+
+    /// Hands an `accepted` connection to its user's shard, which authenticates it there; what
+    /// its session still sends here is forwarded after it (`Adopt` goes first, in order).
+    fn move_to(&mut self, home: usize, id: ConnectionId, identity: Identity, resume: Option<ResumeRequest>) {
+        let (Some(shards), Some(connection)) = (&self.shards, self.connections.remove(&id)) else {
+            return;
+        };
+        let to = shards.all()[home].clone();
+        debug!("{id}: authenticated; moves to registry shard {home} of user {}", identity.user_id);
+        to.do_send(Adopt { id, connection, identity, resume });
+        self.moved.insert(id, to);
+        self.trimmer.observe(self.connections.len());
     }
 
     /// The broker's answer on the user's session cap.
@@ -251,6 +268,40 @@ impl Handler<Register> for Registry {
     }
 }
 
+/// An `accepted` connection moving to the shard of the user its token names.
+pub(super) struct Adopt {
+    id: ConnectionId,
+    connection: Connection,
+    identity: Identity,
+    resume: Option<ResumeRequest>,
+}
+
+impl Message for Adopt {
+    type Result = ();
+}
+
+impl Handler<Adopt> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Adopt, ctx: &mut Self::Context) {
+        let id = msg.id;
+        self.connections.insert(id, msg.connection);
+        self.trimmer.observe(self.connections.len());
+        if self.shutting_down {
+            self.tell(id, ToSession::Shutdown);
+            return;
+        }
+        self.authenticate(id, msg.identity, msg.resume, ctx);
+    }
+}
+
+impl Registry {
+    /// Where a message about a connection that moved to another shard goes instead.
+    fn moved_to(&self, id: ConnectionId) -> Option<&Addr<Registry>> {
+        self.moved.get(&id)
+    }
+}
+
 impl Handler<Authenticate> for Registry {
     type Result = ();
 
@@ -264,6 +315,9 @@ impl Handler<Fail> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Fail, _: &mut Self::Context) {
+        if let Some(home) = self.moved_to(msg.id) {
+            return home.do_send(msg);
+        }
         // The session has answered its client itself (`setup_failed`, 1011).
         self.mark_failed(msg.id, msg.reason);
     }
@@ -273,6 +327,9 @@ impl Handler<Closing> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Closing, _: &mut Self::Context) {
+        if let Some(home) = self.moved_to(msg.id) {
+            return home.do_send(msg);
+        }
         let state = self.connections.get(&msg.id).map(|c| c.state);
         if state.is_some_and(|s| s.can_transition_to(ConnectionState::Closing)) {
             let _ = self.transition(msg.id, ConnectionState::Closing);
@@ -288,6 +345,9 @@ impl Handler<Unregister> for Registry {
 
     fn handle(&mut self, msg: Unregister, _: &mut Self::Context) {
         let id = msg.id;
+        if let Some(home) = self.moved.remove(&id) {
+            return home.do_send(msg);
+        }
         let Some(state) = self.connections.get(&id).map(|c| c.state) else {
             return;
         };

@@ -27,6 +27,10 @@ impl ConnectionId {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         ConnectionId(NEXT.fetch_add(1, Ordering::Relaxed))
     }
+
+    pub(super) fn value(self) -> u64 {
+        self.0
+    }
 }
 
 impl std::fmt::Display for ConnectionId {
@@ -36,6 +40,13 @@ impl std::fmt::Display for ConnectionId {
         write!(f, "ws_{boot:04x}{:x}", self.0)
     }
 }
+
+// ----- registry -> registry -------------------------------------------------------------------
+
+/// Every shard of the process, for each shard to know where a user lives.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shards(pub super::Registries);
 
 // ----- session -> registry ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ mod lifecycle;
 pub mod messages;
 mod remote;
 mod runs;
+mod shards;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use crate::state::ConnectionState;
 use broker_calls::CallQueue;
 pub use messages::*;
 use runs::Run;
+pub use shards::Registries;
 
 /// The parts of the configuration the registry acts on.
 #[derive(Clone, Debug)]
@@ -60,6 +62,8 @@ pub struct RegistrySettings {
     pub node: String,
     /// `server.shutdown_grace_secs`.
     pub shutdown_grace: Duration,
+    /// Which of the process's registry shards this is (`shards.rs`).
+    pub shard: usize,
 }
 
 impl RegistrySettings {
@@ -94,6 +98,7 @@ impl RegistrySettings {
                 .then(|| crate::broker::redis::RedisSettings::from_config(config)),
             node: config.broker.node_name(),
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
+            shard: 0,
         }
     }
 }
@@ -144,6 +149,13 @@ pub struct Registry {
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
     shutting_down: bool,
     trimmer: crate::memory::Trimmer,
+    /// Every shard of the process, told once they have all started; `None` until then.
+    shards: Option<Registries>,
+    /// Connections that authenticated here and moved to their user's shard: what their
+    /// sessions still send here is forwarded there, in order.
+    moved: HashMap<ConnectionId, Addr<Registry>>,
+    /// This shard's last share of the process-wide gauges (streams, history bytes, runs).
+    reported: [i64; 3],
 }
 
 /// Gives back a map's table once it is four times larger than what it holds.
@@ -177,9 +189,7 @@ impl Actor for Registry {
             registry.local.retain(|_, u| !u.sessions.is_empty() || u.runs_in_progress > 0);
             let shrunk = registry.broker.upkeep();
             let (streams, history_bytes) = registry.broker.gauges();
-            registry.metrics.user_streams.set(streams as i64);
-            registry.metrics.history_bytes.set(history_bytes as i64);
-            registry.metrics.runs_in_progress.set(registry.runs.len() as i64);
+            registry.report_gauges([streams as i64, history_bytes as i64, registry.runs.len() as i64]);
             if shrunk {
                 registry.trimmer.tick(registry.connections.len(), true);
             }
@@ -188,7 +198,8 @@ impl Actor for Registry {
             // A table sized for a crowd that has left keeps the crowd's memory.
             let shrunk = shrink_if_oversized(&mut registry.connections)
                 | shrink_if_oversized(&mut registry.runs)
-                | shrink_if_oversized(&mut registry.local);
+                | shrink_if_oversized(&mut registry.local)
+                | shrink_if_oversized(&mut registry.moved);
             registry.trimmer.tick(registry.connections.len(), shrunk)
         });
         if let Some(remote) = self.broker.remote_events() {
@@ -236,6 +247,19 @@ impl Registry {
             observers: HashMap::new(),
             shutting_down: false,
             trimmer: crate::memory::Trimmer::new(),
+            shards: None,
+            moved: HashMap::new(),
+            reported: [0; 3],
+        }
+    }
+
+    /// The gauges are the sum over the shards: each adds the change in its own share.
+    fn report_gauges(&mut self, now: [i64; 3]) {
+        let gauges =
+            [&self.metrics.user_streams, &self.metrics.history_bytes, &self.metrics.runs_in_progress];
+        for ((gauge, now), before) in gauges.into_iter().zip(now).zip(&mut self.reported) {
+            gauge.add(now - *before);
+            *before = now;
         }
     }
 
@@ -292,6 +316,14 @@ impl Registry {
             return None;
         }
         connection.user_id.clone()
+    }
+}
+
+impl Handler<Shards> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Shards, _: &mut Self::Context) {
+        self.shards = Some(msg.0);
     }
 }
 

@@ -1,0 +1,77 @@
+//! The registry across cores: one registry actor per shard, each on a thread (Arbiter) of its
+//! own, each user always on the same shard. Everything of one user (its sessions, stream, runs
+//! and their order) lives on one shard, so per-user order holds as it did with one registry,
+//! while setups, messages and fan-out of different users run on different cores.
+//!
+//! A connection is registered where it will live when its token came with the upgrade (its
+//! user's shard). One that authenticates later with an `auth` frame is registered on a shard
+//! chosen by its id, and moves to its user's shard when it authenticates (see
+//! [`super::Adopt`]): the shard it leaves forwards the session's lifecycle messages after it.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::{ConnectionId, Registry, RegistrySettings};
+use crate::agent::AgentHandle;
+use crate::metrics::Metrics;
+
+/// The registry shards of this process; cloned into every session and HTTP handler.
+#[derive(Clone)]
+pub struct Registries {
+    shards: Arc<[Addr<Registry>]>,
+}
+
+impl Registries {
+    /// Starts `count` shards, each on a new Arbiter. The users' global history limits are
+    /// shared out: each shard keeps its part of the users within `1/count` of them.
+    pub fn start(
+        settings: RegistrySettings,
+        metrics: Arc<Metrics>,
+        agent: Option<AgentHandle>,
+        count: usize,
+    ) -> Registries {
+        let count = count.max(1);
+        let shards: Vec<Addr<Registry>> = (0..count)
+            .map(|index| {
+                let mut settings = settings.clone();
+                settings.shard = index;
+                let users = &mut settings.users;
+                users.max_history_bytes = users.max_history_bytes.div_ceil(count);
+                users.max_users = users.max_users.div_ceil(count);
+                let (metrics, agent) = (Arc::clone(&metrics), agent.clone());
+                Registry::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+                    Registry::new(settings, metrics, agent)
+                })
+            })
+            .collect();
+        let registries = Registries { shards: shards.into() };
+        for shard in registries.shards.iter() {
+            shard.do_send(super::Shards(registries.clone()));
+        }
+        registries
+    }
+
+    /// The shard of a user: the same for the life of the process.
+    pub fn for_user(&self, user_id: &str) -> &Addr<Registry> {
+        &self.shards[self.index_of_user(user_id)]
+    }
+
+    pub fn index_of_user(&self, user_id: &str) -> usize {
+        // SipHash with fixed keys: stable for the process; a client can aim many users at one
+        // shard only by knowing this function, and then shares that shard, not more.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        user_id.hash(&mut hasher);
+        (hasher.finish() % self.shards.len() as u64) as usize
+    }
+
+    /// Where a connection that has no user yet is registered.
+    pub fn for_connection(&self, id: ConnectionId) -> &Addr<Registry> {
+        &self.shards[(id.value() % self.shards.len() as u64) as usize]
+    }
+
+    pub fn all(&self) -> &[Addr<Registry>] {
+        &self.shards
+    }
+}
