@@ -2,7 +2,8 @@
 # The benchmark suite: builds release, runs the standard scenarios against a fresh server on
 # 127.0.0.1 (server and load generator share this machine), repeats each, and writes
 # BENCHMARKS.md with the medians. Usage: benches/run.sh [repetitions, default 3]
-# ONLY=core|hostile|agents|scale runs one group; ONLY=raw runs the raw baseline (not in the full run) of scenarios (BENCHMARKS.md then has only that group).
+# ONLY=core|hostile|agents|scale|raw runs one group of scenarios (the other groups' reports from
+# an earlier run are kept, so BENCHMARKS.md keeps them too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-3}
@@ -44,6 +45,7 @@ start_server() {
     AGENTWIRE__AGENT__KIND="${AGENT_KIND:-demo}" \
     AGENTWIRE__AGENT__URL="${AGENT_URL:-}" \
     AGENTWIRE__AGENT__MAX_CONCURRENT_RUNS=5000 \
+    AGENTWIRE__SERVER__REGISTRY_SHARDS="${SHARDS:-0}" \
     "$BIN" >"$OUT/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 100); do
@@ -198,21 +200,24 @@ run_raw() {
   echo "$name|$* (against benches/raw_ws.rs)" >>"$OUT/commands.txt"
   stop_raw
 }
-# Only when asked for (ONLY=raw): the baseline is a first version, not yet the lean server the
-# issue's table was measured against (it spends ~70 KB per connection and its broadcast channel
-# contends under fan-out), so its ratios are not yet the ones to quote.
-if [ "${ONLY:-}" = raw ]; then
+# The raw baseline and agentwire take each load one after the other, so their ratios come from
+# one moment of this shared machine; then the registry on one shard against one per core.
+if want raw; then
   cargo build --release -q --example raw_ws
   trap 'stop_server; stop_raw' EXIT
   RAW_FAN=(--scenario fanout --sessions 1000 --users 1 --events 2000 --batch 10)
   RAW_PACED=(--scenario fanout --sessions 1000 --users 1 --events 500 --batch 1 --publish-rate 50)
   RAW_IDLE=(--scenario idle --sessions 19000 --users 2000 --hold-secs 2 --connect-concurrency 1000 --src-ips 127.0.0.1-127.0.0.20)
+  MANY=(--scenario fanout --sessions 10000 --users 1000 --events 100 --batch 10 --connect-concurrency 1000)
   run raw-agentwire-fanout "${RAW_FAN[@]}"
   run_raw raw-baseline-fanout "${RAW_FAN[@]}"
   run raw-agentwire-paced "${RAW_PACED[@]}"
   run_raw raw-baseline-paced "${RAW_PACED[@]}"
   run raw-agentwire-idle "${RAW_IDLE[@]}"
   run_raw raw-baseline-idle "${RAW_IDLE[@]}"
+  run shards-default-many "${MANY[@]}"
+  SHARDS=1 run shards-one-many "${MANY[@]}"
+  SHARDS=1 run shards-one-idle "${RAW_IDLE[@]}"
 fi
 if want scale; then
   trap 'stop_server; stop_nodes' EXIT

@@ -315,6 +315,11 @@ def scale_section():
 scale = scale_section()
 
 
+def cpu_per_frame_us(report):
+    cpu, frames = get(report, "server", "cpu_scenario_secs"), report.get("events_received")
+    return cpu / frames * 1e6 if cpu is not None and frames else None
+
+
 def raw_section():
     pairs = [("fan-out, 1 user x 1,000 sessions, 2,000 events in batches of 10", "fanout"),
              ("paced 50 events/s x 1,000 sessions", "paced"),
@@ -324,32 +329,74 @@ def raw_section():
     w("## 8. Against a raw WebSocket server in the same run")
     w("")
     w("`benches/raw_ws.rs`: a bare tokio-tungstenite broadcast server (no auth, limits, history or")
-    w("resume) under the same `agentwire loadtest` load, one after the other (`ONLY=raw benches/run.sh`).")
+    w("resume; one queue per connection, frames serialised once per publish, one flush per batch)")
+    w("under the same `agentwire loadtest` load, one after the other in the same run. Each figure is")
+    w("the median of the runs; the ratio is agentwire's over raw's.")
     w("")
     w("| figure | agentwire | raw | agentwire / raw |")
     w("| --- | --- | --- | --- |")
     figures = {}
     rows = {
-        "fanout": [("frames delivered per second", ("events_per_sec",), 0),
-                   ("server CPU in the scenario (s)", ("server", "cpu_scenario_secs"), 2)],
-        "paced": [("publish to delivery p99 (ms)", ("delivery", "p99_ms"), 2)],
-        "idle": [("sessions/s to processing_ready", ("sessions_per_sec",), 0),
-                 ("server RSS per ready session (KB)", ("server", "rss_per_session_kb"), 1)],
+        "fanout": [("frames delivered per second", lambda x: x.get("events_per_sec"), 0),
+                   ("server CPU per delivered frame (µs)", cpu_per_frame_us, 3),
+                   ("publish to delivery p50 (ms)", lambda x: get(x, "delivery", "p50_ms"), 2)],
+        "paced": [("publish to delivery p99 (ms)", lambda x: get(x, "delivery", "p99_ms"), 2)],
+        "idle": [("sessions/s to processing_ready", lambda x: x.get("sessions_per_sec"), 0),
+                 ("server RSS per ready session (KB)", lambda x: get(x, "server", "rss_per_session_kb"), 1)],
     }
     for title, key in pairs:
         a, r = reports(f"raw-agentwire-{key}"), reports(f"raw-baseline-{key}")
         if not a or not r:
             continue
-        for label, path, digits in rows[key]:
-            row = [median([get(x, *path) for x in runs]) for runs in (a, r)]
+        for label, pick, digits in rows[key]:
+            row = [median([pick(x) for x in runs]) for runs in (a, r)]
             ratio = row[0] / row[1] if row[1] and row[0] is not None else None
-            figures[(key, label)] = ratio
+            figures[(key, label)] = (row[0], ratio)
             w(f"| {title}: {label} | {fmt(row[0], digits)} | {fmt(row[1], digits)} | {fmt(ratio, 2, 'x')} |")
+    dirty = sum(sum(x["correctness"].values()) + sum(x["failed"].values())
+                for _, key in pairs for x in reports(f"raw-agentwire-{key}"))
+    w(f"| agentwire's failed sessions and correctness counters (all runs) | {dirty} | | |")
+    w("")
+    return figures
+
+
+def shards_section():
+    one_idle, default_idle = reports("shards-one-idle"), reports("raw-agentwire-idle")
+    one_many, default_many = reports("shards-one-many"), reports("shards-default-many")
+    if not one_idle and not one_many:
+        return {}
+    w("## 9. The registry on one shard and on one shard per core")
+    w("")
+    w(f"`server.registry_shards` = 1 against the default (one per core: {os.cpu_count()} here), same run.")
+    w("")
+    w("| figure | 1 shard | 1 per core | per core / 1 |")
+    w("| --- | --- | --- | --- |")
+    figures = {}
+    rows = [("19,000 idle sessions: sessions/s to processing_ready", one_idle, default_idle,
+             lambda x: x.get("sessions_per_sec"), 0),
+            ("19,000 idle sessions: server CPU to connect them (s)", one_idle, default_idle,
+             lambda x: get(x, "server", "cpu_connect_secs"), 2),
+            ("1,000 users x 10 sessions: frames delivered per second", one_many, default_many,
+             lambda x: x.get("events_per_sec"), 0),
+            ("1,000 users x 10 sessions: server CPU per delivered frame (µs)", one_many, default_many,
+             cpu_per_frame_us, 3),
+            ("1,000 users x 10 sessions: publish to delivery p99 (ms)", one_many, default_many,
+             lambda x: get(x, "delivery", "p99_ms"), 2)]
+    for label, one, default, pick, digits in rows:
+        if not one or not default:
+            continue
+        row = [median([pick(x) for x in runs]) for runs in (one, default)]
+        ratio = row[1] / row[0] if row[0] and row[1] is not None else None
+        figures[label] = ratio
+        w(f"| {label} | {fmt(row[0], digits)} | {fmt(row[1], digits)} | {fmt(ratio, 2, 'x')} |")
+    dirty = sum(sum(x["correctness"].values()) + sum(x["failed"].values()) for x in one_idle + one_many + default_many)
+    w(f"| failed sessions and correctness counters (all runs) | {dirty} | | |")
     w("")
     return figures
 
 
 raw = raw_section()
+shards = shards_section()
 
 
 def per_frame_us(medians, frames):
@@ -390,6 +437,15 @@ if agents:
     target("chat p99 (message to completed) with 1,000 slow agent runs <= 1.5x unloaded",
            agents["message to agent_completed p99 (ms)"], 1.5, False, "x")
     target("ack p99 with 1,000 slow agent runs <= 1.5x unloaded", agents["ack p99 (ms)"], 1.5, False, "x")
+if raw:
+    def raw_target(label, key, row, goal, higher_is_better, use_ratio=True):
+        value = raw.get((key, row))
+        target(label, value and (value[1] if use_ratio else value[0]), goal, higher_is_better, "x" if use_ratio else " KB")
+    raw_target("fan-out: server CPU per frame <= 2x raw", "fanout", "server CPU per delivered frame (µs)", 2, False)
+    raw_target("fan-out: frames/s >= 0.5x raw", "fanout", "frames delivered per second", 0.5, True)
+    raw_target("RSS per ready session <= 10 KB (19,000)", "idle", "server RSS per ready session (KB)", 10, False, False)
+    raw_target("sessions/s to processing_ready >= 0.9x raw's connections/s", "idle", "sessions/s to processing_ready", 0.9, True)
+    raw_target("paced p99 <= 1.1x raw", "paced", "publish to delivery p99 (ms)", 1.1, False)
 w("")
 
 w("## What the numbers mean")
