@@ -1,4 +1,5 @@
-//! The count of one session's unsent output, in exact wire bytes (protocol section 7, 4008).
+//! The count of one session's unsent output, in exact wire bytes (protocol section 7, 4008),
+//! and the deliveries the registry has handed over that the session has not taken yet.
 //!
 //! A session whose peer stops reading is frozen: the HTTP dispatcher stops polling its
 //! `WebsocketContext` once its own write buffer holds 32 KiB (actix-web #2441), so frames pile up
@@ -9,10 +10,22 @@
 //! handed to the socket, and the registry refuses to add beyond `limits.max_outbound_bytes`.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::registry::Delivery;
 
 #[derive(Clone, Debug, Default)]
-pub struct Outbound(Arc<AtomicI64>);
+pub struct Outbound(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    bytes: AtomicI64,
+    /// Deliveries in the order they were handed over. The registry wakes the session with one
+    /// mailbox message when it puts the first one here, and the session takes all there are when
+    /// it runs: a session that is behind takes several publishes at once and writes them to its
+    /// socket together, instead of one mailbox message, one wake-up and one write each.
+    inbox: Mutex<Vec<Delivery>>,
+}
 
 impl Outbound {
     pub fn new() -> Outbound {
@@ -21,16 +34,31 @@ impl Outbound {
 
     /// Counts `bytes` more; returns the new total.
     pub fn add(&self, bytes: usize) -> i64 {
-        self.0.fetch_add(bytes as i64, Ordering::AcqRel) + bytes as i64
+        self.0.bytes.fetch_add(bytes as i64, Ordering::AcqRel) + bytes as i64
     }
 
     /// The dispatcher took `bytes` to write them.
     pub fn release(&self, bytes: usize) {
-        self.0.fetch_sub(bytes as i64, Ordering::AcqRel);
+        self.0.bytes.fetch_sub(bytes as i64, Ordering::AcqRel);
     }
 
     pub fn pending(&self) -> i64 {
-        self.0.load(Ordering::Acquire)
+        self.0.bytes.load(Ordering::Acquire)
+    }
+
+    /// Queues a delivery for the session; true when the inbox was empty, i.e. the session has
+    /// no wake-up on its way and must be sent one.
+    pub fn hand_over(&self, delivery: Delivery) -> bool {
+        let mut inbox = self.0.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        inbox.push(delivery);
+        inbox.len() == 1
+    }
+
+    /// Everything handed over so far, in order, swapped into `taken` (an emptied vector the
+    /// session keeps, so neither side allocates again for each publish).
+    pub fn take_deliveries(&self, taken: &mut Vec<Delivery>) {
+        let mut inbox = self.0.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        std::mem::swap(&mut *inbox, taken);
     }
 }
 
@@ -64,6 +92,19 @@ mod tests {
         assert_eq!(encoded_len(65_536), 65_546);
         assert_eq!(close_frame_len(Some("bye"), true), 7);
         assert_eq!(close_frame_len(None, false), 2);
+    }
+
+    #[test]
+    fn wakes_once_per_empty_inbox() {
+        let outbound = Outbound::new();
+        let delivery =
+            || Delivery::new(std::sync::Arc::from(vec![bytestring::ByteString::from("x")]), 0, None);
+        assert!(outbound.hand_over(delivery()));
+        assert!(!outbound.hand_over(delivery()));
+        let mut taken = Vec::new();
+        outbound.take_deliveries(&mut taken);
+        assert_eq!(taken.len(), 2);
+        assert!(outbound.hand_over(delivery()));
     }
 
     #[test]

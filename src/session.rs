@@ -125,7 +125,10 @@ pub struct Session {
     limiter: RateLimiter,
     expiry_timers: Vec<SpawnHandle>,
     /// Unsent output in wire bytes: the registry and this actor add, [`CountedOutput`] takes off.
+    /// Also where the registry leaves deliveries for this session.
     outbound: Outbound,
+    /// The deliveries taken from `outbound` (kept between wake-ups for its allocation).
+    taken: Vec<Delivery>,
     /// How fast this client is read (and whether a frame header announced too much).
     gate: ReadGate,
     _slot: ConnectionSlot,
@@ -168,6 +171,7 @@ impl Session {
             last_heard: now,
             expiry_timers: Vec::new(),
             outbound: Outbound::new(),
+            taken: Vec::new(),
             gate: ReadGate::default(),
             _slot: slot,
         }
@@ -615,7 +619,14 @@ impl Handler<ToSession> for Session {
                 }
                 self.close(ctx, close_code, reason);
             }
-            ToSession::Deliver(delivery) => self.on_delivery(delivery, ctx),
+            ToSession::Deliveries => {
+                let mut taken = std::mem::take(&mut self.taken);
+                self.outbound.take_deliveries(&mut taken);
+                for delivery in taken.drain(..) {
+                    self.on_delivery(delivery, ctx);
+                }
+                self.taken = taken;
+            }
             ToSession::Shutdown => self.close(ctx, close::SERVICE_RESTART, "server restarting"),
             ToSession::SlowConsumer => {
                 self.env.metrics.slow_consumer_closes.inc();

@@ -16,13 +16,23 @@ use crate::outbound::encoded_len;
 use crate::protocol::{PublishResponse, ServerFrame};
 use crate::state::ConnectionState;
 
-/// Hands frames to one session within its outbound budget, as one mailbox message however many
-/// they are. A session is slow when what it had not yet sent was already over the budget before
-/// these frames (or its mailbox is full): it is flagged, told to close with 4008, and sent
-/// nothing more. Judging the backlog before the frames, not after, is what lets a reading
-/// session take a publish batch of up to `api.max_body_bytes` whole, which is about as large as
-/// the budget itself; what a session can hold is then bounded by the budget plus one batch.
-pub(super) fn deliver(
+/// What handing frames to a session came to.
+pub(super) enum Handed {
+    /// In its inbox, with a wake-up already on its way (or nothing to hand).
+    Queued,
+    /// In its inbox, which was empty: the session needs a wake-up ([`wake`]).
+    NeedsWake,
+    /// Too slow: flagged, told to close with 4008, nothing handed.
+    Slow,
+}
+
+/// Hands frames to one session within its outbound budget, into its inbox (`outbound.rs`). A
+/// session is slow when what it had not yet sent was already over the budget before these
+/// frames: it is flagged, told to close with 4008, and sent nothing more. Judging the backlog
+/// before the frames, not after, is what lets a reading session take a publish batch of up to
+/// `api.max_body_bytes` whole, which is about as large as the budget itself; what a session can
+/// hold is then bounded by the budget plus one batch.
+pub(super) fn hand_over(
     connection: &mut Connection,
     id: ConnectionId,
     batch: &Batch,
@@ -30,30 +40,47 @@ pub(super) fn deliver(
     created: Option<Instant>,
     max_outbound_bytes: usize,
     metrics: &Metrics,
-) -> bool {
+) -> Handed {
     let frames = &batch.frames[from.min(batch.frames.len())..];
     if frames.is_empty() {
-        return true;
+        return Handed::Queued;
     }
     if connection.slow {
-        return false;
+        return Handed::Slow;
     }
     let cost = batch.cost_from(from);
     let before = connection.outbound.add(cost) - cost as i64;
-    let sent = before <= max_outbound_bytes as i64 && {
-        let delivery = Delivery::new(Arc::clone(&batch.frames), from, created);
-        connection.session.try_send(ToSession::Deliver(delivery)).is_ok()
-    };
-    if sent {
-        metrics.frames_sent.inc_by(frames.len() as u64);
-        return true;
+    if before > max_outbound_bytes as i64 {
+        connection.outbound.release(cost);
+        too_slow(connection, id, max_outbound_bytes);
+        return Handed::Slow;
     }
-    connection.outbound.release(cost);
+    metrics.frames_sent.inc_by(frames.len() as u64);
+    match connection.outbound.hand_over(Delivery::new(Arc::clone(&batch.frames), from, created)) {
+        true => Handed::NeedsWake,
+        false => Handed::Queued,
+    }
+}
+
+/// Wakes a session whose inbox has frames, with `try_send`, so that a full mailbox still counts
+/// as too slow; false when it was (what waits in its inbox is then taken back, never written).
+pub(super) fn wake(connection: &mut Connection, id: ConnectionId, max_outbound_bytes: usize) -> bool {
+    if connection.slow || connection.session.try_send(ToSession::Deliveries).is_ok() {
+        return !connection.slow;
+    }
+    let mut taken = Vec::new();
+    connection.outbound.take_deliveries(&mut taken);
+    let waiting: usize = taken.iter().flat_map(Delivery::frames).map(|f| encoded_len(f.len())).sum();
+    connection.outbound.release(waiting);
+    too_slow(connection, id, max_outbound_bytes);
+    false
+}
+
+fn too_slow(connection: &mut Connection, id: ConnectionId, max_outbound_bytes: usize) {
     connection.slow = true;
     warn!("{id}: slow consumer: unsent output over {max_outbound_bytes} bytes; closing with 4008");
     // One control message, so it may bypass the bound (a full mailbox would refuse it).
     connection.session.do_send(ToSession::SlowConsumer);
-    false
 }
 
 /// Frames serialised once for every session of a user, with the wire bytes from each frame to
@@ -94,8 +121,11 @@ impl Registry {
         self.when(ctx, user_id, call, move |registry, answer, ctx| match answer {
             Ok(stored) => {
                 registry.metrics.events_published.inc_by(stored.len() as u64);
-                let reached = registry.deliver_events(ctx, &user, &stored, created, true);
+                let reached = registry.hand_over_events(ctx, &user, &stored, created, true);
+                // The publisher hears first: woken after it, the sessions' socket writes do not
+                // stand between the publisher's answer and its next publish on a worker thread.
                 done(registry, Ok((stored.iter().map(|e| e.seq).collect(), reached)));
+                registry.wake_sessions();
             }
             Err(e) => {
                 warn!("broker: events for user {user} not published: {e}");
@@ -117,6 +147,20 @@ impl Registry {
     /// all of them in one message per `processing_ready` session of the user. Returns how many
     /// sessions they reached.
     pub(super) fn deliver_events(
+        &mut self,
+        ctx: &mut Context<Self>,
+        user_id: &str,
+        stored: &[Stored],
+        created: Instant,
+        fill_gaps: bool,
+    ) -> usize {
+        let reached = self.hand_over_events(ctx, user_id, stored, created, fill_gaps);
+        self.wake_sessions();
+        reached
+    }
+
+    /// [`Registry::deliver_events`] up to the wake-ups, which wait in `self.wakes`.
+    fn hand_over_events(
         &mut self,
         ctx: &mut Context<Self>,
         user_id: &str,
@@ -159,10 +203,13 @@ impl Registry {
                 }
                 // What the connection's replay already had is not sent again.
                 let from = fresh.partition_point(|e| e.seq <= connection.after);
-                if deliver(connection, *id, &batch, from, Some(created), max, &self.metrics) {
-                    reached += 1;
-                } else {
-                    slow.push(*id);
+                match hand_over(connection, *id, &batch, from, Some(created), max, &self.metrics) {
+                    Handed::Queued => reached += 1,
+                    Handed::NeedsWake => {
+                        reached += 1;
+                        self.wakes.push(*id);
+                    }
+                    Handed::Slow => slow.push(*id),
                 }
             }
         }
@@ -170,6 +217,20 @@ impl Registry {
             self.abandon(id);
         }
         reached
+    }
+
+    /// Sends the wake-ups [`Registry::hand_over_events`] left in `self.wakes`.
+    pub(super) fn wake_sessions(&mut self) {
+        let max = self.settings.max_outbound_bytes;
+        let mut wakes = std::mem::take(&mut self.wakes);
+        for id in wakes.drain(..) {
+            if let Some(connection) = self.connections.get_mut(&id) {
+                if !wake(connection, id, max) {
+                    self.abandon(id);
+                }
+            }
+        }
+        self.wakes = wakes;
     }
 
     /// Reads the user's kept events from `from_seq` on and delivers them: a gap filled. What
@@ -212,7 +273,12 @@ impl Registry {
         let max = self.settings.max_outbound_bytes;
         if let Some(connection) = self.connections.get_mut(&id) {
             let batch = Batch::new(vec![ByteString::from(frame.to_text())]);
-            if !deliver(connection, id, &batch, 0, None, max, &self.metrics) {
+            let woken = match hand_over(connection, id, &batch, 0, None, max, &self.metrics) {
+                Handed::Queued => true,
+                Handed::NeedsWake => wake(connection, id, max),
+                Handed::Slow => false,
+            };
+            if !woken {
                 self.abandon(id);
             }
         }

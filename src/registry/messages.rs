@@ -171,8 +171,9 @@ pub enum ToSession {
         close_code: u16,
         reason: &'static str,
     },
-    /// One serialised frame for the session's socket.
-    Deliver(Delivery),
+    /// Deliveries wait in the session's `Outbound` inbox: take them all (one wake-up however
+    /// many were handed over meanwhile).
+    Deliveries,
     /// The session's unsent output passed its budget: close with 4008.
     SlowConsumer,
     /// The server is shutting down: close with 1012 after what was already handed over.

@@ -156,6 +156,8 @@ pub struct Registry {
     moved: HashMap<ConnectionId, Addr<Registry>>,
     /// This shard's last share of the process-wide gauges (streams, history bytes, runs).
     reported: [i64; 3],
+    /// Sessions to wake once the frames of a publish are in their inboxes (`fanout.rs`).
+    wakes: Vec<ConnectionId>,
 }
 
 /// Gives back a map's table once it is four times larger than what it holds.
@@ -250,6 +252,7 @@ impl Registry {
             shards: None,
             moved: HashMap::new(),
             reported: [0; 3],
+            wakes: Vec::new(),
         }
     }
 
