@@ -17,6 +17,19 @@ use super::{ConnectionId, Registry, RegistrySettings};
 use crate::agent::AgentHandle;
 use crate::metrics::Metrics;
 
+/// Names the calling thread (at most 15 bytes), so that `top -H`, `perf` and
+/// `/proc/<pid>/task/*/comm` tell the registry shards from the HTTP workers.
+fn name_thread(name: &str) {
+    #[cfg(target_os = "linux")]
+    if let Ok(name) = std::ffi::CString::new(name) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of which it keeps at most 16 bytes;
+        // `name` lives across the call.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
+        }
+    }
+}
+
 /// The registry shards of this process; cloned into every session and HTTP handler.
 #[derive(Clone)]
 pub struct Registries {
@@ -41,9 +54,9 @@ impl Registries {
                 users.max_history_bytes = users.max_history_bytes.div_ceil(count);
                 users.max_users = users.max_users.div_ceil(count);
                 let (metrics, agent) = (Arc::clone(&metrics), agent.clone());
-                Registry::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-                    Registry::new(settings, metrics, agent)
-                })
+                let arbiter = Arbiter::new();
+                arbiter.spawn_fn(move || name_thread(&format!("aw-registry-{index}")));
+                Registry::start_in_arbiter(&arbiter.handle(), move |_| Registry::new(settings, metrics, agent))
             })
             .collect();
         let registries = Registries { shards: shards.into() };
