@@ -201,7 +201,7 @@ run_raw() {
   stop_raw
 }
 # The raw baseline and agentwire take each load one after the other, so their ratios come from
-# one moment of this shared machine; then the registry on one shard against one per core.
+# one moment of this shared machine; then the registry on its default shards against one per core.
 if want raw; then
   cargo build --release -q --example raw_ws
   trap 'stop_server; stop_raw' EXIT
@@ -216,8 +216,8 @@ if want raw; then
   run raw-agentwire-idle "${RAW_IDLE[@]}"
   run_raw raw-baseline-idle "${RAW_IDLE[@]}"
   run shards-default-many "${MANY[@]}"
-  SHARDS=1 run shards-one-many "${MANY[@]}"
-  SHARDS=1 run shards-one-idle "${RAW_IDLE[@]}"
+  SHARDS=$(nproc) run shards-percore-many "${MANY[@]}"
+  SHARDS=$(nproc) run shards-percore-idle "${RAW_IDLE[@]}"
 fi
 if want scale; then
   trap 'stop_server; stop_nodes' EXIT

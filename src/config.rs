@@ -35,7 +35,9 @@ pub struct ServerConfig {
     /// 0 means one worker per core.
     pub workers: usize,
     /// Registry shards, each on a thread of its own with a share of the users; 0 means one per
-    /// core.
+    /// four cores (at least one): a shard carries about a quarter of what the HTTP workers do
+    /// per session (BENCHMARKS.md, section 9), and a shard per core on a small machine only
+    /// adds threads that wake one another.
     pub registry_shards: usize,
     /// Empty accepts every Origin.
     pub allowed_origins: Vec<String>,
@@ -676,7 +678,7 @@ impl Config {
 
     pub fn registry_shard_count(&self) -> usize {
         match self.server.registry_shards {
-            0 => cores(),
+            0 => (cores() / 4).max(1),
             n => n,
         }
     }

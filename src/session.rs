@@ -603,6 +603,11 @@ impl Handler<ToSession> for Session {
 
     fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
         match msg {
+            ToSession::Several(messages) => {
+                for message in messages {
+                    Handler::<ToSession>::handle(self, message, ctx);
+                }
+            }
             ToSession::Accepted => self.on_accepted(ctx),
             ToSession::Authenticated if self.phase == Phase::SettingUp => {
                 self.send_state(ctx, ConnectionState::Authenticated);

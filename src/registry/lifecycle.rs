@@ -256,15 +256,17 @@ impl Handler<Register> for Registry {
         self.metrics.connections_opened.inc();
         self.metrics.move_gauge(None, Some(ConnectionState::Accepted));
         debug!("{id}: accepted");
-        self.tell(id, ToSession::Accepted);
-        if self.shutting_down {
-            // The upgrade raced the shutdown: it gets the same 1012 as every other session.
-            self.tell(id, ToSession::Shutdown);
-            return;
-        }
-        if let Some(identity) = msg.identity {
-            self.authenticate(id, identity, msg.resume, ctx);
-        }
+        self.answering_at_once(id, |registry| {
+            registry.tell(id, ToSession::Accepted);
+            if registry.shutting_down {
+                // The upgrade raced the shutdown: it gets the same 1012 as every other session.
+                registry.tell(id, ToSession::Shutdown);
+                return;
+            }
+            if let Some(identity) = msg.identity {
+                registry.authenticate(id, identity, msg.resume, ctx);
+            }
+        });
     }
 }
 
@@ -291,7 +293,7 @@ impl Handler<Adopt> for Registry {
             self.tell(id, ToSession::Shutdown);
             return;
         }
-        self.authenticate(id, msg.identity, msg.resume, ctx);
+        self.answering_at_once(id, |registry| registry.authenticate(id, msg.identity, msg.resume, ctx));
     }
 }
 
@@ -307,7 +309,8 @@ impl Handler<Authenticate> for Registry {
 
     fn handle(&mut self, msg: Authenticate, ctx: &mut Self::Context) {
         self.metrics.registry_backlog.dec();
-        self.authenticate(msg.id, msg.identity, msg.resume, ctx);
+        let id = msg.id;
+        self.answering_at_once(id, |registry| registry.authenticate(id, msg.identity, msg.resume, ctx));
     }
 }
 

@@ -171,6 +171,9 @@ pub enum ToSession {
         close_code: u16,
         reason: &'static str,
     },
+    /// Answers decided in one go (a whole setup, when the broker answers at once), in order, in
+    /// one mailbox message: one wake-up of the session's thread instead of one each.
+    Several(Vec<ToSession>),
     /// Deliveries wait in the session's `Outbound` inbox: take them all (one wake-up however
     /// many were handed over meanwhile).
     Deliveries,

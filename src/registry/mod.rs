@@ -158,6 +158,8 @@ pub struct Registry {
     reported: [i64; 3],
     /// Sessions to wake once the frames of a publish are in their inboxes (`fanout.rs`).
     wakes: Vec<ConnectionId>,
+    /// The connection whose setup step is running and what it has told it so far.
+    setup_answers: Option<(ConnectionId, Vec<ToSession>)>,
 }
 
 /// Gives back a map's table once it is four times larger than what it holds.
@@ -253,6 +255,7 @@ impl Registry {
             moved: HashMap::new(),
             reported: [0; 3],
             wakes: Vec::new(),
+            setup_answers: None,
         }
     }
 
@@ -286,12 +289,32 @@ impl Registry {
         Ok(from)
     }
 
-    fn tell(&self, id: ConnectionId, message: ToSession) {
+    fn tell(&mut self, id: ConnectionId, message: ToSession) {
+        if let Some((batched, told)) = &mut self.setup_answers {
+            if *batched == id {
+                return told.push(message);
+            }
+        }
         if let Some(connection) = self.connections.get(&id) {
             // Setup answers are a bounded handful per connection, so they may bypass the mailbox
             // capacity; events never do (see `deliver`).
             connection.session.do_send(message);
         }
+    }
+
+    /// Runs one step of a connection's setup, sending what it tells the session at the end as
+    /// one message ([`ToSession::Several`]): with the in-memory broker a whole setup is decided
+    /// in one step, and four answers would be four wake-ups of the session's thread.
+    fn answering_at_once(&mut self, id: ConnectionId, step: impl FnOnce(&mut Registry)) {
+        self.setup_answers = Some((id, Vec::new()));
+        step(self);
+        let Some((_, mut told)) = self.setup_answers.take() else { return };
+        let message = match told.len() {
+            0 => return,
+            1 => told.pop().expect("one answer"),
+            _ => ToSession::Several(told),
+        };
+        self.tell(id, message);
     }
 
     /// This process's record of a user, made when missing.

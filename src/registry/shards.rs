@@ -56,7 +56,9 @@ impl Registries {
                 let (metrics, agent) = (Arc::clone(&metrics), agent.clone());
                 let arbiter = Arbiter::new();
                 arbiter.spawn_fn(move || name_thread(&format!("aw-registry-{index}")));
-                Registry::start_in_arbiter(&arbiter.handle(), move |_| Registry::new(settings, metrics, agent))
+                Registry::start_in_arbiter(&arbiter.handle(), move |_| {
+                    Registry::new(settings, metrics, agent)
+                })
             })
             .collect();
         let registries = Registries { shards: shards.into() };

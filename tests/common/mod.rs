@@ -34,11 +34,14 @@ pub struct TestServer {
     control: agentwire::Control,
 }
 
-/// A configuration for tests: ephemeral port, one API key, otherwise the defaults.
+/// A configuration for tests: ephemeral port, one API key, two registry shards (so that every
+/// test also runs users on different shards and tabs that move between them), otherwise the
+/// defaults.
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.server.bind = "127.0.0.1:0".parse().unwrap();
     config.server.workers = 2;
+    config.server.registry_shards = 2;
     config.api.keys = vec![API_KEY.to_owned()];
     config.auth.secret = TEST_SECRET.to_owned();
     config.auth.dev_tokens = true;
@@ -488,7 +491,7 @@ impl BinaryServer {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_agentwire"));
         command.current_dir(dir.path()).env("AGENTWIRE__SERVER__BIND", "127.0.0.1:0");
         command.env("AGENTWIRE__API__KEYS", API_KEY).env("RUST_LOG", "info");
-        command.env("AGENTWIRE__AUTH__SECRET", TEST_SECRET);
+        command.env("AGENTWIRE__AUTH__SECRET", TEST_SECRET).env("AGENTWIRE__SERVER__REGISTRY_SHARDS", "2");
         for (key, value) in env {
             command.env(key, value);
         }
