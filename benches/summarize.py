@@ -472,4 +472,9 @@ if idle19 and idle19.get(rss_session[0]):
         w(f"- Connecting cost {cpu / 19000 * 1e6:.0f} µs of server CPU per session (TCP, HTTP upgrade, JWT,")
         w(f"  four state transitions): one core sets up about {19000 / cpu:,.0f} sessions per second.")
 w("")
+# Profiles and the projection are written by hand (benches/profiles.md), kept with the figures.
+profiles = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles.md")
+if os.path.exists(profiles):
+    with open(profiles) as f:
+        lines.extend(["", f.read().rstrip()])
 print("\n".join(lines))
