@@ -36,6 +36,9 @@ impl Registry {
         if queue_empty {
             if let Some(answer) = (&mut call).now_or_never() {
                 then(self, answer, ctx);
+                // After the continuation, so a publisher hears before the sessions' socket
+                // writes stand between its answer and its next publish on a worker thread.
+                self.wake_sessions();
                 return;
             }
         }
@@ -53,6 +56,7 @@ impl Registry {
                 slot.1 = Some(Box::new(move |registry, ctx| then(registry, answer, ctx)));
             }
             registry.run_answered(&user_id, ctx);
+            registry.wake_sessions();
         }));
     }
 

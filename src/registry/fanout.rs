@@ -121,11 +121,8 @@ impl Registry {
         self.when(ctx, user_id, call, move |registry, answer, ctx| match answer {
             Ok(stored) => {
                 registry.metrics.events_published.inc_by(stored.len() as u64);
-                let reached = registry.hand_over_events(ctx, &user, &stored, created, true);
-                // The publisher hears first: woken after it, the sessions' socket writes do not
-                // stand between the publisher's answer and its next publish on a worker thread.
+                let reached = registry.deliver_events(ctx, &user, &stored, created, true);
                 done(registry, Ok((stored.iter().map(|e| e.seq).collect(), reached)));
-                registry.wake_sessions();
             }
             Err(e) => {
                 warn!("broker: events for user {user} not published: {e}");
@@ -144,23 +141,10 @@ impl Registry {
     /// or, through a shared broker, another): in seq order and once (a shared broker brings
     /// this process's own events twice, and may skip some: Pub/Sub is at most once, so a gap is
     /// filled from the stream when `fill_gaps`), each frame serialised once and shared by all,
-    /// all of them in one message per `processing_ready` session of the user. Returns how many
-    /// sessions they reached.
+    /// all of them in the inbox of each `processing_ready` session of the user. Returns how many
+    /// sessions they reached. The wake-ups wait in `self.wakes` until the broker call's
+    /// continuation has returned (`broker_calls.rs::when`), so whoever asked hears first.
     pub(super) fn deliver_events(
-        &mut self,
-        ctx: &mut Context<Self>,
-        user_id: &str,
-        stored: &[Stored],
-        created: Instant,
-        fill_gaps: bool,
-    ) -> usize {
-        let reached = self.hand_over_events(ctx, user_id, stored, created, fill_gaps);
-        self.wake_sessions();
-        reached
-    }
-
-    /// [`Registry::deliver_events`] up to the wake-ups, which wait in `self.wakes`.
-    fn hand_over_events(
         &mut self,
         ctx: &mut Context<Self>,
         user_id: &str,
@@ -219,7 +203,7 @@ impl Registry {
         reached
     }
 
-    /// Sends the wake-ups [`Registry::hand_over_events`] left in `self.wakes`.
+    /// Sends the wake-ups [`Registry::deliver_events`] left in `self.wakes`.
     pub(super) fn wake_sessions(&mut self) {
         let max = self.settings.max_outbound_bytes;
         let mut wakes = std::mem::take(&mut self.wakes);

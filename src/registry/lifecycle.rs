@@ -297,13 +297,6 @@ impl Handler<Adopt> for Registry {
     }
 }
 
-impl Registry {
-    /// Where a message about a connection that moved to another shard goes instead.
-    fn moved_to(&self, id: ConnectionId) -> Option<&Addr<Registry>> {
-        self.moved.get(&id)
-    }
-}
-
 impl Handler<Authenticate> for Registry {
     type Result = ();
 
@@ -318,7 +311,7 @@ impl Handler<Fail> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Fail, _: &mut Self::Context) {
-        if let Some(home) = self.moved_to(msg.id) {
+        if let Some(home) = self.moved.get(&msg.id) {
             return home.do_send(msg);
         }
         // The session has answered its client itself (`setup_failed`, 1011).
@@ -330,7 +323,7 @@ impl Handler<Closing> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Closing, _: &mut Self::Context) {
-        if let Some(home) = self.moved_to(msg.id) {
+        if let Some(home) = self.moved.get(&msg.id) {
             return home.do_send(msg);
         }
         let state = self.connections.get(&msg.id).map(|c| c.state);
