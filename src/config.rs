@@ -208,7 +208,7 @@ impl Default for HistoryConfig {
 pub enum AgentKind {
     /// The built-in demo agent (`agent::demo`).
     Demo,
-    /// Any AG-UI agent at `agent.url` (`agent::ag_ui`, AGENTS.md).
+    /// Any AG-UI agent at `agent.url` (`agent::ag_ui`, docs/agents.md).
     AgUi,
     /// No agent: user messages are acked and echoed, and the app's backend publishes runs.
     None,
@@ -257,6 +257,22 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// `agent.headers` as HTTP headers; the error names the header that is not valid (never its
+    /// value, which may be a key).
+    pub fn header_map(&self) -> Result<reqwest::header::HeaderMap, String> {
+        use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+        let mut map = HeaderMap::new();
+        for (name, value) in &self.headers {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("{name:?} is not a header name"))?;
+            let mut value = HeaderValue::from_str(value)
+                .map_err(|_| format!("the value of {name:?} is not a header value"))?;
+            value.set_sensitive(true);
+            map.insert(header, value);
+        }
+        Ok(map)
+    }
+
     /// The name clients see in `agent_started`.
     pub fn display_name(&self) -> String {
         if self.name.is_empty() {
@@ -317,7 +333,7 @@ impl std::fmt::Debug for ApiConfig {
 pub enum BrokerKind {
     /// Users' streams in this process's memory: one process (`broker/memory.rs`).
     Memory,
-    /// Users' streams in Redis, shared by every process on it (`broker/redis/`, SCALE-OUT.md).
+    /// Users' streams in Redis, shared by every process on it (`broker/redis/`, docs/scale-out.md).
     Redis,
 }
 
@@ -578,7 +594,7 @@ impl Config {
                 return Err(error("broker.node_lease_secs", "must be at least 2 (nodes beat every second)"));
             }
         }
-        if let Err(why) = crate::agent::ag_ui::header_map(&g.headers) {
+        if let Err(why) = g.header_map() {
             return Err(error("agent.headers", why));
         }
         if g.kind == AgentKind::AgUi && !(g.url.starts_with("http://") || g.url.starts_with("https://")) {

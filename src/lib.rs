@@ -5,23 +5,20 @@
 //! exactly the same thing.
 
 mod admission;
-mod ag_ui_endpoint;
 mod agent;
 mod assets;
 pub mod auth;
+mod base;
 mod broker;
 pub mod config;
-pub mod frame_guard;
 mod http;
 mod memory;
 pub mod metrics;
-mod outbound;
 pub mod protocol;
 mod ratelimit;
-mod read_gate;
 mod registry;
-mod session;
 pub mod state;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +36,7 @@ use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::protocol::FieldLimits;
 use crate::registry::{Registries, RegistrySettings};
-use crate::session::SessionEnv;
+use crate::ws::SessionEnv;
 
 /// What a client has sent and the server has not read yet waits in the kernel, in a queue of
 /// this size (the kernel doubles it), not in actix-http's buffers, which take all the kernel
@@ -152,7 +149,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     }
 
     if config.broker.kind == config::BrokerKind::Redis {
-        // SCALE-OUT.md: a node that cannot reach its Redis does not start.
+        // docs/scale-out.md: a node that cannot reach its Redis does not start.
         broker::redis::check(&config.broker.url).map_err(StartError::Config)?;
         info!(
             "broker: Redis at {} (prefix {:?}), node {}",

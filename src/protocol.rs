@@ -41,9 +41,9 @@ pub enum ErrorCode {
     RateLimited,
     SetupFailed,
     Internal,
-    /// AGENTS.md: `agent.max_concurrent_runs` runs are in progress; no run was started.
+    /// docs/agents.md: `agent.max_concurrent_runs` runs are in progress; no run was started.
     AgentBusy,
-    /// SCALE-OUT.md: the stream store cannot be reached; nothing was taken (send it again with
+    /// docs/scale-out.md: the stream store cannot be reached; nothing was taken (send it again with
     /// the same `client_msg_id`).
     Unavailable,
 }
@@ -371,7 +371,7 @@ pub enum EventKind {
     AgentMessageChunk,
     AgentCompleted,
     AgentError,
-    /// AGENTS.md: an upstream AG-UI event with no native mapping, passed through as received.
+    /// docs/agents.md: an upstream AG-UI event with no native mapping, passed through as received.
     AgentEvent,
 }
 

@@ -1,9 +1,9 @@
 //! Property tests: the client-frame parser, the frame-header guard and the state table never
 //! panic, whatever they are given, and keep their invariants.
 
-use agentwire::frame_guard::FrameGuard;
 use agentwire::protocol::{parse_client_frame, ClientFrame, ErrorCode, FieldLimits};
 use agentwire::state::ConnectionState;
+use agentwire::ws::frame_guard::FrameGuard;
 use proptest::prelude::*;
 
 const LIMITS: FieldLimits = FieldLimits { max_content_chars: 64 };

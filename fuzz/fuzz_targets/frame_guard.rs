@@ -2,7 +2,7 @@
 //! that announce more than the limit.
 #![no_main]
 
-use agentwire::frame_guard::FrameGuard;
+use agentwire::ws::frame_guard::FrameGuard;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

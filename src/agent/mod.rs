@@ -2,7 +2,7 @@
 //!
 //! The registry starts and stops runs through an [`AgentHandle`] (two typed messages) and hears
 //! back [`AgentEvent`]s; it never knows which runtime it talks to. Runtimes: the built-in `demo`,
-//! and `ag_ui`, which puts any AG-UI agent behind agentwire (AGENTS.md). `agent.kind = "none"`
+//! and `ag_ui`, which puts any AG-UI agent behind agentwire (docs/agents.md). `agent.kind = "none"`
 //! has no runtime at all: the registry starts no runs.
 
 pub mod ag_ui;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::{Attached, Broker, BrokerError, Call, NewEvent, ResumeRequest, SeenMessage, Submitted};
-use crate::registry::ConnectionId;
+use crate::base::ConnectionId;
 
 pub struct Faulty {
     inner: Box<dyn Broker>,

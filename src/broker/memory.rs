@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use super::users::{UserLimits, Users};
 use super::{Attached, Broker, Call, Conversation, NewEvent, ResumeRequest, SeenMessage, Stored, Submitted};
+use crate::base::ConnectionId;
 use crate::protocol::{now_ms, Event};
-use crate::registry::ConnectionId;
 
 pub struct MemoryBroker {
     users: Users,

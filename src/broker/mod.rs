@@ -31,8 +31,8 @@ use serde_json::Value;
 pub use stream::ResumeRequest;
 pub use threads::Conversation;
 
+use crate::base::ConnectionId;
 use crate::protocol::{EventKind, ResumeInfo};
-use crate::registry::ConnectionId;
 
 /// A broker's answer, possibly later.
 pub type Call<T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>>>>;
@@ -145,7 +145,7 @@ pub trait Broker {
 
     /// This process has sessions of `user` now (`true`), or no longer has (`false`): a broker
     /// shared by several processes sends a user's events from elsewhere only where they are
-    /// wanted, to [`crate::registry`]'s one delivery entry point.
+    /// wanted, to the registry's one delivery entry point (`registry/fanout.rs`).
     fn interest(&mut self, user: &str, present: bool);
 
     /// Adds a turn to the conversation of the user's `thread` (messages, and the thread's new

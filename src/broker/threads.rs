@@ -1,4 +1,4 @@
-//! Thread conversations (AGENTS.md "One run, end to end", step 2): what an AG-UI agent is sent as
+//! Thread conversations (docs/agents.md, "What the agent receives"): what an AG-UI agent is sent as
 //! `messages` and `state`. AG-UI agents are stateless per request, so the conversation lives
 //! beside the user's stream, behind the broker seam, and follows the stream wherever it is kept.
 //!

@@ -16,7 +16,7 @@ use log::{debug, info};
 use super::stream::{HistoryLimits, UserStream};
 use super::threads::{ThreadLimits, Threads};
 use super::SeenMessage;
-use crate::registry::ConnectionId;
+use crate::base::ConnectionId;
 
 /// The caps of the table (`[history]`).
 #[derive(Clone, Copy, Debug)]
@@ -80,9 +80,9 @@ pub struct Users {
 }
 
 impl Users {
-    /// See [`crate::registry::shrink_if_oversized`].
+    /// See [`crate::base::shrink_if_oversized`].
     pub fn shrink_if_oversized(&mut self) -> bool {
-        let map = crate::registry::shrink_if_oversized(&mut self.map);
+        let map = crate::base::shrink_if_oversized(&mut self.map);
         let order = self.order.capacity() > 4 * self.order.len().max(256);
         if order {
             self.order.shrink_to_fit();

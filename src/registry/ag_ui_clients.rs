@@ -1,4 +1,4 @@
-//! AG-UI clients (`POST /ag-ui`, AGENTS.md's last section): a user message that arrives over HTTP
+//! AG-UI clients (`POST /ag-ui`, docs/ag-ui.md): a user message that arrives over HTTP
 //! instead of a session. It goes onto the user's stream like any other (every tab sees it and
 //! its run), and the run's steps also go to the one client that asked, as long as it reads.
 

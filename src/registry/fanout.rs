@@ -9,10 +9,10 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use log::{debug, warn};
 
-use super::{Connection, ConnectionId, Delivery, Publish, Registry, ToSession};
+use super::{Connection, Publish, Registry, ToSession};
+use crate::base::{encoded_len, ConnectionId, Delivery};
 use crate::broker::{BrokerError, NewEvent, Stored};
 use crate::metrics::Metrics;
-use crate::outbound::encoded_len;
 use crate::protocol::{PublishResponse, ServerFrame};
 use crate::state::ConnectionState;
 

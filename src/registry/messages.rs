@@ -4,42 +4,17 @@
 //! ([`ToSession`]), never as a reply future: one FIFO carries both the setup answers and the
 //! events that follow, so no event can overtake the `processing_ready` frame.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use bytestring::ByteString;
 
 use crate::auth::Identity;
+use crate::base::{ConnectionId, Outbound};
 use crate::broker::ResumeRequest;
-use crate::outbound::Outbound;
 use crate::protocol::{ErrorCode, PublishResponse, PublishedEvent, ResumeInfo, UserMessage};
 use crate::state::ConnectionState;
-
-/// `ws_` + a tag chosen at start + a counter: unique within the server's lifetime, and ids of two
-/// runs of the server are told apart in logs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnectionId(u64);
-
-impl ConnectionId {
-    pub fn next() -> ConnectionId {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        ConnectionId(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
-
-    pub(super) fn value(self) -> u64 {
-        self.0
-    }
-}
-
-impl std::fmt::Display for ConnectionId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        static BOOT: OnceLock<u16> = OnceLock::new();
-        let boot = BOOT.get_or_init(rand::random::<u16>);
-        write!(f, "ws_{boot:04x}{:x}", self.0)
-    }
-}
 
 // ----- registry -> registry -------------------------------------------------------------------
 
@@ -181,31 +156,6 @@ pub enum ToSession {
     SlowConsumer,
     /// The server is shutting down: close with 1012 after what was already handed over.
     Shutdown,
-}
-
-/// Frames handed to a session: events of the user's stream or a frame for this session alone
-/// (ack, error). A batch of events is serialised once and the one allocation is shared by every
-/// session of the user: handing it over costs one reference count per session, not one per
-/// frame (each frame's count is contended by every thread that writes it).
-#[derive(Debug)]
-pub struct Delivery {
-    batch: Arc<[ByteString]>,
-    /// Where this session's part of the batch starts (its replay may have had the first ones).
-    from: usize,
-    /// When the events were created; `None` for frames that are not stream events.
-    pub created: Option<Instant>,
-}
-
-impl Delivery {
-    /// `batch[from..]`; `from` is within the batch (clamped otherwise).
-    pub fn new(batch: Arc<[ByteString]>, from: usize, created: Option<Instant>) -> Delivery {
-        let from = from.min(batch.len());
-        Delivery { batch, from, created }
-    }
-
-    pub fn frames(&self) -> &[ByteString] {
-        &self.batch[self.from..]
-    }
 }
 
 // ----- HTTP -> registry ------------------------------------------------------------------------

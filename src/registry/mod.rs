@@ -25,6 +25,7 @@ use log::{debug, warn};
 use rand::distr::{Alphanumeric, SampleString};
 
 use crate::agent::AgentHandle;
+use crate::base::{shrink_if_oversized, ConnectionId, Outbound};
 use crate::broker::faulty::Faulty;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::stream::HistoryLimits;
@@ -32,7 +33,6 @@ use crate::broker::users::UserLimits;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::outbound::Outbound;
 use crate::ratelimit::RateLimiter;
 use crate::state::ConnectionState;
 use broker_calls::CallQueue;
@@ -160,15 +160,6 @@ pub struct Registry {
     wakes: Vec<ConnectionId>,
     /// The connection whose setup step is running and what it has told it so far.
     setup_answers: Option<(ConnectionId, Vec<ToSession>)>,
-}
-
-/// Gives back a map's table once it is four times larger than what it holds.
-pub(crate) fn shrink_if_oversized<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) -> bool {
-    let oversized = map.capacity() > 4 * map.len().max(256);
-    if oversized {
-        map.shrink_to_fit();
-    }
-    oversized
 }
 
 /// `prefix` + 16 random characters: message and run ids.

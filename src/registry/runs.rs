@@ -10,8 +10,9 @@ use log::{debug, info, warn};
 
 use serde_json::Value;
 
-use super::{new_id, CancelRequest, ConnectionId, HttpRunRefusal, Registry, RunStep, SubmitMessage};
+use super::{new_id, CancelRequest, HttpRunRefusal, Registry, RunStep, SubmitMessage};
 use crate::agent::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
+use crate::base::ConnectionId;
 use crate::broker::{BrokerError, Conversation, NewEvent, SeenMessage, Submitted};
 use crate::protocol::{
     user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame, UserMessage,
@@ -196,7 +197,7 @@ impl Registry {
         let max_runs = self.settings.max_runs_per_user;
         let starts_run = self.agent.is_some();
         let shutting_down = self.shutting_down;
-        // AGENTS.md: `agent.max_concurrent_runs` across all users, for agents upstream.
+        // docs/agents.md: `agent.max_concurrent_runs` across all users, for agents upstream.
         let max_concurrent = self.agent.as_ref().and_then(|a| a.max_concurrent_runs);
         let agent_busy = max_concurrent.is_some_and(|max| self.runs.len() >= max);
         let requested_run_id = match &origin {

@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::{ConnectionId, Registry, RegistrySettings};
+use super::{Registry, RegistrySettings};
 use crate::agent::AgentHandle;
+use crate::base::ConnectionId;
 use crate::metrics::Metrics;
 
 /// Names the calling thread (at most 15 bytes), so that `top -H`, `perf` and

@@ -1,4 +1,4 @@
-//! The mapping table of AGENTS.md: one AG-UI event in, the stream events it becomes out. Pure
+//! The mapping of docs/agents.md ("What the clients see"): one AG-UI event in, the stream events it becomes out. Pure
 //! (no I/O, no clock but the run's start), so every row is tested here on its own.
 //!
 //! It also writes down what the run adds to the thread's conversation (the assistant's text and
@@ -31,7 +31,7 @@ impl Failure {
     }
 }
 
-/// The failure codes of AGENTS.md's failure table.
+/// The failure codes of docs/agents.md, "When the agent misbehaves".
 pub const AGENT_UNAVAILABLE: &str = "agent_unavailable";
 pub const AGENT_HTTP_ERROR: &str = "agent_http_error";
 pub const AGENT_PROTOCOL: &str = "agent_protocol";

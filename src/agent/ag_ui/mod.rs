@@ -1,4 +1,4 @@
-//! The `ag-ui` runtime: any AG-UI agent behind agentwire (AGENTS.md). One run is one POST of a
+//! The `ag-ui` runtime: any AG-UI agent behind agentwire (docs/agents.md). One run is one POST of a
 //! `RunAgentInput` to `agent.url`, whose Server-Sent Events body is read as it arrives and mapped
 //! onto the user's stream (`mapping.rs`).
 //!
@@ -21,7 +21,7 @@ use actix::prelude::*;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use log::{debug, info, warn};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -62,7 +62,8 @@ impl Upstream {
         Upstream {
             client,
             url: agent.url.clone(),
-            headers: header_map(&agent.headers).unwrap_or_default(),
+            // Validated at start (`config.rs`), so this is never the default.
+            headers: agent.header_map().unwrap_or_default(),
             name: agent.display_name(),
             idle_timeout: Duration::from_secs(agent.idle_timeout_secs),
             run_timeout: Duration::from_secs(agent.run_timeout_secs),
@@ -73,22 +74,7 @@ impl Upstream {
     }
 }
 
-/// `agent.headers` as HTTP headers; the error names the header that is not valid (never its
-/// value, which may be a key).
-pub fn header_map(headers: &std::collections::BTreeMap<String, String>) -> Result<HeaderMap, String> {
-    let mut map = HeaderMap::new();
-    for (name, value) in headers {
-        let header =
-            HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a header name"))?;
-        let mut value = HeaderValue::from_str(value)
-            .map_err(|_| format!("the value of {name:?} is not a header value"))?;
-        value.set_sensitive(true);
-        map.insert(header, value);
-    }
-    Ok(map)
-}
-
-/// AG-UI's `RunAgentInput`, as AGENTS.md gives it.
+/// AG-UI's `RunAgentInput`, as docs/agents.md gives it.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct RunAgentInput<'a> {

@@ -1,5 +1,5 @@
 //! The broker of several processes: users' streams in Redis (`[broker] kind = "redis"`,
-//! SCALE-OUT.md), shaped like Centrifugo's Redis engine. Each call is one Lua script (one round
+//! docs/scale-out.md), shaped like Centrifugo's Redis engine. Each call is one Lua script (one round
 //! trip): a publish assigns seqs, keeps the events in the user's Redis Stream (capped at
 //! `history.events_per_user`), refreshes the TTL and publishes them on the user's channel. A
 //! node subscribes to the channels of its users only, and hands what it hears to the registry's
@@ -25,9 +25,9 @@ use super::stream::{verdict, ResumeRequest};
 use super::{
     Attached, Broker, BrokerError, Call, Conversation, NewEvent, RemoteBatch, SeenMessage, Stored, Submitted,
 };
+use crate::base::ConnectionId;
 use crate::config::Config;
 use crate::protocol::{now_ms, Event, EventKind};
-use crate::registry::ConnectionId;
 use connection::{Interest, Job};
 
 /// What the Redis broker is told at start.

@@ -1,5 +1,5 @@
 //! The Lua scripts of the Redis broker: each call of the broker is one script, so each is one
-//! round trip and atomic in Redis (SCALE-OUT.md: "one round trip per publish").
+//! round trip and atomic in Redis (docs/scale-out.md: "one round trip per publish").
 //!
 //! Keys of one user share the hash tag `{user}`, so a Redis Cluster keeps them on one shard.
 //! Events are kept in a Redis Stream whose entry ids are `<seq>-1`, so a range of seqs is an

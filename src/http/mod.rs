@@ -24,7 +24,9 @@ use crate::protocol::{
     Status, SUBPROTOCOL,
 };
 use crate::registry::{ListConnections, Probe, ProbeBroker, Publish, PublishTicket, Registry};
-use crate::session::{self, Session, SessionEnv};
+use crate::ws::{self, Session, SessionEnv};
+
+mod ag_ui;
 
 /// What every route handler can reach.
 pub struct AppState {
@@ -46,7 +48,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/api/v1/users/{user_id}/connections", web::get().to(user_connections))
         .route("/api/v1/publish", web::post().to(publish))
-        .route("/ag-ui", web::post().to(crate::ag_ui_endpoint::run))
+        .route("/ag-ui", web::post().to(ag_ui::run))
         .route("/dev/token", web::post().to(dev_token))
         .route("/client.json", web::get().to(client_info))
         .route("/", web::get().to(chat_page))
@@ -201,7 +203,7 @@ async fn upgrade(
     };
     let session = Session::new(Arc::clone(env), identity, resume, slot, unauthenticated);
     let id = session.id();
-    let response = session::start(session, &req, payload)?;
+    let response = ws::start(session, &req, payload)?;
     debug!("{id}: upgraded from {peer}");
     Ok(response)
 }

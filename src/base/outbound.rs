@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::registry::Delivery;
+use super::Delivery;
 
 #[derive(Clone, Debug, Default)]
 pub struct Outbound(Arc<Shared>);

@@ -6,34 +6,32 @@
 //! `actix-ws`), so moving off it later changes this file alone.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::ws::Item;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError, WebsocketContext};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use bytestring::ByteString;
-use futures_util::Stream;
 use log::{debug, info, warn};
 
+use super::output::CountedOutput;
+use super::read_gate::ReadGate;
 use crate::admission::{ConnectionSlot, UnauthenticatedSlot};
 use crate::auth::{Identity, Verifier};
+use crate::base::{close_frame_len, encoded_len, ConnectionId, Delivery, Outbound};
 use crate::broker::ResumeRequest;
 use crate::metrics::Metrics;
-use crate::outbound::{close_frame_len, encoded_len, Outbound};
 use crate::protocol::{
     close, now_ms, parse_auth_frame, parse_client_frame, peek_type, AuthFrame, ClientFrame, ErrorCode,
     FieldLimits, ServerFrame, SUBPROTOCOL,
 };
 use crate::ratelimit::{RateLimiter, Verdict};
-use crate::read_gate::ReadGate;
 use crate::registry::{
-    Authenticate, CancelRequest, Closing, ConnectionId, Delivery, Fail, Register, Registries, Registry,
-    SubmitMessage, ToSession, Unregister,
+    Authenticate, CancelRequest, Closing, Fail, Register, Registries, Registry, SubmitMessage, ToSession,
+    Unregister,
 };
 use crate::state::ConnectionState;
 
@@ -700,25 +698,6 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
     fn finished(&mut self, ctx: &mut Self::Context) {
         // The peer's stream ended (disconnect without a close frame).
         ctx.stop();
-    }
-}
-
-/// The session's encoded output on its way to the HTTP dispatcher: each chunk it takes is off
-/// the session's unsent count.
-struct CountedOutput<S> {
-    inner: S,
-    outbound: Outbound,
-}
-
-impl<S: Stream<Item = Result<Bytes, actix_web::Error>> + Unpin> Stream for CountedOutput<S> {
-    type Item = Result<Bytes, actix_web::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let next = Pin::new(&mut self.inner).poll_next(cx);
-        if let Poll::Ready(Some(Ok(bytes))) = &next {
-            self.outbound.release(bytes.len());
-        }
-        next
     }
 }
 

@@ -28,7 +28,7 @@ use actix_web::error::PayloadError;
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::frame_guard::FrameGuard;
+use super::frame_guard::FrameGuard;
 
 /// The session's side of the gate. The session actor and the byte stream it reads run in one
 /// task (its `WebsocketContext`), so plain cells are enough: nothing here crosses threads.

@@ -1,4 +1,4 @@
-//! `POST /ag-ui`: agentwire as an AG-UI server (AGENTS.md, last section; docs/ag-ui.md). An AG-UI
+//! `POST /ag-ui`: agentwire as an AG-UI server (docs/ag-ui.md). An AG-UI
 //! client (`@ag-ui/client`'s `HttpAgent`, CopilotKit) posts a `RunAgentInput` with the user's
 //! JWT; the last user message goes onto the user's stream like a WebSocket `user_message` (every
 //! tab sees it and its run), and the response is that run as AG-UI Server-Sent Events.
@@ -16,8 +16,8 @@ use futures_util::StreamExt;
 use log::{debug, info};
 use serde::Serialize;
 
+use super::{bearer, error_response, read_body, AppState, REGISTRY_WAIT};
 use crate::config::AgentKind;
-use crate::http::{bearer, error_response, read_body, AppState, REGISTRY_WAIT};
 use crate::protocol::ErrorCode;
 use crate::registry::{CancelRunOf, Registry, RunStep, StartHttpRun};
 use render::Renderer;
