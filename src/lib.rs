@@ -133,7 +133,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     let open_files = raise_open_files_limit();
     let usable = open_files.saturating_sub(100) as usize;
     info!("open-files limit {open_files}: room for about {usable} connections");
-    if config.limits.max_connections > usable {
+    if config.limits.max_connections.get() > usable {
         warn!(
             "limits.max_connections = {} is above what the open-files limit allows (~{usable})",
             config.limits.max_connections
@@ -169,27 +169,28 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         registries,
         verifier: Arc::new(verifier),
         metrics: Arc::clone(&metrics),
-        field_limits: FieldLimits { max_content_chars: limits.max_content_chars },
+        setup_backlog: admission::SetupBacklog::new(metrics.registry_backlog.clone()),
+        field_limits: FieldLimits { max_content_chars: limits.max_content_chars.get() },
         pending_messages: limits.pending_messages,
-        pending_bytes: limits.pending_bytes,
-        unauthenticated_bytes: limits.unauthenticated_bytes,
-        max_outbound_bytes: limits.max_outbound_bytes,
+        pending_bytes: limits.pending_bytes.get(),
+        unauthenticated_bytes: limits.unauthenticated_bytes.get(),
+        max_outbound_bytes: limits.max_outbound_bytes.get(),
         max_message_bytes: limits.max_message_bytes,
-        auth_timeout: Duration::from_secs(config.auth.timeout_secs),
+        auth_timeout: Duration::from_secs(config.auth.timeout_secs.get()),
         auth_leeway: Duration::from_secs(config.auth.leeway_secs),
-        heartbeat_interval: Duration::from_secs(limits.heartbeat_interval_secs),
+        heartbeat_interval: Duration::from_secs(limits.heartbeat_interval_secs.get()),
         client_timeout: Duration::from_secs(limits.client_timeout_secs),
-        messages_per_second: limits.messages_per_second,
-        burst: limits.burst,
+        messages_per_second: limits.messages_per_second.get(),
+        burst: limits.burst.get(),
     });
     let draining = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {
         config: Arc::clone(&config),
         env,
-        slots: ConnectionSlots::new(limits.max_connections),
+        slots: ConnectionSlots::new(limits.max_connections.get()),
         unauthenticated: UnauthenticatedSlots::new(
-            limits.max_unauthenticated,
-            limits.max_unauthenticated_per_ip,
+            limits.max_unauthenticated.get(),
+            limits.max_unauthenticated_per_ip.get(),
         ),
         dev_minter,
         draining: Arc::clone(&draining),
@@ -215,8 +216,8 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         // Signals are handled by the binary, which closes sessions with 1012 first.
         .disable_signals()
         .workers(config.worker_count())
-        .max_connections(config.limits.max_connections.saturating_add(1024))
-        .shutdown_timeout(config.server.shutdown_grace_secs)
+        .max_connections(config.limits.max_connections.get().saturating_add(1024))
+        .shutdown_timeout(config.server.shutdown_grace_secs.get())
         .listen(listener)
         .map_err(StartError::Io)?;
     let addr = server.addrs().first().copied().ok_or_else(|| {

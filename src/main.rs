@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use agentwire::auth::Minter;
-use agentwire::config::{Config, Source};
+use agentwire::config::{Config, Loaded, SecretSource, Source};
 
 #[derive(Parser)]
 #[command(name = "agentwire", version, about = "Real-time WebSocket server for AI agent events")]
@@ -46,12 +46,12 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,actix_server=warn"))
         .init();
     let cli = Cli::parse();
-    let (config, source) = match Config::load(cli.config.as_deref()) {
+    let Loaded { config, source, secret } = match Config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,
         // The load generator needs the server's configuration only for its key: `--secret`
         // replaces it.
         Err(_) if matches!(&cli.command, Some(Command::Loadtest(args)) if args.secret.is_some()) => {
-            (Config::default(), Source::Defaults)
+            Loaded { config: Config::default(), source: Source::Defaults, secret: SecretSource::None }
         }
         Err(e) => {
             eprintln!("agentwire: {e}");
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(config, source),
+        Command::Serve => serve(config, source, secret),
         Command::Token { sub, ttl, name } => token(&config, &sub, ttl, name.as_deref()),
         Command::Loadtest(args) => loadtest(*args, &config),
     }
@@ -138,7 +138,7 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
-fn serve(config: Config, source: Source) -> ExitCode {
+fn serve(config: Config, source: Source, secret: SecretSource) -> ExitCode {
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
         let running = agentwire::build(config.clone())?;
@@ -146,15 +146,14 @@ fn serve(config: Config, source: Source) -> ExitCode {
             Source::Defaults => "built-in defaults".to_owned(),
             Source::File(path) => path.display().to_string(),
         };
-        log::info!("configuration: {from}");
+        log::info!("configuration: {from}; {secret}");
         let addr = running.addr;
         println!("agentwire listening on http://{addr}  (WebSocket: ws://{addr}/ws)");
         if config.server.dev_mode {
-            let secret = Config::dev_secret_path(&source);
+            // Where the secret came from (never the secret itself).
             println!(
                 "  development mode (server.dev_mode = true in {from}): dev tokens on, loopback only, \
-                 secret kept in {}. Do not deploy this configuration.",
-                secret.display()
+                 {secret}. Do not deploy this configuration."
             );
         }
         if config.dev_tokens_enabled() {

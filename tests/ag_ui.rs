@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::num::NonZero;
 use std::time::Duration;
 
 use agentwire::config::AgentKind;
@@ -30,7 +31,7 @@ fn server_for(agent: &FakeAgent, adjust: impl FnOnce(&mut agentwire::config::Con
         c.agent.kind = AgentKind::AgUi;
         c.agent.url = url;
         c.agent.name = "scripted".into();
-        c.agent.idle_timeout_secs = 1;
+        c.agent.idle_timeout_secs = NonZero::new(1).unwrap();
         c.agent.headers.insert("authorization".into(), "Bearer agent-key".into());
         adjust(c);
     })
@@ -206,7 +207,7 @@ async fn every_failure_row_ends_its_run_with_its_code_and_nothing_after() {
         }
     });
     let server = server_for(&agent, |c| {
-        c.agent.run_timeout_secs = 2;
+        c.agent.run_timeout_secs = NonZero::new(2).unwrap();
         c.limits.max_message_bytes = 8192;
     });
     let rows = [
@@ -286,8 +287,8 @@ async fn cancel_closes_the_upstream_request_and_the_cap_refuses_with_agent_busy(
         sse(&[started(input), finished(input)])
     });
     let server = server_for(&agent, |c| {
-        c.agent.max_concurrent_runs = 1;
-        c.agent.idle_timeout_secs = 30;
+        c.agent.max_concurrent_runs = NonZero::new(1).unwrap();
+        c.agent.idle_timeout_secs = NonZero::new(30).unwrap();
     });
     let mut waiter = server.ready_client("waiter").await;
     let mut other_tab = server.ready_client("waiter").await;

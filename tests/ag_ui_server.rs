@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::num::NonZero;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -197,7 +198,7 @@ async fn an_ag_ui_agents_own_events_pass_through() {
 
 #[actix_web::test]
 async fn bad_input_is_refused_naming_the_field() {
-    let server = TestServer::with(|c| c.api.max_body_bytes = 4096);
+    let server = TestServer::with(|c| c.api.max_body_bytes = NonZero::new(4096).unwrap());
     let token = server.token("dave");
     let refused = |(status, body): (u16, String)| (status, serde_json::from_str::<Value>(&body).unwrap());
 
@@ -229,7 +230,7 @@ async fn bad_input_is_refused_naming_the_field() {
 async fn the_users_limits_apply() {
     let server = TestServer::with(|c| {
         c.agent.step_delay_ms = 300;
-        c.agent.max_runs_per_user = 1;
+        c.agent.max_runs_per_user = NonZero::new(1).unwrap();
     });
     let token = server.token("erin");
     let mut tab = server.ready_client("erin").await;

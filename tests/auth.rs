@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::num::NonZero;
+
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -127,7 +129,7 @@ async fn token_within_leeway_is_accepted() {
 
 #[actix_web::test]
 async fn no_token_in_time_closes_with_4002() {
-    let server = TestServer::with(|c| c.auth.timeout_secs = 1);
+    let server = TestServer::with(|c| c.auth.timeout_secs = NonZero::new(1).unwrap());
     let mut client = Client::connect(&server.ws_url()).await.unwrap();
     client.send(json!({"type": "ping", "id": 1})).await;
     client.expect_state("accepted").await;

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::num::NonZero;
+
 use common::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -126,8 +128,8 @@ async fn fragmented_messages_are_reassembled_up_to_the_limit() {
 #[actix_web::test]
 async fn floods_are_rate_limited_then_closed_with_1008() {
     let server = TestServer::with(|c| {
-        c.limits.messages_per_second = 5;
-        c.limits.burst = 5;
+        c.limits.messages_per_second = NonZero::new(5).unwrap();
+        c.limits.burst = NonZero::new(5).unwrap();
     });
     let mut bystander = server.ready_client("bystander").await;
     let mut client = server.ready_client("flooder").await;
@@ -160,9 +162,37 @@ async fn floods_are_rate_limited_then_closed_with_1008() {
     assert_bystander_fine(&mut bystander).await;
 }
 
+/// Section 4: the close comes right after the 100th `rate_limited` answer, so a client that
+/// stops sending once it has collected them is closed all the same.
+#[actix_web::test]
+async fn the_100th_rate_limited_answer_is_followed_by_1008_without_another_frame() {
+    let server = TestServer::with(|c| {
+        c.limits.messages_per_second = NonZero::new(1).unwrap();
+        c.limits.burst = NonZero::new(1).unwrap();
+    });
+    let mut client = server.ready_client("stops-at-100").await;
+    let mut limited = 0;
+    let mut sent = 0;
+    while limited < 100 {
+        assert!(sent < 1000, "no 100 rate_limited answers in {sent} frames");
+        client.send(json!({"type": "ping", "id": sent})).await;
+        sent += 1;
+        let frame = client.recv().await;
+        match (frame["type"].as_str(), frame["code"].as_str()) {
+            (Some("pong"), _) => {}
+            (Some("error"), Some("rate_limited")) => limited += 1,
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+    // Nothing more is sent: the close must come on its own, with no frame before it.
+    let (close, frames) = client.expect_close().await;
+    assert_eq!(u16::from(close.expect("close frame").code), 1008);
+    assert!(frames.is_empty(), "frames after the 100th answer: {frames:?}");
+}
+
 #[actix_web::test]
 async fn connections_over_the_cap_get_503_and_capacity_comes_back() {
-    let server = TestServer::with(|c| c.limits.max_connections = 3);
+    let server = TestServer::with(|c| c.limits.max_connections = NonZero::new(3).unwrap());
     let token = server.token("crowd");
     let mut clients = Vec::new();
     for _ in 0..3 {

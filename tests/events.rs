@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::num::NonZero;
 
 use common::*;
 use serde_json::{json, Value};
@@ -184,7 +185,7 @@ async fn a_repeated_client_msg_id_is_acked_again_and_starts_nothing() {
 async fn bad_user_messages_get_errors_and_the_session_keeps_working() {
     let server = TestServer::with(|c| {
         c.agent.step_delay_ms = 0;
-        c.limits.max_content_chars = 10;
+        c.limits.max_content_chars = NonZero::new(10).unwrap();
     });
     let mut client = server.ready_client("sloppy").await;
     for (frame, code) in [
@@ -305,7 +306,7 @@ async fn publish_thinking(server: &TestServer, user: &str, count: usize) {
 
 #[actix_web::test]
 async fn resume_beyond_the_history_is_incomplete_and_replays_the_tail() {
-    let server = TestServer::with(|c| c.history.events_per_user = 3);
+    let server = TestServer::with(|c| c.history.events_per_user = NonZero::new(3).unwrap());
     publish_thinking(&server, "gappy", 10).await;
     let url = format!("{}?last_seq=2", server.ws_url());
     let mut client = Client::connect_bearer(&url, &server.token("gappy")).await.unwrap();

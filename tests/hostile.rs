@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::num::NonZero;
 use std::time::Duration;
 
 use common::*;
@@ -16,7 +17,7 @@ use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
 /// it; nothing is written before `accepted`.
 #[actix_web::test]
 async fn a_connection_that_sends_too_much_before_authenticating_is_closed_with_1008() {
-    let server = TestServer::with(|c| c.limits.unauthenticated_bytes = 16_384);
+    let server = TestServer::with(|c| c.limits.unauthenticated_bytes = NonZero::new(16_384).unwrap());
     let mut client = Client::connect(&server.ws_url()).await.unwrap();
     let pad = "p".repeat(6_000);
     // 12 KB fit; the third frame's header announces more than the 4 KB left.
@@ -44,8 +45,8 @@ async fn a_connection_that_sends_too_much_before_authenticating_is_closed_with_1
 async fn early_frames_before_authentication_are_capped_in_bytes() {
     let server = TestServer::with(|c| {
         c.limits.max_message_bytes = 4096;
-        c.limits.pending_bytes = 4096;
-        c.limits.max_outbound_bytes = 8192;
+        c.limits.pending_bytes = NonZero::new(4096).unwrap();
+        c.limits.max_outbound_bytes = NonZero::new(8192).unwrap();
     });
     let mut client = Client::connect(&server.ws_url()).await.unwrap();
     let pad = "p".repeat(1500);
@@ -97,7 +98,7 @@ async fn a_ping_id_is_a_short_string_or_an_integer() {
 /// with `invalid_token` and 4001, not left to the auth timeout (4002).
 #[actix_web::test]
 async fn a_malformed_auth_frame_gets_invalid_token_and_4001_at_once() {
-    let server = TestServer::with(|c| c.auth.timeout_secs = 60);
+    let server = TestServer::with(|c| c.auth.timeout_secs = NonZero::new(60).unwrap());
     for frame in
         [json!({"type": "auth"}), json!({"type": "auth", "token": 42}), json!({"type": "auth", "token": ""})]
     {
@@ -119,8 +120,8 @@ async fn a_malformed_auth_frame_gets_invalid_token_and_4001_at_once() {
 #[actix_web::test]
 async fn unauthenticated_connections_are_capped_overall_and_per_ip() {
     let server = TestServer::with(|c| {
-        c.limits.max_unauthenticated = 3;
-        c.limits.max_unauthenticated_per_ip = 2;
+        c.limits.max_unauthenticated = NonZero::new(3).unwrap();
+        c.limits.max_unauthenticated_per_ip = NonZero::new(2).unwrap();
     });
     let url = server.ws_url();
     let mut first = Client::connect_from(&url, "127.0.0.1").await.unwrap();
@@ -151,8 +152,8 @@ async fn unauthenticated_connections_are_capped_overall_and_per_ip() {
 #[actix_web::test]
 async fn a_session_given_up_as_slow_frees_its_user_slot_at_once() {
     let server = TestServer::with(|c| {
-        c.limits.max_sessions_per_user = 1;
-        c.limits.max_outbound_bytes = 131_072;
+        c.limits.max_sessions_per_user = NonZero::new(1).unwrap();
+        c.limits.max_outbound_bytes = NonZero::new(131_072).unwrap();
     });
     let _stuck = server.ready_client("crowd").await; // never read from here on
     let text = "z".repeat(10_000);
@@ -251,7 +252,7 @@ async fn an_offline_stream_lives_its_ttl_after_its_last_event() {
 #[actix_web::test]
 async fn one_user_has_one_message_rate_across_tabs() {
     let server = TestServer::with(|c| {
-        c.limits.user_messages_per_second = 1;
+        c.limits.user_messages_per_second = NonZero::new(1).unwrap();
         c.agent.step_delay_ms = 0;
     });
     let mut a = server.ready_client("busy").await;
@@ -280,7 +281,7 @@ async fn one_user_has_one_message_rate_across_tabs() {
 /// says `complete: false` (section 6).
 #[actix_web::test]
 async fn history_is_capped_in_bytes_oldest_first() {
-    let server = TestServer::with(|c| c.history.max_bytes_per_user = 65_536);
+    let server = TestServer::with(|c| c.history.max_bytes_per_user = NonZero::new(65_536).unwrap());
     let text = "h".repeat(10_000);
     assert_eq!(publish(&server, "hoarder", (0..10).map(|_| thinking(&text)).collect()).await.0, 200);
     let url = format!("{}?last_seq=0", server.ws_url());
@@ -302,7 +303,7 @@ async fn history_is_capped_in_bytes_oldest_first() {
 #[actix_web::test]
 async fn remembered_client_msg_ids_are_capped() {
     let server = TestServer::with(|c| {
-        c.history.dedupe_per_user = 2;
+        c.history.dedupe_per_user = NonZero::new(2).unwrap();
         c.agent.step_delay_ms = 0;
     });
     let mut client = server.ready_client("retrier").await;
@@ -319,10 +320,10 @@ async fn remembered_client_msg_ids_are_capped() {
 #[actix_web::test]
 async fn user_streams_are_capped_longest_idle_first() {
     let server = TestServer::with(|c| {
-        c.limits.max_connections = 3;
-        c.limits.max_unauthenticated = 3;
-        c.limits.max_unauthenticated_per_ip = 3;
-        c.history.max_users = 4;
+        c.limits.max_connections = NonZero::new(3).unwrap();
+        c.limits.max_unauthenticated = NonZero::new(3).unwrap();
+        c.limits.max_unauthenticated_per_ip = NonZero::new(3).unwrap();
+        c.history.max_users = NonZero::new(4).unwrap();
     });
     for i in 0..10 {
         assert_eq!(publish(&server, &format!("u{i}"), vec![thinking("x")]).await.0, 200);
@@ -341,8 +342,8 @@ async fn user_streams_are_capped_longest_idle_first() {
 #[actix_web::test]
 async fn runs_are_capped_per_user_and_a_run_past_its_deadline_ends_with_agent_timeout() {
     let server = TestServer::with(|c| {
-        c.agent.max_runs_per_user = 1;
-        c.agent.run_timeout_secs = 1;
+        c.agent.max_runs_per_user = NonZero::new(1).unwrap();
+        c.agent.run_timeout_secs = NonZero::new(1).unwrap();
         c.faults.slow_agent_step_ms = 3000;
         c.faults.slow_agent_user_prefix = "stuck".into();
     });
@@ -399,7 +400,7 @@ async fn a_batch_near_the_body_limit_reaches_a_reading_session() {
     let text = "b".repeat(10_000);
     let events: Vec<Value> = (0..100).map(|_| thinking(&text)).collect();
     let body = json!({"user_id": "reader", "events": events}).to_string();
-    assert!(body.len() > 1_000_000 && body.len() <= server.config.api.max_body_bytes, "{}", body.len());
+    assert!(body.len() > 1_000_000 && body.len() <= server.config.api.max_body_bytes.get(), "{}", body.len());
     let (status, answer) = http_post(&server.http("/api/v1/publish"), Some(API_KEY), &body).await;
     assert_eq!((status, answer["sessions"].as_u64()), (200, Some(1)), "{answer}");
     for seq in 1..=100 {
@@ -413,8 +414,8 @@ async fn a_batch_near_the_body_limit_reaches_a_reading_session() {
 async fn a_resume_is_paced_by_the_outbound_budget() {
     const BUDGET: usize = 131_072;
     let server = TestServer::with(|c| {
-        c.limits.max_outbound_bytes = BUDGET;
-        c.history.max_bytes_per_user = 4 << 20;
+        c.limits.max_outbound_bytes = NonZero::new(BUDGET).unwrap();
+        c.history.max_bytes_per_user = NonZero::new(4 << 20).unwrap();
     });
     let text = "r".repeat(2_000);
     for _ in 0..10 {

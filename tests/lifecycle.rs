@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::num::NonZero;
+
 use common::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -143,7 +145,7 @@ async fn dev_token_route_mints_tokens_only_when_enabled() {
 
 #[actix_web::test]
 async fn too_many_sessions_for_one_user_closes_with_4004() {
-    let server = TestServer::with(|c| c.limits.max_sessions_per_user = 2);
+    let server = TestServer::with(|c| c.limits.max_sessions_per_user = NonZero::new(2).unwrap());
     let _a = server.ready_client("jack").await;
     let _b = server.ready_client("jack").await;
     let mut third = Client::connect_bearer(&server.ws_url(), &server.token("jack")).await.unwrap();

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::num::NonZero;
+
 use clap::Parser;
 use common::*;
 
@@ -64,7 +66,7 @@ fn fanout_scenario() {
 
 #[test]
 fn refused_sessions_are_reported_by_reason() {
-    let server = TestServer::with(|c| c.limits.max_sessions_per_user = 2);
+    let server = TestServer::with(|c| c.limits.max_sessions_per_user = NonZero::new(2).unwrap());
     let report =
         loadtest(&server, &["--scenario", "idle", "--sessions", "6", "--users", "2", "--hold-secs", "0"]);
     assert!(!report.passed());

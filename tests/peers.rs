@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::num::NonZero;
 
 use common::*;
 use serde_json::{json, Value};
@@ -75,7 +75,7 @@ async fn a_reader_that_stops_reading_is_bounded_and_closed_with_4008() {
 #[actix_web::test]
 async fn a_peer_that_stops_answering_pings_is_dropped() {
     let server = TestServer::with(|c| {
-        c.limits.heartbeat_interval_secs = 1;
+        c.limits.heartbeat_interval_secs = NonZero::new(1).unwrap();
         c.limits.client_timeout_secs = 2;
     });
     let client = server.ready_client("ghost").await;
@@ -95,7 +95,7 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
 #[actix_web::test]
 async fn a_peer_that_answers_pings_stays() {
     let server = TestServer::with(|c| {
-        c.limits.heartbeat_interval_secs = 1;
+        c.limits.heartbeat_interval_secs = NonZero::new(1).unwrap();
         c.limits.client_timeout_secs = 2;
     });
     let mut client = server.ready_client("alive").await;

@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::num::NonZero;
+
 use agentwire::config::BrokerKind;
 use common::*;
 use serde_json::json;
@@ -121,7 +123,7 @@ async fn a_repeated_client_msg_id_is_one_message_across_nodes() {
 
 #[actix_web::test]
 async fn the_session_cap_holds_across_nodes() {
-    let cluster = nodes("cap", 2, |c| c.limits.max_sessions_per_user = 2);
+    let cluster = nodes("cap", 2, |c| c.limits.max_sessions_per_user = NonZero::new(2).unwrap());
     let _one = cluster[0].ready_client("erin").await;
     let _two = cluster[1].ready_client("erin").await;
     let mut third = Client::connect_bearer(&cluster[0].ws_url(), &cluster[0].token("erin")).await.unwrap();

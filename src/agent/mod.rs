@@ -95,7 +95,7 @@ pub fn start_runtime(config: &Config, metrics: &Arc<Metrics>) -> Option<AgentHan
             let demo = demo::DemoAgent::new(
                 name.clone(),
                 std::time::Duration::from_millis(agent.step_delay_ms),
-                agent.max_queued_runs,
+                agent.max_queued_runs.get(),
                 demo::SlowStep::from_faults(&config.faults),
             );
             let addr = demo::DemoAgent::start_in_arbiter(&arbiter.handle(), move |_| demo);
@@ -109,7 +109,7 @@ pub fn start_runtime(config: &Config, metrics: &Arc<Metrics>) -> Option<AgentHan
         }
         AgentKind::AgUi => {
             let upstream = ag_ui::Upstream::new(config, Arc::clone(metrics));
-            let mailbox = agent.max_queued_runs;
+            let mailbox = agent.max_queued_runs.get();
             let addr = ag_ui::AgUiAgent::start_in_arbiter(&arbiter.handle(), move |_| {
                 ag_ui::AgUiAgent::new(upstream, mailbox)
             });
@@ -118,7 +118,7 @@ pub fn start_runtime(config: &Config, metrics: &Arc<Metrics>) -> Option<AgentHan
                 start: addr.clone().recipient(),
                 stop: addr.recipient(),
                 conversation: true,
-                max_concurrent_runs: Some(agent.max_concurrent_runs),
+                max_concurrent_runs: Some(agent.max_concurrent_runs.get()),
             })
         }
         AgentKind::None => None,

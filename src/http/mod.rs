@@ -136,9 +136,9 @@ async fn upgrade(
     }
     // A registry that is behind takes no new setups: a quick 503 with a spread-out Retry-After
     // instead of sockets that hang in `accepted`, and no herd of clients retrying in step.
-    let backlog = env.metrics.registry_backlog.get();
-    if backlog >= state.config.limits.max_registry_backlog as i64 {
-        env.metrics.fail("registry_behind");
+    let backlog = env.setup_backlog.waiting();
+    if backlog >= state.config.limits.max_registry_backlog.get() {
+        env.metrics.fail(Failure::RegistryBehind);
         info!("upgrade from {peer} refused: {backlog} setups wait for the registry (limits.max_registry_backlog)");
         let retry_after = rand::random_range(1..=10u32).to_string();
         return Ok(HttpResponse::ServiceUnavailable()
@@ -338,7 +338,7 @@ async fn publish(
     if !api_key_ok(&req, &state) {
         return Ok(unauthorized());
     }
-    let limit = state.config.api.max_body_bytes;
+    let limit = state.config.api.max_body_bytes.get();
     let too_large = || {
         error_response(
             StatusCode::PAYLOAD_TOO_LARGE,

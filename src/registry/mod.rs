@@ -69,35 +69,35 @@ pub struct RegistrySettings {
 impl RegistrySettings {
     pub fn from_config(config: &Config) -> RegistrySettings {
         RegistrySettings {
-            max_sessions_per_user: config.limits.max_sessions_per_user,
+            max_sessions_per_user: config.limits.max_sessions_per_user.get(),
             users: UserLimits {
                 history: HistoryLimits {
-                    events: config.history.events_per_user,
-                    bytes: config.history.max_bytes_per_user,
+                    events: config.history.events_per_user.get(),
+                    bytes: config.history.max_bytes_per_user.get(),
                 },
-                max_history_bytes: config.history.max_bytes,
-                max_users: config.history.max_users,
-                dedupe_per_user: config.history.dedupe_per_user,
+                max_history_bytes: config.history.max_bytes.get(),
+                max_users: config.history.max_users.get(),
+                dedupe_per_user: config.history.dedupe_per_user.get(),
                 ttl: Duration::from_secs(config.history.ttl_secs),
                 threads: crate::broker::threads::ThreadLimits {
-                    messages_per_thread: config.agent.history_messages,
-                    threads_per_user: config.agent.threads_per_user,
-                    bytes_per_user: config.agent.history_bytes_per_user,
+                    messages_per_thread: config.agent.history_messages.get(),
+                    threads_per_user: config.agent.threads_per_user.get(),
+                    bytes_per_user: config.agent.history_bytes_per_user.get(),
                 },
             },
             setup_delay: Duration::from_millis(config.faults.setup_delay_ms),
             fail_setup_user_prefix: config.faults.fail_setup_user_prefix.clone(),
-            max_outbound_bytes: config.limits.max_outbound_bytes,
-            max_runs_per_user: config.agent.max_runs_per_user,
-            run_timeout: Duration::from_secs(config.agent.run_timeout_secs),
-            max_response_bytes: config.agent.max_response_bytes,
-            user_messages_per_second: config.limits.user_messages_per_second,
+            max_outbound_bytes: config.limits.max_outbound_bytes.get(),
+            max_runs_per_user: config.agent.max_runs_per_user.get(),
+            run_timeout: Duration::from_secs(config.agent.run_timeout_secs.get()),
+            max_response_bytes: config.agent.max_response_bytes.get(),
+            user_messages_per_second: config.limits.user_messages_per_second.get(),
             broker_delay: Duration::from_millis(config.faults.broker_delay_ms),
             broker_fail_user_prefix: config.faults.broker_fail_user_prefix.clone(),
             redis: (config.broker.kind == crate::config::BrokerKind::Redis)
                 .then(|| crate::broker::redis::RedisSettings::from_config(config)),
             node: config.broker.node_name(),
-            shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
+            shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs.get()),
             shard: 0,
         }
     }

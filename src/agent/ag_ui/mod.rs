@@ -53,7 +53,7 @@ impl Upstream {
         // the process's (installing it twice is harmless).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(agent.connect_timeout_secs))
+            .connect_timeout(Duration::from_secs(agent.connect_timeout_secs.get()))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()
@@ -62,13 +62,13 @@ impl Upstream {
         Upstream {
             client,
             url: agent.url.clone(),
-            // Validated at start (`config.rs`), so this is never the default.
+            // Validated at start (`config/validate.rs`), so this is never the default.
             headers: agent.header_map().unwrap_or_default(),
             name: agent.display_name(),
-            idle_timeout: Duration::from_secs(agent.idle_timeout_secs),
-            run_timeout: Duration::from_secs(agent.run_timeout_secs),
+            idle_timeout: Duration::from_secs(agent.idle_timeout_secs.get()),
+            run_timeout: Duration::from_secs(agent.run_timeout_secs.get()),
             max_event_bytes: config.limits.max_message_bytes,
-            max_response_bytes: agent.max_response_bytes,
+            max_response_bytes: agent.max_response_bytes.get(),
             metrics,
         }
     }

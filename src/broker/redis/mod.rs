@@ -51,11 +51,11 @@ impl RedisSettings {
             url: config.broker.url.clone(),
             prefix: config.broker.prefix.clone(),
             node: config.broker.node_name(),
-            events_per_user: config.history.events_per_user,
+            events_per_user: config.history.events_per_user.get(),
             ttl: Duration::from_secs(config.history.ttl_secs),
-            dedupe_per_user: config.history.dedupe_per_user,
-            messages_per_thread: config.agent.history_messages,
-            threads_per_user: config.agent.threads_per_user,
+            dedupe_per_user: config.history.dedupe_per_user.get(),
+            messages_per_thread: config.agent.history_messages.get(),
+            threads_per_user: config.agent.threads_per_user.get(),
             node_lease: Duration::from_secs(config.broker.node_lease_secs),
         }
     }

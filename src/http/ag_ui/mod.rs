@@ -73,7 +73,7 @@ async fn answer(
         let message = "agent.kind = \"none\": this server starts no runs";
         return Ok(error_response(StatusCode::NOT_FOUND, "not_found", message));
     }
-    let limit = state.config.api.max_body_bytes;
+    let limit = state.config.api.max_body_bytes.get();
     let Some(body) = read_body(payload, limit, limit).await? else {
         return Ok(bad_field("body", &format!("larger than api.max_body_bytes ({limit} bytes)")));
     };
@@ -81,7 +81,7 @@ async fn answer(
         Ok(input) => input,
         Err(e) => return Ok(bad_field("body", &format!("not JSON: {e}"))),
     };
-    let run = match input::parse(&input, state.config.limits.max_content_chars) {
+    let run = match input::parse(&input, state.config.limits.max_content_chars.get()) {
         Ok(run) => run,
         Err(wrong) => return Ok(bad_field(&wrong.field, &wrong.message)),
     };
