@@ -41,6 +41,41 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Connection setups handed to a registry shard and not yet taken up by it: what
+/// `limits.max_registry_backlog` caps. Admission decides on this count, not on the metric it
+/// mirrors (`agentwire_registry_backlog`), so no scrape-facing value steers a decision.
+pub struct SetupBacklog {
+    waiting: AtomicUsize,
+    gauge: prometheus::IntGauge,
+}
+
+/// One setup message on its way to a registry shard: it travels in the message, so the shard
+/// taking the message up (or dropping it) ends the wait, whatever happens to the session.
+pub struct SetupTicket(Arc<SetupBacklog>);
+
+impl SetupBacklog {
+    pub fn new(gauge: prometheus::IntGauge) -> Arc<SetupBacklog> {
+        Arc::new(SetupBacklog { waiting: AtomicUsize::new(0), gauge })
+    }
+
+    pub fn enter(self: &Arc<Self>) -> SetupTicket {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.gauge.inc();
+        SetupTicket(Arc::clone(self))
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for SetupTicket {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge.dec();
+    }
+}
+
 /// Counts connections that have not authenticated, server-wide and per IP address.
 pub struct UnauthenticatedSlots {
     by_ip: Mutex<HashMap<IpAddr, usize>>,

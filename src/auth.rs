@@ -38,6 +38,8 @@ pub enum AuthFailure {
     InvalidSubject,
     WrongIssuer,
     WrongAudience,
+    /// No token came within `auth.timeout_secs`.
+    Timeout,
 }
 
 impl AuthFailure {
@@ -53,6 +55,7 @@ impl AuthFailure {
             AuthFailure::InvalidSubject => "invalid_subject",
             AuthFailure::WrongIssuer => "wrong_issuer",
             AuthFailure::WrongAudience => "wrong_audience",
+            AuthFailure::Timeout => "timeout",
         }
     }
 
@@ -70,6 +73,7 @@ impl AuthFailure {
             AuthFailure::InvalidSubject => concat!("the token's sub must match ", user_id_rule!()),
             AuthFailure::WrongIssuer => "the token's issuer is not accepted",
             AuthFailure::WrongAudience => "the token's audience is not accepted",
+            AuthFailure::Timeout => "no token came in time",
         }
     }
 }

@@ -8,6 +8,65 @@ use prometheus::{
 
 use crate::state::ConnectionState;
 
+/// Why a connection was refused or failed: the `reason` label of
+/// `agentwire_connection_failures_total` (protocol section 8) is the variant's [`Failure::label`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    OriginRefused,
+    RegistryBehind,
+    OverCapacity,
+    UnauthenticatedCap,
+    UnauthenticatedIpCap,
+    DevTokenRefused,
+    InvalidToken,
+    AuthTimeout,
+    TokenExpired,
+    HeartbeatTimeout,
+    UnauthenticatedOverflow,
+    RateAbuse,
+    TooManySessions,
+    SetupFailed,
+    SetupTimeout,
+    BrokerUnavailable,
+    BrokerUnexpected,
+    BrokerInjected,
+    AgentTimeout,
+    AgentUnavailable,
+}
+
+impl Failure {
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::OriginRefused => "origin_refused",
+            Failure::RegistryBehind => "registry_behind",
+            Failure::OverCapacity => "over_capacity",
+            Failure::UnauthenticatedCap => "unauthenticated_cap",
+            Failure::UnauthenticatedIpCap => "unauthenticated_ip_cap",
+            Failure::DevTokenRefused => "dev_token_refused",
+            Failure::InvalidToken => "invalid_token",
+            Failure::AuthTimeout => "auth_timeout",
+            Failure::TokenExpired => "token_expired",
+            Failure::HeartbeatTimeout => "heartbeat_timeout",
+            Failure::UnauthenticatedOverflow => "unauthenticated_overflow",
+            Failure::RateAbuse => "rate_abuse",
+            Failure::TooManySessions => "too_many_sessions",
+            Failure::SetupFailed => "setup_failed",
+            Failure::SetupTimeout => "setup_timeout",
+            Failure::BrokerUnavailable => "broker_unavailable",
+            Failure::BrokerUnexpected => "broker_unexpected",
+            Failure::BrokerInjected => "broker_injected",
+            Failure::AgentTimeout => "agent_timeout",
+            Failure::AgentUnavailable => "agent_unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: IntGaugeVec,
@@ -219,15 +278,16 @@ impl Metrics {
         }
     }
 
-    pub fn fail(&self, reason: &str) {
-        self.connection_failures.with_label_values(&[reason]).inc();
+    /// A connection refused or failed, counted by why.
+    pub fn fail(&self, failure: Failure) {
+        self.connection_failures.with_label_values(&[failure.label()]).inc();
     }
 
-    /// A token refused, at the upgrade or in an `auth` frame: counted by why, and as a failed
-    /// connection (`invalid_token`).
-    pub fn auth_failed(&self, reason: &str) {
+    /// A token refused, wherever it was given (the upgrade, an `auth` frame, `POST /ag-ui`), or
+    /// none given in time: `agentwire_auth_failures_total{reason}`. The one place token
+    /// refusals are counted; a connection that ends for it is also counted by [`Metrics::fail`].
+    pub fn auth_failed(&self, reason: &'static str) {
         self.auth_failures.with_label_values(&[reason]).inc();
-        self.fail("invalid_token");
     }
 
     /// The figures the dashboard charts (`GET /dashboard/stats.json`): gauges, counters summed
@@ -296,7 +356,7 @@ mod tests {
     #[test]
     fn renders_the_protocol_names() {
         let metrics = Metrics::new();
-        metrics.fail("setup_failed");
+        metrics.fail(Failure::SetupFailed);
         metrics.auth_failures.with_label_values(&["expired"]).inc();
         metrics.state_transitions.with_label_values(&["accepted", "authenticated"]).inc();
         let text = metrics.render();

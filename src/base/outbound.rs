@@ -14,12 +14,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::Delivery;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Outbound(Arc<Shared>);
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Shared {
     bytes: AtomicI64,
+    /// Below this many unsent bytes, `room` is called (`i64::MIN`: nobody waits).
+    room_below: AtomicI64,
+    room: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Deliveries in the order they were handed over. The registry wakes the session with one
     /// mailbox message when it puts the first one here, and the session takes all there are when
     /// it runs: a session that is behind takes several publishes at once and writes them to its
@@ -27,9 +30,15 @@ struct Shared {
     inbox: Mutex<Vec<Delivery>>,
 }
 
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound").field("bytes", &self.bytes).finish_non_exhaustive()
+    }
+}
+
 impl Outbound {
     pub fn new() -> Outbound {
-        Outbound::default()
+        Outbound(Arc::new(Shared { room_below: AtomicI64::new(i64::MIN), ..Shared::default() }))
     }
 
     /// Counts `bytes` more; returns the new total.
@@ -39,7 +48,30 @@ impl Outbound {
 
     /// The dispatcher took `bytes` to write them.
     pub fn release(&self, bytes: usize) {
-        self.0.bytes.fetch_sub(bytes as i64, Ordering::AcqRel);
+        let now = self.0.bytes.fetch_sub(bytes as i64, Ordering::AcqRel) - bytes as i64;
+        if now < self.0.room_below.load(Ordering::Acquire) {
+            self.make_room();
+        }
+    }
+
+    /// Calls `room` once the unsent bytes are below `level` (at once if they are already): how
+    /// a session with a resume backlog learns that its peer has read enough for more, without
+    /// polling. One waiter at a time; a new one replaces the last.
+    pub fn when_below(&self, level: i64, room: impl FnOnce() + Send + 'static) {
+        *self.0.room.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(room));
+        self.0.room_below.store(level, Ordering::Release);
+        // Released in between: nobody would call it.
+        if self.pending() < level {
+            self.make_room();
+        }
+    }
+
+    fn make_room(&self) {
+        self.0.room_below.store(i64::MIN, Ordering::Release);
+        let room = self.0.room.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(room) = room {
+            room();
+        }
     }
 
     pub fn pending(&self) -> i64 {
@@ -105,6 +137,29 @@ mod tests {
         outbound.take_deliveries(&mut taken);
         assert_eq!(taken.len(), 2);
         assert!(outbound.hand_over(delivery()));
+    }
+
+    #[test]
+    fn room_is_made_once_below_the_level() {
+        use std::sync::atomic::AtomicUsize;
+        let outbound = Outbound::new();
+        let calls = std::sync::Arc::new(AtomicUsize::new(0));
+        outbound.add(1000);
+        let counted = std::sync::Arc::clone(&calls);
+        outbound.when_below(500, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        outbound.release(400);
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "600 left is not below 500");
+        outbound.release(200);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        outbound.release(100);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "once");
+        let counted = std::sync::Arc::clone(&calls);
+        outbound.when_below(500, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "already below: at once");
     }
 
     #[test]

@@ -23,8 +23,7 @@ impl Faulty {
     /// earlier ones, as they may across a network.
     fn wrap<T: 'static>(&mut self, user: &str, call: impl FnOnce(&mut dyn Broker) -> Call<T>) -> Call<T> {
         if !self.fail_user_prefix.is_empty() && user.starts_with(&self.fail_user_prefix) {
-            let error = BrokerError("the broker refused the call (faults.broker_fail_user_prefix)".into());
-            return Box::pin(std::future::ready(Err(error)));
+            return Box::pin(std::future::ready(Err(BrokerError::Injected)));
         }
         let answer = call(self.inner.as_mut());
         let delay = self.delay.mul_f64(rand::random::<f64>());

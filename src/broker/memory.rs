@@ -66,7 +66,9 @@ impl Broker for MemoryBroker {
             return ready(Submitted::Seen(seen.clone()));
         }
         let Some(stored) = self.append_now(user, std::slice::from_ref(echo)).pop() else {
-            return Box::pin(std::future::ready(Err(super::BrokerError("nothing was appended".into()))));
+            return Box::pin(std::future::ready(Err(super::BrokerError::Unexpected(
+                "nothing was appended".into(),
+            ))));
         };
         if let Some(client_msg_id) = client_msg_id {
             let seen = SeenMessage {

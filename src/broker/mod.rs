@@ -10,9 +10,10 @@
 //! silent loss. A call's effect is decided when it is made, in call order: a remote
 //! implementation keeps that by sending a user's calls in order over one connection.
 //!
-//! Implementations: [`memory::MemoryBroker`] (answers at once), and [`faulty::Faulty`], which
-//! wraps another with a delay and failures on demand (`[faults]`), to rehearse a slow or broken
-//! broker.
+//! Implementations: [`memory::MemoryBroker`] (one process; answers at once),
+//! [`redis::RedisBroker`] (several processes on one Redis, docs/scale-out.md), and
+//! [`faulty::Faulty`], which wraps another with a delay and failures on demand (`[faults]`), to
+//! rehearse a slow or broken broker.
 
 pub mod faulty;
 pub mod memory;
@@ -32,18 +33,36 @@ pub use stream::ResumeRequest;
 pub use threads::Conversation;
 
 use crate::base::ConnectionId;
+use crate::metrics::Failure;
 use crate::protocol::{EventKind, ResumeInfo};
 
 /// A broker's answer, possibly later.
 pub type Call<T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>>>>;
 
 /// A call the broker could not carry out; nothing of it took effect.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BrokerError(pub String);
+///
+/// The variant says whose move it is: `Unavailable` is the store being away (try again later;
+/// `/readyz` answers 503, a `user_message` gets `unavailable`), `Unexpected` is an answer this
+/// code does not understand (a bug or a version mismatch, logged as such), `Injected` is
+/// `faults.broker_fail_user_prefix` at work. The metric label comes from the variant.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the stream store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the stream store answered unexpectedly: {0}")]
+    Unexpected(String),
+    #[error("the broker refused the call (faults.broker_fail_user_prefix)")]
+    Injected,
+}
 
-impl std::fmt::Display for BrokerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl BrokerError {
+    /// How a connection's setup or a message failed by it is counted.
+    pub fn failure(&self) -> Failure {
+        match self {
+            BrokerError::Unavailable(_) => Failure::BrokerUnavailable,
+            BrokerError::Unexpected(_) => Failure::BrokerUnexpected,
+            BrokerError::Injected => Failure::BrokerInjected,
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use crate::auth::Minter;
 use crate::auth::{is_valid_user_id, USER_ID_RULE};
 use crate::broker::ResumeRequest;
 use crate::config::Config;
+use crate::metrics::Failure;
 use crate::protocol::{
     parse_published_event, ClientInfo, ConnectionsResponse, DevTokenResponse, HttpError, PublishRequest,
     Status, SUBPROTOCOL,
@@ -123,7 +124,7 @@ async fn upgrade(
     let peer = req.peer_addr().map_or_else(|| "-".to_owned(), |a| a.to_string());
     let origin = req.headers().get(header::ORIGIN).map(|o| o.to_str().unwrap_or("<invalid>"));
     if !origin_allowed(origin, &state.config.server.allowed_origins) {
-        env.metrics.fail("origin_refused");
+        env.metrics.fail(Failure::OriginRefused);
         info!("upgrade from {peer} refused: origin {origin:?} is not allowed");
         return Ok(error_response(StatusCode::FORBIDDEN, "forbidden", "this Origin may not connect"));
     }
@@ -146,7 +147,7 @@ async fn upgrade(
             .json(HttpError { error: "over_capacity", message: "the server is catching up; retry later" }));
     }
     let Some(slot) = state.slots.try_acquire() else {
-        env.metrics.fail("over_capacity");
+        env.metrics.fail(Failure::OverCapacity);
         info!("upgrade from {peer} refused: limits.max_connections reached");
         return Ok(error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -164,6 +165,7 @@ async fn upgrade(
         Some(Ok(identity)) => Some(identity),
         Some(Err(failure)) => {
             env.metrics.auth_failed(failure.reason());
+            env.metrics.fail(Failure::InvalidToken);
             info!("upgrade from {peer} refused: {}", failure.reason());
             return Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_token", failure.message()));
         }
@@ -184,10 +186,10 @@ async fn upgrade(
                 Err(refusal) => {
                     let (reason, key) = match refusal {
                         UnauthenticatedRefusal::ServerWide => {
-                            ("unauthenticated_cap", "limits.max_unauthenticated")
+                            (Failure::UnauthenticatedCap, "limits.max_unauthenticated")
                         }
                         UnauthenticatedRefusal::PerIp => {
-                            ("unauthenticated_ip_cap", "limits.max_unauthenticated_per_ip")
+                            (Failure::UnauthenticatedIpCap, "limits.max_unauthenticated_per_ip")
                         }
                     };
                     env.metrics.fail(reason);
@@ -424,7 +426,7 @@ async fn dev_token(req: HttpRequest, body: web::Bytes, state: web::Data<AppState
     let local = req.peer_addr().is_some_and(|a| a.ip().is_loopback());
     let proxied = PROXY_HEADERS.iter().any(|h| req.headers().contains_key(*h));
     if !local || proxied {
-        state.env.metrics.fail("dev_token_refused");
+        state.env.metrics.fail(Failure::DevTokenRefused);
         info!("dev token refused: request from beyond this machine (peer loopback: {local}, proxied: {proxied})");
         return error_response(
             StatusCode::FORBIDDEN,

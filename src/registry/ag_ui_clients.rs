@@ -6,7 +6,7 @@ use actix::prelude::*;
 use log::{info, warn};
 use serde_json::Value;
 
-use super::runs::Origin;
+use super::runs::{Origin, Pending};
 use super::{CancelRunOf, Registry, RunStep, StartHttpRun};
 use crate::protocol::{AgentOutput, UserMessage};
 
@@ -16,7 +16,7 @@ impl Handler<StartHttpRun> for Registry {
     fn handle(&mut self, msg: StartHttpRun, ctx: &mut Self::Context) {
         let message = UserMessage { thread_id: msg.thread_id, content: msg.content, client_msg_id: None };
         let origin = Origin::Http { answer: msg.answer, steps: msg.steps, run_id: msg.run_id };
-        self.submit(ctx, origin, msg.user_id, message);
+        self.submit(ctx, Pending { origin, user_id: msg.user_id, message });
     }
 }
 

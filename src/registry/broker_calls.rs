@@ -5,6 +5,10 @@
 //! acted on after every append made before it, however late a remote broker answers. An answer
 //! that is already there when the queue is empty (the in-memory broker's, always) is acted on
 //! at once, in the same registry step, as if the broker were part of the registry.
+//!
+//! A continuation is a named step of the registry (`runs.rs`: `on_seen`, `on_submitted`,
+//! `on_conversation`), which may itself make a call: the sessions that step handed frames to are
+//! woken once the outermost continuation has returned (`acting`), never in the middle of one.
 
 use std::collections::VecDeque;
 
@@ -16,11 +20,48 @@ use crate::broker::{BrokerError, Call};
 
 type Continuation = Box<dyn FnOnce(&mut Registry, &mut Context<Registry>)>;
 
-/// One user's calls, oldest first; a slot is filled when its answer arrives.
-#[derive(Default)]
-pub(super) struct CallQueue {
-    next_ticket: u64,
-    waiting: VecDeque<(u64, Option<Continuation>)>,
+/// One user's calls, oldest first; a slot is filled when its answer arrives. Tickets count up
+/// from the front's, so an answer finds its slot by subtraction.
+pub(super) struct CallQueue<C = Continuation> {
+    /// The ticket of `waiting[0]`.
+    front: u64,
+    waiting: VecDeque<Option<C>>,
+}
+
+impl<C> Default for CallQueue<C> {
+    fn default() -> Self {
+        CallQueue { front: 0, waiting: VecDeque::new() }
+    }
+}
+
+impl<C> CallQueue<C> {
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// A slot for a call just made: its ticket.
+    fn reserve(&mut self) -> u64 {
+        self.waiting.push_back(None);
+        self.front + self.waiting.len() as u64 - 1
+    }
+
+    /// The answer to `ticket` arrived.
+    fn fill(&mut self, ticket: u64, continuation: C) {
+        let slot = ticket.checked_sub(self.front).and_then(|i| self.waiting.get_mut(i as usize));
+        if let Some(slot) = slot {
+            *slot = Some(continuation);
+        }
+    }
+
+    /// The oldest call's continuation, once it is answered; `None` while it is not (or nothing
+    /// waits), so later answers wait behind it.
+    fn next_ready(&mut self) -> Option<C> {
+        if !matches!(self.waiting.front(), Some(Some(_))) {
+            return None;
+        }
+        self.front += 1;
+        self.waiting.pop_front().flatten()
+    }
 }
 
 impl Registry {
@@ -32,50 +73,94 @@ impl Registry {
         mut call: Call<T>,
         then: impl FnOnce(&mut Registry, Result<T, BrokerError>, &mut Context<Registry>) + 'static,
     ) {
-        let queue_empty = self.calls.get(user_id).is_none_or(|q| q.waiting.is_empty());
+        let queue_empty = self.calls.get(user_id).is_none_or(CallQueue::is_empty);
         if queue_empty {
             if let Some(answer) = (&mut call).now_or_never() {
-                then(self, answer, ctx);
-                // After the continuation, so a publisher hears before the sessions' socket
-                // writes stand between its answer and its next publish on a worker thread.
-                self.wake_sessions();
-                return;
+                return self.acting(ctx, |registry, ctx| then(registry, answer, ctx));
             }
         }
-        let queue = self.calls.entry(user_id.to_owned()).or_default();
-        let ticket = queue.next_ticket;
-        queue.next_ticket += 1;
-        queue.waiting.push_back((ticket, None));
+        let ticket = self.calls.entry(user_id.to_owned()).or_default().reserve();
         let user_id = user_id.to_owned();
         ctx.spawn(call.into_actor(self).map(move |answer, registry, ctx| {
-            if let Some(slot) = registry
-                .calls
-                .get_mut(&user_id)
-                .and_then(|q| q.waiting.iter_mut().find(|(t, _)| *t == ticket))
-            {
-                slot.1 = Some(Box::new(move |registry, ctx| then(registry, answer, ctx)));
+            if let Some(queue) = registry.calls.get_mut(&user_id) {
+                queue.fill(ticket, Box::new(move |registry, ctx| then(registry, answer, ctx)));
             }
-            registry.run_answered(&user_id, ctx);
-            registry.wake_sessions();
+            registry.acting(ctx, |registry, ctx| registry.run_answered(&user_id, ctx));
         }));
+    }
+
+    /// Runs a continuation; the outermost one wakes the sessions its steps handed frames to
+    /// once it has returned, so a publisher hears before the sessions' socket writes stand
+    /// between its answer and its next publish on a worker thread.
+    fn acting(&mut self, ctx: &mut Context<Self>, step: impl FnOnce(&mut Registry, &mut Context<Registry>)) {
+        self.acting += 1;
+        step(self, ctx);
+        self.acting -= 1;
+        if self.acting == 0 {
+            self.wake_sessions();
+        }
     }
 
     /// Acts on the user's answered calls from the oldest, stopping at the first still unanswered.
     fn run_answered(&mut self, user_id: &str, ctx: &mut Context<Self>) {
         loop {
             let Some(queue) = self.calls.get_mut(user_id) else { return };
-            let next = match queue.waiting.front_mut() {
-                Some((_, continuation)) if continuation.is_some() => continuation.take(),
-                Some(_) => return,
-                None => {
+            let Some(continuation) = queue.next_ready() else {
+                if queue.is_empty() {
                     self.calls.remove(user_id);
-                    return;
+                    if self.calls.is_empty() {
+                        // A shutdown may be waiting for the broker's last answers.
+                        self.advance_shutdown(ctx);
+                    }
                 }
+                return;
             };
-            queue.waiting.pop_front();
-            if let Some(continuation) = next {
-                continuation(self, ctx);
-            }
+            continuation(self, ctx);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CallQueue;
+
+    fn drain(queue: &mut CallQueue<&'static str>) -> Vec<&'static str> {
+        std::iter::from_fn(|| queue.next_ready()).collect()
+    }
+
+    #[test]
+    fn answers_out_of_order_are_acted_on_in_call_order() {
+        let mut queue = CallQueue::default();
+        let (a, b, c) = (queue.reserve(), queue.reserve(), queue.reserve());
+        queue.fill(c, "c");
+        assert!(drain(&mut queue).is_empty(), "c waits for a and b");
+        queue.fill(b, "b");
+        assert!(drain(&mut queue).is_empty(), "b and c wait for a");
+        queue.fill(a, "a");
+        assert_eq!(drain(&mut queue), ["a", "b", "c"]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn tickets_go_on_counting_after_the_front_has_been_taken() {
+        let mut queue = CallQueue::default();
+        let a = queue.reserve();
+        queue.fill(a, "a");
+        assert_eq!(drain(&mut queue), ["a"]);
+        let (b, c) = (queue.reserve(), queue.reserve());
+        assert_eq!((b, c), (1, 2));
+        queue.fill(c, "c");
+        queue.fill(b, "b");
+        assert_eq!(drain(&mut queue), ["b", "c"]);
+    }
+
+    #[test]
+    fn a_ticket_that_is_not_waiting_fills_nothing() {
+        let mut queue = CallQueue::default();
+        let a = queue.reserve();
+        queue.fill(a + 5, "stray");
+        assert!(drain(&mut queue).is_empty());
+        queue.fill(a, "a");
+        assert_eq!(drain(&mut queue), ["a"]);
     }
 }

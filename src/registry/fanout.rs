@@ -126,7 +126,7 @@ impl Registry {
             }
             Err(e) => {
                 warn!("broker: events for user {user} not published: {e}");
-                registry.metrics.fail("broker_error");
+                registry.metrics.fail(e.failure());
                 done(registry, Err(e));
             }
         });

@@ -15,6 +15,7 @@ use super::{
 use crate::auth::Identity;
 use crate::broker::BrokerError;
 use crate::broker::ResumeRequest;
+use crate::metrics::Failure;
 use crate::protocol::{close, now_ms, ErrorCode};
 use crate::state::ConnectionState;
 
@@ -24,23 +25,23 @@ impl Registry {
     pub(super) fn fail_setup(
         &mut self,
         id: ConnectionId,
-        reason: &'static str,
+        failure: Failure,
         close_code: u16,
         error: Option<(ErrorCode, String)>,
     ) {
-        if self.mark_failed(id, reason) {
-            self.tell(id, ToSession::Refused { error, close_code, reason });
+        if self.mark_failed(id, failure) {
+            self.tell(id, ToSession::Refused { error, close_code, reason: failure.label() });
         }
     }
 
     /// `failed`: counted, logged, and the user slot given back; false when the connection could
     /// not go there (gone, or already past setup).
-    fn mark_failed(&mut self, id: ConnectionId, reason: &str) -> bool {
+    fn mark_failed(&mut self, id: ConnectionId, failure: Failure) -> bool {
         if self.transition(id, ConnectionState::Failed).is_err() {
             return false;
         }
-        self.metrics.fail(reason);
-        warn!("{id}: setup failed: {reason}");
+        self.metrics.fail(failure);
+        warn!("{id}: setup failed: {failure}");
         self.release_user_slot(id);
         true
     }
@@ -133,7 +134,9 @@ impl Registry {
     ) {
         match answer {
             Ok(true) => {}
-            Ok(false) => return self.fail_setup(id, "too_many_sessions", close::TOO_MANY_SESSIONS, None),
+            Ok(false) => {
+                return self.fail_setup(id, Failure::TooManySessions, close::TOO_MANY_SESSIONS, None)
+            }
             Err(e) => return self.broker_failed_setup(id, &e),
         }
         if self.connections.get(&id).is_none_or(|c| c.state != ConnectionState::Accepted) {
@@ -164,7 +167,7 @@ impl Registry {
     fn broker_failed_setup(&mut self, id: ConnectionId, error: &BrokerError) {
         warn!("{id}: setup failed in the broker: {error}");
         let message = "the user's stream could not be reached".to_owned();
-        self.fail_setup(id, "broker_error", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
+        self.fail_setup(id, error.failure(), close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
     }
 
     /// `services_ready`: the user's stream is attached. This is where a setup can fail.
@@ -181,7 +184,12 @@ impl Registry {
         let prefix = &self.settings.fail_setup_user_prefix;
         if !prefix.is_empty() && user_id.starts_with(prefix.as_str()) {
             let message = "the user's services could not be set up".to_owned();
-            self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
+            self.fail_setup(
+                id,
+                Failure::SetupFailed,
+                close::SERVER_ERROR,
+                Some((ErrorCode::SetupFailed, message)),
+            );
             return;
         }
         if self.transition(id, ConnectionState::ServicesReady).is_err() {
@@ -229,7 +237,12 @@ impl Registry {
     /// A session asked for a step its connection is not in: contained as a setup failure.
     pub(super) fn refuse_out_of_order(&mut self, id: ConnectionId) {
         let message = "connection setup went out of order".to_owned();
-        self.fail_setup(id, "setup_failed", close::SERVER_ERROR, Some((ErrorCode::SetupFailed, message)));
+        self.fail_setup(
+            id,
+            Failure::SetupFailed,
+            close::SERVER_ERROR,
+            Some((ErrorCode::SetupFailed, message)),
+        );
     }
 }
 
@@ -237,7 +250,7 @@ impl Handler<Register> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Register, ctx: &mut Self::Context) {
-        self.metrics.registry_backlog.dec();
+        drop(msg.waiting);
         let id = msg.id;
         let connection = Connection {
             state: ConnectionState::Accepted,
@@ -301,7 +314,7 @@ impl Handler<Authenticate> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Authenticate, ctx: &mut Self::Context) {
-        self.metrics.registry_backlog.dec();
+        drop(msg.waiting);
         let id = msg.id;
         self.answering_at_once(id, |registry| registry.authenticate(id, msg.identity, msg.resume, ctx));
     }
@@ -315,7 +328,7 @@ impl Handler<Fail> for Registry {
             return home.do_send(msg);
         }
         // The session has answered its client itself (`setup_failed`, 1011).
-        self.mark_failed(msg.id, msg.reason);
+        self.mark_failed(msg.id, msg.failure);
     }
 }
 
@@ -405,50 +418,93 @@ impl Handler<Shutdown> for Registry {
     fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
         let (told, answered) = futures_channel::oneshot::channel();
-        let runs_deadline = Instant::now() + self.settings.shutdown_grace / 2;
+        let runs_grace = self.settings.shutdown_grace / 2;
         if !self.runs.is_empty() {
-            info!(
-                "shutdown: {} runs in progress get until {:?} to end",
-                self.runs.len(),
-                self.settings.shutdown_grace / 2
-            );
+            info!("shutdown: {} runs in progress get until {runs_grace:?} to end", self.runs.len());
         }
-        let mut told = Some(told);
-        let mut ended_runs = false;
-        let mut settle_deadline = None;
-        ctx.run_interval(Duration::from_millis(20), move |registry, ctx| {
-            if !registry.runs.is_empty() && Instant::now() < runs_deadline {
-                return;
-            }
-            if !ended_runs {
-                ended_runs = true;
-                let left: Vec<String> = registry.runs.keys().cloned().collect();
-                for run_id in left {
-                    warn!("run {run_id}: not ended within the shutdown grace; ended with agent_error node_shutdown");
-                    if let Some(agent) = &registry.agent {
-                        agent.stop.do_send(crate::agent::StopRun { run_id: run_id.clone() });
-                    }
-                    let output = crate::protocol::AgentOutput::Error {
-                        code: "node_shutdown".into(),
-                        message: "the server running this run is shutting down; send the message again".into(),
-                    };
-                    registry.end_run(ctx, &run_id, output);
-                }
-                settle_deadline = Some(Instant::now() + Duration::from_secs(1));
-            }
-            // The runs' last events are on their way to the sessions (through the broker):
-            // they go first, then the 1012.
-            if !registry.calls.is_empty() && settle_deadline.is_some_and(|d| Instant::now() < d) {
-                return;
-            }
-            let Some(told) = told.take() else { return };
-            // Queued behind every delivery already handed to each session, so those go out first.
-            for connection in registry.connections.values() {
-                connection.session.do_send(ToSession::Shutdown);
-            }
-            info!("shutdown: telling {} sessions to close with 1012", registry.connections.len());
-            let _ = told.send(registry.connections.len());
+        self.draining = Some(Draining {
+            told: Some(told),
+            runs_deadline: Instant::now() + runs_grace,
+            settle_deadline: None,
+            timer: None,
+            advancing: false,
         });
+        self.advance_shutdown(ctx);
         Box::pin(async move { answered.await.unwrap_or(0) })
+    }
+}
+
+/// Where a graceful shutdown is: waiting for runs to end, then for their last events to reach
+/// the sessions, then done. Advanced by the events it waits for (a run ends, the broker's
+/// last answers are acted on) and by one timer at the deadline of the stage it is in.
+pub(super) struct Draining {
+    told: Option<futures_channel::oneshot::Sender<usize>>,
+    runs_deadline: Instant,
+    /// Set once the runs are over: the time their last events have to reach the sessions.
+    settle_deadline: Option<Instant>,
+    timer: Option<SpawnHandle>,
+    /// Ending the runs left re-enters through `end_run`: only the outer call acts.
+    advancing: bool,
+}
+
+impl Registry {
+    /// Moves a shutdown on as far as it can go now; a no-op when none is under way.
+    pub(super) fn advance_shutdown(&mut self, ctx: &mut Context<Self>) {
+        match &mut self.draining {
+            Some(draining) if !draining.advancing && draining.told.is_some() => draining.advancing = true,
+            _ => return,
+        }
+        let wait_until = self.shutdown_step(ctx);
+        let Some(draining) = &mut self.draining else { return };
+        draining.advancing = false;
+        if let Some(timer) = draining.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        if let Some(deadline) = wait_until {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            draining.timer = Some(ctx.run_later(wait, |registry, ctx| registry.advance_shutdown(ctx)));
+        }
+    }
+
+    /// One look at the shutdown: the deadline to wait for, or `None` once sessions were told.
+    fn shutdown_step(&mut self, ctx: &mut Context<Self>) -> Option<Instant> {
+        let now = Instant::now();
+        let draining = self.draining.as_ref()?;
+        if draining.settle_deadline.is_none() {
+            if !self.runs.is_empty() && now < draining.runs_deadline {
+                return Some(draining.runs_deadline);
+            }
+            self.end_runs_for_shutdown(ctx);
+        }
+        let draining = self.draining.as_mut()?;
+        let settle = *draining.settle_deadline.get_or_insert(now + Duration::from_secs(1));
+        // The runs' last events are on their way to the sessions (through the broker): they go
+        // first, then the 1012.
+        if !self.calls.is_empty() && now < settle {
+            return Some(settle);
+        }
+        let told = draining.told.take()?;
+        // Queued behind every delivery already handed to each session, so those go out first.
+        for connection in self.connections.values() {
+            connection.session.do_send(ToSession::Shutdown);
+        }
+        info!("shutdown: telling {} sessions to close with 1012", self.connections.len());
+        let _ = told.send(self.connections.len());
+        None
+    }
+
+    fn end_runs_for_shutdown(&mut self, ctx: &mut Context<Self>) {
+        let left: Vec<String> = self.runs.keys().cloned().collect();
+        for run_id in left {
+            warn!("run {run_id}: not ended within the shutdown grace; ended with agent_error node_shutdown");
+            if let Some(agent) = &self.agent {
+                agent.stop.do_send(crate::agent::StopRun { run_id: run_id.clone() });
+            }
+            let output = crate::protocol::AgentOutput::Error {
+                code: "node_shutdown".into(),
+                message: "the server running this run is shutting down; send the message again".into(),
+            };
+            self.end_run(ctx, &run_id, output);
+        }
     }
 }

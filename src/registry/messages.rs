@@ -10,6 +10,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use bytestring::ByteString;
 
+use crate::admission::SetupTicket;
 use crate::auth::Identity;
 use crate::base::{ConnectionId, Outbound};
 use crate::broker::ResumeRequest;
@@ -39,6 +40,8 @@ pub struct Register {
     pub outbound: Outbound,
     pub identity: Option<Identity>,
     pub resume: Option<ResumeRequest>,
+    /// Counts the message under `limits.max_registry_backlog` until the shard takes it up.
+    pub waiting: SetupTicket,
 }
 
 /// The token of an `auth` frame verified: set the connection up from `authenticated` on, as
@@ -49,6 +52,7 @@ pub struct Authenticate {
     pub id: ConnectionId,
     pub identity: Identity,
     pub resume: Option<ResumeRequest>,
+    pub waiting: SetupTicket,
 }
 
 /// A `user_message` from a `processing_ready` session: ack, echo, start a run.
@@ -108,7 +112,7 @@ pub struct CancelRunOf {
 #[rtype(result = "()")]
 pub struct Fail {
     pub id: ConnectionId,
-    pub reason: &'static str,
+    pub failure: crate::metrics::Failure,
 }
 
 /// The session is closing: stop fanning out to it.

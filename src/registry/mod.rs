@@ -148,6 +148,8 @@ pub struct Registry {
     observers: HashMap<String, futures_channel::mpsc::Sender<RunStep>>,
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
     shutting_down: bool,
+    /// The shutdown under way, if one is (`lifecycle.rs`).
+    draining: Option<lifecycle::Draining>,
     trimmer: crate::memory::Trimmer,
     /// Every shard of the process, told once they have all started; `None` until then.
     shards: Option<Registries>,
@@ -158,6 +160,9 @@ pub struct Registry {
     reported: [i64; 3],
     /// Sessions to wake once the frames of a publish are in their inboxes (`fanout.rs`).
     wakes: Vec<ConnectionId>,
+    /// How deep in broker-call continuations this step is (`broker_calls.rs`): the outermost
+    /// sends the wake-ups.
+    acting: u32,
     /// The connection whose setup step is running and what it has told it so far.
     setup_answers: Option<(ConnectionId, Vec<ToSession>)>,
 }
@@ -174,8 +179,10 @@ impl Actor for Registry {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // The registry's mailbox is unbounded on purpose: sessions `do_send` a handful of setup
-        // messages each, and HTTP routes wait for answers.
+        // The mailbox keeps actix's default capacity. What sessions and agents `do_send` is not
+        // held to it (a bounded handful of setup messages per connection, capped overall at the
+        // upgrade by `limits.max_registry_backlog`; a run's steps, held back every 64 by a
+        // `Checkpoint`), while HTTP routes `send` and wait for room, within their own timeouts.
         // A quarter of the TTL, so a stream outlives its TTL by at most that much.
         let sweep = (self.settings.users.ttl / 4).min(Duration::from_secs(5)).max(Duration::from_millis(100));
         ctx.run_interval(sweep, |registry, _| {
@@ -241,11 +248,13 @@ impl Registry {
             runs: HashMap::new(),
             observers: HashMap::new(),
             shutting_down: false,
+            draining: None,
             trimmer: crate::memory::Trimmer::new(),
             shards: None,
             moved: HashMap::new(),
             reported: [0; 3],
             wakes: Vec::new(),
+            acting: 0,
             setup_answers: None,
         }
     }

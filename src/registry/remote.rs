@@ -1,9 +1,11 @@
-//! Events from other processes (a broker shared by several, `[broker] kind = "redis"`): each
-//! batch is acted on in its user's call order, after the answers this process was already
-//! waiting for, so a session's replay and the live events after it meet without a gap or a
+//! What a broker shared by several processes hears from the others (`[broker] kind = "redis"`).
+//! A batch of events is acted on in its user's call order, after the answers this process was
+//! already waiting for, so a session's replay and the live events after it meet without a gap or a
 //! repeat (`fanout.rs::live_from`); a batch of another epoch means the stream was made anew
 //! (Redis restarted empty, or the stream expired), and the user's sessions here are sent to
-//! resume, which tells their clients to reload.
+//! resume, which tells their clients to reload. A cancel is acted on at once: it asks about a
+//! run of this process, not about the order of a stream; "reconnected" asks every local user's
+//! stream for what was missed, each read queued in its user's call order like any call.
 
 use std::time::Instant;
 

@@ -14,6 +14,7 @@ use super::{new_id, CancelRequest, HttpRunRefusal, Registry, RunStep, SubmitMess
 use crate::agent::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
 use crate::base::ConnectionId;
 use crate::broker::{BrokerError, Conversation, NewEvent, SeenMessage, Submitted};
+use crate::metrics::Failure;
 use crate::protocol::{
     user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame, UserMessage,
 };
@@ -87,28 +88,24 @@ impl Registry {
         if !run.announced {
             let agent = self.agent.as_ref().map_or_else(String::new, |a| a.name.clone());
             let started = AgentOutput::Started { agent, message_id: run.message_id.clone() };
-            let payload = started.payload();
-            let event = NewEvent {
-                kind: started.kind(),
-                thread_id: &run.thread_id,
-                run_id: Some(run_id),
-                payload: &payload,
-            };
-            self.publish_one(ctx, &run.user_id, event);
+            self.publish_output(ctx, &run, run_id, &started);
             self.observe(run_id, started, Vec::new());
         }
-        let payload = output.payload();
-        let end = NewEvent {
-            kind: output.kind(),
-            thread_id: &run.thread_id,
-            run_id: Some(run_id),
-            payload: &payload,
-        };
-        self.publish_one(ctx, &run.user_id, end);
+        self.publish_output(ctx, &run, run_id, &output);
         // The last step an AG-UI client gets; dropping its channel ends the client's response.
         if let Some(mut steps) = self.observers.remove(run_id) {
             let _ = steps.try_send(RunStep { output, ag_ui });
         }
+        // A shutdown may be waiting for the last run to end.
+        self.advance_shutdown(ctx);
+    }
+
+    /// One of the run's events onto its user's stream.
+    fn publish_output(&mut self, ctx: &mut Context<Self>, run: &Run, run_id: &str, output: &AgentOutput) {
+        let payload = output.payload();
+        let event =
+            NewEvent { kind: output.kind(), thread_id: &run.thread_id, run_id: Some(run_id), payload: &payload };
+        self.publish_one(ctx, &run.user_id, event);
     }
 
     /// `agent.run_timeout_secs`: a run whose agent never ends it is ended here.
@@ -122,7 +119,7 @@ impl Registry {
             .collect();
         for run_id in overdue {
             warn!("run {run_id}: no end after {deadline:?}; ended with agent_timeout");
-            self.metrics.fail("agent_timeout");
+            self.metrics.fail(Failure::AgentTimeout);
             if let Some(agent) = &self.agent {
                 agent.stop.do_send(StopRun { run_id: run_id.clone() });
             }
@@ -135,41 +132,78 @@ impl Registry {
     }
 }
 
+/// A user message between the steps of its submission: who sent it and what it is.
+pub(super) struct Pending {
+    pub(super) origin: Origin,
+    pub(super) user_id: String,
+    pub(super) message: UserMessage,
+}
+
+/// A user message within its user's rate and caps, given its ids, while the broker stores it.
+struct Admitted {
+    pending: Pending,
+    message_id: String,
+    run_id: String,
+    /// A run was counted against the user's cap (there is an agent).
+    starts_run: bool,
+    created: Instant,
+}
+
 impl Handler<SubmitMessage> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: SubmitMessage, ctx: &mut Self::Context) {
         let id = msg.id;
         let Some(user_id) = self.ready_user(id) else { return };
+        let pending = Pending { origin: Origin::Session(id), user_id, message: msg.message };
         // A repeated client_msg_id is acked again with the same ids and starts nothing, even
         // over the rate limit: it asks for nothing new.
-        let Some(client_msg_id) = msg.message.client_msg_id.clone() else {
-            return self.submit(ctx, Origin::Session(id), user_id, msg.message);
+        let Some(client_msg_id) = pending.message.client_msg_id.as_deref() else {
+            return self.submit(ctx, pending);
         };
-        let call = self.broker.seen(&user_id, &client_msg_id);
-        self.when(ctx, &user_id.clone(), call, move |registry, answer, ctx| match answer {
-            Ok(Some(seen)) => registry.ack_again(id, &client_msg_id, &seen),
-            Ok(None) => registry.submit(ctx, Origin::Session(id), user_id, msg.message),
-            Err(e) => registry.message_not_stored(Origin::Session(id), &e),
-        });
+        let call = self.broker.seen(&pending.user_id, client_msg_id);
+        let user_id = pending.user_id.clone();
+        self.when(ctx, &user_id, call, move |registry, answer, ctx| registry.on_seen(ctx, pending, answer));
     }
 }
 
 impl Registry {
-    fn ack_again(&mut self, id: ConnectionId, client_msg_id: &str, seen: &SeenMessage) {
-        debug!("{id}: repeated client_msg_id; acked again");
-        let ack = ServerFrame::Ack {
-            client_msg_id: Some(client_msg_id),
-            message_id: &seen.message_id,
-            run_id: &seen.run_id,
-            seq: seen.seq,
-        };
-        self.send_to(id, ack);
+    /// Step 2 of a session's message with a `client_msg_id`: seen before, or submitted now.
+    fn on_seen(
+        &mut self,
+        ctx: &mut Context<Self>,
+        pending: Pending,
+        answer: Result<Option<SeenMessage>, BrokerError>,
+    ) {
+        match answer {
+            Ok(Some(seen)) => self.repeated(pending, &seen),
+            Ok(None) => self.submit(ctx, pending),
+            Err(e) => self.message_not_stored(pending.origin, &e),
+        }
+    }
+
+    /// A message whose `client_msg_id` was seen: a session is acked again with the same ids.
+    fn repeated(&mut self, pending: Pending, seen: &SeenMessage) {
+        let client_msg_id = pending.message.client_msg_id.as_deref().unwrap_or_default();
+        match pending.origin {
+            Origin::Session(id) => {
+                debug!("{id}: repeated client_msg_id; acked again");
+                let ack = ServerFrame::Ack {
+                    client_msg_id: Some(client_msg_id),
+                    message_id: &seen.message_id,
+                    run_id: &seen.run_id,
+                    seq: seen.seq,
+                };
+                self.send_to(id, ack);
+            }
+            // AG-UI clients send no client_msg_id, so nothing of theirs is seen.
+            http => self.refuse(http, ErrorCode::BadMessage, "a repeated message"),
+        }
     }
 
     fn message_not_stored(&mut self, origin: Origin, error: &BrokerError) {
         warn!("{origin}: user_message not stored: broker: {error}");
-        self.metrics.fail("broker_error");
+        self.metrics.fail(error.failure());
         let message = "the message could not be stored now; send it again with the same client_msg_id";
         self.refuse(origin, ErrorCode::Unavailable, message);
     }
@@ -185,29 +219,22 @@ impl Registry {
         }
     }
 
-    /// Section 4: within the user's rate and runs cap, the message goes onto the stream (unless
-    /// its `client_msg_id` got there first), is acked, and starts a run.
-    pub(super) fn submit(
-        &mut self,
-        ctx: &mut Context<Self>,
-        origin: Origin,
-        user_id: String,
-        message: UserMessage,
-    ) {
+    /// Why the user's message may not go on now, if it may not: the user's rate and caps
+    /// (section 4), checked before anything is stored.
+    fn refusal(&mut self, pending: &Pending) -> Option<(ErrorCode, &'static str)> {
         let max_runs = self.settings.max_runs_per_user;
         let starts_run = self.agent.is_some();
         let shutting_down = self.shutting_down;
         // docs/agents.md: `agent.max_concurrent_runs` across all users, for agents upstream.
         let max_concurrent = self.agent.as_ref().and_then(|a| a.max_concurrent_runs);
         let agent_busy = max_concurrent.is_some_and(|max| self.runs.len() >= max);
-        let requested_run_id = match &origin {
-            Origin::Http { run_id, .. } => run_id.clone(),
-            Origin::Session(_) => None,
+        let run_id_taken = match &pending.origin {
+            Origin::Http { run_id: Some(run_id), .. } => self.runs.contains_key(run_id),
+            _ => false,
         };
-        let run_id_taken = requested_run_id.as_ref().is_some_and(|r| self.runs.contains_key(r));
-        let user = self.local_user(&user_id);
+        let user = self.local_user(&pending.user_id);
         // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
-        let refusal = if shutting_down {
+        if shutting_down {
             Some((ErrorCode::Unavailable, "the server is shutting down; send it again after reconnecting"))
         } else if user.limiter.check(Instant::now()) != Verdict::Allow {
             Some((ErrorCode::RateLimited, "too many messages from this user across its sessions; slow down"))
@@ -223,69 +250,96 @@ impl Registry {
             ))
         } else {
             None
-        };
-        if let Some((code, refusal)) = refusal {
-            debug!("{origin}: user_message of user {user_id} refused: {refusal}");
+        }
+    }
+
+    /// Section 4: within the user's rate and runs cap, the message goes onto the stream (unless
+    /// its `client_msg_id` got there first), is acked, and starts a run.
+    pub(super) fn submit(&mut self, ctx: &mut Context<Self>, pending: Pending) {
+        if let Some((code, refusal)) = self.refusal(&pending) {
+            debug!("{}: user_message of user {} refused: {refusal}", pending.origin, pending.user_id);
             if code == ErrorCode::AgentBusy {
                 self.metrics.agent_runs.with_label_values(&["refused", "agent_busy"]).inc();
             }
-            self.refuse(origin, code, refusal);
-            return;
+            return self.refuse(pending.origin, code, refusal);
         }
+        let starts_run = self.agent.is_some();
         if starts_run {
-            user.runs_in_progress += 1;
+            self.local_user(&pending.user_id).runs_in_progress += 1;
         }
-        let message_id = new_id("m_");
-        let run_id = requested_run_id.unwrap_or_else(|| new_id("r_"));
+        let requested_run_id = match &pending.origin {
+            Origin::Http { run_id, .. } => run_id.clone(),
+            Origin::Session(_) => None,
+        };
+        let admitted = Admitted {
+            message_id: new_id("m_"),
+            run_id: requested_run_id.unwrap_or_else(|| new_id("r_")),
+            starts_run,
+            created: Instant::now(),
+            pending,
+        };
+        let message = &admitted.pending.message;
         let client_msg_id = message.client_msg_id.as_deref();
-        let payload = user_message_payload(&message_id, &message.content, client_msg_id);
+        let payload = user_message_payload(&admitted.message_id, &message.content, client_msg_id);
         let echo = NewEvent {
             kind: EventKind::UserMessage,
             thread_id: &message.thread_id,
             run_id: None,
             payload: &payload,
         };
-        let created = Instant::now();
-        let call = self.broker.submit(&user_id, client_msg_id, (&message_id, &run_id), &echo);
-        self.when(ctx, &user_id.clone(), call, move |registry, answer, ctx| {
-            let stored = match answer {
-                Ok(Submitted::Appended(stored)) => stored,
-                Ok(Submitted::Seen(seen)) => {
-                    registry.run_not_started(&user_id, starts_run);
-                    let client_msg_id = message.client_msg_id.as_deref().unwrap_or_default();
-                    return match origin {
-                        Origin::Session(id) => registry.ack_again(id, client_msg_id, &seen),
-                        // AG-UI clients send no client_msg_id, so nothing of theirs is seen.
-                        http => registry.refuse(http, ErrorCode::BadMessage, "a repeated message"),
-                    };
-                }
-                Err(e) => {
-                    registry.run_not_started(&user_id, starts_run);
-                    return registry.message_not_stored(origin, &e);
-                }
-            };
-            registry.metrics.events_published.inc();
-            let seq = stored.seq;
-            registry.deliver_events(ctx, &user_id, std::slice::from_ref(&stored), created, true);
-            match origin {
-                Origin::Session(id) => {
-                    let client_msg_id = message.client_msg_id.as_deref();
-                    let ack =
-                        ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq };
-                    registry.send_to(id, ack);
-                    if starts_run {
-                        registry.start_run(ctx, &id.to_string(), user_id, run_id, message_id, message, None);
-                    }
-                }
-                Origin::Http { answer, steps, .. } => {
-                    if starts_run {
-                        let started = run_id.clone();
-                        registry.start_run(ctx, "ag-ui", user_id, started, message_id, message, Some(steps));
-                    }
-                    let _ = answer.send(Ok(run_id));
+        let user_id = admitted.pending.user_id.clone();
+        let ids = (admitted.message_id.as_str(), admitted.run_id.as_str());
+        let call = self.broker.submit(&user_id, client_msg_id, ids, &echo);
+        self.when(ctx, &user_id, call, move |registry, answer, ctx| {
+            registry.on_submitted(ctx, admitted, answer)
+        });
+    }
+
+    /// The broker's answer to a submitted message: the echo delivered, the sender acked and the
+    /// run started; or, when the message did not go on, the run's count given back.
+    fn on_submitted(
+        &mut self,
+        ctx: &mut Context<Self>,
+        admitted: Admitted,
+        answer: Result<Submitted, BrokerError>,
+    ) {
+        let Admitted { pending, message_id, run_id, starts_run, created } = admitted;
+        let stored = match answer {
+            Ok(Submitted::Appended(stored)) => stored,
+            Ok(Submitted::Seen(seen)) => {
+                self.run_not_started(&pending.user_id, starts_run);
+                return self.repeated(pending, &seen);
+            }
+            Err(e) => {
+                self.run_not_started(&pending.user_id, starts_run);
+                return self.message_not_stored(pending.origin, &e);
+            }
+        };
+        self.metrics.events_published.inc();
+        let Pending { origin, user_id, message } = pending;
+        self.deliver_events(ctx, &user_id, std::slice::from_ref(&stored), created, true);
+        match origin {
+            Origin::Session(id) => {
+                let client_msg_id = message.client_msg_id.as_deref();
+                let ack = ServerFrame::Ack {
+                    client_msg_id,
+                    message_id: &message_id,
+                    run_id: &run_id,
+                    seq: stored.seq,
+                };
+                self.send_to(id, ack);
+                if starts_run {
+                    self.start_run(ctx, &id.to_string(), user_id, run_id, message_id, message, None);
                 }
             }
-        });
+            Origin::Http { answer, steps, .. } => {
+                if starts_run {
+                    let started = run_id.clone();
+                    self.start_run(ctx, "ag-ui", user_id, started, message_id, message, Some(steps));
+                }
+                let _ = answer.send(Ok(run_id));
+            }
+        }
     }
 
     fn run_not_started(&mut self, user_id: &str, counted: bool) {
@@ -326,7 +380,7 @@ impl Registry {
         let Some(agent) = &self.agent else { return };
         let wants_conversation = agent.conversation;
         let turn = wants_conversation.then(|| Conversation::message(&message_id, "user", &message.content));
-        let mut request = RunRequest {
+        let request = RunRequest {
             run_id,
             user_id,
             thread_id: message.thread_id,
@@ -342,24 +396,35 @@ impl Registry {
         let call = self.broker.converse(&request.user_id, &request.thread_id, turn);
         let user_id = request.user_id.clone();
         self.when(ctx, &user_id, call, move |registry, answer, ctx| {
-            if !registry.runs.contains_key(&request.run_id) {
-                return; // cancelled while the conversation was read
-            }
-            match answer {
-                Ok(conversation) => {
-                    request.conversation = conversation;
-                    registry.send_run(ctx, request);
-                }
-                Err(e) => {
-                    warn!("run {}: the thread's conversation could not be read: broker: {e}", request.run_id);
-                    let output = AgentOutput::Error {
-                        code: "broker_unavailable".into(),
-                        message: "the conversation could not be read; send the message again".into(),
-                    };
-                    registry.end_run(ctx, &request.run_id, output);
-                }
-            }
+            registry.on_conversation(ctx, request, answer)
         });
+    }
+
+    /// The thread's conversation read for a run: the run goes to the agent with it, unless it
+    /// was cancelled meanwhile.
+    fn on_conversation(
+        &mut self,
+        ctx: &mut Context<Self>,
+        mut request: RunRequest,
+        answer: Result<Conversation, BrokerError>,
+    ) {
+        if !self.runs.contains_key(&request.run_id) {
+            return; // cancelled while the conversation was read
+        }
+        match answer {
+            Ok(conversation) => {
+                request.conversation = conversation;
+                self.send_run(ctx, request);
+            }
+            Err(e) => {
+                warn!("run {}: the thread's conversation could not be read: broker: {e}", request.run_id);
+                let output = AgentOutput::Error {
+                    code: "broker_unavailable".into(),
+                    message: "the conversation could not be read; send the message again".into(),
+                };
+                self.end_run(ctx, &request.run_id, output);
+            }
+        }
     }
 
     /// Hands a run to the runtime.
@@ -375,7 +440,7 @@ impl Registry {
         };
         if agent.start.try_send(start).is_err() {
             warn!("run {run_id}: the agent runtime is behind (agent.max_queued_runs); run ended");
-            self.metrics.fail("agent_unavailable");
+            self.metrics.fail(Failure::AgentUnavailable);
             let output = AgentOutput::Error {
                 code: "agent_unavailable".into(),
                 message: "the agent is too busy to take this run; try again shortly".into(),

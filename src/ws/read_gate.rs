@@ -43,6 +43,8 @@ struct Shared {
     authenticated: Cell<bool>,
     oversized: Cell<bool>,
     overdrawn: Cell<bool>,
+    /// The connection's byte stream itself failed (a reset, a read error).
+    payload_failed: Cell<bool>,
     /// The reading task, parked while the gate is shut.
     waker: Cell<Option<Waker>>,
 }
@@ -68,6 +70,13 @@ impl ReadGate {
     /// A client that was not authenticated sent more than its allowance (the stream ended).
     pub fn tripped_on_allowance(&self) -> bool {
         self.shared.overdrawn.get()
+    }
+
+    /// The connection's byte stream failed under the decoder. With the gate's own two ends,
+    /// this tells every I/O error actix-web-actors 4.3.1 reports apart from its only other one,
+    /// a text frame that is not UTF-8 (`session.rs`).
+    pub fn payload_failed(&self) -> bool {
+        self.shared.payload_failed.get()
     }
 
     fn wake(&self) {
@@ -143,6 +152,10 @@ where
         if this.rest.is_empty() {
             match Pin::new(&mut this.inner).poll_next(cx) {
                 Poll::Ready(Some(Ok(bytes))) => this.rest = bytes,
+                Poll::Ready(Some(Err(e))) => {
+                    this.gate.shared.payload_failed.set(true);
+                    return Poll::Ready(Some(Err(e)));
+                }
                 other => return other,
             }
         }

@@ -19,11 +19,11 @@ use log::{debug, info, warn};
 
 use super::output::CountedOutput;
 use super::read_gate::ReadGate;
-use crate::admission::{ConnectionSlot, UnauthenticatedSlot};
-use crate::auth::{Identity, Verifier};
+use crate::admission::{ConnectionSlot, SetupBacklog, UnauthenticatedSlot};
+use crate::auth::{AuthFailure, Identity, Verifier};
 use crate::base::{close_frame_len, encoded_len, ConnectionId, Delivery, Outbound};
 use crate::broker::ResumeRequest;
-use crate::metrics::Metrics;
+use crate::metrics::{Failure, Metrics};
 use crate::protocol::{
     close, now_ms, parse_auth_frame, parse_client_frame, peek_type, AuthFrame, ClientFrame, ErrorCode,
     FieldLimits, ServerFrame, SUBPROTOCOL,
@@ -43,8 +43,10 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`limits.max_outbound_bytes`) is what bounds a slow session's backlog.
 pub const MAILBOX_CAPACITY: usize = 65_536;
 
-/// How often a session with a resume backlog checks whether its peer has read enough for more.
-const BACKLOG_RETRY: Duration = Duration::from_millis(5);
+/// The socket has taken enough of the session's output for more of its resume backlog.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct BacklogRoom;
 
 /// `token_expiring` is sent this long before the token's `exp`.
 pub const TOKEN_EXPIRY_NOTICE: Duration = Duration::from_secs(60);
@@ -54,6 +56,8 @@ pub struct SessionEnv {
     pub registries: Registries,
     pub verifier: Arc<Verifier>,
     pub metrics: Arc<Metrics>,
+    /// Setups on their way to the registry (`limits.max_registry_backlog`).
+    pub setup_backlog: Arc<SetupBacklog>,
     pub field_limits: FieldLimits,
     pub pending_messages: usize,
     pub pending_bytes: usize,
@@ -116,7 +120,8 @@ pub struct Session {
     /// handed them over). Written only while the unsent output is under
     /// `limits.max_outbound_bytes`, so a resume from seq 0 holds no more than live events may.
     backlog: VecDeque<(ByteString, bool)>,
-    backlog_pump: Option<SpawnHandle>,
+    /// The backlog waits for its output to drain: a [`BacklogRoom`] is on its way then.
+    backlog_waits: bool,
     /// A fragmented text message being reassembled.
     fragments: Option<BytesMut>,
     last_heard: Instant,
@@ -164,7 +169,7 @@ impl Session {
             held_close: None,
             unauthenticated,
             backlog: VecDeque::new(),
-            backlog_pump: None,
+            backlog_waits: false,
             fragments: None,
             last_heard: now,
             expiry_timers: Vec::new(),
@@ -285,13 +290,14 @@ impl Session {
                 self.identity = Some(identity.clone());
                 self.unauthenticated = None;
                 let resume = self.resume.take();
-                self.env.metrics.registry_backlog.inc();
                 self.shard = self.env.registries.for_user(&identity.user_id).clone();
-                self.registry.do_send(Authenticate { id: self.id, identity, resume });
+                let waiting = self.env.setup_backlog.enter();
+                self.registry.do_send(Authenticate { id: self.id, identity, resume, waiting });
                 self.begin_setup(ctx);
             }
             Err(failure) => {
                 self.env.metrics.auth_failed(failure.reason());
+                self.env.metrics.fail(Failure::InvalidToken);
                 info!("{}: auth frame refused: {}", self.id, failure.reason());
                 self.send_error(ctx, ErrorCode::InvalidToken, failure.message(), Some("auth"));
                 self.close(ctx, close::TOKEN_INVALID, "token invalid");
@@ -305,7 +311,7 @@ impl Session {
         self.gate.authenticated();
         ctx.run_later(SETUP_TIMEOUT, |session, ctx| {
             if session.phase == Phase::SettingUp {
-                session.registry.do_send(Fail { id: session.id, reason: "setup_timeout" });
+                session.registry.do_send(Fail { id: session.id, failure: Failure::SetupTimeout });
                 session.send_error(ctx, ErrorCode::SetupFailed, "connection setup timed out", None);
                 session.close(ctx, close::SERVER_ERROR, "setup failed");
             }
@@ -352,7 +358,7 @@ impl Session {
     }
 
     /// Writes the resume backlog while the session is within its outbound budget; what is left
-    /// waits for the peer to read (checked every few milliseconds while anything is left).
+    /// waits until the socket has taken enough of the output ([`Outbound::when_below`]).
     fn pump_backlog(&mut self, ctx: &mut WebsocketContext<Self>) {
         let budget = self.env.max_outbound_bytes as i64;
         while self.outbound.pending() < budget {
@@ -362,13 +368,12 @@ impl Session {
             }
             ctx.text(frame);
         }
-        if self.backlog.is_empty() || self.backlog_pump.is_some() || self.phase != Phase::ProcessingReady {
+        if self.backlog.is_empty() || self.backlog_waits || self.phase != Phase::ProcessingReady {
             return;
         }
-        self.backlog_pump = Some(ctx.run_later(BACKLOG_RETRY, |session, ctx| {
-            session.backlog_pump = None;
-            session.pump_backlog(ctx);
-        }));
+        self.backlog_waits = true;
+        let session = ctx.address();
+        self.outbound.when_below(budget, move || session.do_send(BacklogRoom));
     }
 
     /// `token_expiring` 60 s before `exp`, close 4003 at `exp` + leeway (section 2).
@@ -386,7 +391,8 @@ impl Session {
         });
         let deadline = expires_at.saturating_add(self.env.auth_leeway.as_millis() as u64);
         let expiry = ctx.run_later(until(deadline), |session, ctx| {
-            session.env.metrics.auth_failures.with_label_values(&["expired"]).inc();
+            session.env.metrics.auth_failed(AuthFailure::Expired.reason());
+            session.env.metrics.fail(Failure::TokenExpired);
             info!("{}: token expired without refresh", session.id);
             session.close(ctx, close::TOKEN_EXPIRED, "token expired");
         });
@@ -404,7 +410,9 @@ impl Session {
                 return;
             }
             Verdict::Abuse => {
-                self.env.metrics.fail("rate_abuse");
+                // Section 4: the 100th `rate_limited` answer is the last; the close follows it.
+                self.send_error(ctx, ErrorCode::RateLimited, "too many messages; slow down", None);
+                self.env.metrics.fail(Failure::RateAbuse);
                 warn!("{}: closed for sustained rate-limit abuse", self.id);
                 self.close(ctx, close::POLICY_VIOLATION, "rate limit abuse");
                 return;
@@ -431,7 +439,8 @@ impl Session {
             Ok(frame) => frame,
             Err(error) => {
                 // A broken `auth` frame is a failed authentication, answered at once.
-                self.env.metrics.auth_failed("malformed");
+                self.env.metrics.auth_failed(AuthFailure::Malformed.reason());
+                self.env.metrics.fail(Failure::InvalidToken);
                 info!("{}: malformed auth frame", self.id);
                 self.send_error(ctx, ErrorCode::InvalidToken, &error.message, Some("auth"));
                 return self.close(ctx, close::TOKEN_INVALID, "token invalid");
@@ -485,7 +494,7 @@ impl Session {
     fn refresh_token(&mut self, frame: AuthFrame, ctx: &mut WebsocketContext<Self>) {
         match self.env.verifier.verify(&frame.token) {
             Err(failure) => {
-                self.env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
+                self.env.metrics.auth_failed(failure.reason());
                 info!("{}: token refresh refused: {}", self.id, failure.reason());
                 self.send_error(ctx, ErrorCode::InvalidToken, failure.message(), Some("auth"));
             }
@@ -563,8 +572,8 @@ impl Actor for Session {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         // With a token from the upgrade, the whole setup is asked for at once.
         let resume = if self.identity.is_some() { self.resume.take() } else { None };
-        self.env.metrics.registry_backlog.inc();
         self.registry.do_send(Register {
+            waiting: self.env.setup_backlog.enter(),
             id: self.id,
             session: ctx.address().recipient(),
             outbound: self.outbound.clone(),
@@ -573,15 +582,15 @@ impl Actor for Session {
         });
         ctx.run_later(self.env.auth_timeout, |session, ctx| {
             if matches!(session.phase, Phase::Registering | Phase::AwaitingAuth) {
-                session.env.metrics.auth_failures.with_label_values(&["timeout"]).inc();
-                session.env.metrics.fail("auth_timeout");
+                session.env.metrics.auth_failed(AuthFailure::Timeout.reason());
+                session.env.metrics.fail(Failure::AuthTimeout);
                 info!("{}: no token within the auth timeout", session.id);
                 session.close(ctx, close::AUTH_TIMEOUT, "no token in time");
             }
         });
         ctx.run_interval(self.env.heartbeat_interval, |session, ctx| {
             if session.last_heard.elapsed() > session.env.client_timeout {
-                session.env.metrics.fail("heartbeat_timeout");
+                session.env.metrics.fail(Failure::HeartbeatTimeout);
                 info!("{}: nothing heard for {:?}; dropping", session.id, session.env.client_timeout);
                 session.close(ctx, close::GOING_AWAY, "client timeout");
             } else {
@@ -640,6 +649,15 @@ impl Handler<ToSession> for Session {
     }
 }
 
+impl Handler<BacklogRoom> for Session {
+    type Result = ();
+
+    fn handle(&mut self, _: BacklogRoom, ctx: &mut Self::Context) {
+        self.backlog_waits = false;
+        self.pump_backlog(ctx);
+    }
+}
+
 impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
     fn handle(&mut self, msg: Result<ws::Message, ProtocolError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
@@ -676,7 +694,7 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
             }
             Err(ProtocolError::Overflow) => self.close(ctx, close::MESSAGE_TOO_BIG, "message too big"),
             Err(ProtocolError::Io(_)) if self.gate.tripped_on_allowance() => {
-                self.env.metrics.fail("unauthenticated_overflow");
+                self.env.metrics.fail(Failure::UnauthenticatedOverflow);
                 info!("{}: sent more than it may before authenticating", self.id);
                 self.close(ctx, close::POLICY_VIOLATION, "too much sent before authenticating")
             }
@@ -684,10 +702,13 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
                 info!("{}: frame header announced more than {} bytes", self.id, self.env.max_message_bytes);
                 self.close(ctx, close::MESSAGE_TOO_BIG, "message too big")
             }
-            // actix-web-actors reports a text frame that is not UTF-8 as an I/O error.
-            Err(ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
-                self.close(ctx, close::INVALID_PAYLOAD, "text is not valid UTF-8")
+            Err(ProtocolError::Io(e)) if self.gate.payload_failed() => {
+                info!("{}: connection failed: {e}", self.id);
+                self.close(ctx, close::PROTOCOL_ERROR, "protocol error");
             }
+            // Every other I/O error actix-web-actors 4.3.1 (pinned in Cargo.toml) reports is a
+            // text frame that is not UTF-8: the gate accounts for the rest.
+            Err(ProtocolError::Io(_)) => self.close(ctx, close::INVALID_PAYLOAD, "text is not valid UTF-8"),
             Err(e) => {
                 info!("{}: protocol error: {e}", self.id);
                 self.close(ctx, close::PROTOCOL_ERROR, "protocol error");

@@ -26,8 +26,27 @@ pub struct Job {
 /// Most commands sent in one pipeline.
 const MAX_PIPELINE: usize = 512;
 
-fn broker_error(error: &redis::RedisError) -> BrokerError {
-    BrokerError(format!("redis: {error}"))
+/// A failed command: Redis away (the connection, a timeout, a node loading or failing over) is
+/// `Unavailable`; anything else Redis says is an answer this code did not expect.
+pub fn broker_error(error: &redis::RedisError) -> BrokerError {
+    let away = error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::BusyLoading
+                    | redis::ServerErrorKind::TryAgain
+                    | redis::ServerErrorKind::ClusterDown
+                    | redis::ServerErrorKind::MasterDown
+            )
+        );
+    if away {
+        BrokerError::Unavailable(format!("redis: {error}"))
+    } else {
+        BrokerError::Unexpected(format!("redis: {error}"))
+    }
 }
 
 /// Sends the jobs in order, each batch of waiting jobs as one pipeline.
@@ -76,15 +95,18 @@ pub async fn writer(client: redis::Client, mut jobs: mpsc::UnboundedReceiver<Job
             Ok(values) if values.len() == batch.len() => {
                 for (job, value) in batch.into_iter().zip(values) {
                     let answer = match value {
-                        redis::Value::ServerError(e) => Err(BrokerError(format!("redis: {e:?}"))),
+                        redis::Value::ServerError(e) => Err(broker_error(&e.into())),
                         value => Ok(value),
                     };
                     let _ = job.answer.send(answer);
                 }
             }
             Ok(values) => {
-                let error =
-                    BrokerError(format!("redis: {} answers to {} commands", values.len(), batch.len()));
+                let error = BrokerError::Unexpected(format!(
+                    "redis: {} answers to {} commands",
+                    values.len(),
+                    batch.len()
+                ));
                 for job in batch {
                     let _ = job.answer.send(Err(error.clone()));
                 }

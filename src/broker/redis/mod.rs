@@ -118,12 +118,12 @@ fn text(value: &RedisValue) -> Option<String> {
 fn items(value: RedisValue) -> Result<Vec<RedisValue>, BrokerError> {
     match value {
         RedisValue::Array(items) => Ok(items),
-        other => Err(BrokerError(format!("redis: unexpected answer {other:?}"))),
+        other => Err(BrokerError::Unexpected(format!("redis: {other:?}"))),
     }
 }
 
 fn unexpected(what: &str) -> BrokerError {
-    BrokerError(format!("redis: unexpected answer to {what}"))
+    BrokerError::Unexpected(format!("redis: the answer to {what}"))
 }
 
 /// A frame with a placeholder seq, split around it: the script puts the real seq between.
@@ -151,8 +151,7 @@ impl RedisBroker {
         settings: RedisSettings,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
-        let client =
-            redis::Client::open(settings.url.as_str()).map_err(|e| BrokerError(format!("redis: {e}")))?;
+        let client = redis::Client::open(settings.url.as_str()).map_err(|e| connection::broker_error(&e))?;
         let (jobs, queued) = mpsc::unbounded();
         let (interest, asked) = mpsc::unbounded();
         let (messages_tx, messages) = mpsc::unbounded();
@@ -271,7 +270,7 @@ fn ranged(reply: Vec<RedisValue>) -> Vec<Stored> {
 }
 
 async fn answer(answered: Answer) -> Result<RedisValue, BrokerError> {
-    answered.await.map_err(|_| BrokerError("redis: the writer went away".into()))?
+    answered.await.map_err(|_| BrokerError::Unavailable("redis: the writer went away".into()))?
 }
 
 fn stored(parts: Vec<(String, String)>, first: u64) -> Vec<Stored> {

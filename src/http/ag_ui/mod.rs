@@ -64,7 +64,7 @@ async fn answer(
     let identity = match env.verifier.verify(token) {
         Ok(identity) => identity,
         Err(failure) => {
-            env.metrics.auth_failures.with_label_values(&[failure.reason()]).inc();
+            env.metrics.auth_failed(failure.reason());
             let message = format!("the token was refused: {}", failure.reason());
             return Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_token", &message));
         }
