@@ -1,6 +1,7 @@
 //! Per-connection rate limit of protocol section 4: a token bucket of `limits.burst` refilled at
-//! `limits.messages_per_second`, and the abuse rule (a connection that has collected 100
-//! `rate_limited` answers within 10 seconds is closed with 1008 on its next refused frame). Pure: time is passed in, so tests need no clock.
+//! `limits.messages_per_second`, and the abuse rule (a connection that collects 100
+//! `rate_limited` answers within 10 seconds is closed with 1008 right after the 100th). Pure:
+//! time is passed in, so tests need no clock.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ pub enum Verdict {
     Allow,
     /// Answer `rate_limited` and do not process the frame.
     Limited,
-    /// Sustained abuse: close with 1008.
+    /// The 100th refusal within the window: answer `rate_limited`, then close with 1008.
     Abuse,
 }
 
@@ -47,11 +48,10 @@ impl RateLimiter {
         while self.recent_refusals.front().is_some_and(|t| now.saturating_duration_since(*t) > ABUSE_WINDOW) {
             self.recent_refusals.pop_front();
         }
-        // The client has its 100 answers before the 101st refusal closes it.
+        self.recent_refusals.push_back(now);
         if self.recent_refusals.len() >= ABUSE_COUNT {
             return Verdict::Abuse;
         }
-        self.recent_refusals.push_back(now);
         Verdict::Limited
     }
 }
@@ -77,10 +77,10 @@ mod tests {
         let start = Instant::now();
         let mut limiter = RateLimiter::new(1, 1, start);
         assert_eq!(limiter.check(start), Verdict::Allow);
-        for _ in 0..ABUSE_COUNT {
+        for _ in 1..ABUSE_COUNT {
             assert_eq!(limiter.check(start), Verdict::Limited);
         }
-        assert_eq!(limiter.check(start), Verdict::Abuse);
+        assert_eq!(limiter.check(start), Verdict::Abuse, "the 100th refusal closes");
     }
 
     #[test]
@@ -88,7 +88,7 @@ mod tests {
         let start = Instant::now();
         let mut limiter = RateLimiter::new(1, 1, start);
         limiter.check(start);
-        for _ in 0..ABUSE_COUNT {
+        for _ in 1..ABUSE_COUNT {
             assert_eq!(limiter.check(start), Verdict::Limited);
         }
         // Eleven seconds later the window is empty again (and a token has come back).
