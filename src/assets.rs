@@ -36,7 +36,12 @@ impl Assets {
 
     /// The file at `path` (relative, `/`-separated), if there is one.
     pub fn get(&self, path: &str) -> Option<Asset> {
-        let content_type = mime_guess::from_path(path).first_or_octet_stream().essence_str().to_owned();
+        let content_type = match mime_guess::from_path(path).first() {
+            Some(guess) => guess.essence_str().to_owned(),
+            // Files without an extension are texts: the LICENSE beside a vendored library.
+            None if Path::new(path).extension().is_none() => "text/plain".to_owned(),
+            None => "application/octet-stream".to_owned(),
+        };
         let content_type = match content_type.as_str() {
             t if t.starts_with("text/") || t == "application/javascript" => format!("{t}; charset=utf-8"),
             _ => content_type,
@@ -77,6 +82,13 @@ mod tests {
         let js = Assets::Embedded.get("app.js").unwrap();
         assert!(js.content_type.contains("javascript"), "{}", js.content_type);
         assert!(Assets::Embedded.get("missing.txt").is_none());
+        // Files in subfolders (vendored libraries) are served too, with their types.
+        let vendored = Assets::Embedded.get("vendor/uPlot.iife.min.js").unwrap();
+        assert!(vendored.content_type.contains("javascript"), "{}", vendored.content_type);
+        let css = Assets::Embedded.get("vendor/uPlot.min.css").unwrap();
+        assert_eq!(css.content_type, "text/css; charset=utf-8");
+        let license = Assets::Embedded.get("vendor/LICENSE").unwrap();
+        assert_eq!(license.content_type, "text/plain; charset=utf-8");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The chat page and the dashboard in a real headless Chromium (through chromedriver), against
 //! the real server: sign in, a streamed answer with its tool call, cancel, two tabs in sync, a
-//! server restart the page resumes from, a phone-width layout, the live dashboard, and signing in
-//! with a pasted JWT when dev tokens are off. Screenshots go to `target/browser-screenshots/`;
-//! errors raised by the pages' code fail the test.
+//! server restart the page resumes from, a phone-width layout, the live dashboard and its charts'
+//! axes, units and current values, and signing in with a pasted JWT when dev tokens are off.
+//! Screenshots go to `target/browser-screenshots/`; errors raised by the pages' code fail the test.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them the
 //! test fails with an install hint, unless `AGENTWIRE_SKIP_BROWSER=1` is set on purpose.
@@ -296,6 +296,138 @@ async fn an_ag_ui_run_in_the_chat_page() {
     browser.close().await.unwrap();
 }
 
+/// What the test reads of each chart of the dashboard: uPlot draws axes on a canvas, so their
+/// labels and ticks come from the text the page keeps beside it (`data-*` of the figure), and
+/// the canvas is checked for ink where that text is drawn, outside the plot area and its tick
+/// marks.
+const READ_CHARTS: &str = r#"
+return [...document.querySelectorAll("figure.chart")].map((figure) => {
+  const canvas = figure.querySelector("canvas");
+  const over = figure.querySelector(".u-over");
+  const scale = canvas.width / canvas.getBoundingClientRect().width;
+  const context = canvas.getContext("2d");
+  const ink = (x, y, w, h) => {
+    if (w <= 0 || h <= 0) return 0;
+    const pixels = context.getImageData(x, y, w, h).data;
+    let inked = 0;
+    for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) inked++;
+    return inked;
+  };
+  const left = Math.floor((over.offsetLeft - 8) * scale);
+  const below = Math.ceil((over.offsetTop + over.offsetHeight + 8) * scale);
+  const texts = (css) => [...figure.querySelectorAll(css)].map((e) => e.textContent.trim());
+  return {
+    id: figure.id,
+    axes: figure.querySelectorAll(".u-axis").length,
+    x_label: figure.dataset.xLabel,
+    y_label: figure.dataset.yLabel,
+    x_ticks: JSON.parse(figure.dataset.xTicks || "[]"),
+    y_ticks: JSON.parse(figure.dataset.yTicks || "[]"),
+    values: texts(".legend .value"),
+    units: texts(".legend .unit"),
+    ink_left: ink(0, 0, left, canvas.height),
+    ink_below: ink(0, below, canvas.width, canvas.height - below),
+  };
+});
+"#;
+
+/// A number as the dashboard shows it (en-US in the test browser: `1,234.5`).
+fn shown_number(text: &str) -> Option<f64> {
+    text.replace(',', "").parse().ok()
+}
+
+/// Every chart of the dashboard has a time axis with wall-clock ticks, a value axis with ticks
+/// and its unit, and a legend with each series' current value and unit.
+#[actix_web::test]
+async fn dashboard_charts_have_axes_units_and_current_values() {
+    if !browser_wanted() {
+        return;
+    }
+    let server = TestServer::start();
+    // Something to chart: a session, and an event for it every 50 ms, so that each second the
+    // dashboard polls has deliveries and a latency to show.
+    let session = server.ready_client("dashboard-charts").await;
+    let publish_url = server.http("/api/v1/publish");
+    let traffic = actix_web::rt::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            every.tick().await;
+            let body = json!({"user_id": "dashboard-charts", "events": [thinking("tick")]}).to_string();
+            http_post(&publish_url, Some(API_KEY), &body).await;
+        }
+    });
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+    // Tall enough for the screenshot to show every chart.
+    browser.set_window_size(1200, 1400).await.unwrap();
+    browser.goto(&server.http("/dashboard")).await.unwrap();
+
+    // (chart, unit of its value axis, units of its series)
+    let expected = [
+        ("chart-connections", "connections", ["connections", "connections"]),
+        ("chart-churn", "connections/s", ["connections/s", "connections/s"]),
+        ("chart-events", "per second", ["events/s", "frames/s"]),
+        ("chart-latency", "ms", ["ms", "ms"]),
+    ];
+    for (id, _, _) in expected {
+        // Drawn with a line (two points at least), and every current value known.
+        let ready = format!("#{id}[data-drawn]:not(:has(.legend .value[data-missing]))");
+        browser
+            .wait()
+            .at_most(WAIT)
+            .every(Duration::from_millis(50))
+            .for_element(Locator::Css(&ready))
+            .await
+            .unwrap_or_else(|e| panic!("{id} was not drawn with current values: {e}"));
+    }
+    screenshot(&browser, "10-dashboard-charts.png").await;
+
+    let charts: Vec<Value> =
+        serde_json::from_value(browser.execute(READ_CHARTS, vec![]).await.unwrap()).unwrap();
+    let ids: Vec<&str> = charts.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, expected.map(|(id, _, _)| id), "every chart of the page is checked");
+    for (chart, (id, unit, series_units)) in charts.iter().zip(expected) {
+        let strings = |key: &str| -> Vec<String> { serde_json::from_value(chart[key].clone()).unwrap() };
+        assert_eq!(chart["axes"], 2, "{id}: a time axis and a value axis: {chart}");
+        assert_eq!(chart["x_label"], "local time", "{id}: {chart}");
+        assert_eq!(chart["y_label"], unit, "{id}: the value axis names its unit: {chart}");
+        let x_ticks = strings("x_ticks");
+        assert!(x_ticks.len() >= 2, "{id}: time ticks: {chart}");
+        for t in &x_ticks {
+            let (hours, rest) = t.split_once(':').unwrap_or_else(|| panic!("{id}: {t:?} is no time of day"));
+            assert!(hours.parse::<u8>().is_ok_and(|h| h < 24), "{id}: {t:?}");
+            assert!(rest.get(..2).and_then(|m| m.parse::<u8>().ok()).is_some_and(|m| m < 60), "{id}: {t:?}");
+        }
+        let y_ticks = strings("y_ticks");
+        assert!(y_ticks.len() >= 2, "{id}: value ticks: {chart}");
+        let y_values: Vec<f64> =
+            y_ticks.iter().map(|t| shown_number(t).unwrap_or_else(|| panic!("{id}: {t:?}"))).collect();
+        assert_eq!(y_values[0], 0.0, "{id}: the value axis starts at zero: {chart}");
+        assert!(y_values.windows(2).all(|w| w[0] < w[1]), "{id}: {chart}");
+        let values = strings("values");
+        assert_eq!(values.len(), series_units.len(), "{id}: one current value per series: {chart}");
+        for v in &values {
+            assert!(shown_number(v).is_some_and(|n| n >= 0.0), "{id}: current value {v:?} is no number");
+        }
+        let units = strings("units");
+        assert_eq!(units.len(), series_units.len(), "{id}: each current value has its unit: {chart}");
+        for ((shown, want), value) in units.iter().zip(series_units).zip(&values) {
+            // A count of one has its unit in the singular ("1 connection").
+            let singular = shown_number(value) == Some(1.0) && format!("{shown}s") == want;
+            assert!(shown == want || singular, "{id}: {value} {shown}, expected the unit {want}");
+        }
+        assert!(chart["ink_left"].as_u64().unwrap() > 0, "{id}: nothing drawn beside the value axis");
+        assert!(chart["ink_below"].as_u64().unwrap() > 0, "{id}: nothing drawn below the time axis");
+    }
+    let ready = charts[0]["values"][0].as_str().unwrap();
+    assert!(shown_number(ready).is_some_and(|n| n >= 1.0), "the open session is counted: {ready}");
+    assert!(page_errors(&browser).await.is_empty(), "dashboard: {:?}", page_errors(&browser).await);
+
+    traffic.abort();
+    browser.close().await.unwrap();
+    drop(session);
+}
+
 #[actix_web::test]
 async fn static_files_have_types_etags_and_304s() {
     let server = TestServer::start();
@@ -305,6 +437,10 @@ async fn static_files_have_types_etags_and_304s() {
         ("/dashboard", "text/html"),
         ("/static/app.js", "javascript"),
         ("/static/style.css", "text/css"),
+        // A subfolder: the vendored chart library and its licence.
+        ("/static/vendor/uPlot.iife.min.js", "javascript"),
+        ("/static/vendor/uPlot.min.css", "text/css"),
+        ("/static/vendor/LICENSE", "text/plain"),
     ] {
         let response = client.get(server.http(path)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
