@@ -717,6 +717,14 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for Session {
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
+        // A close decided before `accepted` could be written (the read gate ends the stream right
+        // after the frame that decided it) waits in `held_close`: `on_accepted` writes
+        // `accepted`, then the close, then stops. The registry answers `Register` first thing;
+        // the timer is only a backstop.
+        if self.held_close.is_some() {
+            ctx.run_later(SETUP_TIMEOUT, |_, ctx| ctx.stop());
+            return;
+        }
         // The peer's stream ended (disconnect without a close frame).
         ctx.stop();
     }
