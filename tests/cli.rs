@@ -7,8 +7,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use std::time::Duration;
-
 use agentwire::auth::Verifier;
 
 fn agentwire(dir: &std::path::Path) -> Command {
@@ -119,16 +117,17 @@ async fn serve_prints_its_address_and_answers_there() {
         first.split_whitespace().find(|w| w.starts_with("http://")).expect("an http:// address").to_owned();
     let (status, _) = common::http_get(&format!("{url}/healthz"), None).await;
     assert_eq!(status, 200);
-    let lines: Vec<String> =
-        std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(500)).ok()).collect();
-    assert!(
-        lines.iter().any(|l| l.contains("/dev/token")),
-        "the start-up lines say how to get a token: {lines:?}"
-    );
-    assert!(
-        lines.iter().any(|l| l.contains("development mode")),
-        "the start-up lines say plainly that this is development mode: {lines:?}"
-    );
+    // The start-up lines say how to get a token, and say plainly that this is development mode.
+    let wanted = ["/dev/token", "development mode"];
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let mut lines: Vec<String> = Vec::new();
+    while !wanted.iter().all(|w| lines.iter().any(|l| l.contains(w))) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("the start-up lines do not say {wanted:?}: {lines:?}"),
+        }
+    }
     // The secret made on first start is kept beside the config, so `agentwire token` agrees.
     assert!(dir.path().join(".agentwire-dev-secret").is_file());
     let output = agentwire(dir.path()).args(["token", "--sub", "alice"]).output().unwrap();

@@ -231,21 +231,43 @@ async fn a_published_user_message_with_run_id_and_an_epoch_without_last_seq_are_
 }
 
 /// Section 6: an offline user's stream is kept `history.ttl_secs` after its last event. The
-/// test lets real time pass, since time is what it is about.
+/// test lets real time pass, since time is what it is about, but it never bets on a margin of
+/// the clock: a second user, published to once at the start, is the control. Its stream going
+/// (seen on the streams gauge) shows a sweep has passed the TTL counted from the start; the
+/// ghost, made before it but published to again half a TTL later, must still be there.
 #[actix_web::test]
 async fn an_offline_stream_lives_its_ttl_after_its_last_event() {
-    let server = TestServer::with(|c| c.history.ttl_secs = 2);
+    const TTL: Duration = Duration::from_secs(6);
+    // One registry: one sweep (every TTL / 4, 1.5 s) sees both streams, so the gauge goes
+    // 2 -> 1 exactly when the control's stream is forgotten.
+    let server = TestServer::with(|c| {
+        c.history.ttl_secs = TTL.as_secs();
+        c.server.registry_shards = 1;
+    });
+    let streams = |s: &TestServer| s.metric("agentwire_user_streams");
+    // The ghost's stream is made first, so the control's TTL ends after the ghost's would, had
+    // it counted from the stream's first event.
     assert_eq!(publish(&server, "ghost", vec![thinking("one")]).await.0, 200);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let control_made = tokio::time::Instant::now();
+    assert_eq!(publish(&server, "control", vec![thinking("only")]).await.0, 200);
+    server.eventually("both streams to be counted", |s| streams(s) == 2.0).await;
+    // Half a TTL on: 3 s before the ghost's first event would expire.
+    tokio::time::sleep_until(control_made + TTL / 2).await;
     assert_eq!(publish(&server, "ghost", vec![thinking("two")]).await.0, 200);
-    // 3 s after the stream was made, 1.5 s after its last event.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The control's stream goes at the first sweep past its TTL (at most 7.5 s after it was
+    // made); the ghost's, half a TTL later, no sooner than two sweeps (3 s) after that.
+    server.eventually("the control's stream to be forgotten", |s| streams(s) < 2.0).await;
+    assert_eq!(streams(&server), 1.0, "the ghost's stream went with the control's");
     let url = format!("{}?last_seq=0", server.ws_url());
-    let mut client = Client::connect_bearer(&url, &server.token("ghost")).await.unwrap();
-    let ready = client.expect_setup("ghost").await;
+    let mut ghost = Client::connect_bearer(&url, &server.token("ghost")).await.unwrap();
+    let ready = ghost.expect_setup("ghost").await;
     assert_eq!(ready["last_seq"], 2, "{ready}");
     assert_eq!(ready["resume"]["complete"], true);
-    assert_eq!(client.recv().await["payload"]["text"], "one");
+    assert_eq!(ghost.recv().await["payload"]["text"], "one");
+    assert_eq!(ghost.recv().await["payload"]["text"], "two");
+    // And the control's stream is gone for its user too.
+    let mut control = Client::connect_bearer(&url, &server.token("control")).await.unwrap();
+    assert_eq!(control.expect_setup("control").await["last_seq"], 0, "the control outlived its TTL");
 }
 
 /// `limits.user_messages_per_second` holds across the user's tabs.

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,10 +22,10 @@ struct OwnRedis {
 }
 
 impl OwnRedis {
-    fn start() -> OwnRedis {
+    async fn start() -> OwnRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut redis = OwnRedis { child: None, port, dir: tempfile::tempdir().unwrap() };
-        redis.restart();
+        redis.restart().await;
         redis
     }
 
@@ -32,9 +33,10 @@ impl OwnRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Starts it (again: empty, as Redis without persistence comes back) and waits until it answers.
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
+    /// Starts it (again: empty, as Redis without persistence comes back) and waits until it logs
+    /// that it accepts connections.
+    async fn restart(&mut self) {
+        let mut child = Command::new("redis-server")
             .args([
                 "--bind",
                 "127.0.0.1",
@@ -47,15 +49,25 @@ impl OwnRedis {
             ])
             .arg("--dir")
             .arg(self.dir.path())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("redis-server runs (apt-get install redis-server; .ci/test does)");
+        // Its log (on stdout) is read to the end, so that Redis never waits on a full pipe.
+        let log = child.stdout.take().expect("stdout is piped");
+        let (ready, is_ready) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut ready = Some(ready);
+            for line in BufReader::new(log).lines().map_while(Result::ok) {
+                if let Some(ready) = ready.take_if(|_| line.contains("Ready to accept connections")) {
+                    let _ = ready.send(());
+                }
+            }
+        });
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + WAIT;
-        while self.command(&["PING"]).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not answer in time");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        tokio::time::timeout(WAIT, is_ready)
+            .await
+            .expect("redis-server ready in time")
+            .expect("redis-server exited before it was ready");
     }
 
     fn stop(&mut self) {
@@ -65,11 +77,14 @@ impl OwnRedis {
         }
     }
 
-    fn command(&self, args: &[&str]) -> Result<String, String> {
-        let output = Command::new("redis-cli")
+    async fn command(&self, args: &[&str]) -> Result<String, String> {
+        let output = tokio::process::Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(args)
-            .output()
+            .output();
+        let output = tokio::time::timeout(WAIT, output)
+            .await
+            .map_err(|_| "redis-cli did not answer in time".to_owned())?
             .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
         if output.status.success() && !text.starts_with("Could not connect") && !text.is_empty() {
@@ -102,7 +117,7 @@ fn two_nodes(redis: &OwnRedis) -> (TestServer, TestServer) {
 
 #[actix_web::test]
 async fn lost_connections_are_resubscribed_and_missed_events_filled() {
-    let redis = OwnRedis::start();
+    let redis = OwnRedis::start().await;
     let (a, b) = two_nodes(&redis);
     let mut on_a = a.ready_client("frank").await;
     let mut on_b = b.ready_client("frank").await;
@@ -111,7 +126,7 @@ async fn lost_connections_are_resubscribed_and_missed_events_filled() {
 
     // Every connection to Redis is cut; events published meanwhile reach node b's tab anyway,
     // in order, without the tab reconnecting.
-    redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await.unwrap();
     for i in 0..5 {
         let (status, _) = publish(&a, "frank", vec![thinking(&format!("during {i}"))]).await;
         assert_eq!(status, 200);
@@ -125,7 +140,7 @@ async fn lost_connections_are_resubscribed_and_missed_events_filled() {
 
 #[actix_web::test]
 async fn redis_gone_then_back_empty() {
-    let mut redis = OwnRedis::start();
+    let mut redis = OwnRedis::start().await;
     let (a, b) = two_nodes(&redis);
     let mut on_a = Client::connect_bearer(&a.ws_url(), &a.token("gina")).await.unwrap();
     let epoch = on_a.expect_setup("gina").await["epoch"].as_str().unwrap().to_owned();
@@ -148,7 +163,7 @@ async fn redis_gone_then_back_empty() {
 
     // Redis comes back empty: the streams start over under new epochs, so the tabs are sent
     // to resume, and resuming says what was lost.
-    redis.restart();
+    redis.restart().await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (status, _) = http_get(&a.http("/readyz"), None).await;

@@ -24,7 +24,8 @@ fn short_leeway() -> TestServer {
 #[actix_web::test]
 async fn an_expiring_token_is_announced_then_closed_with_4003() {
     let server = short_leeway();
-    let (token, expires_at) = token_expiring_in(&server.config.auth.secret, "brief", 2);
+    // At least 2 s to expiry (`exp` is in whole seconds), so the upgrade always comes before it.
+    let (token, expires_at) = token_expiring_in(&server.config.auth.secret, "brief", 3);
     let mut client = Client::connect_bearer(&server.ws_url(), &token).await.unwrap();
     client.expect_setup("brief").await;
     // Less than 60 s remain, so the notice comes at once.
@@ -40,10 +41,14 @@ async fn an_expiring_token_is_announced_then_closed_with_4003() {
 async fn refresh_replaces_the_token_in_place() {
     let server = short_leeway();
     let secret = server.config.auth.secret.clone();
-    let (short, _) = token_expiring_in(&secret, "renewer", 2);
+    // At least 2 s to expiry (`exp` is in whole seconds): room for what must come before it.
+    let (short, _) = token_expiring_in(&secret, "renewer", 3);
     let mut client = Client::connect_bearer(&server.ws_url(), &short).await.unwrap();
     client.expect_setup("renewer").await;
     assert_eq!(client.recv().await["type"], "token_expiring");
+    // A second tab keeps the short token: its 4003 says when the server acts on that expiry.
+    let mut kept = Client::connect_bearer(&server.ws_url(), &short).await.unwrap();
+    kept.expect_setup("renewer").await;
 
     let (long, long_exp) = token_expiring_in(&secret, "renewer", 3600);
     client.send(json!({"type": "auth", "token": long})).await;
@@ -58,7 +63,8 @@ async fn refresh_replaces_the_token_in_place() {
     assert_eq!(client.recv().await["code"], "invalid_token");
 
     // Past the first token's expiry the session is still open: the refresh took.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (close, frames) = kept.expect_close().await;
+    assert_eq!(u16::from(close.expect("a close frame").code), 4003, "{frames:?}");
     assert_eq!(client.ping(json!("alive")).await["id"], "alive");
 }
 

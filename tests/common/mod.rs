@@ -252,6 +252,24 @@ impl Client {
         }
     }
 
+    /// Reads until the server has sent `count` WebSocket pings, each answered by the client
+    /// library as it reads; text frames read meanwhile stay for `recv`. Panics on a close.
+    pub async fn expect_pings(&mut self, count: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut pings = 0;
+        while pings < count {
+            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.expect("pings in time");
+            match next {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                Some(Ok(Message::Pong(_))) => {}
+                Some(Ok(Message::Text(text))) => {
+                    self.backlog.push_back(serde_json::from_str(&text).expect("server sent JSON"))
+                }
+                other => panic!("expected the server's pings, got {other:?} after {pings}"),
+            }
+        }
+    }
+
     pub async fn expect_close_code(&mut self) -> u16 {
         let (frame, _) = self.expect_close().await;
         u16::from(frame.expect("a close frame").code)
