@@ -237,7 +237,6 @@ mod tests {
     use super::*;
     use crate::config::test_support::{env, SECRET};
 
-
     #[test]
     fn defaults_are_valid_and_match_the_protocol() {
         let config =

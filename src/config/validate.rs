@@ -197,9 +197,8 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Config;
     use crate::config::test_support::{env, SECRET};
-
+    use crate::config::Config;
 
     #[test]
     fn built_in_defaults_are_safe_to_deploy() {

@@ -103,8 +103,12 @@ impl Registry {
     /// One of the run's events onto its user's stream.
     fn publish_output(&mut self, ctx: &mut Context<Self>, run: &Run, run_id: &str, output: &AgentOutput) {
         let payload = output.payload();
-        let event =
-            NewEvent { kind: output.kind(), thread_id: &run.thread_id, run_id: Some(run_id), payload: &payload };
+        let event = NewEvent {
+            kind: output.kind(),
+            thread_id: &run.thread_id,
+            run_id: Some(run_id),
+            payload: &payload,
+        };
         self.publish_one(ctx, &run.user_id, event);
     }
 
