@@ -18,6 +18,7 @@ pub mod protocol;
 mod ratelimit;
 mod registry;
 pub mod state;
+mod store;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -119,6 +120,28 @@ pub fn raise_open_files_limit() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024)
 }
 
+/// Opens the conversation store (docs/conversations.md); a server does not start without it.
+fn open_store(config: &config::StoreConfig) -> Result<store::Store, StartError> {
+    let settings = store::StoreSettings {
+        url: config.database_url(),
+        max_threads_per_user: config.max_threads_per_user.get(),
+        max_bytes_per_user: config.max_bytes_per_user.get(),
+        retention_days: config.retention_days,
+    };
+    let (key, shown) = match config.kind {
+        config::StoreKind::Sqlite => ("store.path", config.path.display().to_string()),
+        // The URL may hold a password: only where it points is shown.
+        config::StoreKind::Postgres => {
+            ("store.url", config.url.rsplit('@').next().unwrap_or_default().to_owned())
+        }
+        config::StoreKind::Memory => ("store.kind", "memory".to_owned()),
+    };
+    let store =
+        store::Store::open(settings).map_err(|e| StartError::Config(format!("{key} ({shown}): {e}")))?;
+    info!("store: {:?} at {shown}", config.kind);
+    Ok(store)
+}
+
 /// Builds and binds the server. Must be called inside an actix `System` (the registry shards
 /// start on arbiters of their own); the returned server runs when awaited or spawned.
 pub fn build(config: Config) -> Result<Running, StartError> {
@@ -158,11 +181,16 @@ pub fn build(config: Config) -> Result<Running, StartError> {
             config.broker.node_name()
         );
     }
+    let store = open_store(&config.store)?;
     let metrics = Arc::new(Metrics::new());
     let agent = agent::start_runtime(&config, &metrics);
     let shards = config.registry_shard_count();
-    let registries =
-        Registries::start(RegistrySettings::from_config(&config), Arc::clone(&metrics), agent, shards);
+    let registries = Registries::start(
+        RegistrySettings::from_config(&config, store.clone()),
+        Arc::clone(&metrics),
+        agent,
+        shards,
+    );
     info!("registry: {shards} shards");
     let limits = &config.limits;
     let env = Arc::new(SessionEnv {
@@ -195,6 +223,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
         dev_minter,
         draining: Arc::clone(&draining),
         assets: assets::Assets::new(&config.server.static_dir),
+        store: store.clone(),
     });
     let registries = state.env.registries.clone();
     // A peer that stops reading freezes its session (actix-web #2441); the kernel's user timeout

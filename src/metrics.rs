@@ -32,6 +32,8 @@ pub enum Failure {
     BrokerInjected,
     AgentTimeout,
     AgentUnavailable,
+    StoreUnavailable,
+    StoreFailed,
 }
 
 impl Failure {
@@ -57,6 +59,8 @@ impl Failure {
             Failure::BrokerInjected => "broker_injected",
             Failure::AgentTimeout => "agent_timeout",
             Failure::AgentUnavailable => "agent_unavailable",
+            Failure::StoreUnavailable => "store_unavailable",
+            Failure::StoreFailed => "store_failed",
         }
     }
 }

@@ -46,6 +46,12 @@ pub enum ErrorCode {
     /// docs/scale-out.md: the stream store cannot be reached; nothing was taken (send it again with
     /// the same `client_msg_id`).
     Unavailable,
+    /// docs/conversations.md: storing the message would take the user past
+    /// `store.max_bytes_per_user`; nothing was stored.
+    QuotaExceeded,
+    /// docs/conversations.md: the thread's run is still going and `agent.on_busy` refuses (or
+    /// too many messages wait behind it); not echoed, nothing stored.
+    ThreadBusy,
 }
 
 /// Field limits a client frame is checked against; they come from `[limits]`.
@@ -299,6 +305,10 @@ pub enum ServerFrame<'a> {
         last_seq: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         resume: Option<ResumeInfo>,
+        /// `processing_ready` only: the user's runs in progress as of `last_seq`
+        /// (docs/conversations.md, "Joining a run in progress").
+        #[serde(skip_serializing_if = "Option::is_none")]
+        runs: Option<&'a [Value]>,
     },
     Error {
         code: ErrorCode,
@@ -340,6 +350,7 @@ impl ServerFrame<'_> {
             epoch: None,
             last_seq: None,
             resume: None,
+            runs: None,
         }
     }
 
@@ -373,6 +384,11 @@ pub enum EventKind {
     AgentError,
     /// docs/agents.md: an upstream AG-UI event with no native mapping, passed through as received.
     AgentEvent,
+    /// docs/conversations.md: a thread was made or renamed (`{thread_id, title, updated_at}`).
+    /// Not publishable: only the store's changes make it, as with `ThreadDeleted`.
+    ThreadUpdated,
+    /// docs/conversations.md: a thread was deleted (`{thread_id}`).
+    ThreadDeleted,
 }
 
 impl EventKind {
@@ -399,6 +415,8 @@ impl EventKind {
             EventKind::AgentCompleted => "agent_completed",
             EventKind::AgentError => "agent_error",
             EventKind::AgentEvent => "agent_event",
+            EventKind::ThreadUpdated => "thread_updated",
+            EventKind::ThreadDeleted => "thread_deleted",
         }
     }
 
@@ -752,6 +770,7 @@ mod tests {
             user_id: Some("alice"),
             epoch: Some("k3f9a1"),
             last_seq: Some(41),
+            runs: None,
             resume: Some(ResumeInfo { from_seq: 41, replayed: 1, complete: true }),
         };
         assert_eq!(

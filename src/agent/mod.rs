@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::broker::Conversation;
 use crate::config::{AgentConfig, AgentKind, Config};
 use crate::metrics::Metrics;
 use crate::protocol::AgentOutput;
+use crate::store::Conversation;
 
 /// What a run is about: enough for any runtime to answer the message.
 #[derive(Clone, Debug)]

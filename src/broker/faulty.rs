@@ -69,10 +69,6 @@ impl Broker for Faulty {
         self.wrap(user, |b| b.leave(user, connection))
     }
 
-    fn converse(&mut self, user: &str, thread: &str, turn: super::Conversation) -> Call<super::Conversation> {
-        self.wrap(user, |b| b.converse(user, thread, turn))
-    }
-
     fn interest(&mut self, user: &str, present: bool) {
         self.inner.interest(user, present);
     }

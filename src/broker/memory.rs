@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::users::{UserLimits, Users};
-use super::{Attached, Broker, Call, Conversation, NewEvent, ResumeRequest, SeenMessage, Stored, Submitted};
+use super::{Attached, Broker, Call, NewEvent, ResumeRequest, SeenMessage, Stored, Submitted};
 use crate::base::ConnectionId;
 use crate::protocol::{now_ms, Event};
 
@@ -121,11 +121,6 @@ impl Broker for MemoryBroker {
             }
         }
         ready(())
-    }
-
-    fn converse(&mut self, user: &str, thread: &str, turn: Conversation) -> Call<Conversation> {
-        let limits = self.users.limits().threads;
-        ready(self.users.entry(user).threads.converse(thread, turn, limits))
     }
 
     fn interest(&mut self, _user: &str, _present: bool) {

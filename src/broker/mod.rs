@@ -19,7 +19,6 @@ pub mod faulty;
 pub mod memory;
 pub mod redis;
 pub mod stream;
-pub mod threads;
 pub mod users;
 
 use std::future::Future;
@@ -30,7 +29,6 @@ use bytestring::ByteString;
 use serde_json::Value;
 
 pub use stream::ResumeRequest;
-pub use threads::Conversation;
 
 use crate::base::ConnectionId;
 use crate::metrics::Failure;
@@ -166,11 +164,6 @@ pub trait Broker {
     /// shared by several processes sends a user's events from elsewhere only where they are
     /// wanted, to the registry's one delivery entry point (`registry/fanout.rs`).
     fn interest(&mut self, user: &str, present: bool);
-
-    /// Adds a turn to the conversation of the user's `thread` (messages, and the thread's new
-    /// state when it has one) and answers the conversation afterwards: what an AG-UI agent is
-    /// sent (`threads.rs`).
-    fn converse(&mut self, user: &str, thread: &str, turn: Conversation) -> Call<Conversation>;
 
     /// Events from other processes, once: taken by the registry when it starts. `None` for a
     /// broker of one process.

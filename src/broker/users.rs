@@ -14,7 +14,6 @@ use bytestring::ByteString;
 use log::{debug, info};
 
 use super::stream::{HistoryLimits, UserStream};
-use super::threads::{ThreadLimits, Threads};
 use super::SeenMessage;
 use crate::base::ConnectionId;
 
@@ -27,8 +26,6 @@ pub struct UserLimits {
     pub max_users: usize,
     pub dedupe_per_user: usize,
     pub ttl: Duration,
-    /// `agent.history_messages`, `agent.threads_per_user`, `agent.history_bytes_per_user`.
-    pub threads: ThreadLimits,
 }
 
 /// The `client_msg_id`s of one user, at most `history.dedupe_per_user`, oldest forgotten first.
@@ -42,8 +39,6 @@ pub struct User {
     pub sessions: Vec<ConnectionId>,
     pub stream: UserStream,
     dedupe: Dedupe,
-    /// The conversations of the user's threads, for agents that are sent them.
-    pub threads: Threads,
     /// Tells this stream from an earlier one of the same user id in the server-wide order.
     generation: u64,
 }
@@ -136,7 +131,6 @@ impl Users {
                 sessions: Vec::new(),
                 stream,
                 dedupe: Dedupe { seen: HashMap::new(), order: VecDeque::new() },
-                threads: Threads::default(),
                 generation: self.next_generation,
             };
             self.map.insert(Rc::from(user_id), user);
@@ -235,7 +229,6 @@ mod tests {
             max_users,
             dedupe_per_user: 2,
             ttl: Duration::from_secs(60),
-            threads: ThreadLimits { messages_per_thread: 10, threads_per_user: 2, bytes_per_user: 1000 },
         }
     }
 

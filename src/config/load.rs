@@ -77,6 +77,13 @@ impl Config {
             }
         };
         let mut config = Config::from_sources(&text, &env)?;
+        // `store.path` is relative to the file that names it (docs/conversations.md).
+        if let Source::File(path) = &source {
+            if config.store.path.is_relative() {
+                config.store.path =
+                    path.parent().map(Path::to_owned).unwrap_or_default().join(&config.store.path);
+            }
+        }
         let secret = secret_source(&config, &source, &env);
         if let SecretSource::DevSecretFile(path) = &secret {
             config.auth.secret = dev_secret(path)?;

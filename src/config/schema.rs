@@ -30,6 +30,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub api: ApiConfig,
     pub broker: BrokerConfig,
+    pub store: StoreConfig,
     pub faults: FaultsConfig,
 }
 
@@ -253,6 +254,23 @@ pub enum AgentKind {
     None,
 }
 
+/// `agent.on_busy`: what a `user_message` does on a thread whose run is still going
+/// (docs/conversations.md, "Two messages on one thread").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnBusy {
+    /// Acked and echoed; its run starts when the thread's current one has ended (at most
+    /// `MAX_WAITING_PER_THREAD` waiting; beyond, `thread_busy`).
+    Enqueue,
+    /// `thread_busy`: not echoed, nothing stored.
+    Reject,
+    /// The current run ends `cancelled`, then the new one starts.
+    Interrupt,
+}
+
+/// Runs waiting behind a thread's current run with `agent.on_busy = "enqueue"`.
+pub const MAX_WAITING_PER_THREAD: usize = 8;
+
 impl AgentKind {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -269,6 +287,8 @@ impl AgentKind {
 pub struct AgentConfig {
     /// The agent runtime.
     pub kind: AgentKind,
+    /// A message on a thread whose run is still going: wait, be refused, or interrupt it.
+    pub on_busy: OnBusy,
     /// Pause between the demo agent's steps, in milliseconds (0 for load tests).
     pub step_delay_ms: u64,
     /// Runs of one user in progress at once; a message beyond gets `rate_limited`.
@@ -292,12 +312,8 @@ pub struct AgentConfig {
     pub idle_timeout_secs: NonZeroU64,
     /// Runs in progress across all users with an upstream agent; beyond, `agent_busy`.
     pub max_concurrent_runs: NonZeroUsize,
-    /// Messages of the thread's conversation sent with each run (and kept per thread).
+    /// The newest messages of the thread (from the store) sent with each run.
     pub history_messages: NonZeroUsize,
-    /// Threads whose conversation is kept per user; the least recently used one goes first.
-    pub threads_per_user: NonZeroUsize,
-    /// Bytes of conversation kept per user, all threads together.
-    pub history_bytes_per_user: NonZeroUsize,
 }
 
 impl AgentConfig {
@@ -332,6 +348,7 @@ impl Default for AgentConfig {
         AgentConfig {
             kind: AgentKind::Demo,
             step_delay_ms: 120,
+            on_busy: OnBusy::Enqueue,
             max_runs_per_user: nz!(16),
             run_timeout_secs: nz!(300),
             max_response_bytes: nz!(1 << 20),
@@ -343,8 +360,6 @@ impl Default for AgentConfig {
             idle_timeout_secs: nz!(60),
             max_concurrent_runs: nz!(1000),
             history_messages: nz!(50),
-            threads_per_user: nz!(32),
-            history_bytes_per_user: nz!(1 << 20),
         }
     }
 }
@@ -422,6 +437,60 @@ impl BrokerConfig {
         }
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
+    }
+}
+
+/// `store.kind`: where conversations are kept (docs/conversations.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// One SQLite file, embedded: nothing to install.
+    Sqlite,
+    /// One PostgreSQL database for every node (required with `broker.kind = "redis"`).
+    Postgres,
+    /// SQLite in memory: conversations are lost at exit.
+    Memory,
+}
+
+/// `[store]`: conversations that last (`store/`, docs/conversations.md).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// The SQLite file; relative to the configuration file's folder (the working folder without
+    /// one).
+    pub path: std::path::PathBuf,
+    /// The PostgreSQL database (`postgres://user@host:port/database`). Never logged whole.
+    pub url: String,
+    /// Threads untouched this many days are deleted; 0 keeps them forever.
+    pub retention_days: u64,
+    /// Beyond this many threads, a user's least recently updated thread is deleted.
+    pub max_threads_per_user: NonZeroUsize,
+    /// Bytes of stored messages per user; beyond, a `user_message` gets `quota_exceeded`.
+    pub max_bytes_per_user: NonZeroUsize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Sqlite,
+            path: "agentwire.db".into(),
+            url: "postgres://127.0.0.1:5432/agentwire".into(),
+            retention_days: 0,
+            max_threads_per_user: nz!(1000),
+            max_bytes_per_user: nz!(64 << 20),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The sqlx URL of the configured database.
+    pub fn database_url(&self) -> String {
+        match self.kind {
+            StoreKind::Sqlite => format!("sqlite://{}?mode=rwc", self.path.display()),
+            StoreKind::Postgres => self.url.clone(),
+            StoreKind::Memory => "sqlite::memory:".into(),
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::{error, AgentKind, Algorithm, BrokerKind, Config, ConfigError};
+use super::{error, AgentKind, Algorithm, BrokerKind, Config, ConfigError, StoreKind};
 
 impl Config {
     /// Checks what the types cannot; the error names the first key that is wrong. `from_sources`
@@ -18,6 +18,7 @@ impl Config {
         self.check_limits()?;
         self.check_relations()?;
         self.check_broker()?;
+        self.check_store()?;
         self.check_agent()?;
         if self.api.keys.iter().any(|k| k.len() < 16) {
             return Err(error("api.keys", "every key must be at least 16 characters"));
@@ -144,6 +145,26 @@ impl Config {
         }
         if b.node_lease_secs < 2 {
             return Err(error("broker.node_lease_secs", "must be at least 2 (nodes beat every second)"));
+        }
+        Ok(())
+    }
+
+    /// Several nodes share one database: docs/conversations.md.
+    fn check_store(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        if self.broker.kind == BrokerKind::Redis && s.kind != StoreKind::Postgres {
+            return Err(error(
+                "store.kind",
+                "must be \"postgres\" with broker.kind = \"redis\": every node needs the same conversations",
+            ));
+        }
+        if s.kind == StoreKind::Postgres
+            && !(s.url.starts_with("postgres://") || s.url.starts_with("postgresql://"))
+        {
+            return Err(error("store.url", "must be a postgres:// URL"));
+        }
+        if s.kind == StoreKind::Sqlite && s.path.as_os_str().is_empty() {
+            return Err(error("store.path", "must name the SQLite file"));
         }
         Ok(())
     }

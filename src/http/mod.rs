@@ -28,6 +28,7 @@ use crate::registry::{ListConnections, Probe, ProbeBroker, Publish, PublishTicke
 use crate::ws::{self, Session, SessionEnv};
 
 mod ag_ui;
+mod threads;
 
 /// What every route handler can reach.
 pub struct AppState {
@@ -40,6 +41,8 @@ pub struct AppState {
     /// Set once shutdown began: new upgrades are refused.
     pub draining: Arc<AtomicBool>,
     pub assets: Assets,
+    /// Conversations (docs/conversations.md): the threads API and `/readyz`.
+    pub store: crate::store::Store,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -55,7 +58,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/", web::get().to(chat_page))
         .route("/dashboard", web::get().to(dashboard_page))
         .route("/dashboard/stats.json", web::get().to(dashboard_stats))
-        .route("/static/{path:.*}", web::get().to(static_file));
+        .route("/static/{path:.*}", web::get().to(static_file))
+        .configure(threads::routes);
 }
 
 /// Serves one file of the frontend with its type, an ETag, and 304 when the client has it.
@@ -244,7 +248,7 @@ fn registry_unavailable() -> HttpResponse {
     error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the registry does not answer")
 }
 
-/// Ready when every registry shard answers and each one's broker does.
+/// Ready when every registry shard answers, each one's broker does, and so does the store.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     for shard in state.env.registries.all() {
         if ask_registry(shard, Probe).await.is_none() {
@@ -257,6 +261,9 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             }
             None => return registry_unavailable(),
         }
+    }
+    if let Err(e) = state.store.ping().await {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &e.to_string());
     }
     HttpResponse::Ok().json(Status { status: "ready" })
 }
@@ -271,7 +278,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// `Authorization: Bearer <api key>` against `api.keys`, compared in constant time.
-fn api_key_ok(req: &HttpRequest, state: &AppState) -> bool {
+pub(crate) fn api_key_ok(req: &HttpRequest, state: &AppState) -> bool {
     let Some(given) = bearer(req) else {
         return false;
     };
@@ -283,7 +290,7 @@ fn api_key_ok(req: &HttpRequest, state: &AppState) -> bool {
         .any(|key| constant_time_eq::constant_time_eq(key.as_bytes(), given.as_bytes()))
 }
 
-fn unauthorized() -> HttpResponse {
+pub(crate) fn unauthorized() -> HttpResponse {
     error_response(
         StatusCode::UNAUTHORIZED,
         "unauthorized",

@@ -10,15 +10,23 @@
 //! `on_conversation`), which may itself make a call: the sessions that step handed frames to are
 //! woken once the outermost continuation has returned (`acting`), never in the middle of one.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use actix::prelude::*;
 use futures_util::FutureExt;
 
 use super::Registry;
-use crate::broker::{BrokerError, Call};
+use std::future::Future;
+use std::pin::Pin;
 
 type Continuation = Box<dyn FnOnce(&mut Registry, &mut Context<Registry>)>;
+
+/// Which of a user's queues a call waits in: the broker's or the store's.
+#[derive(Clone, Copy)]
+enum Queue {
+    Broker,
+    Store,
+}
 
 /// One user's calls, oldest first; a slot is filled when its answer arrives. Tickets count up
 /// from the front's, so an answer finds its slot by subtraction.
@@ -66,26 +74,60 @@ impl<C> CallQueue<C> {
 
 impl Registry {
     /// Runs `then` with the answer to `call`, after the answers to the user's earlier calls.
-    pub(super) fn when<T: 'static>(
+    /// Runs `then` with the broker's answer to `call`, after its answers to the user's earlier
+    /// calls.
+    pub(super) fn when<R: 'static>(
         &mut self,
         ctx: &mut Context<Self>,
         user_id: &str,
-        mut call: Call<T>,
-        then: impl FnOnce(&mut Registry, Result<T, BrokerError>, &mut Context<Registry>) + 'static,
+        call: Pin<Box<dyn Future<Output = R>>>,
+        then: impl FnOnce(&mut Registry, R, &mut Context<Registry>) + 'static,
     ) {
-        let queue_empty = self.calls.get(user_id).is_none_or(CallQueue::is_empty);
+        self.when_in(Queue::Broker, ctx, user_id, call, then)
+    }
+
+    /// Runs `then` with the store's answer to `call` (`crate::store`), after its answers to the
+    /// user's earlier store calls: a user's messages are stored, then echoed and acked, in the
+    /// order they came. The store's calls wait in a queue of their own, so a slow or absent
+    /// database never holds up the user's stream (a run goes on streaming meanwhile).
+    pub(super) fn when_stored<R: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        user_id: &str,
+        call: Pin<Box<dyn Future<Output = R>>>,
+        then: impl FnOnce(&mut Registry, R, &mut Context<Registry>) + 'static,
+    ) {
+        self.when_in(Queue::Store, ctx, user_id, call, then)
+    }
+
+    fn queues(&mut self, queue: Queue) -> &mut HashMap<String, CallQueue> {
+        match queue {
+            Queue::Broker => &mut self.calls,
+            Queue::Store => &mut self.store_calls,
+        }
+    }
+
+    fn when_in<R: 'static>(
+        &mut self,
+        queue: Queue,
+        ctx: &mut Context<Self>,
+        user_id: &str,
+        mut call: Pin<Box<dyn Future<Output = R>>>,
+        then: impl FnOnce(&mut Registry, R, &mut Context<Registry>) + 'static,
+    ) {
+        let queue_empty = self.queues(queue).get(user_id).is_none_or(CallQueue::is_empty);
         if queue_empty {
             if let Some(answer) = (&mut call).now_or_never() {
                 return self.acting(ctx, |registry, ctx| then(registry, answer, ctx));
             }
         }
-        let ticket = self.calls.entry(user_id.to_owned()).or_default().reserve();
+        let ticket = self.queues(queue).entry(user_id.to_owned()).or_default().reserve();
         let user_id = user_id.to_owned();
         ctx.spawn(call.into_actor(self).map(move |answer, registry, ctx| {
-            if let Some(queue) = registry.calls.get_mut(&user_id) {
-                queue.fill(ticket, Box::new(move |registry, ctx| then(registry, answer, ctx)));
+            if let Some(waiting) = registry.queues(queue).get_mut(&user_id) {
+                waiting.fill(ticket, Box::new(move |registry, ctx| then(registry, answer, ctx)));
             }
-            registry.acting(ctx, |registry, ctx| registry.run_answered(&user_id, ctx));
+            registry.acting(ctx, |registry, ctx| registry.run_answered(queue, &user_id, ctx));
         }));
     }
 
@@ -102,13 +144,13 @@ impl Registry {
     }
 
     /// Acts on the user's answered calls from the oldest, stopping at the first still unanswered.
-    fn run_answered(&mut self, user_id: &str, ctx: &mut Context<Self>) {
+    fn run_answered(&mut self, which: Queue, user_id: &str, ctx: &mut Context<Self>) {
         loop {
-            let Some(queue) = self.calls.get_mut(user_id) else { return };
+            let Some(queue) = self.queues(which).get_mut(user_id) else { return };
             let Some(continuation) = queue.next_ready() else {
                 if queue.is_empty() {
-                    self.calls.remove(user_id);
-                    if self.calls.is_empty() {
+                    self.queues(which).remove(user_id);
+                    if self.calls.is_empty() && self.store_calls.is_empty() {
                         // A shutdown may be waiting for the broker's last answers.
                         self.advance_shutdown(ctx);
                     }

@@ -229,6 +229,7 @@ impl Registry {
                 last_seq: attached.last_seq,
                 resume: attached.info,
                 replay: attached.frames,
+                runs: registry.runs_snapshot(&user_id),
             };
             registry.tell(id, answer);
         });
@@ -480,11 +481,13 @@ impl Registry {
         let settle = *draining.settle_deadline.get_or_insert(now + Duration::from_secs(1));
         // The runs' last events are on their way to the sessions (through the broker): they go
         // first, then the 1012.
-        if !self.calls.is_empty() && now < settle {
+        if !(self.calls.is_empty() && self.store_calls.is_empty()) && now < settle {
             return Some(settle);
         }
         let told = draining.told.take()?;
-        // Queued behind every delivery already handed to each session, so those go out first.
+        // Deliveries handed over in this very step (a run's end, inside a broker or store
+        // continuation) are woken first; the 1012 then queues behind every one of them.
+        self.wake_sessions();
         for connection in self.connections.values() {
             connection.session.do_send(ToSession::Shutdown);
         }

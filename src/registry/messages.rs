@@ -143,6 +143,8 @@ pub enum ToSession {
         last_seq: u64,
         resume: Option<ResumeInfo>,
         replay: Vec<ByteString>,
+        /// The user's runs in progress as of `last_seq`, for a tab that joins one.
+        runs: Vec<serde_json::Value>,
     },
     /// Setup refused: send the error frame (if any), then close with `close_code`.
     Refused {
@@ -229,6 +231,19 @@ impl PublishTicket {
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Shutdown;
+
+/// The threads API changed a thread (docs/conversations.md): its user's tabs hear of it
+/// (`thread_updated` with the title, `thread_deleted` without), and a deleted thread's run in
+/// progress is cancelled.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ThreadChanged {
+    pub user_id: String,
+    pub thread_id: String,
+    /// `Some`: renamed to this; `None`: deleted.
+    pub title: Option<String>,
+    pub cancel: Option<String>,
+}
 
 /// Answered while the registry runs: what `/readyz` asks.
 #[derive(Message)]

@@ -15,6 +15,7 @@ pub mod messages;
 mod remote;
 mod runs;
 mod shards;
+mod threads;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use broker_calls::CallQueue;
 pub use messages::*;
 use runs::Run;
 pub use shards::Registries;
+use threads::RETENTION_SWEEP;
 
 /// The parts of the configuration the registry acts on.
 #[derive(Clone, Debug)]
@@ -64,10 +66,18 @@ pub struct RegistrySettings {
     pub shutdown_grace: Duration,
     /// Which of the process's registry shards this is (`shards.rs`).
     pub shard: usize,
+    /// Where conversations are kept (docs/conversations.md).
+    pub store: crate::store::Store,
+    /// `agent.history_messages`: how much of its thread an agent is sent.
+    pub history_messages: usize,
+    /// `store.retention_days` (0: keep forever); the first shard applies it.
+    pub retention_days: u64,
+    /// `agent.on_busy`: a message on a thread whose run is still going.
+    pub on_busy: crate::config::OnBusy,
 }
 
 impl RegistrySettings {
-    pub fn from_config(config: &Config) -> RegistrySettings {
+    pub fn from_config(config: &Config, store: crate::store::Store) -> RegistrySettings {
         RegistrySettings {
             max_sessions_per_user: config.limits.max_sessions_per_user.get(),
             users: UserLimits {
@@ -79,11 +89,6 @@ impl RegistrySettings {
                 max_users: config.history.max_users.get(),
                 dedupe_per_user: config.history.dedupe_per_user.get(),
                 ttl: Duration::from_secs(config.history.ttl_secs),
-                threads: crate::broker::threads::ThreadLimits {
-                    messages_per_thread: config.agent.history_messages.get(),
-                    threads_per_user: config.agent.threads_per_user.get(),
-                    bytes_per_user: config.agent.history_bytes_per_user.get(),
-                },
             },
             setup_delay: Duration::from_millis(config.faults.setup_delay_ms),
             fail_setup_user_prefix: config.faults.fail_setup_user_prefix.clone(),
@@ -99,6 +104,10 @@ impl RegistrySettings {
             node: config.broker.node_name(),
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs.get()),
             shard: 0,
+            store,
+            history_messages: config.agent.history_messages.get(),
+            retention_days: config.store.retention_days,
+            on_busy: config.agent.on_busy,
         }
     }
 }
@@ -143,7 +152,12 @@ pub struct Registry {
     local: HashMap<std::rc::Rc<str>, LocalUser>,
     /// Broker calls still to be answered, per user, in the order they were made.
     calls: HashMap<String, CallQueue>,
+    /// Store calls still to be answered, per user, in the order they were made.
+    store_calls: HashMap<String, CallQueue>,
     runs: HashMap<String, Run>,
+    /// Threads with a run going here, and the runs waiting behind it (`agent.on_busy`): runs of
+    /// one thread never interleave (`runs.rs`).
+    busy: HashMap<(std::rc::Rc<str>, std::rc::Rc<str>), runs::Busy>,
     /// Runs an AG-UI client follows (`POST /ag-ui`): where their steps go besides the stream.
     observers: HashMap<String, futures_channel::mpsc::Sender<RunStep>>,
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
@@ -208,6 +222,10 @@ impl Actor for Registry {
             ctx.add_stream(remote);
             ctx.run_interval(Duration::from_secs(1), |registry, _| registry.broker.heartbeat());
         }
+        if self.settings.shard == 0 && self.settings.retention_days > 0 {
+            ctx.run_later(Duration::from_secs(1), |registry, ctx| registry.expire_threads(ctx));
+            ctx.run_interval(RETENTION_SWEEP, |registry, ctx| registry.expire_threads(ctx));
+        }
         let overdue =
             (self.settings.run_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         ctx.run_interval(overdue, |registry, ctx| registry.end_overdue_runs(ctx));
@@ -245,7 +263,9 @@ impl Registry {
             broker,
             local: HashMap::new(),
             calls: HashMap::new(),
+            store_calls: HashMap::new(),
             runs: HashMap::new(),
+            busy: HashMap::new(),
             observers: HashMap::new(),
             shutting_down: false,
             draining: None,

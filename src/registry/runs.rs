@@ -2,6 +2,7 @@
 //! the agent; the agent's events go onto the stream; every run ends with exactly one terminal
 //! event, whether the agent ends it, the client cancels it, or its deadline passes.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -13,12 +14,14 @@ use serde_json::Value;
 use super::{new_id, CancelRequest, HttpRunRefusal, Registry, RunStep, SubmitMessage};
 use crate::agent::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
 use crate::base::ConnectionId;
-use crate::broker::{BrokerError, Conversation, NewEvent, SeenMessage, Submitted};
+use crate::broker::{BrokerError, NewEvent, SeenMessage, Submitted};
+use crate::config::{OnBusy, MAX_WAITING_PER_THREAD};
 use crate::metrics::Failure;
 use crate::protocol::{
     user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame, UserMessage,
 };
 use crate::ratelimit::Verdict;
+use crate::store::{Added, Confirmed, Conversation, NewUserMessage, RunMessages, StoreError, Transcript};
 
 /// Who sent a user message, and so where its answers go.
 pub(super) enum Origin {
@@ -56,7 +59,31 @@ pub(super) struct Run {
     /// agent unavailable, cancel) gets one from the registry first, so every run that reaches
     /// clients starts with `agent_started`.
     pub(super) announced: bool,
+    /// The thread's turn of the message that started the run: what it produces is stored
+    /// under it (docs/conversations.md).
+    pub(super) turn: i64,
+    /// What the run has produced so far, in AG-UI messages.
+    pub(super) transcript: Transcript,
+    /// The seq of its `agent_started`, once on the stream.
+    pub(super) started_seq: Option<u64>,
 }
+
+/// A run that has ended and waits for its messages to be stored before its terminal event goes
+/// out (docs/conversations.md, durability order).
+struct Ending {
+    run: Run,
+    run_id: String,
+    output: AgentOutput,
+    ag_ui: Vec<Value>,
+    messages: RunMessages,
+    /// When the store stops being retried and the run ends `store_unavailable` instead.
+    give_up: Instant,
+}
+
+/// How long a run's end waits for the store (retried every [`STORE_RETRY`]) before it ends
+/// `agent_error` `store_unavailable`.
+const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+const STORE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Registry {
     /// Ends a run with its terminal event: out of the run table and of its user's count, then
@@ -73,7 +100,20 @@ impl Registry {
         output: AgentOutput,
         ag_ui: Vec<Value>,
     ) {
-        let Some(run) = self.runs.remove(run_id) else { return };
+        self.end_run_storing(ctx, run_id, output, ag_ui, None);
+    }
+
+    /// Ends a run: its messages (the agent's own `turn` when it gave one, else the registry's
+    /// transcript) are stored first, then the terminal event goes out.
+    fn end_run_storing(
+        &mut self,
+        ctx: &mut Context<Self>,
+        run_id: &str,
+        output: AgentOutput,
+        ag_ui: Vec<Value>,
+        turn: Option<Conversation>,
+    ) {
+        let Some(mut run) = self.runs.remove(run_id) else { return };
         if let Some(user) = self.local.get_mut(&*run.user_id) {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
         }
@@ -91,13 +131,182 @@ impl Registry {
             self.publish_output(ctx, &run, run_id, &started);
             self.observe(run_id, started, Vec::new());
         }
-        self.publish_output(ctx, &run, run_id, &output);
+        run.transcript.follow(&output);
+        let status = match &output {
+            AgentOutput::Completed { status: RunStatus::Ok, .. } => "ok",
+            AgentOutput::Completed { status: RunStatus::Cancelled, .. } => "cancelled",
+            _ => "error",
+        };
+        let turn = turn.unwrap_or_default();
+        let messages = if turn.messages.is_empty() { run.transcript.messages() } else { turn.messages };
+        let messages = RunMessages {
+            user_id: run.user_id.to_string(),
+            thread_id: run.thread_id.to_string(),
+            turn: run.turn,
+            run_id: run_id.to_owned(),
+            status,
+            messages,
+            state: turn.state,
+            created_at: crate::protocol::now_ms(),
+        };
+        let ending = Ending {
+            run,
+            run_id: run_id.to_owned(),
+            output,
+            ag_ui,
+            messages,
+            give_up: Instant::now() + STORE_PATIENCE,
+        };
+        self.store_run(ctx, ending);
+    }
+
+    /// Writes an ended run's messages; once they are stored, its terminal event goes out.
+    fn store_run(&mut self, ctx: &mut Context<Self>, ending: Ending) {
+        let call = self.settings.store.add_run_messages(ending.messages.clone());
+        let user_id = ending.messages.user_id.clone();
+        self.when_stored(ctx, &user_id, call, move |registry, answer, ctx| {
+            registry.on_run_stored(ctx, ending, answer)
+        });
+    }
+
+    fn on_run_stored(&mut self, ctx: &mut Context<Self>, ending: Ending, answer: Result<(), StoreError>) {
+        let Ending { run, run_id, output, ag_ui, .. } = match answer {
+            Ok(()) => ending,
+            Err(e) if Instant::now() < ending.give_up && !self.shutting_down => {
+                debug!("run {}: messages not stored yet ({e}); trying again", ending.run_id);
+                ctx.run_later(STORE_RETRY, move |registry, ctx| registry.store_run(ctx, ending));
+                return;
+            }
+            Err(e) => {
+                warn!("run {}: its messages could not be stored: {e}", ending.run_id);
+                self.metrics.fail(e.failure());
+                let mut ending = ending;
+                ending.output = AgentOutput::Error {
+                    code: "store_unavailable".into(),
+                    message: "the conversation could not be stored; send the message again".into(),
+                };
+                ending
+            }
+        };
+        let payload = output.payload();
+        let end = NewEvent {
+            kind: output.kind(),
+            thread_id: &run.thread_id,
+            run_id: Some(&run_id),
+            payload: &payload,
+        };
+        let user_id = run.user_id.to_string();
+        let confirmed = run_id.clone();
+        self.publish(ctx, &run.user_id, std::slice::from_ref(&end), move |registry, answer| {
+            // The stream event that completed the run's messages, for the threads API.
+            let epoch = registry.local.get(user_id.as_str()).and_then(|u| u.epoch.clone());
+            if let (Ok((seqs, _)), Some(epoch)) = (answer, epoch) {
+                if let Some(seq) = seqs.last() {
+                    registry.settings.store.confirm(&user_id, Confirmed::Run(confirmed), &epoch, *seq);
+                }
+            }
+        });
         // The last step an AG-UI client gets; dropping its channel ends the client's response.
-        if let Some(mut steps) = self.observers.remove(run_id) {
+        if let Some(mut steps) = self.observers.remove(&run_id) {
             let _ = steps.try_send(RunStep { output, ag_ui });
         }
+        self.thread_run_ended(ctx, &run.user_id, &run.thread_id, &run_id);
         // A shutdown may be waiting for the last run to end.
         self.advance_shutdown(ctx);
+    }
+
+    /// `processing_ready.runs`: the user's started runs in progress, as of the stream position
+    /// the tab starts from (docs/conversations.md, "Joining a run in progress"). A run's state is
+    /// followed as its events are appended, which with the in-process broker is exactly the
+    /// stream's order. With a broker shared by several nodes a run of another node is not known
+    /// here and appends are answered later, so no snapshot is given there (not built yet).
+    pub(super) fn runs_snapshot(&self, user_id: &str) -> Vec<Value> {
+        if self.settings.redis.is_some() {
+            return Vec::new();
+        }
+        let mut runs: Vec<(&String, &Run)> = self
+            .runs
+            .iter()
+            .filter(|(_, run)| *run.user_id == *user_id && run.started_seq.is_some())
+            .collect();
+        runs.sort_by_key(|(_, run)| run.started_seq);
+        runs.into_iter()
+            .map(|(run_id, run)| {
+                let mut snapshot = run.transcript.snapshot();
+                snapshot["run_id"] = Value::from(run_id.as_str());
+                snapshot["thread_id"] = Value::from(&*run.thread_id);
+                snapshot["started_seq"] = Value::from(run.started_seq);
+                snapshot
+            })
+            .collect()
+    }
+
+    /// Whether `agent.on_busy` refuses a message on this thread now: its run is going and the
+    /// setting is `reject`, or too many already wait behind it.
+    fn thread_refuses(&self, user_id: &str, thread_id: &str) -> bool {
+        let key: (Rc<str>, Rc<str>) = (Rc::from(user_id), Rc::from(thread_id));
+        let Some(busy) = self.busy.get(&key) else { return false };
+        busy.running.is_some()
+            && match self.settings.on_busy {
+                OnBusy::Reject => true,
+                OnBusy::Enqueue | OnBusy::Interrupt => busy.waiting.len() >= MAX_WAITING_PER_THREAD,
+            }
+    }
+
+    /// The thread's run `run_id` has its end on the stream: the next waiting run starts (or,
+    /// during a shutdown, ends `node_shutdown` without starting).
+    fn thread_run_ended(&mut self, ctx: &mut Context<Self>, user_id: &str, thread_id: &str, run_id: &str) {
+        let key: (Rc<str>, Rc<str>) = (Rc::from(user_id), Rc::from(thread_id));
+        let Some(busy) = self.busy.get_mut(&key) else { return };
+        if busy.running.as_deref() == Some(run_id) {
+            busy.running = None;
+        }
+        if busy.running.is_some() {
+            return;
+        }
+        let Some(next) = busy.waiting.pop_front() else {
+            self.busy.remove(&key);
+            return;
+        };
+        if self.shutting_down {
+            let output = AgentOutput::Error {
+                code: "node_shutdown".into(),
+                message: "the server is shutting down; send the message again".into(),
+            };
+            return self.end_waiting(ctx, next, output);
+        }
+        self.start_run(ctx, &next.who, next.started, next.observer);
+    }
+
+    /// Ends a run that never started (it waited behind its thread's run) as if it had: it
+    /// reaches clients as `agent_started` and its end, and its thread goes on.
+    fn end_waiting(&mut self, ctx: &mut Context<Self>, waiting: Waiting, output: AgentOutput) {
+        let Waiting { started, observer, .. } = waiting;
+        let run_id = started.run_id.clone();
+        let run = Run {
+            user_id: Rc::from(started.user_id.as_str()),
+            thread_id: Rc::from(started.message.thread_id.as_str()),
+            started: Instant::now(),
+            response: String::new(),
+            message_id: started.message_id,
+            announced: false,
+            turn: started.turn,
+            transcript: Transcript::new(&run_id, 0),
+            started_seq: None,
+        };
+        self.runs.insert(run_id.clone(), run);
+        if let Some(observer) = observer {
+            self.observers.insert(run_id.clone(), observer);
+        }
+        self.end_run(ctx, &run_id, output);
+    }
+
+    /// A waiting run of the user, taken out of its thread's queue.
+    fn take_waiting(&mut self, user_id: &str, run_id: &str) -> Option<Waiting> {
+        self.busy.iter_mut().filter(|((user, _), _)| &**user == user_id).find_map(|(_, busy)| {
+            let at = busy.waiting.iter().position(|w| w.started.run_id == run_id)?;
+            busy.waiting.remove(at)
+        })
     }
 
     /// One of the run's events onto its user's stream.
@@ -136,6 +345,29 @@ impl Registry {
     }
 }
 
+/// A thread's run going here and the runs waiting behind it (`agent.on_busy`).
+#[derive(Default)]
+pub(super) struct Busy {
+    running: Option<String>,
+    waiting: VecDeque<Waiting>,
+}
+
+/// A run acked and waiting for its thread's current run to end.
+struct Waiting {
+    who: String,
+    started: Started,
+    observer: Option<futures_channel::mpsc::Sender<RunStep>>,
+}
+
+/// What a run starts from: its user message, stored as the thread's `turn`.
+struct Started {
+    user_id: String,
+    run_id: String,
+    message_id: String,
+    message: UserMessage,
+    turn: i64,
+}
+
 /// A user message between the steps of its submission: who sent it and what it is.
 pub(super) struct Pending {
     pub(super) origin: Origin,
@@ -151,6 +383,8 @@ struct Admitted {
     /// A run was counted against the user's cap (there is an agent).
     starts_run: bool,
     created: Instant,
+    /// The thread's turn the store gave the message.
+    turn: i64,
 }
 
 impl Handler<SubmitMessage> for Registry {
@@ -236,6 +470,7 @@ impl Registry {
             Origin::Http { run_id: Some(run_id), .. } => self.runs.contains_key(run_id),
             _ => false,
         };
+        let thread_busy = starts_run && self.thread_refuses(&pending.user_id, &pending.message.thread_id);
         let user = self.local_user(&pending.user_id);
         // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
         if shutting_down {
@@ -245,6 +480,8 @@ impl Registry {
         } else if starts_run && user.runs_in_progress >= max_runs {
             let why = "too many runs in progress for this user; wait for one to end or cancel one";
             Some((ErrorCode::RateLimited, why))
+        } else if thread_busy {
+            Some((ErrorCode::ThreadBusy, "this thread's run is still going; wait for it to end or cancel it"))
         } else if run_id_taken {
             Some((ErrorCode::BadMessage, "a run with this runId is in progress"))
         } else if agent_busy {
@@ -280,8 +517,84 @@ impl Registry {
             run_id: requested_run_id.unwrap_or_else(|| new_id("r_")),
             starts_run,
             created: Instant::now(),
+            turn: 0,
             pending,
         };
+        // Stored before anything else: an acked message is never lost (docs/conversations.md).
+        let message = &admitted.pending.message;
+        let new = NewUserMessage {
+            user_id: admitted.pending.user_id.clone(),
+            thread_id: message.thread_id.clone(),
+            message_id: admitted.message_id.clone(),
+            run_id: admitted.run_id.clone(),
+            client_msg_id: message.client_msg_id.clone(),
+            content: message.content.clone(),
+            created_at: crate::protocol::now_ms(),
+        };
+        let call = self.settings.store.add_user_message(new);
+        let user_id = admitted.pending.user_id.clone();
+        self.when_stored(ctx, &user_id, call, move |registry, answer, ctx| {
+            registry.on_stored(ctx, admitted, answer)
+        });
+    }
+
+    /// The store's answer to a user message: stored (or stored before, its echo never
+    /// confirmed) goes on to the stream; a repeat is acked again; the rest is refused.
+    fn on_stored(
+        &mut self,
+        ctx: &mut Context<Self>,
+        mut admitted: Admitted,
+        answer: Result<Added, StoreError>,
+    ) {
+        let user_id = admitted.pending.user_id.clone();
+        match answer {
+            Ok(Added::Stored { turn, new_thread, evicted }) => {
+                admitted.turn = turn;
+                let thread_id = admitted.pending.message.thread_id.clone();
+                if let Some(title) = new_thread {
+                    self.thread_changed(ctx, &user_id, &thread_id, Some(&title));
+                }
+                for gone in evicted {
+                    self.thread_changed(ctx, &user_id, &gone, None);
+                }
+                self.append_echo(ctx, admitted);
+            }
+            Ok(Added::Repeat { message_id, run_id, turn, seq: None }) => {
+                // Stored by an attempt that failed before its echo: this one finishes it.
+                admitted.message_id = message_id;
+                admitted.run_id = run_id;
+                admitted.turn = turn;
+                self.append_echo(ctx, admitted);
+            }
+            Ok(Added::Repeat { message_id, run_id, seq: Some(seq), .. }) => {
+                self.run_not_started(&user_id, admitted.starts_run);
+                let seen = SeenMessage { message_id, run_id, seq, at: Instant::now() };
+                self.repeated(admitted.pending, &seen);
+            }
+            Ok(Added::QuotaExceeded) => {
+                self.run_not_started(&user_id, admitted.starts_run);
+                let why = "this user's stored conversations are at store.max_bytes_per_user; delete a thread";
+                self.refuse(admitted.pending.origin, ErrorCode::QuotaExceeded, why);
+            }
+            Err(e) => {
+                self.run_not_started(&user_id, admitted.starts_run);
+                warn!("{}: user_message not stored: {e}", admitted.pending.origin);
+                self.metrics.fail(e.failure());
+                let (code, message) = match e {
+                    StoreError::Unavailable(_) => (
+                        ErrorCode::Unavailable,
+                        "the message could not be stored now; send it again with the same client_msg_id",
+                    ),
+                    StoreError::Failed(_) => (ErrorCode::Internal, "the message could not be stored"),
+                };
+                self.refuse(admitted.pending.origin, code, message);
+            }
+        }
+    }
+
+    /// The echo of a stored message onto the user's stream (the broker's dedupe and append in
+    /// one step).
+    fn append_echo(&mut self, ctx: &mut Context<Self>, admitted: Admitted) {
         let message = &admitted.pending.message;
         let client_msg_id = message.client_msg_id.as_deref();
         let payload = user_message_payload(&admitted.message_id, &message.content, client_msg_id);
@@ -307,7 +620,7 @@ impl Registry {
         admitted: Admitted,
         answer: Result<Submitted, BrokerError>,
     ) {
-        let Admitted { pending, message_id, run_id, starts_run, created } = admitted;
+        let Admitted { pending, message_id, run_id, starts_run, created, turn } = admitted;
         let stored = match answer {
             Ok(Submitted::Appended(stored)) => stored,
             Ok(Submitted::Seen(seen)) => {
@@ -322,6 +635,10 @@ impl Registry {
         self.metrics.events_published.inc();
         let Pending { origin, user_id, message } = pending;
         self.deliver_events(ctx, &user_id, std::slice::from_ref(&stored), created, true);
+        if let Some(epoch) = self.local.get(user_id.as_str()).and_then(|u| u.epoch.clone()) {
+            let confirmed = Confirmed::Messages(vec![message_id.clone()]);
+            self.settings.store.confirm(&user_id, confirmed, &epoch, stored.seq);
+        }
         match origin {
             Origin::Session(id) => {
                 let client_msg_id = message.client_msg_id.as_deref();
@@ -333,13 +650,14 @@ impl Registry {
                 };
                 self.send_to(id, ack);
                 if starts_run {
-                    self.start_run(ctx, &id.to_string(), user_id, run_id, message_id, message, None);
+                    let who = id.to_string();
+                    self.start_run(ctx, &who, Started { user_id, run_id, message_id, message, turn }, None);
                 }
             }
             Origin::Http { answer, steps, .. } => {
                 if starts_run {
-                    let started = run_id.clone();
-                    self.start_run(ctx, "ag-ui", user_id, started, message_id, message, Some(steps));
+                    let started = Started { user_id, run_id: run_id.clone(), message_id, message, turn };
+                    self.start_run(ctx, "ag-ui", started, Some(steps));
                 }
                 let _ = answer.send(Ok(run_id));
             }
@@ -355,17 +673,29 @@ impl Registry {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn start_run(
         &mut self,
         ctx: &mut Context<Self>,
         who: &str,
-        user_id: String,
-        run_id: String,
-        message_id: String,
-        message: UserMessage,
+        started: Started,
         observer: Option<futures_channel::mpsc::Sender<RunStep>>,
     ) {
+        let key: (Rc<str>, Rc<str>) =
+            (Rc::from(started.user_id.as_str()), Rc::from(started.message.thread_id.as_str()));
+        let busy = self.busy.entry(key).or_default();
+        if let Some(current) = busy.running.clone() {
+            // Runs of one thread never interleave: this one starts when the current one's end
+            // is on the stream (`thread_run_ended`).
+            debug!("{who}: run {} waits for run {current} of its thread", started.run_id);
+            let user_id = started.user_id.clone();
+            busy.waiting.push_back(Waiting { who: who.to_owned(), started, observer });
+            if self.settings.on_busy == OnBusy::Interrupt {
+                self.cancel_run(ctx, &user_id, &current);
+            }
+            return;
+        }
+        busy.running = Some(started.run_id.clone());
+        let Started { user_id, run_id, message_id, message, turn } = started;
         let run = Run {
             user_id: Rc::from(user_id.as_str()),
             thread_id: Rc::from(message.thread_id.as_str()),
@@ -373,17 +703,20 @@ impl Registry {
             response: String::new(),
             message_id: message_id.clone(),
             announced: false,
+            turn,
+            transcript: Transcript::new(&run_id, self.settings.max_response_bytes),
+            started_seq: None,
         };
         self.runs.insert(run_id.clone(), run);
         debug!("{who}: run {run_id} started for user {user_id}");
         self.broker.run_started(&user_id, &run_id, &message.thread_id);
+        self.settings.store.run_started(&user_id, &message.thread_id, &run_id);
         let forward_ag_ui = observer.is_some();
         if let Some(observer) = observer {
             self.observers.insert(run_id.clone(), observer);
         }
         let Some(agent) = &self.agent else { return };
         let wants_conversation = agent.conversation;
-        let turn = wants_conversation.then(|| Conversation::message(&message_id, "user", &message.content));
         let request = RunRequest {
             run_id,
             user_id,
@@ -394,12 +727,15 @@ impl Registry {
             conversation: Conversation::default(),
             forward_ag_ui,
         };
-        let Some(turn) = turn else { return self.send_run(ctx, request) };
-        // The thread's conversation, with this message added, goes with the run: AG-UI agents
-        // keep nothing between requests.
-        let call = self.broker.converse(&request.user_id, &request.thread_id, turn);
+        if !wants_conversation {
+            return self.send_run(ctx, request);
+        }
+        // The thread from the store, this message included, goes with the run: AG-UI agents
+        // keep nothing between requests (docs/conversations.md, "What the agent is sent").
+        let limit = self.settings.history_messages;
+        let call = self.settings.store.history(&request.user_id, &request.thread_id, limit);
         let user_id = request.user_id.clone();
-        self.when(ctx, &user_id, call, move |registry, answer, ctx| {
+        self.when_stored(ctx, &user_id, call, move |registry, answer, ctx| {
             registry.on_conversation(ctx, request, answer)
         });
     }
@@ -410,7 +746,7 @@ impl Registry {
         &mut self,
         ctx: &mut Context<Self>,
         mut request: RunRequest,
-        answer: Result<Conversation, BrokerError>,
+        answer: Result<Conversation, StoreError>,
     ) {
         if !self.runs.contains_key(&request.run_id) {
             return; // cancelled while the conversation was read
@@ -421,9 +757,9 @@ impl Registry {
                 self.send_run(ctx, request);
             }
             Err(e) => {
-                warn!("run {}: the thread's conversation could not be read: broker: {e}", request.run_id);
+                warn!("run {}: the thread's conversation could not be read: {e}", request.run_id);
                 let output = AgentOutput::Error {
-                    code: "broker_unavailable".into(),
+                    code: "store_unavailable".into(),
                     message: "the conversation could not be read; send the message again".into(),
                 };
                 self.end_run(ctx, &request.run_id, output);
@@ -465,18 +801,9 @@ impl Handler<AgentEvent> for Registry {
             return;
         };
         if output.kind().is_terminal() {
-            if let Some(turn) = turn {
-                // What the run said goes into the thread's conversation for its next run.
-                let (user_id, thread_id) = (run.user_id.clone(), run.thread_id.clone());
-                let call = self.broker.converse(&user_id, &thread_id, turn);
-                let ended = run_id.clone();
-                self.when(ctx, &user_id, call, move |_, answer, _| {
-                    if let Err(e) = answer {
-                        warn!("run {ended}: its messages were not kept in the thread's conversation: broker: {e}");
-                    }
-                });
-            }
-            return self.end_run_with(ctx, &run_id, output, ag_ui);
+            // What the run said is stored (the agent's own messages when it gave them) before
+            // the terminal event goes out.
+            return self.end_run_storing(ctx, &run_id, output, ag_ui, turn);
         }
         match (&output, run.announced) {
             (AgentOutput::Started { .. }, true) => {
@@ -500,13 +827,22 @@ impl Handler<AgentEvent> for Registry {
             }
             run.response.push_str(&delta[..cut]);
         }
+        run.transcript.follow(&output);
         let (user_id, thread_id) = (run.user_id.clone(), run.thread_id.clone());
         let payload = output.payload();
-        self.publish_one(
-            ctx,
-            &user_id,
-            NewEvent { kind: output.kind(), thread_id: &thread_id, run_id: Some(&run_id), payload: &payload },
-        );
+        let event =
+            NewEvent { kind: output.kind(), thread_id: &thread_id, run_id: Some(&run_id), payload: &payload };
+        if let AgentOutput::Started { .. } = output {
+            // Where a tab that joins the run sees it begin.
+            let started = run_id.clone();
+            self.publish(ctx, &user_id, std::slice::from_ref(&event), move |registry, answer| {
+                if let (Ok((seqs, _)), Some(run)) = (answer, registry.runs.get_mut(&started)) {
+                    run.started_seq = seqs.first().copied();
+                }
+            });
+        } else {
+            self.publish_one(ctx, &user_id, event);
+        }
         self.observe(&run_id, output, ag_ui);
     }
 }
@@ -546,7 +882,15 @@ impl Registry {
     /// no such run in progress.
     pub(super) fn cancel_run(&mut self, ctx: &mut Context<Self>, user_id: &str, run_id: &str) -> bool {
         let Some(run) = self.runs.get_mut(run_id).filter(|run| *run.user_id == *user_id) else {
-            return false;
+            // Acked but waiting behind its thread's run: it ends without having started.
+            let Some(waiting) = self.take_waiting(user_id, run_id) else { return false };
+            let output = AgentOutput::Completed {
+                status: RunStatus::Cancelled,
+                content: String::new(),
+                duration_ms: 0,
+            };
+            self.end_waiting(ctx, waiting, output);
+            return true;
         };
         if let Some(agent) = &self.agent {
             agent.stop.do_send(StopRun { run_id: run_id.to_owned() });

@@ -43,6 +43,15 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`limits.max_outbound_bytes`) is what bounds a slow session's backlog.
 pub const MAILBOX_CAPACITY: usize = 65_536;
 
+/// What `processing_ready` brings: the stream's position, the replay, the runs in progress.
+struct Ready {
+    epoch: String,
+    last_seq: u64,
+    resume: Option<crate::protocol::ResumeInfo>,
+    replay: Vec<ByteString>,
+    runs: Vec<serde_json::Value>,
+}
+
 /// The socket has taken enough of the session's output for more of its resume backlog.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -318,14 +327,8 @@ impl Session {
         });
     }
 
-    fn on_processing_ready(
-        &mut self,
-        ctx: &mut WebsocketContext<Self>,
-        epoch: String,
-        last_seq: u64,
-        resume: Option<crate::protocol::ResumeInfo>,
-        replay: Vec<bytestring::ByteString>,
-    ) {
+    fn on_processing_ready(&mut self, ctx: &mut WebsocketContext<Self>, ready: Ready) {
+        let Ready { epoch, last_seq, resume, replay, runs } = ready;
         if self.phase != Phase::SettingUp {
             return;
         }
@@ -339,6 +342,7 @@ impl Session {
             epoch: Some(&epoch),
             last_seq: Some(last_seq),
             resume,
+            runs: Some(&runs),
         }
         .to_text();
         self.write_text(ctx, ready);
@@ -622,8 +626,8 @@ impl Handler<ToSession> for Session {
             ToSession::ServicesReady if self.phase == Phase::SettingUp => {
                 self.send_state(ctx, ConnectionState::ServicesReady);
             }
-            ToSession::ProcessingReady { epoch, last_seq, resume, replay } => {
-                self.on_processing_ready(ctx, epoch, last_seq, resume, replay)
+            ToSession::ProcessingReady { epoch, last_seq, resume, replay, runs } => {
+                self.on_processing_ready(ctx, Ready { epoch, last_seq, resume, replay, runs })
             }
             ToSession::Refused { error, close_code, reason } => {
                 if let Some((code, message)) = error {

@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
-use crate::broker::threads::raw;
-use crate::broker::Conversation;
 use crate::protocol::{AgentOutput, RunStatus};
+use crate::store::raw;
+use crate::store::Conversation;
 
 /// A run that cannot go on: the `agent_error` it ends with.
 #[derive(Debug, PartialEq, Eq)]

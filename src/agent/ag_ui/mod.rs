@@ -137,7 +137,7 @@ impl Upstream {
         sink: &Recipient<AgentEvent>,
         checkpoints: &Recipient<Checkpoint>,
         unsent: &mut Vec<Value>,
-    ) -> Result<(AgentOutput, Option<crate::broker::Conversation>), Failure> {
+    ) -> Result<(AgentOutput, Option<crate::store::Conversation>), Failure> {
         let sent = Instant::now();
         let deadline = sent + self.run_timeout;
         let empty: Box<RawValue> =

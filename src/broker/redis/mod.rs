@@ -6,7 +6,7 @@
 //! one delivery entry point, which puts events in seq order once and fills gaps from the stream
 //! (`registry/fanout.rs`).
 //!
-//! Keys: `{prefix}:{<user>}:meta|stream|dedupe|dedupe:order|sessions|conv:<thread>|state:<thread>|threads`,
+//! Keys: `{prefix}:{<user>}:meta|stream|dedupe|dedupe:order|sessions`,
 //! channel `{prefix}:{<user>}:events`: one hash tag per user.
 
 mod connection;
@@ -19,12 +19,9 @@ use futures_channel::{mpsc, oneshot};
 use log::warn;
 use rand::distr::{Alphanumeric, SampleString};
 use redis::Value as RedisValue;
-use serde_json::value::RawValue;
 
 use super::stream::{verdict, ResumeRequest};
-use super::{
-    Attached, Broker, BrokerError, Call, Conversation, NewEvent, RemoteBatch, SeenMessage, Stored, Submitted,
-};
+use super::{Attached, Broker, BrokerError, Call, NewEvent, RemoteBatch, SeenMessage, Stored, Submitted};
 use crate::base::ConnectionId;
 use crate::config::Config;
 use crate::protocol::{now_ms, Event, EventKind};
@@ -39,8 +36,6 @@ pub struct RedisSettings {
     pub events_per_user: usize,
     pub ttl: Duration,
     pub dedupe_per_user: usize,
-    pub messages_per_thread: usize,
-    pub threads_per_user: usize,
     /// A node whose heartbeat is older than this is gone: its runs end with `node_lost`.
     pub node_lease: Duration,
 }
@@ -54,8 +49,6 @@ impl RedisSettings {
             events_per_user: config.history.events_per_user.get(),
             ttl: Duration::from_secs(config.history.ttl_secs),
             dedupe_per_user: config.history.dedupe_per_user.get(),
-            messages_per_thread: config.agent.history_messages.get(),
-            threads_per_user: config.agent.threads_per_user.get(),
             node_lease: Duration::from_secs(config.broker.node_lease_secs),
         }
     }
@@ -551,32 +544,6 @@ impl Broker for RedisBroker {
                 drop(queue(&jobs, command)); // nobody waits for a node_lost end
             }
         });
-    }
-
-    fn converse(&mut self, user: &str, thread: &str, turn: Conversation) -> Call<Conversation> {
-        let keys = [
-            self.key(user, &format!("conv:{thread}")),
-            self.key(user, &format!("state:{thread}")),
-            self.key(user, "threads"),
-        ];
-        let mut args = vec![
-            thread.as_bytes().to_vec(),
-            self.settings.messages_per_thread.to_string().into_bytes(),
-            self.settings.threads_per_user.to_string().into_bytes(),
-            self.ttl_ms().to_string().into_bytes(),
-            turn.state.map(|s| s.get().as_bytes().to_vec()).unwrap_or_default(),
-            self.key(user, "").into_bytes(),
-        ];
-        args.extend(turn.messages.iter().map(|m| m.get().as_bytes().to_vec()));
-        let answered = self.eval(scripts::CONVERSE, &keys, args);
-        Box::pin(async move {
-            let reply = items(answer(answered).await?)?;
-            let mut fields = reply.iter().map(text);
-            let state =
-                fields.next().flatten().filter(|s| !s.is_empty()).and_then(|s| RawValue::from_string(s).ok());
-            let messages = fields.flatten().filter_map(|m| RawValue::from_string(m).ok()).collect();
-            Ok(Conversation { messages, state })
-        })
     }
 
     fn interest(&mut self, user: &str, present: bool) {

@@ -115,36 +115,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 "#;
 
-/// A turn of a thread's conversation, and the conversation after it. KEYS: messages list,
-/// state, threads zset. ARGV: thread, messages kept, threads kept, ttl ms, state or "", key
-/// prefix of the user's threads, then the messages. Returns {state or "", messages...}.
-pub const CONVERSE: &str = r#"
-for i = 7, #ARGV do
-  redis.call('RPUSH', KEYS[1], ARGV[i])
-end
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
-if ARGV[5] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[5])
-end
-local now = redis.call('TIME')
-redis.call('ZADD', KEYS[3], tonumber(now[1]) * 1000000 + tonumber(now[2]), ARGV[1])
-local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[3])
-if extra > 0 then
-  for _, thread in ipairs(redis.call('ZRANGE', KEYS[3], 0, extra - 1)) do
-    redis.call('DEL', ARGV[6] .. 'conv:' .. thread, ARGV[6] .. 'state:' .. thread)
-  end
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, extra - 1)
-end
-for _, key in ipairs(KEYS) do
-  redis.call('PEXPIRE', key, ARGV[4])
-end
-local reply = {redis.call('GET', KEYS[2]) or ''}
-for _, message in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
-  reply[#reply + 1] = message
-end
-return reply
-"#;
-
 /// A session given back. KEYS: sessions hash, the node's sessions set. ARGV: session, user.
 pub const LEAVE: &str = r#"
 redis.call('HDEL', KEYS[1], ARGV[1])

@@ -1,0 +1,427 @@
+//! The store: conversations that last (docs/conversations.md). Threads and one row per message,
+//! in the AG-UI message shape, kept for months, not for the stream's TTL.
+//!
+//! It sits beside the broker under the registry, with the same rule: the registry never waits.
+//! Every call goes to the store's own thread (its own runtime and connection pool, `sql.rs`) and
+//! is answered through a future the registry acts on in the user's call order; HTTP routes await
+//! the same futures. Writes waiting together are committed in one transaction, each in a
+//! savepoint of its own, and answered only once committed: an answer to a write means it is on
+//! disk (durability order, docs/conversations.md).
+//!
+//! `kind = "sqlite"` (one file, the default), `"postgres"` (several nodes on one database) and
+//! `"memory"` (SQLite in memory: lost at exit) share one implementation through sqlx's `Any`
+//! driver and one portable schema (`migrations/`).
+
+mod sql;
+pub mod transcript;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+pub use transcript::Transcript;
+
+/// A store's answer, possibly later; `Send`, so HTTP handlers on any worker can await it.
+pub type StoreCall<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+/// A call the store could not carry out; nothing of it took effect.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached now (or the store is too far behind): try again later.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// The database refused a statement: a bug or a schema this version does not know.
+    #[error("the store failed: {0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    /// How a message or a run failed by it is counted.
+    pub fn failure(&self) -> crate::metrics::Failure {
+        match self {
+            StoreError::Unavailable(_) => crate::metrics::Failure::StoreUnavailable,
+            StoreError::Failed(_) => crate::metrics::Failure::StoreFailed,
+        }
+    }
+}
+
+/// Where the store keeps conversations (`[store]`).
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    /// An sqlx URL: `sqlite://PATH?mode=rwc`, `sqlite::memory:` or `postgres://...`.
+    pub url: String,
+    /// `store.max_threads_per_user`: beyond, the least recently updated thread is deleted.
+    pub max_threads_per_user: usize,
+    /// `store.max_bytes_per_user`: beyond, a user message is refused (`quota_exceeded`).
+    pub max_bytes_per_user: usize,
+    /// `store.retention_days`: threads untouched this long are deleted (0: never).
+    pub retention_days: u64,
+}
+
+/// A user message to store before it is acked.
+#[derive(Clone, Debug)]
+pub struct NewUserMessage {
+    pub user_id: String,
+    pub thread_id: String,
+    pub message_id: String,
+    pub run_id: String,
+    pub client_msg_id: Option<String>,
+    pub content: String,
+    pub created_at: u64,
+}
+
+/// The answer to [`Store::add_user_message`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Added {
+    /// Stored as the thread's `turn`. `new_thread` is the title of a thread this message made;
+    /// `evicted` are the user's threads deleted to stay within `store.max_threads_per_user`.
+    Stored { turn: i64, new_thread: Option<String>, evicted: Vec<String> },
+    /// Its `client_msg_id` is stored already, with these ids; `seq` is `None` while its echo has
+    /// not been confirmed on the stream (the earlier attempt may have failed after storing).
+    Repeat { message_id: String, run_id: String, turn: i64, seq: Option<u64> },
+    /// Storing it would take the user past `store.max_bytes_per_user`: nothing was stored.
+    QuotaExceeded,
+}
+
+/// Which stored messages a stream event completed (`seq`, `epoch` in the threads API).
+#[derive(Clone, Debug)]
+pub enum Confirmed {
+    /// User messages, by id: their echo.
+    Messages(Vec<String>),
+    /// What a run produced: its terminal event.
+    Run(String),
+}
+
+/// What a run produced, stored when it ends, before its terminal event reaches anyone.
+#[derive(Clone, Debug)]
+pub struct RunMessages {
+    pub user_id: String,
+    pub thread_id: String,
+    pub turn: i64,
+    pub run_id: String,
+    /// `ok`, `cancelled`, `error` or `interrupted`.
+    pub status: &'static str,
+    /// AG-UI messages (`{"id","role",...}`), in order.
+    pub messages: Vec<Box<RawValue>>,
+    /// The thread's new AG-UI state, when the run set one.
+    pub state: Option<Box<RawValue>>,
+    pub created_at: u64,
+}
+
+/// A thread as the threads API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ThreadView {
+    pub thread_id: String,
+    pub title: String,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub message_count: u64,
+    pub running: Option<String>,
+    /// Only in the answer for one thread.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<Box<RawValue>>,
+}
+
+/// One page of a listing, and the cursor of the next (`None`: no more).
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+/// A thread's conversation in AG-UI form: what an agent is sent of its thread (the newest
+/// `agent.history_messages`, oldest first, never a tool result without its call) and the
+/// thread's state; or what a run added to it.
+#[derive(Clone, Debug, Default)]
+pub struct Conversation {
+    pub messages: Vec<Box<RawValue>>,
+    pub state: Option<Box<RawValue>>,
+}
+
+/// A JSON value as raw JSON (serialising a `Value` cannot fail).
+pub fn raw(value: &serde_json::Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+/// How a thread's title is made from its first user message: white space collapsed, cut to
+/// its first 79 characters and "…" when longer than 80 (docs/conversations.md).
+pub fn title_of(content: &str) -> String {
+    let collapsed = content.split_whitespace().collect::<Vec<_>>().join(" ");
+    if collapsed.chars().count() <= 80 {
+        return collapsed;
+    }
+    let mut title: String = collapsed.chars().take(79).collect();
+    title.push('…');
+    title
+}
+
+/// Requests still to be written may wait here; past it the store counts as unavailable.
+const QUEUE: usize = 16_384;
+
+/// A handle on the store's thread: cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<sql::Job>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Opens the database (creating an SQLite file, running migrations) on the store's own
+    /// thread; fails with why when it cannot, so a server does not start without its store.
+    pub fn open(settings: StoreSettings) -> Result<Store, String> {
+        let jobs = sql::start(settings)?;
+        Ok(Store { jobs })
+    }
+
+    fn call<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> sql::Job,
+    ) -> StoreCall<T> {
+        let (answer, answered) = oneshot::channel();
+        if let Err(e) = self.jobs.try_send(job(answer)) {
+            let why = match e {
+                mpsc::error::TrySendError::Full(_) => "too many requests waiting for the database",
+                mpsc::error::TrySendError::Closed(_) => "the store's thread has stopped",
+            };
+            return Box::pin(std::future::ready(Err(StoreError::Unavailable(why.into()))));
+        }
+        Box::pin(async move {
+            answered
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("the store's thread has stopped".into())))
+        })
+    }
+
+    /// Stores a user message (or recognises its `client_msg_id`): answered once committed.
+    pub fn add_user_message(&self, message: NewUserMessage) -> StoreCall<Added> {
+        self.call(|answer| sql::Job::AddUserMessage(message, answer))
+    }
+
+    /// The stream event that completed these messages (`seq`, `epoch`); nobody waits for it.
+    pub fn confirm(&self, user_id: &str, what: Confirmed, epoch: &str, seq: u64) {
+        let job = |answer| sql::Job::Confirm {
+            user_id: user_id.to_owned(),
+            what,
+            epoch: epoch.to_owned(),
+            seq,
+            answer,
+        };
+        drop(self.call(job));
+    }
+
+    /// A run started on the thread (`running` in the threads API); nobody waits for it.
+    pub fn run_started(&self, user_id: &str, thread_id: &str, run_id: &str) {
+        let job = |answer| sql::Job::RunStarted {
+            user_id: user_id.to_owned(),
+            thread_id: thread_id.to_owned(),
+            run_id: run_id.to_owned(),
+            answer,
+        };
+        drop(self.call(job));
+    }
+
+    /// Stores what a run produced (and the thread's state): answered once committed.
+    pub fn add_run_messages(&self, run: RunMessages) -> StoreCall<()> {
+        self.call(|answer| sql::Job::AddRunMessages(run, answer))
+    }
+
+    /// What the agent is sent: the newest `limit` messages of the thread, oldest first.
+    pub fn history(&self, user_id: &str, thread_id: &str, limit: usize) -> StoreCall<Conversation> {
+        let (user_id, thread_id) = (user_id.to_owned(), thread_id.to_owned());
+        self.call(|answer| sql::Job::History { user_id, thread_id, limit, answer })
+    }
+
+    /// The user's threads, most recently updated first.
+    pub fn threads(
+        &self,
+        user_id: &str,
+        limit: usize,
+        before: Option<String>,
+    ) -> StoreCall<Page<ThreadView>> {
+        let user_id = user_id.to_owned();
+        self.call(|answer| sql::Job::Threads { user_id, limit, before, answer })
+    }
+
+    /// One thread with its state; `None` when the user has no such thread.
+    pub fn thread(&self, user_id: &str, thread_id: &str) -> StoreCall<Option<ThreadView>> {
+        let (user_id, thread_id) = (user_id.to_owned(), thread_id.to_owned());
+        self.call(|answer| sql::Job::Thread { user_id, thread_id, answer })
+    }
+
+    /// A page of a thread's messages, oldest first (`next` pages towards older ones); `None`
+    /// when the user has no such thread.
+    pub fn messages(
+        &self,
+        user_id: &str,
+        thread_id: &str,
+        limit: usize,
+        before: Option<String>,
+    ) -> StoreCall<Option<Page<Box<RawValue>>>> {
+        let (user_id, thread_id) = (user_id.to_owned(), thread_id.to_owned());
+        self.call(|answer| sql::Job::Messages { user_id, thread_id, limit, before, answer })
+    }
+
+    /// Renames a thread; the thread afterwards, `None` when the user has no such thread.
+    pub fn rename(
+        &self,
+        user_id: &str,
+        thread_id: &str,
+        title: &str,
+        now: u64,
+    ) -> StoreCall<Option<ThreadView>> {
+        let (user_id, thread_id, title) = (user_id.to_owned(), thread_id.to_owned(), title.to_owned());
+        self.call(|answer| sql::Job::Rename { user_id, thread_id, title, now, answer })
+    }
+
+    /// Deletes a thread and its messages; the run that was in progress on it, if any; `None`
+    /// when the user had no such thread.
+    pub fn delete(&self, user_id: &str, thread_id: &str) -> StoreCall<Option<Option<String>>> {
+        let (user_id, thread_id) = (user_id.to_owned(), thread_id.to_owned());
+        self.call(|answer| sql::Job::Delete { user_id, thread_id, answer })
+    }
+
+    /// `store.retention_days`: deletes threads untouched since `cutoff` (ms); answers their
+    /// `(user_id, thread_id)`.
+    pub fn expire(&self, cutoff: u64) -> StoreCall<Vec<(String, String)>> {
+        self.call(|answer| sql::Job::Expire { cutoff, answer })
+    }
+
+    /// Whether the database answers now: `/readyz`.
+    pub fn ping(&self) -> StoreCall<()> {
+        self.call(sql::Job::Ping)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn titles_are_collapsed_and_cut_at_80() {
+        assert_eq!(title_of("  hello \n\t world  "), "hello world");
+        let long = "x".repeat(80);
+        assert_eq!(title_of(&long), long);
+        let longer = "y".repeat(81);
+        let title = title_of(&longer);
+        assert_eq!(title.chars().count(), 80);
+        assert!(title.ends_with('…'));
+    }
+
+    fn memory() -> Store {
+        Store::open(StoreSettings {
+            url: "sqlite::memory:".into(),
+            max_threads_per_user: 100,
+            max_bytes_per_user: 1 << 20,
+            retention_days: 0,
+        })
+        .expect("an in-memory store opens")
+    }
+
+    fn block_on<T>(future: impl Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread().build().expect("a runtime").block_on(future)
+    }
+
+    fn user_message(thread: &str, id: &str, at: u64) -> NewUserMessage {
+        NewUserMessage {
+            user_id: "u".into(),
+            thread_id: thread.into(),
+            message_id: id.into(),
+            run_id: format!("r-{id}"),
+            client_msg_id: None,
+            content: format!("message {id}"),
+            created_at: at,
+        }
+    }
+
+    #[test]
+    fn retention_deletes_threads_untouched_since_the_cutoff() {
+        let store = memory();
+        block_on(async {
+            store.add_user_message(user_message("old", "m1", 1_000)).await.unwrap();
+            store.add_user_message(user_message("new", "m2", 5_000)).await.unwrap();
+            let gone = store.expire(2_000).await.unwrap();
+            assert_eq!(gone, [("u".to_owned(), "old".to_owned())]);
+            let page = store.threads("u", 10, None).await.unwrap();
+            let ids: Vec<_> = page.items.iter().map(|t| t.thread_id.as_str()).collect();
+            assert_eq!(ids, ["new"]);
+            assert!(store.messages("u", "old", 10, None).await.unwrap().is_none());
+        });
+    }
+
+    #[test]
+    fn history_never_starts_with_a_tool_result_cut_from_its_call() {
+        let store = memory();
+        block_on(async {
+            let Added::Stored { turn, .. } =
+                store.add_user_message(user_message("t", "m1", 1)).await.unwrap()
+            else {
+                panic!("stored")
+            };
+            let run = RunMessages {
+                user_id: "u".into(),
+                thread_id: "t".into(),
+                turn,
+                run_id: "r-m1".into(),
+                status: "ok",
+                messages: vec![
+                    raw(
+                        &json!({"id": "a1", "role": "assistant", "toolCalls": [{"id": "c1", "type": "function",
+                        "function": {"name": "add", "arguments": "{}"}}]}),
+                    ),
+                    raw(&json!({"id": "t1", "role": "tool", "toolCallId": "c1", "content": "5"})),
+                    raw(&json!({"id": "a2", "role": "assistant", "content": "five"})),
+                ],
+                state: Some(raw(&json!({"n": 1}))),
+                created_at: 2,
+            };
+            store.add_run_messages(run).await.unwrap();
+            let all = store.history("u", "t", 10).await.unwrap();
+            assert_eq!(all.messages.len(), 4);
+            assert_eq!(all.state.map(|s| s.get().to_owned()), Some("{\"n\":1}".to_owned()));
+            let cut = store.history("u", "t", 2).await.unwrap();
+            let ids: Vec<String> = cut
+                .messages
+                .iter()
+                .map(|m| {
+                    serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect();
+            assert_eq!(ids, ["a2"], "the tool result without its call is left out");
+        });
+    }
+
+    #[test]
+    fn messages_page_from_the_newest_towards_older_ones() {
+        let store = memory();
+        block_on(async {
+            for i in 1..=5 {
+                store.add_user_message(user_message("t", &format!("m{i}"), i)).await.unwrap();
+            }
+            let first = store.messages("u", "t", 2, None).await.unwrap().unwrap();
+            let ids = |page: &Page<Box<RawValue>>| -> Vec<serde_json::Value> {
+                page.items
+                    .iter()
+                    .map(|m| serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["id"].clone())
+                    .collect()
+            };
+            assert_eq!(ids(&first), [json!("m4"), json!("m5")]);
+            let second = store.messages("u", "t", 2, first.next).await.unwrap().unwrap();
+            assert_eq!(ids(&second), [json!("m2"), json!("m3")]);
+            let last = store.messages("u", "t", 2, second.next).await.unwrap().unwrap();
+            assert_eq!(ids(&last), [json!("m1")]);
+            assert_eq!(last.next, None);
+        });
+    }
+}

@@ -1,0 +1,827 @@
+//! The store's thread: a runtime of its own, a pool of connections (sqlx's `Any` driver over
+//! SQLite or PostgreSQL), one writer that commits whatever writes are waiting together, and
+//! reads that run beside it. Why a thread of its own: a pool's connections belong to the
+//! runtime that made them, and the registry's shards and the HTTP workers each run their own.
+
+use std::time::Duration;
+
+use log::{info, warn};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Added, Confirmed, Conversation, NewUserMessage, Page, RunMessages, StoreError, StoreSettings, ThreadView,
+    QUEUE,
+};
+
+type Answer<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// What the store's thread is asked.
+pub enum Job {
+    AddUserMessage(NewUserMessage, Answer<Added>),
+    Confirm {
+        user_id: String,
+        what: Confirmed,
+        epoch: String,
+        seq: u64,
+        answer: Answer<()>,
+    },
+    RunStarted {
+        user_id: String,
+        thread_id: String,
+        run_id: String,
+        answer: Answer<()>,
+    },
+    AddRunMessages(RunMessages, Answer<()>),
+    Rename {
+        user_id: String,
+        thread_id: String,
+        title: String,
+        now: u64,
+        answer: Answer<Option<ThreadView>>,
+    },
+    Delete {
+        user_id: String,
+        thread_id: String,
+        answer: Answer<Option<Option<String>>>,
+    },
+    Expire {
+        cutoff: u64,
+        answer: Answer<Vec<(String, String)>>,
+    },
+    History {
+        user_id: String,
+        thread_id: String,
+        limit: usize,
+        answer: Answer<Conversation>,
+    },
+    Threads {
+        user_id: String,
+        limit: usize,
+        before: Option<String>,
+        answer: Answer<Page<ThreadView>>,
+    },
+    Thread {
+        user_id: String,
+        thread_id: String,
+        answer: Answer<Option<ThreadView>>,
+    },
+    Messages {
+        user_id: String,
+        thread_id: String,
+        limit: usize,
+        before: Option<String>,
+        answer: Answer<Option<Page<Box<RawValue>>>>,
+    },
+    Ping(Answer<()>),
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations");
+
+/// Starts the store's thread; answers once the database is open and migrated.
+pub fn start(settings: StoreSettings) -> Result<mpsc::Sender<Job>, String> {
+    let (jobs, queue) = mpsc::channel(QUEUE);
+    let (ready, opened) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("aw-store".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => return drop(ready.send(Err(format!("cannot start the store's runtime: {e}")))),
+            };
+            runtime.block_on(async move {
+                let pool = match open(&settings.url).await {
+                    Ok(pool) => pool,
+                    Err(e) => return drop(ready.send(Err(e))),
+                };
+                let _ = ready.send(Ok(()));
+                serve(pool, settings, queue).await;
+            });
+        })
+        .map_err(|e| format!("cannot start the store's thread: {e}"))?;
+    opened.recv().map_err(|_| "the store's thread stopped while opening".to_owned())??;
+    Ok(jobs)
+}
+
+async fn open(url: &str) -> Result<AnyPool, String> {
+    sqlx::any::install_default_drivers();
+    let options: AnyConnectOptions = url.parse().map_err(|e| format!("{e}"))?;
+    let memory = url.starts_with("sqlite::memory:");
+    let sqlite = url.starts_with("sqlite:");
+    // An SQLite database in memory lives as long as its one connection.
+    let pool = AnyPoolOptions::new()
+        .max_connections(if memory {
+            1
+        } else if sqlite {
+            4
+        } else {
+            8
+        })
+        .min_connections(u32::from(memory))
+        .idle_timeout(if memory { None } else { Some(Duration::from_secs(300)) })
+        .max_lifetime(if memory { None } else { Some(Duration::from_secs(1800)) })
+        // A database that is away fails calls after this long (`unavailable`, `/readyz` 503).
+        .acquire_timeout(Duration::from_secs(2))
+        .after_connect(move |connection, _| {
+            Box::pin(async move {
+                if sqlite && !memory {
+                    // WAL: readers beside the writer; a commit survives the process being killed.
+                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *connection).await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *connection).await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *connection).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .map_err(|e| format!("cannot open the database: {e}"))?;
+    MIGRATOR.run(&pool).await.map_err(|e| format!("cannot migrate the database: {e}"))?;
+    Ok(pool)
+}
+
+/// Hands reads to tasks of their own and writes to the one writer.
+async fn serve(pool: AnyPool, settings: StoreSettings, mut queue: mpsc::Receiver<Job>) {
+    let (writes, waiting) = mpsc::unbounded_channel();
+    tokio::spawn(writer(pool.clone(), settings.clone(), waiting));
+    while let Some(job) = queue.recv().await {
+        match job {
+            Job::History { user_id, thread_id, limit, answer } => {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let _ = answer.send(history(&pool, &user_id, &thread_id, limit).await.map_err(error));
+                });
+            }
+            Job::Threads { user_id, limit, before, answer } => {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let _ =
+                        answer.send(threads(&pool, &user_id, limit, before.as_deref()).await.map_err(error));
+                });
+            }
+            Job::Thread { user_id, thread_id, answer } => {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let found = async {
+                        let mut connection = pool.acquire().await?;
+                        thread(&mut connection, &user_id, &thread_id, true).await
+                    };
+                    let _ = answer.send(found.await.map_err(error));
+                });
+            }
+            Job::Messages { user_id, thread_id, limit, before, answer } => {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let page = messages(&pool, &user_id, &thread_id, limit, before.as_deref()).await;
+                    let _ = answer.send(page.map_err(error));
+                });
+            }
+            Job::Ping(answer) => {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let _ =
+                        answer.send(sqlx::query("SELECT 1").execute(&pool).await.map(drop).map_err(error));
+                });
+            }
+            write => {
+                // The writer is this thread's own task: it goes on until the queue closes.
+                let _ = writes.send(write);
+            }
+        }
+    }
+}
+
+/// The answer of one write, sent only after its transaction committed.
+type Deliver = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// Commits the waiting writes together, each in a savepoint: one that fails does not take the
+/// others with it, and every answer waits for the commit.
+async fn writer(pool: AnyPool, settings: StoreSettings, mut waiting: mpsc::UnboundedReceiver<Job>) {
+    let mut batch = std::collections::VecDeque::new();
+    while let Some(first) = waiting.recv().await {
+        batch.push_back(first);
+        while batch.len() < 256 {
+            match waiting.try_recv() {
+                Ok(next) => batch.push_back(next),
+                Err(_) => break,
+            }
+        }
+        // Rows are locked in one order whatever node writes (several nodes on one PostgreSQL
+        // database would otherwise deadlock, each holding a thread the other wants next). The
+        // sort is stable: one thread's writes keep their order.
+        batch.make_contiguous().sort_by(|a, b| lock_order(a).cmp(&lock_order(b)));
+        let mut delivers: Vec<Deliver> = Vec::with_capacity(batch.len());
+        let committed = async {
+            let mut connection = pool.acquire().await?;
+            let mut transaction = connection.begin().await?;
+            while let Some(job) = batch.pop_front() {
+                let mut savepoint = transaction.begin().await?;
+                match write(&mut savepoint, job, &settings).await {
+                    Ok(deliver) => {
+                        savepoint.commit().await?;
+                        delivers.push(deliver);
+                    }
+                    Err((e, deliver)) => {
+                        warn!("store: a write failed: {e}");
+                        deliver(Err(error(e)));
+                        savepoint.rollback().await?;
+                    }
+                }
+            }
+            transaction.commit().await
+        };
+        let outcome = committed.await.map_err(error);
+        if let Err(e) = &outcome {
+            warn!("store: writes not committed: {e}");
+        }
+        // Writes the failed transaction never reached fail as it did.
+        let unreached =
+            outcome.clone().err().unwrap_or_else(|| StoreError::Unavailable("not written".into()));
+        for job in batch.drain(..) {
+            fail(job, unreached.clone());
+        }
+        for deliver in delivers.drain(..) {
+            deliver(outcome.clone());
+        }
+    }
+}
+
+/// The rows a write locks first: its user's thread.
+fn lock_order(job: &Job) -> (&str, &str) {
+    match job {
+        Job::AddUserMessage(message, _) => (&message.user_id, &message.thread_id),
+        Job::AddRunMessages(run, _) => (&run.user_id, &run.thread_id),
+        Job::RunStarted { user_id, thread_id, .. }
+        | Job::Rename { user_id, thread_id, .. }
+        | Job::Delete { user_id, thread_id, .. } => (user_id, thread_id),
+        Job::Confirm { user_id, .. } => (user_id, ""),
+        _ => ("", ""),
+    }
+}
+
+/// Answers a write that was never carried out.
+fn fail(job: Job, e: StoreError) {
+    match job {
+        Job::AddUserMessage(_, answer) => drop(answer.send(Err(e))),
+        Job::Confirm { answer, .. } | Job::RunStarted { answer, .. } | Job::AddRunMessages(_, answer) => {
+            drop(answer.send(Err(e)))
+        }
+        Job::Rename { answer, .. } => drop(answer.send(Err(e))),
+        Job::Delete { answer, .. } => drop(answer.send(Err(e))),
+        Job::Expire { answer, .. } => drop(answer.send(Err(e))),
+        Job::History { answer, .. } => drop(answer.send(Err(e))),
+        Job::Threads { answer, .. } => drop(answer.send(Err(e))),
+        Job::Thread { answer, .. } => drop(answer.send(Err(e))),
+        Job::Messages { answer, .. } => drop(answer.send(Err(e))),
+        Job::Ping(answer) => drop(answer.send(Err(e))),
+    }
+}
+
+/// What to send once the transaction is settled: the write's answer, or the commit's error.
+fn deliver<T: Send + 'static>(answer: Answer<T>, value: T) -> Deliver {
+    Box::new(move |committed| {
+        let _ = answer.send(committed.map(|()| value));
+    })
+}
+
+/// An answer that can still be sent when the write failed.
+fn undelivered<T: Send + 'static>(answer: Answer<T>) -> Deliver {
+    Box::new(move |outcome| {
+        let _ = answer.send(outcome.and(Err(StoreError::Failed("not written".into()))));
+    })
+}
+
+async fn write(
+    connection: &mut AnyConnection,
+    job: Job,
+    settings: &StoreSettings,
+) -> Result<Deliver, (sqlx::Error, Deliver)> {
+    macro_rules! attempt {
+        ($answer:expr, $work:expr) => {
+            match $work {
+                Ok(value) => Ok(deliver($answer, value)),
+                Err(e) => Err((e, undelivered($answer))),
+            }
+        };
+    }
+    match job {
+        Job::AddUserMessage(message, answer) => {
+            attempt!(answer, add_user_message(connection, &message, settings).await)
+        }
+        Job::Confirm { user_id, what, epoch, seq, answer } => {
+            attempt!(answer, confirm(connection, &user_id, &what, &epoch, seq).await)
+        }
+        Job::RunStarted { user_id, thread_id, run_id, answer } => {
+            let query = sqlx::query("UPDATE threads SET running = $1 WHERE user_id = $2 AND thread_id = $3")
+                .bind(run_id)
+                .bind(user_id)
+                .bind(thread_id);
+            attempt!(answer, query.execute(&mut *connection).await.map(drop))
+        }
+        Job::AddRunMessages(run, answer) => attempt!(answer, add_run_messages(connection, &run).await),
+        Job::Rename { user_id, thread_id, title, now, answer } => {
+            attempt!(answer, rename(connection, &user_id, &thread_id, &title, now).await)
+        }
+        Job::Delete { user_id, thread_id, answer } => {
+            attempt!(answer, delete(connection, &user_id, &thread_id).await)
+        }
+        Job::Expire { cutoff, answer } => attempt!(answer, expire(connection, cutoff).await),
+        read => {
+            fail(read, StoreError::Failed("a read was sent to the writer".into()));
+            Ok(Box::new(|_| {}))
+        }
+    }
+}
+
+fn error(e: sqlx::Error) -> StoreError {
+    // A deadlock or a serialisation failure between nodes: nothing was written, try again.
+    if let sqlx::Error::Database(db) = &e {
+        if matches!(db.code().as_deref(), Some("40P01" | "40001")) {
+            return StoreError::Unavailable(e.to_string());
+        }
+    }
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
+        other => StoreError::Failed(other.to_string()),
+    }
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+async fn add_user_message(
+    connection: &mut AnyConnection,
+    message: &NewUserMessage,
+    settings: &StoreSettings,
+) -> Result<Added, sqlx::Error> {
+    let NewUserMessage { user_id, thread_id, message_id, run_id, client_msg_id, content, created_at } =
+        message;
+    if let Some(client_msg_id) = client_msg_id {
+        let seen = sqlx::query(
+            "SELECT id, run_id, turn, seq FROM messages WHERE user_id = $1 AND client_msg_id = $2",
+        )
+        .bind(user_id.as_str())
+        .bind(client_msg_id.as_str())
+        .fetch_optional(&mut *connection)
+        .await?;
+        if let Some(row) = seen {
+            return Ok(Added::Repeat {
+                message_id: row.try_get("id")?,
+                run_id: row.try_get::<Option<String>, _>("run_id")?.unwrap_or_default(),
+                turn: row.try_get("turn")?,
+                seq: row.try_get::<Option<i64>, _>("seq")?.map(to_u64),
+            });
+        }
+    }
+    let body = serde_json::json!({"id": message_id, "role": "user", "content": content}).to_string();
+    let bytes = to_i64(body.len() as u64);
+    let used: i64 =
+        sqlx::query("SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS used FROM threads WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .fetch_one(&mut *connection)
+            .await?
+            .try_get("used")?;
+    if used.saturating_add(bytes) > to_i64(settings.max_bytes_per_user as u64) {
+        return Ok(Added::QuotaExceeded);
+    }
+    let now = to_i64(*created_at);
+    let title = super::title_of(content);
+    let made = sqlx::query(
+        "INSERT INTO threads (user_id, thread_id, title, created_at, updated_at, turns, message_count, bytes) \
+         VALUES ($1, $2, $3, $4, $5, 0, 0, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(user_id.as_str())
+    .bind(thread_id.as_str())
+    .bind(title.as_str())
+    .bind(now)
+    .bind(now)
+    .execute(&mut *connection)
+    .await?
+    .rows_affected()
+        == 1;
+    let turn: i64 = sqlx::query(
+        "UPDATE threads SET turns = turns + 1, updated_at = $1, message_count = message_count + 1, \
+         bytes = bytes + $2 WHERE user_id = $3 AND thread_id = $4 RETURNING turns",
+    )
+    .bind(now)
+    .bind(bytes)
+    .bind(user_id.as_str())
+    .bind(thread_id.as_str())
+    .fetch_one(&mut *connection)
+    .await?
+    .try_get("turns")?;
+    sqlx::query(
+        "INSERT INTO messages (user_id, thread_id, turn, part, id, body, client_msg_id, run_id, created_at, bytes) \
+         VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(user_id.as_str())
+    .bind(thread_id.as_str())
+    .bind(turn)
+    .bind(message_id.as_str())
+    .bind(body)
+    .bind(client_msg_id.clone())
+    .bind(run_id.as_str())
+    .bind(now)
+    .bind(bytes)
+    .execute(&mut *connection)
+    .await?;
+    let mut evicted = Vec::new();
+    if made {
+        let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM threads WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .fetch_one(&mut *connection)
+            .await?
+            .try_get("n")?;
+        let over = count - to_i64(settings.max_threads_per_user as u64);
+        if over > 0 {
+            let oldest = sqlx::query(
+                "SELECT thread_id FROM threads WHERE user_id = $1 AND thread_id <> $2 \
+                 ORDER BY updated_at, thread_id LIMIT $3",
+            )
+            .bind(user_id.as_str())
+            .bind(thread_id.as_str())
+            .bind(over)
+            .fetch_all(&mut *connection)
+            .await?;
+            for row in oldest {
+                let gone: String = row.try_get("thread_id")?;
+                delete(connection, user_id, &gone).await?;
+                evicted.push(gone);
+            }
+        }
+    }
+    Ok(Added::Stored { turn, new_thread: made.then_some(title), evicted })
+}
+
+async fn confirm(
+    connection: &mut AnyConnection,
+    user_id: &str,
+    what: &Confirmed,
+    epoch: &str,
+    seq: u64,
+) -> Result<(), sqlx::Error> {
+    match what {
+        Confirmed::Messages(ids) => {
+            for id in ids {
+                sqlx::query(
+                    "UPDATE messages SET epoch = $1, seq = $2 WHERE user_id = $3 AND id = $4 AND part = 0",
+                )
+                .bind(epoch)
+                .bind(to_i64(seq))
+                .bind(user_id)
+                .bind(id.as_str())
+                .execute(&mut *connection)
+                .await?;
+            }
+        }
+        Confirmed::Run(run_id) => {
+            sqlx::query(
+                "UPDATE messages SET epoch = $1, seq = $2 WHERE user_id = $3 AND run_id = $4 AND part > 0",
+            )
+            .bind(epoch)
+            .bind(to_i64(seq))
+            .bind(user_id)
+            .bind(run_id.as_str())
+            .execute(&mut *connection)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> Result<(), sqlx::Error> {
+    let now = to_i64(run.created_at);
+    // A thread deleted while its run went on stays deleted.
+    let exists = sqlx::query("SELECT 1 AS one FROM threads WHERE user_id = $1 AND thread_id = $2")
+        .bind(run.user_id.as_str())
+        .bind(run.thread_id.as_str())
+        .fetch_optional(&mut *connection)
+        .await?
+        .is_some();
+    if !exists {
+        return Ok(());
+    }
+    let mut bytes = 0i64;
+    for (part, message) in run.messages.iter().enumerate() {
+        let id = serde_json::from_str::<Value>(message.get())
+            .ok()
+            .and_then(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| format!("{}-{part}", run.run_id));
+        let size = to_i64(message.get().len() as u64);
+        bytes += size;
+        sqlx::query(
+            "INSERT INTO messages (user_id, thread_id, turn, part, id, body, run_id, created_at, run_status, bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+        )
+        .bind(run.user_id.as_str())
+        .bind(run.thread_id.as_str())
+        .bind(run.turn)
+        .bind(to_i64(part as u64 + 1))
+        .bind(id)
+        .bind(message.get())
+        .bind(run.run_id.as_str())
+        .bind(now)
+        .bind(run.status)
+        .bind(size)
+        .execute(&mut *connection)
+        .await?;
+    }
+    sqlx::query(
+        "UPDATE threads SET updated_at = $1, message_count = message_count + $2, bytes = bytes + $3, \
+         state = COALESCE($4, state), running = CASE WHEN running = $5 THEN NULL ELSE running END \
+         WHERE user_id = $6 AND thread_id = $7",
+    )
+    .bind(now)
+    .bind(to_i64(run.messages.len() as u64))
+    .bind(bytes)
+    .bind(run.state.as_ref().map(|s| s.get().to_owned()))
+    .bind(run.run_id.as_str())
+    .bind(run.user_id.as_str())
+    .bind(run.thread_id.as_str())
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+async fn rename(
+    connection: &mut AnyConnection,
+    user_id: &str,
+    thread_id: &str,
+    title: &str,
+    now: u64,
+) -> Result<Option<ThreadView>, sqlx::Error> {
+    let renamed =
+        sqlx::query("UPDATE threads SET title = $1, updated_at = $2 WHERE user_id = $3 AND thread_id = $4")
+            .bind(title)
+            .bind(to_i64(now))
+            .bind(user_id)
+            .bind(thread_id)
+            .execute(&mut *connection)
+            .await?
+            .rows_affected();
+    if renamed == 0 {
+        return Ok(None);
+    }
+    thread(connection, user_id, thread_id, true).await
+}
+
+async fn delete(
+    connection: &mut AnyConnection,
+    user_id: &str,
+    thread_id: &str,
+) -> Result<Option<Option<String>>, sqlx::Error> {
+    let Some(row) = sqlx::query("SELECT running FROM threads WHERE user_id = $1 AND thread_id = $2")
+        .bind(user_id)
+        .bind(thread_id)
+        .fetch_optional(&mut *connection)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let running: Option<String> = row.try_get("running")?;
+    sqlx::query("DELETE FROM messages WHERE user_id = $1 AND thread_id = $2")
+        .bind(user_id)
+        .bind(thread_id)
+        .execute(&mut *connection)
+        .await?;
+    sqlx::query("DELETE FROM threads WHERE user_id = $1 AND thread_id = $2")
+        .bind(user_id)
+        .bind(thread_id)
+        .execute(&mut *connection)
+        .await?;
+    Ok(Some(running))
+}
+
+async fn expire(connection: &mut AnyConnection, cutoff: u64) -> Result<Vec<(String, String)>, sqlx::Error> {
+    let old = sqlx::query("SELECT user_id, thread_id FROM threads WHERE updated_at < $1")
+        .bind(to_i64(cutoff))
+        .fetch_all(&mut *connection)
+        .await?;
+    let mut gone = Vec::with_capacity(old.len());
+    for row in old {
+        let (user_id, thread_id): (String, String) = (row.try_get("user_id")?, row.try_get("thread_id")?);
+        delete(connection, &user_id, &thread_id).await?;
+        gone.push((user_id, thread_id));
+    }
+    if !gone.is_empty() {
+        info!("store: {} threads past store.retention_days deleted", gone.len());
+    }
+    Ok(gone)
+}
+
+async fn thread(
+    connection: &mut AnyConnection,
+    user_id: &str,
+    thread_id: &str,
+    with_state: bool,
+) -> Result<Option<ThreadView>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT thread_id, title, created_at, updated_at, message_count, running, state FROM threads \
+         WHERE user_id = $1 AND thread_id = $2",
+    )
+    .bind(user_id)
+    .bind(thread_id)
+    .fetch_optional(&mut *connection)
+    .await?;
+    row.map(|row| thread_view(&row, with_state)).transpose()
+}
+
+fn thread_view(row: &sqlx::any::AnyRow, with_state: bool) -> Result<ThreadView, sqlx::Error> {
+    let state = if with_state {
+        let text: Option<String> = row.try_get("state")?;
+        // Null in the API when the thread has none; stored text that is not JSON reads as none.
+        Some(text.and_then(|t| RawValue::from_string(t).ok()).unwrap_or_else(null))
+    } else {
+        None
+    };
+    Ok(ThreadView {
+        thread_id: row.try_get("thread_id")?,
+        title: row.try_get("title")?,
+        created_at: to_u64(row.try_get("created_at")?),
+        updated_at: to_u64(row.try_get("updated_at")?),
+        message_count: to_u64(row.try_get("message_count")?),
+        running: row.try_get("running")?,
+        state,
+    })
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON"))
+}
+
+/// A cursor is the sort key of the last item of a page: `<number>.<number>` for messages
+/// (turn, part), `<updated_at>.<thread_id>` for threads.
+fn split_cursor(cursor: &str) -> Option<(i64, &str)> {
+    let (number, rest) = cursor.split_once('.')?;
+    Some((number.parse().ok()?, rest))
+}
+
+async fn threads(
+    pool: &AnyPool,
+    user_id: &str,
+    limit: usize,
+    before: Option<&str>,
+) -> Result<Page<ThreadView>, sqlx::Error> {
+    let take = to_i64(limit as u64 + 1);
+    let rows = match before.and_then(split_cursor) {
+        Some((updated_at, thread_id)) => sqlx::query(
+            "SELECT thread_id, title, created_at, updated_at, message_count, running, state FROM threads \
+                 WHERE user_id = $1 AND (updated_at < $2 OR (updated_at = $3 AND thread_id < $4)) \
+                 ORDER BY updated_at DESC, thread_id DESC LIMIT $5",
+        )
+        .bind(user_id)
+        .bind(updated_at)
+        .bind(updated_at)
+        .bind(thread_id)
+        .bind(take)
+        .fetch_all(pool)
+        .await?,
+        None => sqlx::query(
+            "SELECT thread_id, title, created_at, updated_at, message_count, running, state FROM threads \
+                 WHERE user_id = $1 ORDER BY updated_at DESC, thread_id DESC LIMIT $2",
+        )
+        .bind(user_id)
+        .bind(take)
+        .fetch_all(pool)
+        .await?,
+    };
+    let mut items = rows.iter().map(|row| thread_view(row, false)).collect::<Result<Vec<_>, _>>()?;
+    let next = (items.len() > limit).then(|| {
+        items.truncate(limit);
+        items.last().map(|t| format!("{}.{}", t.updated_at, t.thread_id))
+    });
+    Ok(Page { items, next: next.flatten() })
+}
+
+async fn messages(
+    pool: &AnyPool,
+    user_id: &str,
+    thread_id: &str,
+    limit: usize,
+    before: Option<&str>,
+) -> Result<Option<Page<Box<RawValue>>>, sqlx::Error> {
+    let mut connection = pool.acquire().await?;
+    if thread(&mut connection, user_id, thread_id, false).await?.is_none() {
+        return Ok(None);
+    }
+    let take = to_i64(limit as u64 + 1);
+    let columns = "SELECT turn, part, body, run_id, created_at, epoch, seq, run_status FROM messages";
+    let rows = match before
+        .and_then(split_cursor)
+        .and_then(|(turn, part)| Some((turn, part.parse::<i64>().ok()?)))
+    {
+        Some((turn, part)) => {
+            sqlx::query(&format!(
+            "{columns} WHERE user_id = $1 AND thread_id = $2 AND (turn < $3 OR (turn = $4 AND part < $5)) \
+                 ORDER BY turn DESC, part DESC LIMIT $6"
+        ))
+            .bind(user_id)
+            .bind(thread_id)
+            .bind(turn)
+            .bind(turn)
+            .bind(part)
+            .bind(take)
+            .fetch_all(&mut *connection)
+            .await?
+        }
+        None => {
+            sqlx::query(&format!(
+                "{columns} WHERE user_id = $1 AND thread_id = $2 ORDER BY turn DESC, part DESC LIMIT $3"
+            ))
+            .bind(user_id)
+            .bind(thread_id)
+            .bind(take)
+            .fetch_all(&mut *connection)
+            .await?
+        }
+    };
+    let mut newest_first = Vec::with_capacity(rows.len());
+    let mut keys = Vec::with_capacity(rows.len());
+    for row in &rows {
+        keys.push((row.try_get::<i64, _>("turn")?, row.try_get::<i64, _>("part")?));
+        newest_first.push(message_json(row)?);
+    }
+    let next = (newest_first.len() > limit).then(|| {
+        newest_first.truncate(limit);
+        keys.get(limit - 1).map(|(turn, part)| format!("{turn}.{part}"))
+    });
+    newest_first.reverse();
+    Ok(Some(Page { items: newest_first, next: next.flatten() }))
+}
+
+/// A stored message as the API shows it: the AG-UI message and agentwire's fields beside it.
+fn message_json(row: &sqlx::any::AnyRow) -> Result<Box<RawValue>, sqlx::Error> {
+    let body: String = row.try_get("body")?;
+    let mut message = match serde_json::from_str::<Value>(&body) {
+        Ok(Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let run_id: Option<String> = row.try_get("run_id")?;
+    message.insert("run_id".into(), run_id.map_or(Value::Null, Value::String));
+    message.insert("created_at".into(), Value::from(to_u64(row.try_get("created_at")?)));
+    let epoch: Option<String> = row.try_get("epoch")?;
+    message.insert("epoch".into(), epoch.map_or(Value::Null, Value::String));
+    let seq: Option<i64> = row.try_get("seq")?;
+    message.insert("seq".into(), seq.map_or(Value::Null, |s| Value::from(to_u64(s))));
+    let status: Option<String> = row.try_get("run_status")?;
+    if let Some(status) = status {
+        message.insert("run_status".into(), Value::String(status));
+    }
+    serde_json::value::to_raw_value(&message).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+async fn history(
+    pool: &AnyPool,
+    user_id: &str,
+    thread_id: &str,
+    limit: usize,
+) -> Result<Conversation, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT body FROM messages WHERE user_id = $1 AND thread_id = $2 ORDER BY turn DESC, part DESC LIMIT $3",
+    )
+    .bind(user_id)
+    .bind(thread_id)
+    .bind(to_i64(limit as u64))
+    .fetch_all(pool)
+    .await?;
+    let mut messages = Vec::with_capacity(rows.len());
+    for row in rows.iter().rev() {
+        let body: String = row.try_get("body")?;
+        if let Ok(message) = RawValue::from_string(body) {
+            messages.push(message);
+        }
+    }
+    // A tool result whose call was cut off by the limit goes too: agents refuse such a history.
+    let orphans = messages.iter().take_while(|m| is_tool_result(m)).count();
+    messages.drain(..orphans);
+    let state = sqlx::query("SELECT state FROM threads WHERE user_id = $1 AND thread_id = $2")
+        .bind(user_id)
+        .bind(thread_id)
+        .fetch_optional(pool)
+        .await?
+        .and_then(|row| row.try_get::<Option<String>, _>("state").ok().flatten())
+        .and_then(|state| RawValue::from_string(state).ok());
+    Ok(Conversation { messages, state })
+}
+
+fn is_tool_result(message: &RawValue) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Role<'a> {
+        #[serde(borrow)]
+        role: Option<&'a str>,
+    }
+    serde_json::from_str::<Role<'_>>(message.get()).is_ok_and(|m| m.role == Some("tool"))
+}
