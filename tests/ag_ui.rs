@@ -324,8 +324,14 @@ async fn kind_none_acks_and_echoes_and_starts_no_run() {
     let mut tab = server.ready_client("alice").await;
     let ack = tab.say("t", "for the backend", Some("c1")).await;
     assert_eq!(ack["client_msg_id"], "c1");
-    let echo = tab.recv_where(|f| f["type"] == "user_message").await;
+    // The message made thread t (announced first), then its echo.
+    let made = tab.recv().await;
+    assert_eq!(made["type"], "thread_updated", "{made}");
+    assert_eq!(made["payload"]["title"], "for the backend");
+    let echo = tab.recv().await;
+    assert_eq!(echo["type"], "user_message", "{echo}");
     assert_eq!(echo["payload"]["content"], "for the backend");
+    assert_eq!(echo["seq"], ack["seq"]);
     assert_eq!(tab.ping(json!(1)).await["type"], "pong", "no run events before the pong");
     // The backend publishes the run itself, and an AG-UI event can be passed through too.
     let event = json!({"type": "agent_event", "thread_id": "t", "run_id": "r1",

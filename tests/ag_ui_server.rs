@@ -176,7 +176,8 @@ async fn an_ag_ui_agents_own_events_pass_through() {
         json!({"type": "RUN_FINISHED", "threadId": "t", "runId": run_id}),
     ];
     assert_eq!(events, expected);
-    // The tab saw the same run, mapped: the pass-through steps, the chunk, the end.
+    // The tab saw the new thread, then the same run, mapped: the pass-through steps, the chunk,
+    // the end.
     let kinds: Vec<String> = tab
         .events_until_run_ends(run_id)
         .await
@@ -186,6 +187,7 @@ async fn an_ag_ui_agents_own_events_pass_through() {
     assert_eq!(
         kinds,
         [
+            "thread_updated",
             "user_message",
             "agent_started",
             "agent_event",

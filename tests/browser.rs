@@ -1,7 +1,10 @@
 //! The chat page and the dashboard in a real headless Chromium (through chromedriver), against
 //! the real server: sign in, a streamed answer with its tool call, cancel, two tabs in sync, a
 //! server restart the page resumes from, a phone-width layout, the live dashboard and its charts'
-//! axes, units and current values, and signing in with a pasted JWT when dev tokens are off.
+//! axes, units and current values, and signing in with a pasted JWT when dev tokens are off. The
+//! sidebar of stored conversations (docs/conversations.md): threads and their messages across a
+//! reload and a server restart, renames and deletes followed by another tab, long titles cut
+//! with an ellipsis, and a run in progress joined after a reload.
 //! Screenshots go to `target/browser-screenshots/`; errors raised by the pages' code fail the test.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them the
@@ -28,6 +31,13 @@ impl Drop for Driver {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// One browser at a time: the tests of this file run side by side, and several Chromiums on a
+/// small machine make the bounded waits race the machine instead of the page.
+async fn one_browser_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static BROWSERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    BROWSERS.lock().await
 }
 
 fn free_port() -> u16 {
@@ -135,6 +145,7 @@ async fn chat_page_and_dashboard_in_chromium() {
     if !browser_wanted() {
         return;
     }
+    let _one = one_browser_at_a_time().await;
     let server = TestServer::with(|c| c.agent.step_delay_ms = 60);
     let addr = server.addr;
     let base = format!("http://{addr}/");
@@ -150,6 +161,9 @@ async fn chat_page_and_dashboard_in_chromium() {
     // A message: the streamed answer and the tool call, collapsible.
     send_message(&browser, "what is 12 * (3 + 4)?").await;
     wait_until(&browser, "the run to complete", &format!("{} === 1", runs_with_status("ok"))).await;
+    // The new thread's `thread_updated` before the echo is no run of its own.
+    let shown = browser.execute("return document.querySelectorAll('#messages li.run').length", vec![]).await;
+    assert_eq!(shown.unwrap(), json!(1), "one run shown");
     let answer = browser.find(Locator::Css("li.run .answer")).await.unwrap().text().await.unwrap();
     assert!(answer.contains("84"), "{answer}");
     let summary = browser.find(Locator::Css("li.run details summary")).await.unwrap();
@@ -249,6 +263,7 @@ async fn an_ag_ui_run_in_the_chat_page() {
     if !browser_wanted() {
         return;
     }
+    let _one = one_browser_at_a_time().await;
     use common::fake_agent::{sse, FakeAgent};
     let agent = FakeAgent::start(|input| {
         let ids = json!({"threadId": input["threadId"], "runId": input["runId"]});
@@ -343,6 +358,7 @@ async fn dashboard_charts_have_axes_units_and_current_values() {
     if !browser_wanted() {
         return;
     }
+    let _one = one_browser_at_a_time().await;
     let server = TestServer::start();
     // Something to chart: a session, and an event for it every 50 ms, so that each second the
     // dashboard polls has deliveries and a latency to show.
@@ -460,4 +476,403 @@ async fn static_files_have_types_etags_and_304s() {
     assert_eq!(status, 200);
     assert!(stats["connections"]["processing_ready"].is_number(), "{stats}");
     assert!(stats["delivery"]["buckets"].as_array().is_some_and(|b| !b.is_empty()));
+}
+
+// ----- the sidebar of stored conversations (docs/conversations.md) ------------------------------
+
+/// The sidebar's entries, top first: `[thread id, title]`.
+const SIDEBAR: &str = "[...document.querySelectorAll('#thread-list li')]\
+    .map((li) => [li.dataset.thread, (li.querySelector('.thread-title') || {}).textContent])";
+
+async fn sidebar(browser: &Browser) -> Vec<(String, String)> {
+    let rows = browser.execute(&format!("return {SIDEBAR};"), vec![]).await.unwrap();
+    serde_json::from_value(rows).unwrap()
+}
+
+/// Waits until the sidebar is exactly `titles`, top first.
+async fn wait_for_sidebar(browser: &Browser, what: &str, titles: &[&str]) -> Vec<(String, String)> {
+    let want = serde_json::to_string(titles).unwrap();
+    wait_until(browser, what, &format!("JSON.stringify({SIDEBAR}.map((row) => row[1])) === {want:?}")).await;
+    sidebar(browser).await
+}
+
+/// The open conversation as text: one line per item, `user: ...` or `run <status>: <answer>`,
+/// with `*` after the role for an item the page has from the store (`data-stored`: loaded with
+/// the thread's messages, possibly shown with what the stream added).
+const CONVERSATION: &str = "[...document.querySelectorAll('#messages > li.msg')].map((li) => {\
+      const stored = li.dataset.stored === 'true' ? '*' : '';\
+      if (li.classList.contains('user')) return `user${stored}: ${li.textContent}`;\
+      if (li.classList.contains('run')) return `run${stored} ${li.dataset.status}: ${li.querySelector('.answer').textContent}`;\
+      return `other: ${li.textContent}`;\
+    })";
+
+async fn wait_for_conversation(browser: &Browser, what: &str, lines: &[&str]) {
+    let want = serde_json::to_string(lines).unwrap();
+    wait_until(browser, what, &format!("JSON.stringify({CONVERSATION}) === {want:?}")).await;
+}
+
+const TWO_TIMES_21: &str = "I worked it out with the calculator: 2 * 21 = 42.";
+
+/// A conversation lasts: it is listed in the sidebar with its title, a reload shows it from the
+/// store, and so does a new server on the same SQLite file after the first one stopped.
+#[actix_web::test]
+async fn conversations_survive_a_reload_and_a_server_restart() {
+    if !browser_wanted() {
+        return;
+    }
+    let _one = one_browser_at_a_time().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("x.db");
+    let sqlite = |db: PathBuf| {
+        move |c: &mut agentwire::config::Config| {
+            c.store.kind = agentwire::config::StoreKind::Sqlite;
+            c.store.path = db;
+            c.agent.step_delay_ms = 20;
+            // A short history: after the reload the stream replays only the run's end (its
+            // start is gone); the conversation is the store's.
+            c.history.events_per_user = std::num::NonZeroUsize::new(5).unwrap();
+        }
+    };
+    let server = TestServer::with(sqlite(db.clone()));
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+    sign_in(&browser, &format!("http://{}/", server.addr), "browser-carol").await;
+    send_message(&browser, "what is 2 * 21").await;
+    wait_until(&browser, "the run to complete", &format!("{} === 1", runs_with_status("ok"))).await;
+    let rows = wait_for_sidebar(&browser, "the thread in the sidebar", &["what is 2 * 21"]).await;
+    let thread_id = rows[0].0.clone();
+    let current = browser.execute("return document.querySelector('#thread-list li').dataset.current", vec![]);
+    assert_eq!(current.await.unwrap(), json!("true"), "the open thread is marked in the sidebar");
+    screenshot(&browser, "11-thread-in-sidebar.png").await;
+
+    // A reload: the conversation is the store's (and the stream's replay adds nothing to it).
+    browser.refresh().await.unwrap();
+    wait_until(&browser, "processing_ready", "document.body.dataset.connection === 'processing_ready'").await;
+    let stored = ["user*: what is 2 * 21", &format!("run* ok: {TWO_TIMES_21}")];
+    wait_for_conversation(&browser, "the stored conversation after the reload", &stored).await;
+    assert_eq!(sidebar(&browser).await, rows, "the same sidebar after the reload");
+    let summary = browser.find(Locator::Css("li.run details summary")).await.unwrap().text().await.unwrap();
+    assert_eq!(summary, "✓ calculator({\"expression\":\"2 * 21\"})", "the stored tool call, whole");
+    let url = browser.current_url().await.unwrap();
+    assert_eq!(
+        url.fragment(),
+        Some(format!("thread={thread_id}").as_str()),
+        "the open thread is in the address"
+    );
+    screenshot(&browser, "12-after-reload.png").await;
+    assert!(page_errors(&browser).await.is_empty(), "after the reload: {:?}", page_errors(&browser).await);
+
+    // The server stops; a new one on the same file (and another port) has it all.
+    server.shutdown().await;
+    let restarted = TestServer::with(sqlite(db.clone()));
+    sign_in(&browser, &format!("http://{}/", restarted.addr), "browser-carol").await;
+    assert_eq!(wait_for_sidebar(&browser, "the sidebar from the store", &["what is 2 * 21"]).await, rows);
+    wait_for_conversation(&browser, "the stored conversation after the restart", &stored).await;
+    // The stored tool call reads like a live one: name, arguments, result.
+    let summary = browser.find(Locator::Css("li.run details summary")).await.unwrap().text().await.unwrap();
+    assert_eq!(summary, "✓ calculator({\"expression\":\"2 * 21\"})");
+    let result = browser
+        .execute("return document.querySelector('li.run details pre:last-child').textContent", vec![])
+        .await
+        .unwrap();
+    assert!(result.as_str().is_some_and(|r| r.starts_with("result: ") && r.contains("42")), "{result}");
+    screenshot(&browser, "13-after-server-restart.png").await;
+
+    // The conversation goes on, on the same thread.
+    send_message(&browser, "and what is 3 * 3").await;
+    wait_until(&browser, "the second run", &format!("{} === 2", runs_with_status("ok"))).await;
+    let answer = "I worked it out with the calculator: 3 * 3 = 9.";
+    let lines = [stored[0], stored[1], "user: and what is 3 * 3", &format!("run ok: {answer}")];
+    wait_for_conversation(&browser, "the conversation going on", &lines).await;
+    let (status, page) = http_get(
+        &restarted.http(&format!("/api/v1/threads/{thread_id}/messages")),
+        Some(&restarted.token("browser-carol")),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let users: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["what is 2 * 21", "and what is 3 * 3"], "both on the thread the page had open");
+    assert_eq!(sidebar(&browser).await.len(), 1);
+    assert!(page_errors(&browser).await.is_empty(), "after the restart: {:?}", page_errors(&browser).await);
+    browser.close().await.unwrap();
+}
+
+/// Two tabs of one user: a new thread, a rename and a delete in one show in the other's sidebar;
+/// the other tab, which had the deleted thread open, clears its conversation.
+#[actix_web::test]
+async fn renames_and_deletes_reach_every_tab() {
+    if !browser_wanted() {
+        return;
+    }
+    let _one = one_browser_at_a_time().await;
+    let server = TestServer::with(|c| c.agent.step_delay_ms = 20);
+    let base = format!("http://{}/", server.addr);
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+    let first_tab = browser.window().await.unwrap();
+    sign_in(&browser, &base, "browser-erin").await;
+    send_message(&browser, "the first conversation").await;
+    wait_until(&browser, "the first run", &format!("{} === 1", runs_with_status("ok"))).await;
+    browser.find(Locator::Css("#new-thread")).await.unwrap().click().await.unwrap();
+    wait_until(&browser, "an empty conversation", "document.querySelectorAll('#messages > li').length === 0")
+        .await;
+    send_message(&browser, "the second conversation").await;
+    wait_until(&browser, "the second run", &format!("{} === 1", runs_with_status("ok"))).await;
+    let rows = wait_for_sidebar(
+        &browser,
+        "two threads, newest first",
+        &["the second conversation", "the first conversation"],
+    )
+    .await;
+    let first_id = rows[1].0.clone();
+
+    // The second tab lists both and opens the first.
+    let second_tab = browser.new_window(true).await.unwrap().handle;
+    browser.switch_to_window(second_tab.clone()).await.unwrap();
+    sign_in(&browser, &base, "browser-erin").await;
+    assert_eq!(wait_for_sidebar(&browser, "the second tab's sidebar", &[&rows[0].1, &rows[1].1]).await, rows);
+    let first_row = format!("#thread-list li[data-thread='{first_id}']");
+    browser.find(Locator::Css(&format!("{first_row} .thread-title"))).await.unwrap().click().await.unwrap();
+    wait_for_conversation(&browser, "the first conversation", &["user*: the first conversation", "run* ok: Your message has 3 words and 22 characters. Ask me some arithmetic, like 12 * (3 + 4), and I will use my calculator."]).await;
+
+    // Renamed in the first tab (in place: Ctrl+A, the new title, Enter).
+    browser.switch_to_window(first_tab.clone()).await.unwrap();
+    browser.find(Locator::Css(&format!("{first_row} .rename"))).await.unwrap().click().await.unwrap();
+    let field = browser.find(Locator::Css(&format!("{first_row} .thread-rename"))).await.unwrap();
+    field.send_keys("\u{E009}a\u{E000}Renamed in the first tab\u{E007}").await.unwrap();
+    let renamed = ["Renamed in the first tab", "the second conversation"];
+    wait_for_sidebar(&browser, "the rename (and the renamed thread on top)", &renamed).await;
+    screenshot(&browser, "14-renamed.png").await;
+    browser.switch_to_window(second_tab.clone()).await.unwrap();
+    wait_for_sidebar(&browser, "the rename in the other tab", &renamed).await;
+    let (_, listed) = http_get(&server.http("/api/v1/threads"), Some(&server.token("browser-erin"))).await;
+    assert_eq!(listed["threads"][0]["title"], "Renamed in the first tab", "{listed}");
+
+    // Deleted in the first tab, after a confirmation.
+    browser.switch_to_window(first_tab.clone()).await.unwrap();
+    browser.find(Locator::Css(&format!("{first_row} .delete"))).await.unwrap().click().await.unwrap();
+    let question = browser.get_alert_text().await.unwrap();
+    assert!(question.contains("Renamed in the first tab"), "{question}");
+    browser.accept_alert().await.unwrap();
+    wait_for_sidebar(&browser, "the thread to go", &["the second conversation"]).await;
+    browser.switch_to_window(second_tab.clone()).await.unwrap();
+    wait_for_sidebar(&browser, "the thread to go from the other tab", &["the second conversation"]).await;
+    wait_until(
+        &browser,
+        "the deleted conversation to clear",
+        "document.querySelectorAll('#messages > li').length === 0",
+    )
+    .await;
+    let notice = browser.find(Locator::Css("#notice")).await.unwrap().text().await.unwrap();
+    assert_eq!(notice, "This conversation was deleted.");
+    screenshot(&browser, "15-deleted-in-the-other-tab.png").await;
+    let (status, _) =
+        http_get(&server.http(&format!("/api/v1/threads/{first_id}")), Some(&server.token("browser-erin")))
+            .await;
+    assert_eq!(status, 404);
+    assert!(page_errors(&browser).await.is_empty(), "second tab: {:?}", page_errors(&browser).await);
+    browser.switch_to_window(first_tab).await.unwrap();
+    assert!(page_errors(&browser).await.is_empty(), "first tab: {:?}", page_errors(&browser).await);
+    browser.close().await.unwrap();
+}
+
+/// How a sidebar title fits: cut with an ellipsis by CSS, inside the sidebar, and the page no
+/// wider than the window.
+const TITLE_FIT: &str = r##"
+const nav = document.querySelector("nav.threads");
+const li = document.querySelector("#thread-list li");
+const title = li.querySelector(".thread-title");
+const style = getComputedStyle(title);
+const right = (e) => e.getBoundingClientRect().right;
+return {
+  text: title.textContent,
+  text_overflow: style.textOverflow, white_space: style.whiteSpace, overflow: style.overflowX,
+  scroll_width: title.scrollWidth, client_width: title.clientWidth,
+  title_right: right(title), row_right: right(li), delete_right: right(li.querySelector(".delete")),
+  nav_right: right(nav), nav_scroll_width: nav.scrollWidth, nav_client_width: nav.clientWidth,
+  page_width: document.documentElement.scrollWidth, window_width: window.innerWidth,
+};
+"##;
+
+fn assert_title_fits(fit: &Value, at: &str) {
+    let n = |key: &str| fit[key].as_f64().unwrap_or_else(|| panic!("{at}: {key} in {fit}"));
+    assert_eq!(
+        (&fit["text_overflow"], &fit["white_space"], &fit["overflow"]),
+        (&json!("ellipsis"), &json!("nowrap"), &json!("hidden")),
+        "{at}: {fit}"
+    );
+    assert!(n("scroll_width") > n("client_width"), "{at}: the title is cut: {fit}");
+    assert!(n("title_right") <= n("row_right") + 0.5, "{at}: {fit}");
+    assert!(n("delete_right") <= n("nav_right") + 0.5, "{at}: the row's buttons stay in the sidebar: {fit}");
+    assert!(
+        n("nav_scroll_width") <= n("nav_client_width"),
+        "{at}: the sidebar does not scroll sideways: {fit}"
+    );
+    assert!(n("page_width") <= n("window_width"), "{at}: the page is no wider than the window: {fit}");
+}
+
+/// A long title is cut with an ellipsis and never overflows the sidebar, on a desktop width and
+/// on a phone's, where the sidebar sits above the conversation.
+#[actix_web::test]
+async fn a_long_title_is_cut_with_an_ellipsis() {
+    if !browser_wanted() {
+        return;
+    }
+    let _one = one_browser_at_a_time().await;
+    let server = TestServer::with(|c| c.agent.step_delay_ms = 0);
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+    sign_in(&browser, &format!("http://{}/", server.addr), "browser-frank").await;
+    let long = "please summarise the minutes of the quarterly planning meeting about the new \
+                warehouse in Rotterdam and the delivery schedule for the spring";
+    send_message(&browser, long).await;
+    wait_until(&browser, "the run to complete", &format!("{} === 1", runs_with_status("ok"))).await;
+    // The store's title: the first 79 characters and an ellipsis.
+    let title = format!("{}…", &long[..79]);
+    wait_for_sidebar(&browser, "the store's title", &[&title]).await;
+    let fit = browser.execute(TITLE_FIT, vec![]).await.unwrap();
+    assert_eq!(fit["text"], title.as_str());
+    assert_title_fits(&fit, "desktop");
+    screenshot(&browser, "16-long-title.png").await;
+
+    browser.set_window_size(390, 844).await.unwrap();
+    wait_until(&browser, "the phone layout", "window.innerWidth < 400").await;
+    let fit = browser.execute(TITLE_FIT, vec![]).await.unwrap();
+    assert_title_fits(&fit, "phone");
+    let above = browser
+        .execute(
+            "return document.querySelector('nav.threads').getBoundingClientRect().bottom \
+             <= document.querySelector('section.conversation').getBoundingClientRect().top + 1",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(above, json!(true), "on a phone the sidebar is above the conversation");
+    screenshot(&browser, "17-long-title-phone.png").await;
+    assert!(page_errors(&browser).await.is_empty(), "{:?}", page_errors(&browser).await);
+    browser.close().await.unwrap();
+}
+
+/// A reload while an answer streams: the page shows the run in progress from
+/// `processing_ready.runs`, then its live events up to the completed answer, each piece once.
+#[actix_web::test]
+async fn a_reload_joins_the_run_in_progress() {
+    if !browser_wanted() {
+        return;
+    }
+    let _one = one_browser_at_a_time().await;
+    let server = TestServer::with(|c| c.agent.step_delay_ms = 300);
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+    sign_in(&browser, &format!("http://{}/", server.addr), "browser-grace").await;
+    send_message(&browser, "what is 2 * 21").await;
+    // The run has started and thought (its second step of eight, 300 ms apart).
+    wait_until(
+        &browser,
+        "the run's thinking",
+        "document.querySelector('li.run[data-status=running] .thinking')",
+    )
+    .await;
+    screenshot(&browser, "18-before-reload.png").await;
+    browser.refresh().await.unwrap();
+
+    // The run in progress, joined: what it had so far (its thinking at least).
+    let joined = wait_until(
+        &browser,
+        "the joined run",
+        "(() => { const run = document.querySelector('#messages li.run[data-joined]'); \
+         return run && { status: run.dataset.status, thinking: run.querySelector('.thinking')?.textContent }; })()",
+    )
+    .await;
+    assert_eq!(joined["status"], "running", "the run is shown in progress: {joined}");
+    assert_eq!(joined["thinking"], "Reading your message and picking a tool: calculator.", "{joined}");
+    screenshot(&browser, "19-joined-run.png").await;
+
+    // Then its completed answer, from its live events: every piece once.
+    wait_until(&browser, "the joined run to complete", &format!("{} === 1", runs_with_status("ok"))).await;
+    wait_for_conversation(
+        &browser,
+        "the completed run",
+        &["user*: what is 2 * 21", &format!("run ok: {TWO_TIMES_21}")],
+    )
+    .await;
+    let tools = browser.find_all(Locator::Css("li.run details summary")).await.unwrap();
+    assert_eq!(tools.len(), 1, "one tool call");
+    assert_eq!(tools[0].text().await.unwrap(), "✓ calculator({\"expression\":\"2 * 21\"})");
+    let thinking = browser.find(Locator::Css("li.run .thinking")).await.unwrap().text().await.unwrap();
+    assert_eq!(thinking, "Reading your message and picking a tool: calculator.");
+    screenshot(&browser, "20-joined-run-completed.png").await;
+    assert!(page_errors(&browser).await.is_empty(), "{:?}", page_errors(&browser).await);
+    browser.close().await.unwrap();
+}
+
+/// More threads than one page of the listing: "Load more" brings the rest, in order. More
+/// messages than one page of a thread: "Load earlier messages" brings the older ones.
+#[actix_web::test]
+async fn the_sidebar_and_a_thread_load_more_in_pages() {
+    if !browser_wanted() {
+        return;
+    }
+    let _one = one_browser_at_a_time().await;
+    let server = TestServer::with(|c| {
+        use std::num::NonZeroU32;
+        c.agent.kind = agentwire::config::AgentKind::None;
+        c.limits.messages_per_second = NonZeroU32::new(1000).unwrap();
+        c.limits.burst = NonZeroU32::new(1000).unwrap();
+        c.limits.user_messages_per_second = NonZeroU32::new(1000).unwrap();
+    });
+    // 55 threads (the page asks for 50 at a time), the newest with 111 messages (100 a page).
+    let mut tab = server.ready_client("browser-heidi").await;
+    for i in 0..55 {
+        tab.say(&format!("t-{i:02}"), &format!("thread {i:02}"), None).await;
+    }
+    for j in 1..=110 {
+        tab.say("t-54", &format!("more {j:03}"), None).await;
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+    sign_in(&browser, &format!("http://{}/", server.addr), "browser-heidi").await;
+    let first_page: Vec<String> = (5..55).rev().map(|i| format!("thread {i:02}")).collect();
+    let first_page: Vec<&str> = first_page.iter().map(String::as_str).collect();
+    wait_for_sidebar(&browser, "the first page of threads", &first_page).await;
+    wait_until(
+        &browser,
+        "the newest thread open",
+        "document.getElementById('messages').dataset.thread === 't-54'",
+    )
+    .await;
+    let shown = "document.querySelectorAll('#messages > li.msg.user').length";
+    wait_until(&browser, "its newest 100 messages", &format!("{shown} === 100")).await;
+    let first_shown =
+        browser.execute("return document.querySelector('#messages > li.msg.user').textContent", vec![]);
+    assert_eq!(first_shown.await.unwrap(), json!("more 011"));
+    screenshot(&browser, "21-pages.png").await;
+
+    browser.find(Locator::Css("#more-threads")).await.unwrap().click().await.unwrap();
+    let all: Vec<String> = (0..55).rev().map(|i| format!("thread {i:02}")).collect();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    wait_for_sidebar(&browser, "every thread", &all).await;
+    wait_until(&browser, "no more to load", "document.getElementById('more-threads').hidden").await;
+
+    browser.find(Locator::Css("#older")).await.unwrap().click().await.unwrap();
+    wait_until(&browser, "every message", &format!("{shown} === 111")).await;
+    let texts = browser
+        .execute(
+            "return [...document.querySelectorAll('#messages > li.msg.user')].map((li) => li.textContent)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let mut want = vec!["thread 54".to_owned()];
+    want.extend((1..=110).map(|j| format!("more {j:03}")));
+    assert_eq!(texts, json!(want), "oldest first, each once");
+    assert!(browser.find(Locator::Css("#older")).await.is_err(), "nothing older");
+    assert!(page_errors(&browser).await.is_empty(), "{:?}", page_errors(&browser).await);
+    browser.close().await.unwrap();
 }

@@ -130,6 +130,8 @@ async fn serve_prints_its_address_and_answers_there() {
     }
     // The secret made on first start is kept beside the config, so `agentwire token` agrees.
     assert!(dir.path().join(".agentwire-dev-secret").is_file());
+    // Conversations go to the SQLite file config.toml names, beside it too.
+    assert!(dir.path().join("agentwire.db").is_file(), "store.path is relative to the config's folder");
     let output = agentwire(dir.path()).args(["token", "--sub", "alice"]).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let token = String::from_utf8(output.stdout).unwrap();

@@ -34,7 +34,14 @@ async fn three_tabs_see_the_same_run() {
     assert_eq!(seen[1], seen[2]);
     let events = &seen[0];
     assert_contiguous(events, 1);
-    let echo = &events[0];
+    // The first message on a new thread makes it, announced before the echo.
+    let made = &events[0];
+    assert_eq!(made["type"], "thread_updated");
+    assert!(made.get("run_id").is_none());
+    assert_eq!(made["payload"]["thread_id"], "t1");
+    assert_eq!(made["payload"]["title"], "what is 12 * (3 + 4)?");
+    assert!(made["payload"]["updated_at"].as_u64().unwrap() > 1_600_000_000_000);
+    let echo = &events[1];
     assert_eq!(echo["type"], "user_message");
     assert_eq!(echo["seq"], ack["seq"]);
     assert!(echo.get("run_id").is_none());
@@ -80,11 +87,12 @@ async fn three_tabs_see_the_same_run() {
         assert!(tokio::time::Instant::now() < deadline, "unsent bytes stay at {unsent:?}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // 10 events handed to 3 sessions, plus the ack to the sender.
-    assert_eq!(server.metric("agentwire_events_published_total"), 10.0);
-    assert_eq!(server.metric("agentwire_frames_sent_total"), 31.0);
+    // 11 events (thread_updated, the echo, 9 of the run) handed to 3 sessions, plus the ack to
+    // the sender.
+    assert_eq!(server.metric("agentwire_events_published_total"), 11.0);
+    assert_eq!(server.metric("agentwire_frames_sent_total"), 34.0);
     assert_eq!(server.metric("agentwire_messages_received_total"), 1.0);
-    assert_eq!(server.metric("agentwire_event_delivery_seconds_count"), 30.0);
+    assert_eq!(server.metric("agentwire_event_delivery_seconds_count"), 33.0);
 }
 
 #[actix_web::test]
@@ -201,7 +209,12 @@ async fn bad_user_messages_get_errors_and_the_session_keeps_working() {
         assert_eq!((error["type"].as_str(), error["code"].as_str()), (Some("error"), Some(code)), "{frame}");
     }
     let ack = client.say("t", "ok now", None).await;
-    assert_eq!(ack["seq"], 1, "nothing was published for the bad frames");
+    // Nothing was published (or stored) for the bad frames: this message makes thread t (seq 1)
+    // and is echoed after it (seq 2).
+    let made = client.recv().await;
+    assert_eq!((made["type"].as_str(), made["seq"].as_u64()), (Some("thread_updated"), Some(1)), "{made}");
+    assert_eq!(made["payload"]["title"], "ok now", "{made}");
+    assert_eq!(ack["seq"], 2, "nothing was published for the bad frames");
 }
 
 #[actix_web::test]

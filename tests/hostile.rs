@@ -321,7 +321,10 @@ async fn history_is_capped_in_bytes_oldest_first() {
     assert_eq!(seqs.last(), Some(&10));
 }
 
-/// `history.dedupe_per_user`: the oldest `client_msg_id` is forgotten first.
+/// `history.dedupe_per_user` caps the `client_msg_id`s the broker remembers (the oldest is
+/// forgotten first), but a repeated `client_msg_id` is recognised for as long as its message is
+/// stored (docs/conversations.md): one past the broker's cap is acked again by the store, with
+/// the same message, run and seq, and starts nothing.
 #[actix_web::test]
 async fn remembered_client_msg_ids_are_capped() {
     let server = TestServer::with(|c| {
@@ -329,12 +332,20 @@ async fn remembered_client_msg_ids_are_capped() {
         c.agent.step_delay_ms = 0;
     });
     let mut client = server.ready_client("retrier").await;
-    let mut runs = Vec::new();
+    let mut acks = Vec::new();
     for id in ["c1", "c2", "c3"] {
-        runs.push(client.say("t", "hello", Some(id)).await["run_id"].clone());
+        let ack = client.say("t", "hello", Some(id)).await;
+        client.events_until_run_ends(ack["run_id"].as_str().unwrap()).await;
+        acks.push(ack);
     }
-    assert_eq!(client.say("t", "hello", Some("c3")).await["run_id"], runs[2], "c3 is remembered");
-    assert_ne!(client.say("t", "hello", Some("c1")).await["run_id"], runs[0], "c1 was forgotten");
+    assert_eq!(client.say("t", "hello", Some("c3")).await, acks[2], "c3 is remembered");
+    assert_eq!(
+        client.say("t", "hello", Some("c1")).await,
+        acks[0],
+        "c1, past the broker's cap, is still stored: acked again the same"
+    );
+    // Neither repeat was echoed or started a run: the next frame answers the ping.
+    assert_eq!(client.ping(json!(1)).await["type"], "pong");
 }
 
 /// `history.max_users`: a flood of user ids (here through the publish API) forgets the

@@ -4,13 +4,16 @@
 //! a node that cannot reach Redis does not start.
 //!
 //! Uses the Redis at `AGENTWIRE_TEST_REDIS_URL` (default redis://127.0.0.1:6379; `.ci/test`
-//! starts one where none runs), each test under a key prefix of its own, never flushing.
+//! starts one where none runs), each test under a key prefix of its own, never flushing; and,
+//! since Redis nodes share one conversation store, a PostgreSQL database of each test's own
+//! (`common::postgres`), shared by that test's nodes.
 
 mod common;
 
 use std::num::NonZero;
 
-use agentwire::config::BrokerKind;
+use agentwire::config::{BrokerKind, StoreKind};
+use common::postgres::TestDatabase;
 use common::*;
 use serde_json::json;
 
@@ -26,8 +29,13 @@ fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
-/// `count` nodes on one Redis under one prefix, each with a fast demo agent.
-fn nodes(test: &str, count: usize, adjust: impl Fn(&mut agentwire::config::Config)) -> Vec<TestServer> {
+/// `count` nodes on one Redis under one prefix and on one database, each with a fast demo agent.
+fn nodes(
+    test: &str,
+    count: usize,
+    db: &TestDatabase,
+    adjust: impl Fn(&mut agentwire::config::Config),
+) -> Vec<TestServer> {
     let prefix = unique_prefix(test);
     (0..count)
         .map(|i| {
@@ -37,6 +45,8 @@ fn nodes(test: &str, count: usize, adjust: impl Fn(&mut agentwire::config::Confi
                 c.broker.url = redis_url();
                 c.broker.prefix = prefix;
                 c.broker.node_id = format!("node-{i}");
+                c.store.kind = StoreKind::Postgres;
+                c.store.url = db.url();
                 c.history.ttl_secs = 60;
                 c.agent.step_delay_ms = 0;
                 adjust(c);
@@ -47,7 +57,8 @@ fn nodes(test: &str, count: usize, adjust: impl Fn(&mut agentwire::config::Confi
 
 #[actix_web::test]
 async fn tabs_on_different_nodes_see_one_stream() {
-    let cluster = nodes("one-stream", 3, |_| {});
+    let db = TestDatabase::create();
+    let cluster = nodes("one-stream", 3, &db, |_| {});
     let mut tabs = Vec::new();
     for node in &cluster {
         tabs.push(node.ready_client("alice").await);
@@ -78,7 +89,8 @@ async fn tabs_on_different_nodes_see_one_stream() {
 
 #[actix_web::test]
 async fn a_client_resumes_on_another_node() {
-    let cluster = nodes("resume", 2, |_| {});
+    let db = TestDatabase::create();
+    let cluster = nodes("resume", 2, &db, |_| {});
     let mut first = Client::connect_bearer(&cluster[0].ws_url(), &cluster[0].token("carol")).await.unwrap();
     let epoch = first.expect_setup("carol").await["epoch"].as_str().unwrap().to_owned();
     publish(&cluster[0], "carol", vec![thinking("1"), thinking("2")]).await;
@@ -103,7 +115,8 @@ async fn a_client_resumes_on_another_node() {
 
 #[actix_web::test]
 async fn a_repeated_client_msg_id_is_one_message_across_nodes() {
-    let cluster = nodes("dedupe", 2, |_| {});
+    let db = TestDatabase::create();
+    let cluster = nodes("dedupe", 2, &db, |_| {});
     let mut a = cluster[0].ready_client("dave").await;
     let mut b = cluster[1].ready_client("dave").await;
     let first = a.say("t", "once", Some("same-id")).await;
@@ -123,7 +136,8 @@ async fn a_repeated_client_msg_id_is_one_message_across_nodes() {
 
 #[actix_web::test]
 async fn the_session_cap_holds_across_nodes() {
-    let cluster = nodes("cap", 2, |c| c.limits.max_sessions_per_user = NonZero::new(2).unwrap());
+    let db = TestDatabase::create();
+    let cluster = nodes("cap", 2, &db, |c| c.limits.max_sessions_per_user = NonZero::new(2).unwrap());
     let _one = cluster[0].ready_client("erin").await;
     let _two = cluster[1].ready_client("erin").await;
     let mut third = Client::connect_bearer(&cluster[0].ws_url(), &cluster[0].token("erin")).await.unwrap();
@@ -143,9 +157,12 @@ async fn the_session_cap_holds_across_nodes() {
 #[actix_web::test]
 async fn a_node_that_cannot_reach_redis_does_not_start() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = TestDatabase::create();
     let mut config = test_config();
     config.broker.kind = BrokerKind::Redis;
     config.broker.url = format!("redis://127.0.0.1:{port}");
+    config.store.kind = StoreKind::Postgres;
+    config.store.url = db.url();
     config.validate().unwrap();
     let error = match agentwire::build(config) {
         Ok(_) => panic!("started without Redis"),
@@ -156,7 +173,8 @@ async fn a_node_that_cannot_reach_redis_does_not_start() {
 
 #[actix_web::test]
 async fn cancel_and_the_connections_api_work_from_any_node() {
-    let cluster = nodes("cancel", 2, |c| c.agent.step_delay_ms = 150);
+    let db = TestDatabase::create();
+    let cluster = nodes("cancel", 2, &db, |c| c.agent.step_delay_ms = 150);
     let mut on_a = cluster[0].ready_client("hank").await;
     let mut on_b = cluster[1].ready_client("hank").await;
 
@@ -188,21 +206,28 @@ async fn cancel_and_the_connections_api_work_from_any_node() {
 #[actix_web::test]
 async fn a_killed_nodes_runs_end_with_node_lost_and_its_tabs_resume_elsewhere() {
     let prefix = unique_prefix("node-lost");
+    let db = TestDatabase::create();
     let survivor = {
         let prefix = prefix.clone();
+        let store_url = db.url();
         TestServer::with(move |c| {
             c.broker.kind = BrokerKind::Redis;
             c.broker.url = redis_url();
             c.broker.prefix = prefix;
             c.broker.node_id = "survivor".into();
+            c.store.kind = StoreKind::Postgres;
+            c.store.url = store_url;
             c.broker.node_lease_secs = 2;
             c.history.ttl_secs = 60;
         })
     };
     let url = redis_url();
+    let store_url = db.url();
     let mut doomed = BinaryServer::spawn(&[
         ("AGENTWIRE__BROKER__KIND", "redis"),
         ("AGENTWIRE__BROKER__URL", &url),
+        ("AGENTWIRE__STORE__KIND", "postgres"),
+        ("AGENTWIRE__STORE__URL", &store_url),
         ("AGENTWIRE__BROKER__PREFIX", &prefix),
         ("AGENTWIRE__BROKER__NODE_ID", "doomed"),
         ("AGENTWIRE__BROKER__NODE_LEASE_SECS", "2"),
@@ -250,7 +275,8 @@ fn the_load_generator_spreads_sessions_over_nodes() {
         #[command(flatten)]
         args: agentwire_loadtest::LoadtestArgs,
     }
-    let cluster = nodes("loadtest", 2, |_| {});
+    let db = TestDatabase::create();
+    let cluster = nodes("loadtest", 2, &db, |_| {});
     let (a, b) = (cluster[0].ws_url(), cluster[1].ws_url());
     for scenario in [
         vec!["--scenario", "chat", "--sessions", "20", "--users", "5", "--messages", "2"],

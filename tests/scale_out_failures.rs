@@ -2,7 +2,7 @@
 //! port, never the machine's): connections to Redis lost and back (nodes resubscribe and fill
 //! what they missed, tabs stay open), Redis gone (503s, `unavailable`, `/readyz`, tabs stay
 //! open), and Redis restarted empty (new epoch: tabs are sent to resume and learn
-//! `complete: false`).
+//! `complete: false`). The nodes share a PostgreSQL database of the test's own (`common::postgres`).
 
 mod common;
 
@@ -10,7 +10,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use agentwire::config::BrokerKind;
+use agentwire::config::{BrokerKind, StoreKind};
+use common::postgres::TestDatabase;
 use common::*;
 use serde_json::json;
 
@@ -101,14 +102,18 @@ impl Drop for OwnRedis {
     }
 }
 
-fn two_nodes(redis: &OwnRedis) -> (TestServer, TestServer) {
+/// Two nodes on `redis`, sharing `db` (Redis nodes share one conversation store).
+fn two_nodes(redis: &OwnRedis, db: &TestDatabase) -> (TestServer, TestServer) {
     let node = |i: usize| {
         let url = redis.url();
+        let store_url = db.url();
         TestServer::with(move |c| {
             c.broker.kind = BrokerKind::Redis;
             c.broker.url = url;
             c.broker.prefix = "failures".into();
             c.broker.node_id = format!("node-{i}");
+            c.store.kind = StoreKind::Postgres;
+            c.store.url = store_url;
             c.agent.step_delay_ms = 0;
         })
     };
@@ -118,7 +123,8 @@ fn two_nodes(redis: &OwnRedis) -> (TestServer, TestServer) {
 #[actix_web::test]
 async fn lost_connections_are_resubscribed_and_missed_events_filled() {
     let redis = OwnRedis::start().await;
-    let (a, b) = two_nodes(&redis);
+    let db = TestDatabase::create();
+    let (a, b) = two_nodes(&redis, &db);
     let mut on_a = a.ready_client("frank").await;
     let mut on_b = b.ready_client("frank").await;
     publish(&a, "frank", vec![thinking("before")]).await;
@@ -141,7 +147,8 @@ async fn lost_connections_are_resubscribed_and_missed_events_filled() {
 #[actix_web::test]
 async fn redis_gone_then_back_empty() {
     let mut redis = OwnRedis::start().await;
-    let (a, b) = two_nodes(&redis);
+    let db = TestDatabase::create();
+    let (a, b) = two_nodes(&redis, &db);
     let mut on_a = Client::connect_bearer(&a.ws_url(), &a.token("gina")).await.unwrap();
     let epoch = on_a.expect_setup("gina").await["epoch"].as_str().unwrap().to_owned();
     let mut on_b = b.ready_client("gina").await;

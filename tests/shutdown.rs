@@ -86,7 +86,7 @@ async fn sigterm_ends_unfinished_runs_with_node_shutdown_before_the_1012() {
     let end = frames
         .iter()
         .find(|f| f["run_id"] == run_id.as_str() && is_terminal(f))
-        .expect("the run's end before 1012");
+        .unwrap_or_else(|| panic!("the run's end before 1012: {frames:?}\n{}", server.log_text()));
     assert_eq!(
         (end["type"].as_str(), end["payload"]["code"].as_str()),
         (Some("agent_error"), Some("node_shutdown"))

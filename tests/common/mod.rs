@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_agent;
+pub mod postgres;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +46,8 @@ pub fn test_config() -> Config {
     config.api.keys = vec![API_KEY.to_owned()];
     config.auth.secret = TEST_SECRET.to_owned();
     config.auth.dev_tokens = true;
+    // Conversations in memory unless a test asks for a file or a database (tests/store.rs).
+    config.store.kind = agentwire::config::StoreKind::Memory;
     config
 }
 
