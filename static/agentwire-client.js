@@ -5,7 +5,9 @@
 // client.addEventListener("state", (e) => ...);   // e.detail: { state, code?, reason? }
 // client.addEventListener("event", (e) => ...);   // e.detail: one stream event (has `seq`)
 // client.addEventListener("frame", (e) => ...);   // e.detail: any other frame (ack, error, pong...)
-// client.addEventListener("resume", (e) => ...);  // e.detail: the `resume` object of processing_ready
+// client.addEventListener("resume", (e) => ...);  // e.detail: every processing_ready: its `resume`
+//                                                 // (complete, from_seq...), epochChanged, lastSeq
+//                                                 // and runs (the runs in progress as of lastSeq)
 // client.connect();
 //
 // It resumes after a drop with `last_seq` and `epoch`, with exponential backoff, so the page sees
@@ -124,7 +126,9 @@ export class AgentwireClient extends EventTarget {
         // A different epoch is a different stream (the server restarted or forgot it).
         const epochChanged = this.epoch !== null && this.epoch !== frame.epoch;
         this.epoch = frame.epoch;
-        const resume = { complete: true, ...frame.resume, epochChanged };
+        // `runs`: the user's runs in progress as of `last_seq` (docs/conversations.md); a page
+        // that joins one shows it from there and applies only its events after `last_seq`.
+        const resume = { complete: true, ...frame.resume, epochChanged, lastSeq: frame.last_seq, runs: frame.runs || [] };
         if (!resume.complete) {
           // Something was lost for good (history too short, or a new stream after a restart):
           // what follows is every event the server still has; the view starts over from it.

@@ -1,6 +1,10 @@
-// The agentwire chat page. Everything it shows is derived from the user's event stream, so two
-// tabs of one user show the same conversation, and a reconnect that resumes with `last_seq`
-// neither duplicates nor loses anything.
+// The agentwire chat page. The sidebar lists the user's threads from the store
+// (`GET /api/v1/threads`, docs/conversations.md); an open thread shows its stored messages
+// (`GET /api/v1/threads/{id}/messages`) with what the user's event stream adds live. Every tab of
+// the user sees every event, so two tabs show the same conversations and the same sidebar, and a
+// reconnect that resumes with `last_seq` neither duplicates nor loses anything. A run in progress
+// when the page (re)connects is shown from `processing_ready.runs` and continued by its live
+// events.
 
 import { AgentwireClient, describeAgUiEvent, describeClose } from "./agentwire-client.js";
 
@@ -14,13 +18,27 @@ const STATE_LABELS = {
   processing_ready: "ready",
 };
 const STORAGE_KEY = "agentwire.session";
+const THREADS_PAGE = 50;
+const MESSAGES_PAGE = 100;
 
 let client = null;
 let devTokens = true;
 let signedInAs = null;
 let currentThread = null;
-const threads = new Map(); // thread id -> { id, title, items: [item] }
-const runs = new Map(); // run id -> run
+// Until the user opens a thread (or the first listing opens one), a new tab follows the
+// conversation whose events it sees first.
+let autoFollow = true;
+let listLoaded = false; // the first page of threads was answered (or failed)
+let threadsNext = null; // the cursor of the next page of threads; null: none
+let readyOnce = false; // processing_ready was reached once since sign-in
+let epochNo = 0; // stream epochs seen: seqs of a later epoch order after those of an earlier one
+let lastSeen = 0; // the newest seq seen in this epoch
+// Events up to this seq were replayed as history when the page (re)built its view: the store's
+// listing, asked for after them, already has what they did to the sidebar.
+let historyUpTo = 0;
+const threads = new Map(); // thread id -> thread (see thread())
+const deleted = new Set(); // threads deleted while this page is open
+const runs = new Map(); // run id -> run item
 const pendingByClientId = new Map(); // client_msg_id -> user item not yet echoed
 
 // ----- sign in ---------------------------------------------------------------------------------
@@ -65,15 +83,34 @@ async function onSignIn(event) {
   }
 }
 
+function resetState() {
+  threads.clear();
+  deleted.clear();
+  runs.clear();
+  pendingByClientId.clear();
+  rows.clear();
+  openTools.clear();
+  $("thread-list").replaceChildren();
+  currentThread = null;
+  autoFollow = true;
+  listLoaded = false;
+  threadsNext = null;
+  readyOnce = false;
+  epochNo = 0;
+  lastSeen = 0;
+  historyUpTo = 0;
+}
+
 function signOut() {
   window.localStorage.removeItem(STORAGE_KEY);
   window.sessionStorage.removeItem(STORAGE_KEY);
   if (client) client.close();
   client = null;
-  threads.clear();
-  runs.clear();
-  pendingByClientId.clear();
-  currentThread = null;
+  resetState();
+  setHash(null);
+  $("notice").hidden = true;
+  renderThreads();
+  renderMessages();
   $("chat").hidden = true;
   $("signin").hidden = false;
   $("sign-out").hidden = true;
@@ -83,6 +120,7 @@ function signOut() {
 
 function start(token, user) {
   signedInAs = user;
+  resetState();
   $("signin").hidden = true;
   $("chat").hidden = false;
   $("sign-out").hidden = false;
@@ -96,6 +134,187 @@ function start(token, user) {
   showStatus("connecting", {});
   client.connect();
   $("input").focus();
+}
+
+// ----- the threads API -------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super((body && (body.message || body.error)) || `HTTP ${status}`);
+    this.status = status;
+  }
+}
+
+// A request with the user's JWT. A dev token that expired is minted again once.
+async function api(path, { method = "GET", body } = {}, retried = false) {
+  if (!client) throw new ApiError(0, { message: "signed out" });
+  const headers = { authorization: `Bearer ${client.token}` };
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (response.status === 401 && !retried && devTokens && signedInAs) {
+    const token = await mintDevToken(signedInAs);
+    if (!client) throw new ApiError(0, { message: "signed out" });
+    client.refreshToken(token);
+    return api(path, { method, body }, true);
+  }
+  const answer = response.status === 204 ? null : await response.json().catch(() => null);
+  if (!response.ok) throw new ApiError(response.status, answer);
+  return answer;
+}
+
+const threadPath = (id) => `/api/v1/threads/${encodeURIComponent(id)}`;
+
+function showNotice(text) {
+  const notice = $("notice");
+  notice.textContent = text;
+  notice.hidden = false;
+}
+
+// The first page of threads (`more`: the next one). A listing merges into what the page knows:
+// events may have told it newer things while the request was on its way.
+async function loadThreads(more = false) {
+  const query = `?limit=${THREADS_PAGE}${more && threadsNext ? `&before=${encodeURIComponent(threadsNext)}` : ""}`;
+  const asked = client;
+  const listed = new Set();
+  try {
+    const page = await api(`/api/v1/threads${query}`);
+    if (client !== asked) return listed;
+    for (const view of page.threads) {
+      if (deleted.has(view.thread_id)) continue;
+      const t = thread(view.thread_id);
+      t.inStore = true;
+      t.shown = true;
+      t.listedRunning = view.running;
+      setTitle(t, view.title, view.updated_at);
+      touch(t, view.updated_at);
+      listed.add(view.thread_id);
+    }
+    threadsNext = page.next || null;
+    // The open thread, chosen before the store said it has it.
+    const open = currentThread && threads.get(currentThread);
+    if (open && listed.has(open.id) && !open.stored && !open.loading) loadMessages(open.id);
+  } catch (error) {
+    if (client !== asked) return listed;
+    showNotice(`Could not load the conversations: ${error.message}`);
+  }
+  if (!more) {
+    listLoaded = true;
+    openFirst();
+  }
+  renderThreads();
+  return listed;
+}
+
+// A fresh page opens the thread named in the address, else the most recent one.
+function openFirst() {
+  if (currentThread || !autoFollow) return;
+  const wanted = hashThread();
+  const top = sortedThreads()[0];
+  if (wanted && !deleted.has(wanted)) selectThread(wanted);
+  else if (top) selectThread(top.id);
+}
+
+// The stored messages of a thread (`older`: the page before those loaded).
+async function loadMessages(id, older = false) {
+  const t = thread(id);
+  if (t.loading) return;
+  t.loading = true;
+  if (id === currentThread) renderMessages();
+  const before = older && t.storedNext ? `&before=${encodeURIComponent(t.storedNext)}` : "";
+  const asked = client;
+  try {
+    const page = await api(`${threadPath(id)}/messages?limit=${MESSAGES_PAGE}${before}`);
+    if (client !== asked) return;
+    t.storedMessages = older ? [...page.messages, ...t.storedMessages] : page.messages;
+    t.stored = storedItems(t.storedMessages, id);
+    t.storedNext = page.next || null;
+  } catch (error) {
+    if (client !== asked) return;
+    if (error.status === 404) {
+      if (!t.stored) t.stored = [];
+    } else if (id === currentThread) {
+      showNotice(`Could not load this conversation: ${error.message}`);
+    }
+  } finally {
+    t.loading = false;
+  }
+  if (id === currentThread) renderMessages();
+}
+
+// Stored messages (AG-UI shape, oldest first) as the page's items: a user message each, and one
+// run item for what each run produced (its text, its tool calls with their results).
+function storedItems(messages, threadId) {
+  const items = [];
+  let current = null;
+  for (const m of messages) {
+    if (m.role === "user") {
+      items.push({ kind: "user", messageId: m.id, content: textOf(m.content), stored: true });
+      current = null;
+      continue;
+    }
+    const runId = m.run_id || `stored-${m.id}`;
+    if (!current || current.runId !== runId) {
+      current = newRunItem(runId, threadId, 0);
+      current.status = "ok";
+      current.stored = true;
+      items.push(current);
+    }
+    if (m.run_status) current.status = m.run_status;
+    if (m.role === "assistant") {
+      current.answer += textOf(m.content);
+      for (const call of m.toolCalls || []) {
+        const fn = call.function || {};
+        current.tools.set(call.id, { tool: fn.name, args: parseMaybe(fn.arguments), done: false });
+      }
+    } else if (m.role === "tool") {
+      const call = current.tools.get(m.toolCallId) || { tool: "tool", args: undefined };
+      current.tools.set(m.toolCallId, { ...call, done: true, result: parseMaybe(textOf(m.content)) });
+    } else {
+      current.steps.push(`${m.role}: ${textOf(m.content)}`);
+    }
+  }
+  return items;
+}
+
+function textOf(content) {
+  if (typeof content === "string") return content;
+  if (Array.isArray(content)) return content.map((part) => (part && part.text) || "").join("");
+  return content == null ? "" : JSON.stringify(content);
+}
+
+function parseMaybe(text) {
+  if (typeof text !== "string") return text;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+async function renameThread(id, title) {
+  try {
+    const view = await api(threadPath(id), { method: "PATCH", body: { title } });
+    const t = threads.get(id);
+    if (t) {
+      setTitle(t, view.title, view.updated_at);
+      touch(t, view.updated_at);
+    }
+  } catch (error) {
+    showNotice(`Could not rename the conversation: ${error.message}`);
+  }
+  renderThreads();
+}
+
+async function deleteThread(id) {
+  const t = threads.get(id);
+  if (!window.confirm(`Delete “${titleOf(t)}”? Its messages are deleted too.`)) return;
+  try {
+    await api(threadPath(id), { method: "DELETE" });
+    removeThread(id);
+  } catch (error) {
+    if (error.status === 404) removeThread(id);
+    else showNotice(`Could not delete the conversation: ${error.message}`);
+  }
 }
 
 // ----- connection state ------------------------------------------------------------------------
@@ -126,71 +345,206 @@ function showStatus(state, detail) {
   }
 }
 
+// Every processing_ready: the first of a page, a resume after a drop, or a new stream.
 function onResume(resume) {
-  const notice = $("notice");
-  if (resume.complete) {
-    notice.hidden = true;
-    return;
-  }
+  const first = !readyOnce;
+  readyOnce = true;
+  let rebuild = false;
   if (resume.epochChanged) {
-    // A new stream: nothing replayed can overlap what is shown, so the view stays.
-    notice.textContent =
-      "The server restarted and could not keep its history: what you see was received before. " +
-      "New messages continue below.";
-  } else {
-    // Events were lost from this stream: rebuild the view from what the server still has.
-    threads.clear();
-    runs.clear();
-    notice.textContent =
-      "Some earlier events are no longer available on the server. " +
-      "The conversation below is rebuilt from what it still has.";
+    // A new stream: its seqs start over, after everything seen so far.
+    epochNo += 1;
+    lastSeen = 0;
+    for (const r of runs.values()) r.after = 0;
   }
-  notice.hidden = false;
+  if (first) {
+    // Nothing shown yet: the store has the conversations, what the stream replays only adds to
+    // them (even when it could not replay everything).
+  } else if (resume.complete) {
+    $("notice").hidden = true;
+  } else if (resume.epochChanged) {
+    // A new stream: nothing replayed can overlap what is shown, so the view stays.
+    showNotice(
+      "The server restarted and could not keep its event history: what you see was received before. " +
+        "New messages continue below.",
+    );
+    rebuild = true;
+  } else {
+    // Events were lost from this stream: rebuild the view from the store and what the stream
+    // still has. Messages not yet echoed stay.
+    for (const t of threads.values()) t.live = t.live.filter((item) => item.pending);
+    runs.clear();
+    showNotice(
+      "Some earlier events are no longer available on the server. " +
+        "The conversation below is rebuilt from what it still has.",
+    );
+    rebuild = true;
+  }
+  // Runs in progress: shown as they are at `last_seq`, then continued by their events after it.
+  // A run this page already follows is continued by the replay instead.
+  for (const snapshot of resume.runs || []) {
+    if (resume.complete && !first && runs.has(snapshot.run_id)) continue;
+    joinRun(snapshot, resume.lastSeq);
+  }
+  // The sidebar comes from the store, asked once the stream is attached, so that the listing
+  // has everything the replayed events did: those only add to the conversations' items.
+  historyUpTo = first || rebuild ? resume.lastSeq : 0;
+  if (first) loadThreads();
+  if (rebuild) {
+    loadThreads().then((listed) => {
+      if (currentThread && listed.has(currentThread)) loadMessages(currentThread);
+    });
+  }
   renderThreads();
   renderMessages();
+  updateCancel();
+}
+
+function joinRun(snapshot, lastSeq) {
+  if (deleted.has(snapshot.thread_id)) return;
+  const r = run(snapshot.run_id, snapshot.thread_id, order(snapshot.started_seq || lastSeq));
+  r.thinking = snapshot.thinking || "";
+  r.answer = snapshot.content || "";
+  r.tools = new Map(
+    (snapshot.tool_calls || []).map((call) => [
+      call.tool_call_id,
+      { tool: call.tool, args: call.args, done: "result" in call, result: call.result },
+    ]),
+  );
+  r.status = "running";
+  r.truncated = snapshot.truncated === true;
+  r.after = lastSeq;
+  r.joined = true;
+  r.whole = true;
 }
 
 // ----- the stream ------------------------------------------------------------------------------
 
+function order(seq) {
+  return epochNo * 1e10 + seq;
+}
+
 function thread(id) {
-  if (!threads.has(id)) threads.set(id, { id, title: "New thread", items: [] });
+  if (!threads.has(id)) {
+    threads.set(id, {
+      id,
+      title: null, // the store's title, once known
+      titleAt: -1, // updated_at of the title
+      updatedAt: 0,
+      shown: false, // in the sidebar: it has a message, or the store lists it
+      inStore: false, // the store has it (listed, or told by thread_updated)
+      fresh: false, // made by "New chat" on this page: nothing stored yet
+      listedRunning: null,
+      live: [], // items this page saw on the stream (or sent), in any order; see viewItems()
+      stored: null, // items from the store, oldest first; null: not loaded
+      storedMessages: [],
+      storedNext: null,
+      loading: false,
+    });
+  }
   return threads.get(id);
 }
 
-function run(runId, threadId) {
+function setTitle(t, title, at) {
+  if (title && at >= t.titleAt) {
+    t.title = title;
+    t.titleAt = at;
+  }
+}
+
+// A thread was updated at `at`; `show`: it belongs in the sidebar (if not there yet).
+function touch(t, at, show = true) {
+  if (typeof at === "number" && at > t.updatedAt) t.updatedAt = at;
+  if (show) t.shown = true;
+}
+
+// A title until the store's arrives: its rule (white space collapsed, 80 characters at most).
+function provisionalTitle(content) {
+  const text = content.replace(/\s+/g, " ").trim();
+  const chars = [...text];
+  return chars.length > 80 ? `${chars.slice(0, 79).join("")}…` : text;
+}
+
+function titleOf(t) {
+  return (t && t.title) || "New chat";
+}
+
+function newRunItem(runId, threadId, at) {
+  return { kind: "run", runId, threadId, at, thinking: "", steps: [], tools: new Map(), answer: "", status: "running", after: 0 };
+}
+
+function run(runId, threadId, at) {
   if (!runs.has(runId)) {
-    const entry = { kind: "run", runId, threadId, thinking: "", steps: [], tools: new Map(), answer: "", status: "running" };
+    const entry = newRunItem(runId, threadId, at);
     runs.set(runId, entry);
-    thread(threadId).items.push(entry);
+    thread(threadId).live.push(entry);
   }
   return runs.get(runId);
 }
 
+function removeThread(id) {
+  deleted.add(id);
+  threads.delete(id);
+  for (const [runId, r] of runs) if (r.threadId === id) runs.delete(runId);
+  if (id === currentThread) {
+    currentThread = null;
+    setHash(null);
+    showNotice("This conversation was deleted.");
+    renderMessages();
+    updateCancel();
+  }
+  renderThreads();
+}
+
 function onEvent(event) {
   const p = event.payload || {};
-  if (!currentThread) {
-    // A new tab follows the conversation it joins.
-    currentThread = event.thread_id;
-    thread(currentThread);
+  lastSeen = event.seq;
+  const at = order(event.seq);
+  const live = event.seq > historyUpTo;
+  if (event.type === "thread_updated") {
+    const id = p.thread_id || event.thread_id;
+    deleted.delete(id);
+    const t = thread(id);
+    t.inStore = true;
+    setTitle(t, p.title, p.updated_at);
+    touch(t, p.updated_at, live);
     renderThreads();
+    return;
   }
+  if (event.type === "thread_deleted") {
+    const id = p.thread_id || event.thread_id;
+    if (threads.has(id) || !deleted.has(id)) removeThread(id);
+    return;
+  }
+  // Nothing else that belongs to no run (a kind this page does not know) shows as an empty run,
+  // and nothing of a deleted thread (its cancelled run's end) brings it back.
+  if (event.type !== "user_message" && !event.run_id) return;
+  if (deleted.has(event.thread_id)) return;
+  if (!currentThread && autoFollow && listLoaded) {
+    // A new tab with no stored conversation follows the one it joins.
+    selectThread(event.thread_id);
+  }
+  const t = thread(event.thread_id);
   if (event.type === "user_message") {
-    const t = thread(event.thread_id);
-    if (t.title === "New thread") t.title = p.content.slice(0, 40);
+    touch(t, event.ts, live);
+    if (!t.title) setTitle(t, provisionalTitle(p.content), -1);
     const pending = p.client_msg_id && pendingByClientId.get(p.client_msg_id);
     if (pending) {
       pendingByClientId.delete(p.client_msg_id);
       pending.pending = false;
       pending.messageId = p.message_id;
-    } else {
-      t.items.push({ kind: "user", messageId: p.message_id, content: p.content, pending: false });
+      pending.at = at;
+    } else if (!t.live.some((item) => item.kind === "user" && item.messageId === p.message_id)) {
+      t.live.push({ kind: "user", messageId: p.message_id, content: p.content, pending: false, at });
     }
     renderThreads();
   } else {
-    const r = run(event.run_id, event.thread_id);
+    const r = run(event.run_id, event.thread_id, at);
+    // A run joined from processing_ready.runs already shows its events up to `after`.
+    if (event.seq <= r.after) return;
     switch (event.type) {
       case "agent_started":
         r.agent = p.agent;
+        r.whole = true; // seen from its start
         break;
       case "agent_thinking":
         // The demo thinks in one piece; AG-UI agents stream their reasoning in deltas.
@@ -218,6 +572,11 @@ function onEvent(event) {
         r.error = `${p.code}: ${p.message}`;
         break;
     }
+    if (event.type === "agent_started" || event.type === "agent_completed" || event.type === "agent_error") {
+      // The store moves a thread up when its run ends; the sidebar shows which ones run.
+      if (event.type !== "agent_started") touch(t, event.ts, live);
+      renderThreads();
+    }
   }
   if (event.thread_id === currentThread) renderMessages();
   updateCancel();
@@ -225,13 +584,64 @@ function onEvent(event) {
 
 function onFrame(frame) {
   if (frame.type === "error") {
-    const where = currentThread ? thread(currentThread) : null;
     const text = `${frame.message}${frame.ref ? ` (${frame.ref})` : ""}`;
-    if (where) where.items.push({ kind: "system", text: `Error ${frame.code}: ${text}` });
-    renderMessages();
+    if (currentThread) addSystem(currentThread, `Error ${frame.code}: ${text}`);
   } else if (frame.type === "token_expiring" && devTokens && signedInAs) {
     mintDevToken(signedInAs).then((token) => client && client.refreshToken(token)).catch(() => {});
   }
+}
+
+function addSystem(threadId, text) {
+  thread(threadId).live.push({ kind: "system", text, at: order(lastSeen) + 0.5 });
+  renderMessages();
+}
+
+// ----- what a thread shows ---------------------------------------------------------------------
+
+function keyOf(item) {
+  if (item.kind === "user" && item.messageId) return `m:${item.messageId}`;
+  if (item.kind === "run") return `r:${item.runId}`;
+  return null;
+}
+
+// The stored items in the store's order, each replaced by the page's own when it saw it live
+// from its start (that one has the thinking and the durations; a run whose start was no longer
+// in the replayed history is the store's), then what the store does not have yet (a run in
+// progress, a message on its way) in stream order. A note (an error) stays after the item it
+// followed.
+function viewItems(t) {
+  const live = [...t.live].sort((a, b) => a.at - b.at);
+  if (!t.stored) return live;
+  const storedKeys = new Set(t.stored.map(keyOf).filter(Boolean));
+  const firstAnchor = live.find((item) => storedKeys.has(keyOf(item)));
+  const liveByKey = new Map();
+  const after = new Map(); // stored key -> live items that came after it
+  const end = [];
+  let slot = end;
+  for (const item of live) {
+    const key = keyOf(item);
+    if (key && storedKeys.has(key)) {
+      item.inStore = true;
+      if (item.kind !== "run" || item.whole) liveByKey.set(key, item);
+      if (!after.has(key)) after.set(key, []);
+      slot = after.get(key);
+    } else if (key) {
+      // Older than the stored messages loaded so far: "Load earlier messages" brings it.
+      if (t.storedNext && firstAnchor && item.at < firstAnchor.at) continue;
+      end.push(item);
+      slot = end;
+    } else {
+      slot.push(item);
+    }
+  }
+  const items = [];
+  for (const s of t.stored) {
+    const key = keyOf(s);
+    items.push(liveByKey.get(key) || s);
+    items.push(...(after.get(key) || []));
+  }
+  items.push(...end);
+  return items;
 }
 
 // ----- rendering -------------------------------------------------------------------------------
@@ -240,48 +650,138 @@ function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
     if (key === "class") node.className = value;
-    else if (key.startsWith("data-")) node.setAttribute(key, value);
+    else if (key.startsWith("data-") || key.startsWith("aria-")) node.setAttribute(key, value);
     else node[key] = value;
   }
   for (const child of children) if (child != null) node.append(child);
   return node;
 }
 
+function sortedThreads() {
+  return [...threads.values()]
+    .filter((t) => t.shown)
+    .sort((a, b) => b.updatedAt - a.updatedAt || (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
+}
+
+function threadRunning(t) {
+  for (const r of runs.values()) if (r.threadId === t.id && r.status === "running") return true;
+  return Boolean(t.listedRunning && !runs.has(t.listedRunning));
+}
+
+// The sidebar, updated in place: an entry moves only when its place changes, so one being
+// renamed keeps its field and focus while others move around it.
+const rows = new Map(); // thread id -> li
+
 function renderThreads() {
   const list = $("thread-list");
-  list.replaceChildren(
-    ...[...threads.values()].map((t) => {
-      const button = el("button", { type: "button", textContent: t.title, title: t.title });
-      button.setAttribute("aria-current", String(t.id === currentThread));
-      button.addEventListener("click", () => selectThread(t.id));
-      return el("li", {}, button);
-    }),
-  );
+  const sorted = sortedThreads();
+  const wanted = new Set(sorted.map((t) => t.id));
+  for (const [id, li] of rows) {
+    if (!wanted.has(id)) {
+      li.remove();
+      rows.delete(id);
+    }
+  }
+  sorted.forEach((t, index) => {
+    let li = rows.get(t.id);
+    if (!li) {
+      li = threadRow(t.id);
+      rows.set(t.id, li);
+    }
+    updateRow(li, t);
+    const there = list.children[index];
+    if (there !== li) list.insertBefore(li, there || null);
+  });
+  $("more-threads").hidden = !threadsNext;
+  $("no-threads").hidden = sorted.length > 0 || !listLoaded;
+}
+
+function threadRow(id) {
+  const open = el("button", { type: "button", class: "thread-title" });
+  open.addEventListener("click", () => selectThread(id));
+  const rename = el("button", { type: "button", class: "thread-action rename", textContent: "✎", title: "Rename", "aria-label": "Rename" });
+  rename.addEventListener("click", () => startRename(id));
+  const remove = el("button", { type: "button", class: "thread-action delete", textContent: "✕", title: "Delete", "aria-label": "Delete" });
+  remove.addEventListener("click", () => deleteThread(id));
+  const li = el("li", { "data-thread": id }, open, rename, remove);
+  // The title button is out of the row while the title is being edited.
+  li.parts = { open, rename, remove };
+  return li;
+}
+
+function updateRow(li, t) {
+  const title = titleOf(t);
+  const { open, rename, remove } = li.parts;
+  if (open.textContent !== title) open.textContent = title;
+  open.title = title;
+  open.setAttribute("aria-current", String(t.id === currentThread));
+  li.dataset.current = String(t.id === currentThread);
+  li.dataset.running = String(threadRunning(t));
+  rename.setAttribute("aria-label", `Rename “${title}”`);
+  remove.setAttribute("aria-label", `Delete “${title}”`);
+}
+
+// Rename in place: Enter (or leaving the field) saves, Escape does not.
+function startRename(id) {
+  const li = rows.get(id);
+  const t = threads.get(id);
+  if (!li || !t || li.querySelector(".thread-rename")) return;
+  const { open } = li.parts;
+  const input = el("input", { class: "thread-rename", value: titleOf(t), maxLength: 200, "aria-label": "New title" });
+  let done = false;
+  const finish = (save) => {
+    if (done) return;
+    done = true;
+    const title = input.value.trim();
+    input.replaceWith(open);
+    if (save && title && title !== titleOf(threads.get(id))) renameThread(id, title);
+  };
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") {
+      e.preventDefault();
+      finish(true);
+    } else if (e.key === "Escape") {
+      e.preventDefault();
+      finish(false);
+      open.focus();
+    }
+  });
+  input.addEventListener("blur", () => finish(true));
+  open.replaceWith(input);
+  input.focus();
+  input.select();
 }
 
 const openTools = new Set(); // tool call ids the user expanded; kept across re-renders
 
 function renderRun(r) {
   const tools = [...r.tools.entries()].map(([id, call]) => {
-    const summary = `${call.done ? (call.ok ? "✓" : "✗") : "…"} ${call.tool}(${JSON.stringify(call.args)})`;
+    // A stored result does not say whether the tool failed; its text does.
+    const summary = `${call.done ? (call.ok === false ? "✗" : "✓") : "…"} ${call.tool}(${JSON.stringify(call.args)})`;
+    const took = call.durationMs != null ? ` (${call.durationMs} ms)` : "";
     const details = el(
       "details",
       { "data-tool-call": id },
       el("summary", { textContent: summary }),
       el("pre", { textContent: `arguments: ${JSON.stringify(call.args, null, 2)}` }),
-      call.done ? el("pre", { textContent: `result (${call.durationMs} ms): ${JSON.stringify(call.result, null, 2)}` }) : null,
+      call.done ? el("pre", { textContent: `result${took}: ${JSON.stringify(call.result, null, 2)}` }) : null,
     );
     details.open = openTools.has(id);
     details.addEventListener("toggle", () => (details.open ? openTools.add(id) : openTools.delete(id)));
     return details;
   });
   let meta = "running…";
-  if (r.status === "ok") meta = `completed in ${r.durationMs} ms`;
+  if (r.status === "ok") meta = r.durationMs != null ? `completed in ${r.durationMs} ms` : "completed";
   if (r.status === "cancelled") meta = "cancelled";
-  if (r.status === "error") meta = `failed: ${r.error}`;
+  if (r.status === "interrupted") meta = "interrupted";
+  if (r.status === "error") meta = r.error ? `failed: ${r.error}` : "failed";
+  if (r.truncated) meta += " (the answer so far is cut: it was too long to keep)";
+  const attrs = { class: "msg run", "data-run": r.runId, "data-status": r.status };
+  if (r.joined) attrs["data-joined"] = "true";
+  if (r.stored || r.inStore) attrs["data-stored"] = "true";
   return el(
     "li",
-    { class: "msg run", "data-run": r.runId, "data-status": r.status },
+    attrs,
     r.thinking ? el("p", { class: "thinking", textContent: r.thinking }) : null,
     r.steps.length ? el("ul", { class: "steps" }, ...r.steps.map((step) => el("li", { textContent: step }))) : null,
     ...tools,
@@ -293,16 +793,24 @@ function renderRun(r) {
 function renderMessages() {
   const list = $("messages");
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-  const items = currentThread ? thread(currentThread).items : [];
-  list.replaceChildren(
-    ...items.map((item) => {
-      if (item.kind === "user") {
-        return el("li", { class: `msg user${item.pending ? " pending" : ""}`, textContent: item.content });
-      }
-      if (item.kind === "system") return el("li", { class: "msg system", role: "alert", textContent: item.text });
-      return renderRun(item);
-    }),
-  );
+  const t = currentThread ? threads.get(currentThread) : null;
+  const rendered = (t ? viewItems(t) : []).map((item) => {
+    if (item.kind === "user") {
+      const attrs = { class: `msg user${item.pending ? " pending" : ""}`, textContent: item.content };
+      if (item.stored || item.inStore) attrs["data-stored"] = "true";
+      return el("li", attrs);
+    }
+    if (item.kind === "system") return el("li", { class: "msg system", role: "alert", textContent: item.text });
+    return renderRun(item);
+  });
+  if (t && t.storedNext) {
+    const older = el("button", { type: "button", class: "secondary", id: "older", textContent: "Load earlier messages" });
+    older.addEventListener("click", () => loadMessages(t.id, true));
+    rendered.unshift(el("li", { class: "older" }, older));
+  }
+  if (t && t.loading) rendered.unshift(el("li", { class: "loading", textContent: "Loading the conversation…" }));
+  list.replaceChildren(...rendered);
+  list.dataset.thread = currentThread || "";
   if (atBottom) list.scrollTop = list.scrollHeight;
 }
 
@@ -318,9 +826,35 @@ function newThreadId() {
   return `t-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
 }
 
-function selectThread(id) {
+function hashThread() {
+  const match = /^#thread=(.+)$/.exec(location.hash);
+  if (!match) return null;
+  try {
+    return decodeURIComponent(match[1]);
+  } catch {
+    return null;
+  }
+}
+
+function setHash(id) {
+  const url = id ? `#thread=${encodeURIComponent(id)}` : `${location.pathname}${location.search}`;
+  history.replaceState(null, "", url);
+}
+
+function selectThread(id, { fresh = false } = {}) {
   currentThread = id;
-  thread(id);
+  autoFollow = false;
+  const t = thread(id);
+  if (fresh) {
+    t.fresh = true;
+    t.stored = [];
+  } else if (!t.stored && !t.loading) {
+    // Only a thread the store may have is asked for: a 404 is an error in the page's console.
+    if (t.inStore || threadsNext) loadMessages(id);
+    else if (listLoaded) t.stored = [];
+  }
+  setHash(id);
+  $("notice").hidden = true;
   renderThreads();
   renderMessages();
   updateCancel();
@@ -333,18 +867,20 @@ function send(event) {
   const input = $("input");
   const content = input.value.trim();
   if (!content || !client) return;
-  if (!currentThread) selectThread(newThreadId());
+  if (!currentThread) selectThread(newThreadId(), { fresh: true });
   const clientMsgId = client.sendMessage(currentThread, content);
   if (!clientMsgId) {
-    thread(currentThread).items.push({ kind: "system", text: "Not connected: the message was not sent." });
-    renderMessages();
+    addSystem(currentThread, "Not connected: the message was not sent.");
     return;
   }
-  const item = { kind: "user", content, pending: true };
+  const item = { kind: "user", content, pending: true, at: order(lastSeen) + 0.5 };
   pendingByClientId.set(clientMsgId, item);
   const t = thread(currentThread);
-  if (t.title === "New thread") t.title = content.slice(0, 40);
-  t.items.push(item);
+  if (!t.title) setTitle(t, provisionalTitle(content), -1);
+  // To the top of the sidebar at once; the echo's time follows.
+  const newest = Math.max(0, ...[...threads.values()].map((other) => other.updatedAt));
+  touch(t, Math.max(t.updatedAt, newest + 1));
+  t.live.push(item);
   input.value = "";
   renderThreads();
   renderMessages();
@@ -355,15 +891,18 @@ function cancel() {
   if (r && client) client.cancelRun(r.runId);
 }
 
+function newChat() {
+  selectThread(newThreadId(), { fresh: true });
+  $("input").focus();
+}
+
 window.addEventListener("DOMContentLoaded", async () => {
   $("signin-form").addEventListener("submit", onSignIn);
   $("sign-out").addEventListener("click", signOut);
   $("composer").addEventListener("submit", send);
   $("cancel").addEventListener("click", cancel);
-  $("new-thread").addEventListener("click", () => {
-    selectThread(newThreadId());
-    $("input").focus();
-  });
+  $("new-thread").addEventListener("click", newChat);
+  $("more-threads").addEventListener("click", () => loadThreads(true));
   $("input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) send(e);
   });
