@@ -2,7 +2,7 @@
 # The benchmark suite: builds release, runs the standard scenarios against a fresh server on
 # 127.0.0.1 (server and load generator share this machine), repeats each, and writes
 # BENCHMARKS.md with the medians. Usage: benches/run.sh [repetitions, default 3]
-# ONLY=core|hostile|agents|scale|raw runs one group of scenarios (the other groups' reports from
+# ONLY=core|hostile|agents|scale|raw|store runs one group of scenarios (the other groups' reports from
 # an earlier run are kept, so BENCHMARKS.md keeps them too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +32,14 @@ stop_server() {
 }
 trap stop_server EXIT
 
-# A fresh server per run, so RSS figures start from the same place.
+# A fresh server per run, so RSS figures start from the same place, with a fresh SQLite store
+# (the default store: docs/conversations.md).
 start_server() {
   stop_server
+  rm -f "$OUT"/bench.db*
   env RUST_LOG=warn \
+    AGENTWIRE__STORE__KIND="${STORE_KIND:-sqlite}" AGENTWIRE__STORE__PATH="$OUT/bench.db" \
+    AGENTWIRE__STORE__URL="${STORE_URL:-postgres://127.0.0.1:5432/agentwire}" \
     AGENTWIRE__SERVER__BIND=127.0.0.1:$PORT \
     AGENTWIRE__API__KEYS=$KEY \
     AGENTWIRE__AGENT__STEP_DELAY_MS="${STEP_DELAY:-0}" \
@@ -138,17 +142,24 @@ fi
 # Scale-out (docs/scale-out.md): the same fan-out with the users' streams in Redis and the
 # sessions spread over 2 and 3 nodes, against one node with the memory broker in the same run.
 # Redis commands per event from Redis's own counter.
+# Several nodes keep conversations in one PostgreSQL database: a fresh one per run, dropped after.
 node_pids=()
-stop_nodes() { for pid in "${node_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; node_pids=(); }
+bench_db=""
+PG=${BENCH_POSTGRES:-postgres://127.0.0.1:5432}
+drop_db() { if [ -n "$bench_db" ]; then psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $bench_db WITH (FORCE)" >/dev/null; bench_db=""; fi; }
+stop_nodes() { for pid in "${node_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; node_pids=(); drop_db; }
 start_nodes() {
   local count=$1 prefix="bench-$RANDOM-$RANDOM"
   stop_nodes
+  bench_db="agentwire_bench_${RANDOM}_$RANDOM"
+  psql "$PG/postgres" -qc "CREATE DATABASE $bench_db" >/dev/null
   NODE_URLS=()
   for i in $(seq 0 $((count - 1))); do
     env RUST_LOG=warn AGENTWIRE__SERVER__BIND=127.0.0.1:$((PORT + 10 + i)) AGENTWIRE__API__KEYS=$KEY \
       AGENTWIRE__AGENT__STEP_DELAY_MS=0 AGENTWIRE__LIMITS__MAX_CONNECTIONS=19800 \
       AGENTWIRE__LIMITS__MAX_SESSIONS_PER_USER=1000 AGENTWIRE__LIMITS__MAX_OUTBOUND_BYTES=16777216 \
       AGENTWIRE__BROKER__KIND=redis AGENTWIRE__BROKER__PREFIX="$prefix" AGENTWIRE__BROKER__NODE_ID="node-$i" \
+      AGENTWIRE__STORE__KIND=postgres AGENTWIRE__STORE__URL="$PG/$bench_db" \
       "$BIN" >"$OUT/node-$i.log" 2>&1 &
     node_pids+=($!)
     NODE_URLS+=(--url "ws://127.0.0.1:$((PORT + 10 + i))/ws")
@@ -227,6 +238,36 @@ if want scale; then
   run_nodes scale-redis-1x1000 2 "${SCALE1[@]}"
   run scale-memory-1000x10 "${SCALE2[@]}"
   run_nodes scale-redis-1000x10 3 "${SCALE2[@]}"
+fi
+# The conversation store (docs/conversations.md): the same chat with conversations in memory, in
+# SQLite (the default) and in PostgreSQL, one after the other in one run; the store's size after.
+if want store; then
+  trap 'stop_server; stop_nodes' EXIT
+  STORE_CHAT=(--scenario chat --sessions 1000 --users 250 --messages 5)
+  STORE_KIND=memory run store-memory "${STORE_CHAT[@]}"
+  for rep in $(seq "$REPS"); do
+    start_server
+    echo "== store-sqlite (run $rep of $REPS)"
+    "$BIN" loadtest --url "ws://127.0.0.1:$PORT/ws" --quiet --server-pid "$server_pid" \
+      --json "$OUT/store-sqlite.$rep.json" "${STORE_CHAT[@]}" | tail -n +2
+    stop_server
+    echo "{\"store_bytes\": $(cat "$OUT"/bench.db* | wc -c)}" >"$OUT/store-sqlite-size.$rep.json"
+  done
+  echo "store-sqlite|${STORE_CHAT[*]}" >>"$OUT/commands.txt"
+  for rep in $(seq "$REPS"); do
+    bench_db="agentwire_bench_${RANDOM}_$RANDOM"
+    psql "$PG/postgres" -qc "CREATE DATABASE $bench_db" >/dev/null
+    STORE_KIND=postgres STORE_URL="$PG/$bench_db" start_server
+    empty=$(psql "$PG/postgres" -tAc "SELECT pg_database_size('$bench_db')")
+    echo "== store-postgres (run $rep of $REPS)"
+    "$BIN" loadtest --url "ws://127.0.0.1:$PORT/ws" --quiet --server-pid "$server_pid" \
+      --json "$OUT/store-postgres.$rep.json" "${STORE_CHAT[@]}" | tail -n +2
+    stop_server
+    full=$(psql "$PG/postgres" -tAc "SELECT pg_database_size('$bench_db')")
+    echo "{\"store_bytes\": $((full - empty))}" >"$OUT/store-postgres-size.$rep.json"
+    drop_db
+  done
+  echo "store-postgres|${STORE_CHAT[*]}" >>"$OUT/commands.txt"
 fi
 stop_server
 

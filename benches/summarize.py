@@ -401,6 +401,50 @@ raw = raw_section()
 shards = shards_section()
 
 
+def store_section():
+    kinds = [("memory", "store-memory"), ("SQLite (default)", "store-sqlite"), ("PostgreSQL", "store-postgres")]
+    runs = {name: reports(name) for _, name in kinds}
+    if not all(runs.values()):
+        return {}
+    w("## 10. Conversations: the store's cost on a chat")
+    w("")
+    w("The same chat (1,000 sessions over 250 users, 5 messages each, the demo agent at full speed)")
+    w("with conversations in memory, in SQLite and in PostgreSQL (the machine's, a fresh database per")
+    w("run), one after the other in one run. Every user message is stored before its ack and every")
+    w("run's messages before its `agent_completed` (docs/conversations.md); waiting writes are")
+    w("committed together. Store size: the SQLite files, or the database's growth, after the run,")
+    w("per 1,000 user messages (each with its run's answer). Command:")
+    w(f"`agentwire loadtest {commands.get('store-sqlite', '')}`")
+    w("")
+    w("| figure | memory | SQLite | PostgreSQL | SQLite / memory | PostgreSQL / memory |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    figures = {}
+    rows = [("message to ack p50 (ms)", ("ack", "p50_ms"), 2), ("message to ack p99 (ms)", ("ack", "p99_ms"), 2),
+            ("message to completed p99 (ms)", ("message_to_completed", "p99_ms"), 1),
+            ("runs completed per second", None, 0)]
+    for label, path, digits in rows:
+        if path is None:
+            meds = [median([5000 / r["scenario_secs"] for r in runs[name]]) for _, name in kinds]
+        else:
+            meds = [median([get(r, *path) for r in runs[name]]) for _, name in kinds]
+        ratios = [m / meds[0] if meds[0] and m is not None else None for m in meds[1:]]
+        figures[label] = ratios
+        w(f"| {label} | " + " | ".join(fmt(m, digits) for m in meds) + " | "
+          + " | ".join(fmt(x, 2, "x") for x in ratios) + " |")
+    sizes = []
+    for name in ("store-sqlite", "store-postgres"):
+        size = median([r["store_bytes"] for r in reports(name + "-size")])
+        sizes.append(fmt(size / 5 / 1024 if size else None, 0, " KB"))
+    w(f"| store size per 1,000 user messages | – | {sizes[0]} | {sizes[1]} | | |")
+    dirty = sum(sum(r["correctness"].values()) + sum(r["failed"].values()) for v in runs.values() for r in v)
+    w(f"| failed sessions and correctness counters (all runs) | | {dirty} | | | |")
+    w("")
+    return figures
+
+
+store = store_section()
+
+
 def per_frame_us(medians, frames):
     if not medians or medians.get(cpu_scenario[0]) is None:
         return None
@@ -448,6 +492,10 @@ if raw:
     raw_target("RSS per ready session <= 10 KB (19,000)", "idle", "server RSS per ready session (KB)", 10, False, False)
     raw_target("sessions/s to processing_ready >= 0.9x raw's connections/s", "idle", "sessions/s to processing_ready", 0.9, True)
     raw_target("paced p99 <= 1.1x raw", "paced", "publish to delivery p99 (ms)", 1.1, False)
+if store:
+    p99 = store["message to ack p99 (ms)"]
+    target("chat ack p99 with SQLite <= 1.5x memory", p99[0], 1.5, False, "x")
+    target("chat ack p99 with PostgreSQL <= 1.5x memory", p99[1], 1.5, False, "x")
 w("")
 
 w("## What the numbers mean")
