@@ -101,6 +101,18 @@ async fn dashboard_stats(state: web::Data<AppState>) -> HttpResponse {
         .json(state.env.metrics.dashboard_stats())
 }
 
+/// A 400 naming the field: `{"error":"bad_request","field":"threadId","message":"..."}`.
+#[derive(serde::Serialize)]
+struct FieldErrorBody<'a> {
+    error: &'static str,
+    field: &'a str,
+    message: &'a str,
+}
+
+pub(crate) fn bad_field(field: &str, message: &str) -> HttpResponse {
+    HttpResponse::BadRequest().json(FieldErrorBody { error: "bad_request", field, message })
+}
+
 pub(crate) fn error_response(status: StatusCode, error: &str, message: &str) -> HttpResponse {
     HttpResponse::build(status).json(HttpError { error, message })
 }

@@ -9,7 +9,7 @@ use log::info;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{api_key_ok, bearer, error_response, unauthorized, AppState};
+use super::{api_key_ok, bad_field, bearer, error_response, unauthorized, AppState};
 use crate::auth::is_valid_user_id;
 use crate::protocol::{now_ms, MAX_THREAD_ID_CHARS};
 use crate::registry::ThreadChanged;
@@ -34,7 +34,7 @@ fn caller(req: &HttpRequest, state: &AppState) -> Result<String, Refused> {
                 return Err(Box::new(unauthorized()));
             }
             if !is_valid_user_id(user_id) {
-                return Err(Box::new(bad_request("user_id", "is not a valid user id")));
+                return Err(Box::new(bad_field("user_id", "is not a valid user id")));
             }
             Ok(user_id.to_owned())
         }
@@ -65,17 +65,6 @@ fn invalid_token(message: &str) -> HttpResponse {
     error_response(StatusCode::UNAUTHORIZED, "invalid_token", message)
 }
 
-#[derive(Serialize)]
-struct FieldError<'a> {
-    error: &'static str,
-    field: &'a str,
-    message: &'a str,
-}
-
-fn bad_request(field: &str, message: &str) -> HttpResponse {
-    HttpResponse::BadRequest().json(FieldError { error: "bad_request", field, message })
-}
-
 fn not_found() -> HttpResponse {
     error_response(StatusCode::NOT_FOUND, "not_found", "no such thread")
 }
@@ -97,7 +86,7 @@ fn store_failed(e: &StoreError) -> HttpResponse {
 fn thread_id(req: &HttpRequest) -> Result<String, Refused> {
     let id = req.match_info().get("thread_id").unwrap_or_default();
     if id.is_empty() || id.chars().count() > MAX_THREAD_ID_CHARS {
-        return Err(Box::new(bad_request("thread_id", "must be 1 to 128 characters")));
+        return Err(Box::new(bad_field("thread_id", "must be 1 to 128 characters")));
     }
     Ok(id.to_owned())
 }
@@ -111,17 +100,14 @@ struct PageQuery {
 /// `limit` within 1..=`max` (`default` when absent); `before` a cursor this API gave.
 fn page(req: &HttpRequest, default: usize, max: usize) -> Result<(usize, Option<String>), Refused> {
     let query = web::Query::<PageQuery>::from_query(req.query_string())
-        .map_err(|_| Box::new(bad_request("query", "is not a valid query string")))?
+        .map_err(|_| Box::new(bad_field("query", "is not a valid query string")))?
         .into_inner();
     let limit = match query.limit {
         None => default,
         Some(text) => match text.parse::<usize>() {
             Ok(n) if (1..=max).contains(&n) => n,
             _ => {
-                return Err(Box::new(bad_request(
-                    "limit",
-                    &format!("must be a whole number from 1 to {max}"),
-                )))
+                return Err(Box::new(bad_field("limit", &format!("must be a whole number from 1 to {max}"))))
             }
         },
     };
@@ -129,7 +115,7 @@ fn page(req: &HttpRequest, default: usize, max: usize) -> Result<(usize, Option<
         let valid =
             before.split_once('.').is_some_and(|(n, rest)| n.parse::<i64>().is_ok() && !rest.is_empty());
         if !valid {
-            return Err(Box::new(bad_request("before", "is not a cursor this API gave")));
+            return Err(Box::new(bad_field("before", "is not a cursor this API gave")));
         }
     }
     Ok((limit, query.before))
@@ -201,11 +187,11 @@ async fn rename(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) 
         Err(answer) => return *answer,
     };
     let Ok(Rename { title }) = serde_json::from_slice::<Rename>(&body) else {
-        return bad_request("body", "must be a JSON object {\"title\": \"...\"}");
+        return bad_field("body", "must be a JSON object {\"title\": \"...\"}");
     };
     let title = match title {
         Some(serde_json::Value::String(title)) if (1..=200).contains(&title.chars().count()) => title,
-        _ => return bad_request("title", "must be a string of 1 to 200 characters"),
+        _ => return bad_field("title", "must be a string of 1 to 200 characters"),
     };
     match state.store.rename(&user_id, &thread_id, &title, now_ms()).await {
         Ok(Some(thread)) => {

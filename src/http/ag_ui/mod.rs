@@ -14,9 +14,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use log::{debug, info};
-use serde::Serialize;
 
-use super::{bearer, error_response, read_body, AppState, REGISTRY_WAIT};
+use super::{bad_field, bearer, error_response, read_body, AppState, REGISTRY_WAIT};
 use crate::config::AgentKind;
 use crate::protocol::ErrorCode;
 use crate::registry::{CancelRunOf, Registry, RunStep, StartHttpRun};
@@ -24,18 +23,6 @@ use render::Renderer;
 
 /// Steps a following client may be behind by before it stops following (see `observe`).
 const STEPS_BUFFERED: usize = 256;
-
-/// A 400's body: `{"error":"bad_request","field":"threadId","message":"..."}`.
-#[derive(Serialize)]
-struct FieldErrorBody<'a> {
-    error: &'static str,
-    field: &'a str,
-    message: &'a str,
-}
-
-fn bad_field(field: &str, message: &str) -> HttpResponse {
-    HttpResponse::BadRequest().json(FieldErrorBody { error: "bad_request", field, message })
-}
 
 /// Counts the request by its answer's status, and gives the answer back.
 fn counted(state: &AppState, response: HttpResponse) -> HttpResponse {
