@@ -406,7 +406,7 @@ def store_section():
     runs = {name: reports(name) for _, name in kinds}
     if not all(runs.values()):
         return {}
-    w("## 10. Conversations: the store's cost on a chat")
+    w("## 11. Conversations: the store's cost on a chat")
     w("")
     w("The same chat (1,000 sessions over 250 users, 5 messages each, the demo agent at full speed)")
     w("with conversations in memory, in SQLite and in PostgreSQL (the machine's, a fresh database per")
