@@ -153,16 +153,14 @@ impl OwnPostgres {
 
     /// Stops the server as `pg_ctl stop -m fast` does (SIGINT: sessions ended, a checkpoint) and
     /// waits, bounded, until it has exited.
-    fn stop(&mut self) {
-        let mut child = self.child.take().expect("PostgreSQL is running");
+    async fn stop(&mut self) {
+        let child = self.child.take().expect("PostgreSQL is running");
         signal(&child, libc::SIGINT);
-        if let Some(status) = wait_within(&mut child, PG_WAIT) {
-            assert!(status.success(), "postgres stopped with {status}:\n{}", self.log());
-            return;
+        let exited = tokio::task::spawn_blocking(move || wait_within(child, PG_WAIT)).await;
+        match exited {
+            Ok(Some(status)) => assert!(status.success(), "postgres stopped with {status}:\n{}", self.log()),
+            _ => panic!("postgres did not stop within {PG_WAIT:?} of SIGINT:\n{}", self.log()),
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("postgres did not stop within {PG_WAIT:?} of SIGINT:\n{}", self.log());
     }
 }
 
@@ -170,12 +168,9 @@ impl Drop for OwnPostgres {
     fn drop(&mut self) {
         // Immediate shutdown (SIGQUIT); SIGKILL if even that does not end it. Never a panic: the
         // test may be unwinding from one of its own. The folder goes with `dir`.
-        if let Some(mut child) = self.child.take() {
+        if let Some(child) = self.child.take() {
             signal(&child, libc::SIGQUIT);
-            if wait_within(&mut child, Duration::from_secs(10)).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            wait_within(child, Duration::from_secs(10));
         }
     }
 }
@@ -187,14 +182,20 @@ fn signal(child: &Child, signal: libc::c_int) {
     }
 }
 
-/// The child's exit status, polled until `limit`; `None` if it is still running then.
-fn wait_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            _ => return None,
+/// The child's exit status, awaited (on a thread of its own) for at most `limit`; past it the
+/// child is killed and `None` answered.
+fn wait_within(mut child: Child, limit: Duration) -> Option<ExitStatus> {
+    let pid = child.id() as libc::pid_t;
+    let (exited, status) = std::sync::mpsc::channel();
+    std::thread::spawn(move || exited.send(child.wait()));
+    match status.recv_timeout(limit) {
+        Ok(Ok(status)) => Some(status),
+        _ => {
+            // SAFETY: kill(2) on our own child's pid; the waiting thread reaps it.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            None
         }
     }
 }
@@ -321,7 +322,7 @@ async fn with_the_database_gone_messages_are_refused_and_a_run_holds_its_end_unt
     let of_run = |frame: &Value| frame["run_id"] == run_id.as_str();
     tab.recv_where(|f| of_run(f) && f["type"] == "agent_started").await;
 
-    pg.stop();
+    pg.stop().await;
     let down = Instant::now();
     let down_ms = now_ms();
 

@@ -63,7 +63,7 @@ pub struct AgentEvent {
     pub run_id: String,
     pub output: AgentOutput,
     /// With a run's successful end: what the run adds to the thread's conversation (the agent's
-    /// messages, the thread's new state), for the registry to keep in the broker.
+    /// messages, the thread's new state), for the registry to store (docs/conversations.md).
     pub turn: Option<Conversation>,
     /// With [`RunRequest::forward_ag_ui`]: the AG-UI events, as received, that this step stands
     /// for (with those before it that mapped to nothing, such as `TEXT_MESSAGE_START`).

@@ -1,6 +1,7 @@
 //! One user's event stream (protocol sections 5 and 6): the epoch, the `seq` counter and the
-//! bounded history that resume replays from. Pure data, owned by the registry, which is the
-//! stream's only writer; that is what makes "assign seq, append, fan out" atomic per user.
+//! bounded history that resume replays from. Pure data, owned by the in-memory broker, whose
+//! calls a registry shard makes one at a time: that is what makes "assign seq, append" atomic
+//! per user (the Redis broker does the same in one script, `redis/scripts.rs`).
 
 use std::collections::VecDeque;
 use std::time::Instant;

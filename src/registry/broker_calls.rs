@@ -1,4 +1,5 @@
-//! Acting on the broker's answers: never waiting for them, and never out of order for a user.
+//! Acting on the broker's and the store's answers: never waiting for them, and never out of
+//! order for a user (each in a queue of its own per user).
 //!
 //! Each call's continuation waits in its user's queue until every earlier call of that user has
 //! been acted on, so a user's events reach sessions in seq order and a session's replay is
@@ -6,8 +7,8 @@
 //! that is already there when the queue is empty (the in-memory broker's, always) is acted on
 //! at once, in the same registry step, as if the broker were part of the registry.
 //!
-//! A continuation is a named step of the registry (`runs.rs`: `on_seen`, `on_submitted`,
-//! `on_conversation`), which may itself make a call: the sessions that step handed frames to are
+//! A continuation is a named step of the registry (`runs.rs`: `on_seen`, `on_stored`,
+//! `on_submitted`, `on_conversation`, `on_run_stored`), which may itself make a call: the sessions that step handed frames to are
 //! woken once the outermost continuation has returned (`acting`), never in the middle of one.
 
 use std::collections::{HashMap, VecDeque};
@@ -73,7 +74,6 @@ impl<C> CallQueue<C> {
 }
 
 impl Registry {
-    /// Runs `then` with the answer to `call`, after the answers to the user's earlier calls.
     /// Runs `then` with the broker's answer to `call`, after its answers to the user's earlier
     /// calls.
     pub(super) fn when<R: 'static>(

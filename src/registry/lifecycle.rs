@@ -444,7 +444,7 @@ pub(super) struct Draining {
     /// Set once the runs are over: the time their last events have to reach the sessions.
     settle_deadline: Option<Instant>,
     timer: Option<SpawnHandle>,
-    /// Ending the runs left re-enters through `end_run`: only the outer call acts.
+    /// Ending the runs left re-enters through `on_run_stored`: only the outer call acts.
     advancing: bool,
 }
 

@@ -74,7 +74,7 @@ pub struct CancelRequest {
 // ----- AG-UI clients (`POST /ag-ui`) -> registry -----------------------------------------------
 
 /// One step of a run, for an AG-UI client that follows it: the stream event's output, and the
-/// agent's original AG-UI events when the agent speaks AG-UI (`ag_ui_endpoint/render.rs`).
+/// agent's original AG-UI events when the agent speaks AG-UI (`http/ag_ui/render.rs`).
 #[derive(Debug)]
 pub struct RunStep {
     pub output: crate::protocol::AgentOutput,

@@ -122,8 +122,13 @@ fn refused(code: ErrorCode, message: &str) -> HttpResponse {
         ErrorCode::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         ErrorCode::AgentBusy => (StatusCode::TOO_MANY_REQUESTS, "agent_busy"),
         ErrorCode::BadMessage => return bad_field("runId", message),
-        ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "internal"),
+        // The stream or the conversation store cannot be reached: nothing was taken.
+        ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        // docs/conversations.md: the thread's run is still going (`agent.on_busy`).
+        ErrorCode::ThreadBusy => (StatusCode::CONFLICT, "thread_busy"),
+        // docs/conversations.md: `store.max_bytes_per_user`.
+        ErrorCode::QuotaExceeded => (StatusCode::FORBIDDEN, "quota_exceeded"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
     error_response(status, error, message)
 }
