@@ -1,4 +1,4 @@
-//! AGENTS.md end to end against a scripted AG-UI agent (a real HTTP server): the request agentwire
+//! docs/agents.md end to end against a scripted AG-UI agent (a real HTTP server): the request agentwire
 //! sends, the mapping table with its pass-through, every row of the failure table, cancel, the
 //! concurrency cap, and `kind = "none"`. What is asserted is what a WebSocket client sees.
 
@@ -150,7 +150,7 @@ async fn a_conversation_maps_every_event_and_sends_the_thread_history() {
     assert_eq!(server.metric("agentwire_agent_first_event_seconds_count"), 3.0);
 }
 
-/// Every failure row of AGENTS.md, each for its own user of one server, all at once: each run
+/// Every failure row of docs/agents.md ("When the agent misbehaves"), each for its own user of one server, all at once: each run
 /// ends with exactly one `agent_error` of its code, and a well-behaved user alongside is not
 /// touched.
 #[actix_web::test]

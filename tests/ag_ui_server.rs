@@ -1,4 +1,4 @@
-//! `POST /ag-ui` (AGENTS.md, last section): agentwire as an AG-UI server. The AG-UI project's own
+//! `POST /ag-ui` (docs/ag-ui.md): agentwire as an AG-UI server. The AG-UI project's own
 //! TypeScript client (`@ag-ui/client`, run by Node; `.ci/test` installs it) holds a conversation
 //! and aborts a run while a WebSocket tab of the same user watches; the pass-through of an AG-UI
 //! agent's own events; bad input; limits.

@@ -1,4 +1,4 @@
-//! Several agentwire nodes on one Redis (`[broker] kind = "redis"`, SCALE-OUT.md): a user whose
+//! Several agentwire nodes on one Redis (`[broker] kind = "redis"`, docs/scale-out.md): a user whose
 //! tabs sit on different nodes sees one identical stream; publishes and runs on any node reach
 //! all of them; resume on another node; `client_msg_id` dedupe and the session cap across nodes;
 //! a node that cannot reach Redis does not start.

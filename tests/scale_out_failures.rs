@@ -1,8 +1,8 @@
-//! SCALE-OUT.md's failure table against a real Redis of the test's own (`redis-server` on a free
-//! port, never the machine's): connections to Redis lost and back (nodes resubscribe and fill
-//! what they missed, tabs stay open), Redis gone (503s, `unavailable`, `/readyz`, tabs stay
-//! open), and Redis restarted empty (new epoch: tabs are sent to resume and learn
-//! `complete: false`). The nodes share a PostgreSQL database of the test's own (`common::postgres`).
+//! docs/scale-out.md's failure table ("When something goes away") against a real Redis of the test's own
+//! (`redis-server` on a free port, never the machine's): connections to Redis lost and back (nodes
+//! resubscribe and fill what they missed, tabs stay open), Redis gone (503s, `unavailable`, `/readyz`, tabs
+//! stay open), and Redis restarted empty (new epoch: tabs are sent to resume and learn `complete: false`).
+//! The nodes share a PostgreSQL database of the test's own (`common::postgres`).
 
 mod common;
 

@@ -69,7 +69,7 @@ async fn sigterm_closes_every_session_with_1012_and_exits_0() {
     eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
 }
 
-/// SCALE-OUT.md's SIGTERM row: a run in progress gets part of the grace period, then ends with
+/// docs/scale-out.md's SIGTERM row: a run in progress gets part of the grace period, then ends with
 /// `agent_error` `node_shutdown` before its session's 1012.
 #[actix_web::test]
 async fn sigterm_ends_unfinished_runs_with_node_shutdown_before_the_1012() {
