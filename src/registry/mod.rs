@@ -125,6 +125,9 @@ struct LocalUser {
     /// them in seq order, once, however the broker brings them (`fanout.rs`).
     delivered: Option<u64>,
     epoch: Option<String>,
+    /// The user's threads with a run going here, and the runs waiting behind it
+    /// (`agent.on_busy`): runs of one thread never interleave (`runs.rs`).
+    busy: HashMap<std::rc::Rc<str>, runs::Busy>,
 }
 
 struct Connection {
@@ -155,9 +158,6 @@ pub struct Registry {
     /// Store calls still to be answered, per user, in the order they were made.
     store_calls: HashMap<String, CallQueue>,
     runs: HashMap<String, Run>,
-    /// Threads with a run going here, and the runs waiting behind it (`agent.on_busy`): runs of
-    /// one thread never interleave (`runs.rs`).
-    busy: HashMap<(std::rc::Rc<str>, std::rc::Rc<str>), runs::Busy>,
     /// Runs an AG-UI client follows (`POST /ag-ui`): where their steps go besides the stream.
     observers: HashMap<String, futures_channel::mpsc::Sender<RunStep>>,
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
@@ -265,7 +265,6 @@ impl Registry {
             calls: HashMap::new(),
             store_calls: HashMap::new(),
             runs: HashMap::new(),
-            busy: HashMap::new(),
             observers: HashMap::new(),
             shutting_down: false,
             draining: None,
@@ -346,6 +345,7 @@ impl Registry {
                 runs_in_progress: 0,
                 delivered: None,
                 epoch: None,
+                busy: HashMap::new(),
                 limiter: RateLimiter::new(rate, rate.saturating_mul(2), std::time::Instant::now()),
             };
             self.local.insert(std::rc::Rc::from(user_id), user);

@@ -51,8 +51,6 @@ pub(super) struct Run {
     pub(super) user_id: Rc<str>,
     pub(super) thread_id: Rc<str>,
     pub(super) started: Instant,
-    /// The answer streamed so far, for the `agent_completed` of a cancelled run.
-    pub(super) response: String,
     /// The message that started the run, for an `agent_started` the registry has to supply.
     pub(super) message_id: String,
     /// `agent_started` is on the stream: a run ended before its agent started it (timeout,
@@ -66,6 +64,22 @@ pub(super) struct Run {
     pub(super) transcript: Transcript,
     /// The seq of its `agent_started`, once on the stream.
     pub(super) started_seq: Option<u64>,
+}
+
+impl Run {
+    /// A run of the message `started`, keeping at most `max_text_bytes` of its text.
+    fn new(started: &Started, max_text_bytes: usize) -> Run {
+        Run {
+            user_id: Rc::from(started.user_id.as_str()),
+            thread_id: Rc::from(started.message.thread_id.as_str()),
+            started: Instant::now(),
+            message_id: started.message_id.clone(),
+            announced: false,
+            turn: started.turn,
+            transcript: Transcript::new(&started.run_id, max_text_bytes),
+            started_seq: None,
+        }
+    }
 }
 
 /// A run that has ended and waits for its messages to be stored before its terminal event goes
@@ -244,8 +258,9 @@ impl Registry {
     /// Whether `agent.on_busy` refuses a message on this thread now: its run is going and the
     /// setting is `reject`, or too many already wait behind it.
     fn thread_refuses(&self, user_id: &str, thread_id: &str) -> bool {
-        let key: (Rc<str>, Rc<str>) = (Rc::from(user_id), Rc::from(thread_id));
-        let Some(busy) = self.busy.get(&key) else { return false };
+        let Some(busy) = self.local.get(user_id).and_then(|user| user.busy.get(thread_id)) else {
+            return false;
+        };
         busy.running.is_some()
             && match self.settings.on_busy {
                 OnBusy::Reject => true,
@@ -256,8 +271,8 @@ impl Registry {
     /// The thread's run `run_id` has its end on the stream: the next waiting run starts (or,
     /// during a shutdown, ends `node_shutdown` without starting).
     fn thread_run_ended(&mut self, ctx: &mut Context<Self>, user_id: &str, thread_id: &str, run_id: &str) {
-        let key: (Rc<str>, Rc<str>) = (Rc::from(user_id), Rc::from(thread_id));
-        let Some(busy) = self.busy.get_mut(&key) else { return };
+        let Some(user) = self.local.get_mut(user_id) else { return };
+        let Some(busy) = user.busy.get_mut(thread_id) else { return };
         if busy.running.as_deref() == Some(run_id) {
             busy.running = None;
         }
@@ -265,7 +280,7 @@ impl Registry {
             return;
         }
         let Some(next) = busy.waiting.pop_front() else {
-            self.busy.remove(&key);
+            user.busy.remove(thread_id);
             return;
         };
         if self.shutting_down {
@@ -283,18 +298,7 @@ impl Registry {
     fn end_waiting(&mut self, ctx: &mut Context<Self>, waiting: Waiting, output: AgentOutput) {
         let Waiting { started, observer, .. } = waiting;
         let run_id = started.run_id.clone();
-        let run = Run {
-            user_id: Rc::from(started.user_id.as_str()),
-            thread_id: Rc::from(started.message.thread_id.as_str()),
-            started: Instant::now(),
-            response: String::new(),
-            message_id: started.message_id,
-            announced: false,
-            turn: started.turn,
-            transcript: Transcript::new(&run_id, 0),
-            started_seq: None,
-        };
-        self.runs.insert(run_id.clone(), run);
+        self.runs.insert(run_id.clone(), Run::new(&started, 0));
         if let Some(observer) = observer {
             self.observers.insert(run_id.clone(), observer);
         }
@@ -303,7 +307,7 @@ impl Registry {
 
     /// A waiting run of the user, taken out of its thread's queue.
     fn take_waiting(&mut self, user_id: &str, run_id: &str) -> Option<Waiting> {
-        self.busy.iter_mut().filter(|((user, _), _)| &**user == user_id).find_map(|(_, busy)| {
+        self.local.get_mut(user_id)?.busy.values_mut().find_map(|busy| {
             let at = busy.waiting.iter().position(|w| w.started.run_id == run_id)?;
             busy.waiting.remove(at)
         })
@@ -416,7 +420,7 @@ impl Registry {
         match answer {
             Ok(Some(seen)) => self.repeated(pending, &seen),
             Ok(None) => self.submit(ctx, pending),
-            Err(e) => self.message_not_stored(pending.origin, &e),
+            Err(e) => self.message_not_stored(pending.origin, &e, e.failure(), true),
         }
     }
 
@@ -439,11 +443,26 @@ impl Registry {
         }
     }
 
-    fn message_not_stored(&mut self, origin: Origin, error: &BrokerError) {
-        warn!("{origin}: user_message not stored: broker: {error}");
-        self.metrics.fail(error.failure());
-        let message = "the message could not be stored now; send it again with the same client_msg_id";
-        self.refuse(origin, ErrorCode::Unavailable, message);
+    /// The stream (a `BrokerError`) or the store (a `StoreError`) did not take the message:
+    /// `unavailable` (send it again) unless retrying cannot help.
+    fn message_not_stored(
+        &mut self,
+        origin: Origin,
+        error: &dyn std::fmt::Display,
+        failure: Failure,
+        retry: bool,
+    ) {
+        warn!("{origin}: user_message not stored: {error}");
+        self.metrics.fail(failure);
+        let (code, message) = if retry {
+            (
+                ErrorCode::Unavailable,
+                "the message could not be stored now; send it again with the same client_msg_id",
+            )
+        } else {
+            (ErrorCode::Internal, "the message could not be stored")
+        };
+        self.refuse(origin, code, message);
     }
 
     /// A user message that starts nothing: an error frame to a session, the answer to an AG-UI
@@ -578,16 +597,8 @@ impl Registry {
             }
             Err(e) => {
                 self.run_not_started(&user_id, admitted.starts_run);
-                warn!("{}: user_message not stored: {e}", admitted.pending.origin);
-                self.metrics.fail(e.failure());
-                let (code, message) = match e {
-                    StoreError::Unavailable(_) => (
-                        ErrorCode::Unavailable,
-                        "the message could not be stored now; send it again with the same client_msg_id",
-                    ),
-                    StoreError::Failed(_) => (ErrorCode::Internal, "the message could not be stored"),
-                };
-                self.refuse(admitted.pending.origin, code, message);
+                let retry = matches!(e, StoreError::Unavailable(_));
+                self.message_not_stored(admitted.pending.origin, &e, e.failure(), retry);
             }
         }
     }
@@ -629,7 +640,7 @@ impl Registry {
             }
             Err(e) => {
                 self.run_not_started(&pending.user_id, starts_run);
-                return self.message_not_stored(pending.origin, &e);
+                return self.message_not_stored(pending.origin, &e, e.failure(), true);
             }
         };
         self.metrics.events_published.inc();
@@ -680,9 +691,8 @@ impl Registry {
         started: Started,
         observer: Option<futures_channel::mpsc::Sender<RunStep>>,
     ) {
-        let key: (Rc<str>, Rc<str>) =
-            (Rc::from(started.user_id.as_str()), Rc::from(started.message.thread_id.as_str()));
-        let busy = self.busy.entry(key).or_default();
+        let thread = Rc::from(started.message.thread_id.as_str());
+        let busy = self.local_user(&started.user_id).busy.entry(thread).or_default();
         if let Some(current) = busy.running.clone() {
             // Runs of one thread never interleave: this one starts when the current one's end
             // is on the stream (`thread_run_ended`).
@@ -695,18 +705,8 @@ impl Registry {
             return;
         }
         busy.running = Some(started.run_id.clone());
-        let Started { user_id, run_id, message_id, message, turn } = started;
-        let run = Run {
-            user_id: Rc::from(user_id.as_str()),
-            thread_id: Rc::from(message.thread_id.as_str()),
-            started: Instant::now(),
-            response: String::new(),
-            message_id: message_id.clone(),
-            announced: false,
-            turn,
-            transcript: Transcript::new(&run_id, self.settings.max_response_bytes),
-            started_seq: None,
-        };
+        let run = Run::new(&started, self.settings.max_response_bytes);
+        let Started { user_id, run_id, message_id, message, .. } = started;
         self.runs.insert(run_id.clone(), run);
         debug!("{who}: run {run_id} started for user {user_id}");
         self.broker.run_started(&user_id, &run_id, &message.thread_id);
@@ -817,16 +817,8 @@ impl Handler<AgentEvent> for Registry {
             }
             _ => {}
         }
-        if let AgentOutput::MessageChunk { delta } = &output {
-            // Kept for a cancel's `agent_completed`, up to `agent.max_response_bytes`; the
-            // chunks themselves all go out.
-            let room = self.settings.max_response_bytes.saturating_sub(run.response.len());
-            let mut cut = delta.len().min(room);
-            while !delta.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            run.response.push_str(&delta[..cut]);
-        }
+        // What a cancel's `agent_completed` carries, what is stored and what a joining tab sees,
+        // within `agent.max_response_bytes`; the events themselves all go out.
         run.transcript.follow(&output);
         let (user_id, thread_id) = (run.user_id.clone(), run.thread_id.clone());
         let payload = output.payload();
@@ -897,7 +889,7 @@ impl Registry {
         }
         let output = AgentOutput::Completed {
             status: RunStatus::Cancelled,
-            content: std::mem::take(&mut run.response),
+            content: run.transcript.text(),
             duration_ms: run.started.elapsed().as_millis() as u64,
         };
         self.end_run(ctx, run_id, output);

@@ -89,11 +89,7 @@ impl Transcript {
     /// The run as a tab that joins it is shown it (docs/conversations.md, "Joining a run in
     /// progress"): the text and thinking so far, each tool call with its result once it has one.
     pub fn snapshot(&self) -> Value {
-        let content: String = self
-            .parts
-            .iter()
-            .filter_map(|p| if let Part::Text(t) = p { Some(t.as_str()) } else { None })
-            .collect();
+        let content = self.text();
         let tool_calls: Vec<Value> = self
             .parts
             .iter()
@@ -115,6 +111,15 @@ impl Transcript {
             snapshot["truncated"] = Value::Bool(true);
         }
         snapshot
+    }
+
+    /// The answer's text so far (what a cancelled run's `agent_completed` carries), within
+    /// `agent.max_response_bytes`.
+    pub fn text(&self) -> String {
+        self.parts
+            .iter()
+            .filter_map(|p| if let Part::Text(t) = p { Some(t.as_str()) } else { None })
+            .collect()
     }
 
     fn has_text(&self) -> bool {
