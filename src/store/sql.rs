@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -194,59 +194,113 @@ async fn serve(pool: AnyPool, settings: StoreSettings, mut queue: mpsc::Receiver
     }
 }
 
-/// The answer of one write, sent only after its transaction committed.
-type Deliver = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// What a write produced, sent as its answer once its transaction is settled.
+enum Written {
+    Added(Added),
+    Done,
+    View(Option<ThreadView>),
+    Deleted(Option<Option<String>>),
+    Expired(Vec<(String, String)>),
+}
 
-/// Commits the waiting writes together, each in a savepoint: one that fails does not take the
-/// others with it, and every answer waits for the commit.
+/// Commits the waiting writes together, in one transaction, and answers each only after the
+/// commit. When the database refuses one of them, the whole group is written again with each
+/// write in a savepoint of its own, so that one does not take the others with it; savepoints
+/// cost two statements a write, so they are not paid while every write goes in
+/// (docs/conversations.md, "The store's speed").
 async fn writer(pool: AnyPool, settings: StoreSettings, mut waiting: mpsc::UnboundedReceiver<Job>) {
-    let mut batch = std::collections::VecDeque::new();
+    let mut batch = Vec::new();
     while let Some(first) = waiting.recv().await {
-        batch.push_back(first);
+        batch.push(first);
         while batch.len() < 256 {
             match waiting.try_recv() {
-                Ok(next) => batch.push_back(next),
+                Ok(next) => batch.push(next),
                 Err(_) => break,
             }
         }
         // Rows are locked in one order whatever node writes (several nodes on one PostgreSQL
         // database would otherwise deadlock, each holding a thread the other wants next). The
         // sort is stable: one thread's writes keep their order.
-        batch.make_contiguous().sort_by(|a, b| lock_order(a).cmp(&lock_order(b)));
-        let mut delivers: Vec<Deliver> = Vec::with_capacity(batch.len());
-        let committed = async {
-            let mut connection = pool.acquire().await?;
-            let mut transaction = connection.begin().await?;
-            while let Some(job) = batch.pop_front() {
-                let mut savepoint = transaction.begin().await?;
-                match write(&mut savepoint, job, &settings).await {
-                    Ok(deliver) => {
-                        savepoint.commit().await?;
-                        delivers.push(deliver);
-                    }
-                    Err((e, deliver)) => {
-                        warn!("store: a write failed: {e}");
-                        deliver(Err(error(e)));
-                        savepoint.rollback().await?;
-                    }
+        batch.sort_by(|a, b| lock_order(a).cmp(&lock_order(b)));
+        let results = match write_together(&pool, &batch, &settings).await {
+            Ok(results) => Ok(results),
+            Err(e) if refused(&e) => {
+                debug!("store: a write of {} was refused ({e}); writing them one by one", batch.len());
+                write_apart(&pool, &batch, &settings).await
+            }
+            Err(e) => Err(e),
+        };
+        match results {
+            Ok(results) => {
+                for (job, result) in batch.drain(..).zip(results) {
+                    answer(job, result);
                 }
             }
-            transaction.commit().await
-        };
-        let outcome = committed.await.map_err(error);
-        if let Err(e) = &outcome {
-            warn!("store: writes not committed: {e}");
-        }
-        // Writes the failed transaction never reached fail as it did.
-        let unreached =
-            outcome.clone().err().unwrap_or_else(|| StoreError::Unavailable("not written".into()));
-        for job in batch.drain(..) {
-            fail(job, unreached.clone());
-        }
-        for deliver in delivers.drain(..) {
-            deliver(outcome.clone());
+            Err(e) => {
+                warn!("store: {} writes not committed: {e}", batch.len());
+                let e = error(e);
+                for job in batch.drain(..) {
+                    answer(job, Err(e.clone()));
+                }
+            }
         }
     }
+}
+
+/// Every write of the group in one transaction; any failure fails them all.
+async fn write_together(
+    pool: &AnyPool,
+    batch: &[Job],
+    settings: &StoreSettings,
+) -> Result<Vec<Result<Written, StoreError>>, sqlx::Error> {
+    let mut connection = pool.acquire().await?;
+    let mut transaction = connection.begin().await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        results.push(Ok(write(&mut transaction, job, settings).await?));
+    }
+    transaction.commit().await?;
+    Ok(results)
+}
+
+/// Every write of the group in a savepoint of its own: a refused one is answered with why.
+async fn write_apart(
+    pool: &AnyPool,
+    batch: &[Job],
+    settings: &StoreSettings,
+) -> Result<Vec<Result<Written, StoreError>>, sqlx::Error> {
+    let mut connection = pool.acquire().await?;
+    let mut transaction = connection.begin().await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let mut savepoint = transaction.begin().await?;
+        match write(&mut savepoint, job, settings).await {
+            Ok(written) => {
+                savepoint.commit().await?;
+                results.push(Ok(written));
+            }
+            Err(e) => {
+                warn!("store: a write failed: {e}");
+                savepoint.rollback().await?;
+                results.push(Err(error(e)));
+            }
+        }
+    }
+    transaction.commit().await?;
+    Ok(results)
+}
+
+/// Whether the database refused a statement (as opposed to not being reached at all).
+fn refused(e: &sqlx::Error) -> bool {
+    !matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_)
+    )
 }
 
 /// The rows a write locks first: its user's thread.
@@ -262,78 +316,76 @@ fn lock_order(job: &Job) -> (&str, &str) {
     }
 }
 
-/// Answers a write that was never carried out.
-fn fail(job: Job, e: StoreError) {
+/// Sends a job its answer: what it wrote, or why it was not carried out.
+fn answer(job: Job, result: Result<Written, StoreError>) {
+    fn send<T>(answer: Answer<T>, result: Result<Written, StoreError>, take: fn(Written) -> Option<T>) {
+        let value = result.and_then(|written| {
+            take(written).ok_or_else(|| StoreError::Failed("a write answered another's kind".into()))
+        });
+        let _ = answer.send(value);
+    }
+    fn fail<T>(answer: Answer<T>, result: Result<Written, StoreError>) {
+        let e = result.err().unwrap_or_else(|| StoreError::Failed("a read was sent to the writer".into()));
+        let _ = answer.send(Err(e));
+    }
     match job {
-        Job::AddUserMessage(_, answer) => drop(answer.send(Err(e))),
+        Job::AddUserMessage(_, answer) => send(answer, result, |w| match w {
+            Written::Added(added) => Some(added),
+            _ => None,
+        }),
         Job::Confirm { answer, .. } | Job::RunStarted { answer, .. } | Job::AddRunMessages(_, answer) => {
-            drop(answer.send(Err(e)))
+            send(answer, result, |w| matches!(w, Written::Done).then_some(()))
         }
-        Job::Rename { answer, .. } => drop(answer.send(Err(e))),
-        Job::Delete { answer, .. } => drop(answer.send(Err(e))),
-        Job::Expire { answer, .. } => drop(answer.send(Err(e))),
-        Job::History { answer, .. } => drop(answer.send(Err(e))),
-        Job::Threads { answer, .. } => drop(answer.send(Err(e))),
-        Job::Thread { answer, .. } => drop(answer.send(Err(e))),
-        Job::Messages { answer, .. } => drop(answer.send(Err(e))),
-        Job::Ping(answer) => drop(answer.send(Err(e))),
+        Job::Rename { answer, .. } => send(answer, result, |w| match w {
+            Written::View(view) => Some(view),
+            _ => None,
+        }),
+        Job::Delete { answer, .. } => send(answer, result, |w| match w {
+            Written::Deleted(running) => Some(running),
+            _ => None,
+        }),
+        Job::Expire { answer, .. } => send(answer, result, |w| match w {
+            Written::Expired(gone) => Some(gone),
+            _ => None,
+        }),
+        Job::History { answer, .. } => fail(answer, result),
+        Job::Threads { answer, .. } => fail(answer, result),
+        Job::Thread { answer, .. } => fail(answer, result),
+        Job::Messages { answer, .. } => fail(answer, result),
+        Job::Ping(answer) => fail(answer, result),
     }
 }
 
-/// What to send once the transaction is settled: the write's answer, or the commit's error.
-fn deliver<T: Send + 'static>(answer: Answer<T>, value: T) -> Deliver {
-    Box::new(move |committed| {
-        let _ = answer.send(committed.map(|()| value));
+async fn write(connection: &mut AnyConnection, job: &Job, settings: &StoreSettings) -> Result<Written, sqlx::Error> {
+    Ok(match job {
+        Job::AddUserMessage(message, _) => Written::Added(add_user_message(connection, message, settings).await?),
+        Job::Confirm { user_id, what, epoch, seq, .. } => {
+            confirm(connection, user_id, what, epoch, *seq).await?;
+            Written::Done
+        }
+        Job::RunStarted { user_id, thread_id, run_id, .. } => {
+            sqlx::query("UPDATE threads SET running = $1 WHERE user_id = $2 AND thread_id = $3")
+                .bind(run_id.as_str())
+                .bind(user_id.as_str())
+                .bind(thread_id.as_str())
+                .execute(&mut *connection)
+                .await?;
+            Written::Done
+        }
+        Job::AddRunMessages(run, _) => {
+            add_run_messages(connection, run).await?;
+            Written::Done
+        }
+        Job::Rename { user_id, thread_id, title, now, .. } => {
+            Written::View(rename(connection, user_id, thread_id, title, *now).await?)
+        }
+        Job::Delete { user_id, thread_id, .. } => Written::Deleted(delete(connection, user_id, thread_id).await?),
+        Job::Expire { cutoff, .. } => Written::Expired(expire(connection, *cutoff).await?),
+        // Reads never reach the writer (`serve`); one that did is answered as failed.
+        Job::History { .. } | Job::Threads { .. } | Job::Thread { .. } | Job::Messages { .. } | Job::Ping(_) => {
+            return Err(sqlx::Error::Configuration("a read was sent to the writer".into()))
+        }
     })
-}
-
-/// An answer that can still be sent when the write failed.
-fn undelivered<T: Send + 'static>(answer: Answer<T>) -> Deliver {
-    Box::new(move |outcome| {
-        let _ = answer.send(outcome.and(Err(StoreError::Failed("not written".into()))));
-    })
-}
-
-async fn write(
-    connection: &mut AnyConnection,
-    job: Job,
-    settings: &StoreSettings,
-) -> Result<Deliver, (sqlx::Error, Deliver)> {
-    macro_rules! attempt {
-        ($answer:expr, $work:expr) => {
-            match $work {
-                Ok(value) => Ok(deliver($answer, value)),
-                Err(e) => Err((e, undelivered($answer))),
-            }
-        };
-    }
-    match job {
-        Job::AddUserMessage(message, answer) => {
-            attempt!(answer, add_user_message(connection, &message, settings).await)
-        }
-        Job::Confirm { user_id, what, epoch, seq, answer } => {
-            attempt!(answer, confirm(connection, &user_id, &what, &epoch, seq).await)
-        }
-        Job::RunStarted { user_id, thread_id, run_id, answer } => {
-            let query = sqlx::query("UPDATE threads SET running = $1 WHERE user_id = $2 AND thread_id = $3")
-                .bind(run_id)
-                .bind(user_id)
-                .bind(thread_id);
-            attempt!(answer, query.execute(&mut *connection).await.map(drop))
-        }
-        Job::AddRunMessages(run, answer) => attempt!(answer, add_run_messages(connection, &run).await),
-        Job::Rename { user_id, thread_id, title, now, answer } => {
-            attempt!(answer, rename(connection, &user_id, &thread_id, &title, now).await)
-        }
-        Job::Delete { user_id, thread_id, answer } => {
-            attempt!(answer, delete(connection, &user_id, &thread_id).await)
-        }
-        Job::Expire { cutoff, answer } => attempt!(answer, expire(connection, cutoff).await),
-        read => {
-            fail(read, StoreError::Failed("a read was sent to the writer".into()));
-            Ok(Box::new(|_| {}))
-        }
-    }
 }
 
 fn error(e: sqlx::Error) -> StoreError {
@@ -369,60 +421,54 @@ async fn add_user_message(
 ) -> Result<Added, sqlx::Error> {
     let NewUserMessage { user_id, thread_id, message_id, run_id, client_msg_id, content, created_at } =
         message;
-    if let Some(client_msg_id) = client_msg_id {
-        let seen = sqlx::query(
-            "SELECT id, run_id, turn, seq FROM messages WHERE user_id = $1 AND client_msg_id = $2",
-        )
-        .bind(user_id.as_str())
-        .bind(client_msg_id.as_str())
-        .fetch_optional(&mut *connection)
-        .await?;
-        if let Some(row) = seen {
-            return Ok(Added::Repeat {
-                message_id: row.try_get("id")?,
-                run_id: row.try_get::<Option<String>, _>("run_id")?.unwrap_or_default(),
-                turn: row.try_get("turn")?,
-                seq: row.try_get::<Option<i64>, _>("seq")?.map(to_u64),
-            });
-        }
+    // One statement for both questions asked before writing: was this `client_msg_id` stored
+    // already, and how much does the user keep.
+    let seen = sqlx::query(
+        "SELECT m.id, m.run_id, m.turn, m.seq, \
+         (SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM threads WHERE user_id = $1) AS used \
+         FROM (SELECT 1 AS one) AS here LEFT JOIN messages m ON m.user_id = $2 AND m.client_msg_id = $3",
+    )
+    .bind(user_id.as_str())
+    .bind(user_id.as_str())
+    .bind(client_msg_id.clone())
+    .fetch_one(&mut *connection)
+    .await?;
+    if let Some(id) = seen.try_get::<Option<String>, _>("id")? {
+        return Ok(Added::Repeat {
+            message_id: id,
+            run_id: seen.try_get::<Option<String>, _>("run_id")?.unwrap_or_default(),
+            turn: seen.try_get::<Option<i64>, _>("turn")?.unwrap_or_default(),
+            seq: seen.try_get::<Option<i64>, _>("seq")?.map(to_u64),
+        });
     }
+    let used: i64 = seen.try_get::<Option<i64>, _>("used")?.unwrap_or_default();
     let body = serde_json::json!({"id": message_id, "role": "user", "content": content}).to_string();
     let bytes = to_i64(body.len() as u64);
-    let used: i64 =
-        sqlx::query("SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS used FROM threads WHERE user_id = $1")
-            .bind(user_id.as_str())
-            .fetch_one(&mut *connection)
-            .await?
-            .try_get("used")?;
     if used.saturating_add(bytes) > to_i64(settings.max_bytes_per_user as u64) {
         return Ok(Added::QuotaExceeded);
     }
     let now = to_i64(*created_at);
     let title = super::title_of(content);
-    let made = sqlx::query(
+    // The thread made, or its next turn taken, in one statement: a thread's first message is
+    // its turn 1, so a turn of 1 says the thread is new.
+    let turn: i64 = sqlx::query(
         "INSERT INTO threads (user_id, thread_id, title, created_at, updated_at, turns, message_count, bytes) \
-         VALUES ($1, $2, $3, $4, $5, 0, 0, 0) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, 1, 1, $6) \
+         ON CONFLICT (user_id, thread_id) DO UPDATE SET turns = threads.turns + 1, \
+         updated_at = excluded.updated_at, message_count = threads.message_count + 1, \
+         bytes = threads.bytes + excluded.bytes \
+         RETURNING turns",
     )
     .bind(user_id.as_str())
     .bind(thread_id.as_str())
     .bind(title.as_str())
     .bind(now)
     .bind(now)
-    .execute(&mut *connection)
-    .await?
-    .rows_affected()
-        == 1;
-    let turn: i64 = sqlx::query(
-        "UPDATE threads SET turns = turns + 1, updated_at = $1, message_count = message_count + 1, \
-         bytes = bytes + $2 WHERE user_id = $3 AND thread_id = $4 RETURNING turns",
-    )
-    .bind(now)
     .bind(bytes)
-    .bind(user_id.as_str())
-    .bind(thread_id.as_str())
     .fetch_one(&mut *connection)
     .await?
     .try_get("turns")?;
+    let made = turn == 1;
     sqlx::query(
         "INSERT INTO messages (user_id, thread_id, turn, part, id, body, client_msg_id, run_id, created_at, bytes) \
          VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9)",
@@ -502,57 +548,67 @@ async fn confirm(
     Ok(())
 }
 
+/// Rows of one multi-row insert: SQLite takes at most 32,766 parameters in a statement.
+const ROWS_PER_INSERT: usize = 500;
+
 async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> Result<(), sqlx::Error> {
     let now = to_i64(run.created_at);
-    // A thread deleted while its run went on stays deleted.
-    let exists = sqlx::query("SELECT 1 AS one FROM threads WHERE user_id = $1 AND thread_id = $2")
-        .bind(run.user_id.as_str())
-        .bind(run.thread_id.as_str())
-        .fetch_optional(&mut *connection)
-        .await?
-        .is_some();
-    if !exists {
-        return Ok(());
-    }
-    let mut bytes = 0i64;
-    for (part, message) in run.messages.iter().enumerate() {
-        let id = serde_json::from_str::<Value>(message.get())
-            .ok()
-            .and_then(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_else(|| format!("{}-{part}", run.run_id));
-        let size = to_i64(message.get().len() as u64);
-        bytes += size;
-        sqlx::query(
-            "INSERT INTO messages (user_id, thread_id, turn, part, id, body, run_id, created_at, run_status, bytes) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
-        )
-        .bind(run.user_id.as_str())
-        .bind(run.thread_id.as_str())
-        .bind(run.turn)
-        .bind(to_i64(part as u64 + 1))
-        .bind(id)
-        .bind(message.get())
-        .bind(run.run_id.as_str())
-        .bind(now)
-        .bind(run.status)
-        .bind(size)
-        .execute(&mut *connection)
-        .await?;
-    }
-    sqlx::query(
+    let sizes: Vec<i64> = run.messages.iter().map(|m| to_i64(m.get().len() as u64)).collect();
+    let updated = sqlx::query(
         "UPDATE threads SET updated_at = $1, message_count = message_count + $2, bytes = bytes + $3, \
          state = COALESCE($4, state), running = CASE WHEN running = $5 THEN NULL ELSE running END \
          WHERE user_id = $6 AND thread_id = $7",
     )
     .bind(now)
     .bind(to_i64(run.messages.len() as u64))
-    .bind(bytes)
+    .bind(sizes.iter().sum::<i64>())
     .bind(run.state.as_ref().map(|s| s.get().to_owned()))
     .bind(run.run_id.as_str())
     .bind(run.user_id.as_str())
     .bind(run.thread_id.as_str())
     .execute(&mut *connection)
-    .await?;
+    .await?
+    .rows_affected();
+    // A thread deleted while its run went on stays deleted.
+    if updated == 0 {
+        return Ok(());
+    }
+    let numbered: Vec<(usize, &Box<RawValue>)> = run.messages.iter().enumerate().collect();
+    for rows in numbered.chunks(ROWS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO messages (user_id, thread_id, turn, part, id, body, run_id, created_at, run_status, bytes) VALUES ",
+        );
+        for (i, _) in rows.iter().enumerate() {
+            let first = i * 10;
+            let places: Vec<String> = (first + 1..=first + 10).map(|n| format!("${n}")).collect();
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            sql.push_str(&places.join(", "));
+            sql.push(')');
+        }
+        sql.push_str(" ON CONFLICT DO NOTHING");
+        let mut query = sqlx::query(&sql);
+        for &(part, message) in rows {
+            let id = serde_json::from_str::<Value>(message.get())
+                .ok()
+                .and_then(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_else(|| format!("{}-{part}", run.run_id));
+            query = query
+                .bind(run.user_id.as_str())
+                .bind(run.thread_id.as_str())
+                .bind(run.turn)
+                .bind(to_i64(part as u64 + 1))
+                .bind(id)
+                .bind(message.get())
+                .bind(run.run_id.as_str())
+                .bind(now)
+                .bind(run.status)
+                .bind(sizes.get(part).copied().unwrap_or_default());
+        }
+        query.execute(&mut *connection).await?;
+    }
     Ok(())
 }
 
