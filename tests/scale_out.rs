@@ -297,3 +297,92 @@ fn the_load_generator_spreads_sessions_over_nodes() {
         assert!(node.metric("agentwire_connections_opened_total") >= 10.0);
     }
 }
+
+/// A tab that opens on another node in the middle of a long run (5,000 chunks, five times the
+/// stream's history ring; a thought and a tool call before them) shows exactly what a tab open
+/// from the start on the run's node shows: the snapshot in `processing_ready.runs`, kept in
+/// Redis with the stream, then the live events after `last_seq` (docs/conversations.md,
+/// "Joining a run in progress").
+#[actix_web::test]
+async fn a_tab_that_joins_a_long_run_on_another_node_shows_what_the_first_tab_shows() {
+    use common::fake_agent::{pieces, FakeAgent, Reply, Tail};
+    const CHUNKS: usize = 5000;
+    let agent = FakeAgent::start(|input| {
+        let mut events = vec![
+            json!({"type": "RUN_STARTED", "threadId": input["threadId"], "runId": input["runId"]}),
+            json!({"type": "THINKING_TEXT_MESSAGE_CONTENT", "delta": "let me count"}),
+            json!({"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "count"}),
+            json!({"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": "{\"to\":5000}"}),
+            json!({"type": "TOOL_CALL_END", "toolCallId": "c1"}),
+            json!({"type": "TOOL_CALL_RESULT", "messageId": "t1", "toolCallId": "c1", "content": "ok"}),
+            json!({"type": "TEXT_MESSAGE_START", "messageId": "a1", "role": "assistant"}),
+        ];
+        events.extend(
+            (0..CHUNKS).map(
+                |i| json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a1", "delta": format!("{i} ")}),
+            ),
+        );
+        events.push(json!({"type": "TEXT_MESSAGE_END", "messageId": "a1"}));
+        events.push(json!({"type": "RUN_FINISHED", "threadId": input["threadId"], "runId": input["runId"]}));
+        Reply::Body {
+            content_type: "text/event-stream",
+            pieces: pieces(&events),
+            gap: std::time::Duration::from_micros(500),
+            tail: Tail::End,
+        }
+    });
+    let db = TestDatabase::create();
+    let url = agent.url.clone();
+    let cluster = nodes("join-run", 2, &db, move |c| {
+        c.agent.kind = agentwire::config::AgentKind::AgUi;
+        c.agent.url = url.clone();
+        c.agent.run_timeout_secs = NonZero::new(60).unwrap();
+    });
+    let mut first = cluster[0].ready_client("mo").await;
+    let ack = first.say("t", "count to 5000", None).await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    let mut seen = String::new();
+    let mut chunks = 0;
+    while chunks < CHUNKS / 3 {
+        let frame = first.recv().await;
+        if frame["type"] == "agent_message_chunk" {
+            seen.push_str(frame["payload"]["delta"].as_str().unwrap());
+            chunks += 1;
+        }
+    }
+    let mut joined = Client::connect_bearer(&cluster[1].ws_url(), &cluster[1].token("mo")).await.unwrap();
+    let ready = joined.expect_setup("mo").await;
+    let last_seq = ready["last_seq"].as_u64().unwrap();
+    let runs = ready["runs"].as_array().expect("processing_ready has runs");
+    assert_eq!(runs.len(), 1, "{ready}");
+    let run = &runs[0];
+    assert_eq!((run["run_id"].as_str(), run["thread_id"].as_str()), (Some(run_id.as_str()), Some("t")));
+    assert!(run["started_seq"].as_u64().unwrap() < last_seq);
+    assert_eq!(run["thinking"], "let me count");
+    assert_eq!(
+        run["tool_calls"],
+        json!([{"tool_call_id": "c1", "tool": "count", "args": {"to": 5000}, "result": "ok"}])
+    );
+    let mut shown = run["content"].as_str().unwrap().to_owned();
+    assert!(shown.len() >= seen.len(), "the snapshot holds at least what the first tab had when it joined");
+    let events = joined.events_until_run_ends(&run_id).await;
+    assert!(events.iter().all(|e| e["seq"].as_u64().unwrap() > last_seq), "only what came after last_seq");
+    for event in &events {
+        if event["type"] == "agent_message_chunk" {
+            shown.push_str(event["payload"]["delta"].as_str().unwrap());
+        }
+    }
+    for event in first.events_until_run_ends(&run_id).await {
+        if event["type"] == "agent_message_chunk" {
+            seen.push_str(event["payload"]["delta"].as_str().unwrap());
+        }
+    }
+    let whole: String = (0..CHUNKS).map(|i| format!("{i} ")).collect();
+    assert_eq!(seen, whole, "the tab open from the start, on the run's node");
+    assert_eq!(shown, whole, "the tab that joined in the middle, on the other node");
+    // Once the run has ended, a tab opening on either node sees no run in progress.
+    for node in &cluster {
+        let mut later = Client::connect_bearer(&node.ws_url(), &node.token("mo")).await.unwrap();
+        assert_eq!(later.expect_setup("mo").await["runs"], json!([]));
+    }
+}

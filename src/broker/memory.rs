@@ -95,6 +95,7 @@ impl Broker for MemoryBroker {
             last_seq: stream.last_seq(),
             info: replay.info,
             frames: replay.frames,
+            runs: None,
         })
     }
 

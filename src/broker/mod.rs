@@ -86,6 +86,10 @@ pub struct Attached {
     pub last_seq: u64,
     pub info: Option<ResumeInfo>,
     pub frames: Vec<ByteString>,
+    /// `processing_ready.runs` as of `last_seq`, from a broker that follows runs itself (one
+    /// shared by several nodes: a run may be another node's); `None` when the registry's own
+    /// runs are the whole picture (docs/conversations.md, "Joining a run in progress").
+    pub runs: Option<Vec<Value>>,
 }
 
 /// What is remembered of a `client_msg_id`, so a repeat is acked with the same ids.

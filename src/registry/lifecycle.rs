@@ -229,7 +229,7 @@ impl Registry {
                 last_seq: attached.last_seq,
                 resume: attached.info,
                 replay: attached.frames,
-                runs: registry.runs_snapshot(&user_id),
+                runs: attached.runs.unwrap_or_else(|| registry.runs_snapshot(&user_id)),
             };
             registry.tell(id, answer);
         });

@@ -230,14 +230,11 @@ impl Registry {
     }
 
     /// `processing_ready.runs`: the user's started runs in progress, as of the stream position
-    /// the tab starts from (docs/conversations.md, "Joining a run in progress"). A run's state is
-    /// followed as its events are appended, which with the in-process broker is exactly the
-    /// stream's order. With a broker shared by several nodes a run of another node is not known
-    /// here and appends are answered later, so no snapshot is given there (not built yet).
+    /// the tab starts from (docs/conversations.md, "Joining a run in progress"), with the
+    /// in-process broker. A run's state is followed as its events are appended, which there is
+    /// exactly the stream's order. A broker shared by several nodes follows runs itself, in the
+    /// script that appends their events, and answers them with the attach (`Attached::runs`).
     pub(super) fn runs_snapshot(&self, user_id: &str) -> Vec<Value> {
-        if self.settings.redis.is_some() {
-            return Vec::new();
-        }
         let mut runs: Vec<(&String, &Run)> = self
             .runs
             .iter()

@@ -19,6 +19,7 @@ use futures_channel::{mpsc, oneshot};
 use log::warn;
 use rand::distr::{Alphanumeric, SampleString};
 use redis::Value as RedisValue;
+use serde_json::Value;
 
 use super::stream::{verdict, ResumeRequest};
 use super::{Attached, Broker, BrokerError, Call, NewEvent, RemoteBatch, SeenMessage, Stored, Submitted};
@@ -38,6 +39,8 @@ pub struct RedisSettings {
     pub dedupe_per_user: usize,
     /// A node whose heartbeat is older than this is gone: its runs end with `node_lost`.
     pub node_lease: Duration,
+    /// `agent.max_response_bytes`: the text (and thinking) a run's snapshot keeps.
+    pub max_run_text: usize,
 }
 
 impl RedisSettings {
@@ -50,6 +53,7 @@ impl RedisSettings {
             ttl: Duration::from_secs(config.history.ttl_secs),
             dedupe_per_user: config.history.dedupe_per_user.get(),
             node_lease: Duration::from_secs(config.broker.node_lease_secs),
+            max_run_text: config.agent.max_response_bytes.get(),
         }
     }
 }
@@ -216,17 +220,79 @@ fn append_command(
     let parts: Vec<(String, String)> = events.iter().map(|e| split_frame(e, scratch)).collect();
     let key = |what: &str| format!("{}:{{{user}}}:{what}", settings.prefix);
     let mut command = redis::cmd("EVAL");
-    command.arg(script).arg(2).arg(key("meta")).arg(key("stream"));
+    command.arg(script).arg(3).arg(key("meta")).arg(key("stream")).arg(key("live"));
     command
         .arg(key("events"))
         .arg(random_epoch())
         .arg(settings.events_per_user)
         .arg(settings.ttl.as_millis().max(1) as u64)
+        .arg(settings.max_run_text)
         .arg(events.len());
-    for (head, tail) in &parts {
-        command.arg(head).arg(tail);
+    for ((head, tail), event) in parts.iter().zip(events) {
+        let (op, data) = follow_op(event);
+        command.arg(head).arg(tail).arg(op).arg(event.run_id.unwrap_or_default()).arg(data);
     }
     (command, parts)
+}
+
+/// What an event changes in its run's snapshot (the `follow` of the append script): the same
+/// reading of a run's events as `store::Transcript`, kept in Redis so that a tab joining on
+/// any node gets it with the stream's last seq, atomically.
+fn follow_op(event: &NewEvent<'_>) -> (&'static str, String) {
+    let Some(_) = event.run_id else { return ("", String::new()) };
+    let text = |field: &str| event.payload.get(field).and_then(Value::as_str).unwrap_or_default().to_owned();
+    match event.kind {
+        EventKind::AgentStarted => ("s", event.thread_id.to_owned()),
+        EventKind::AgentMessageChunk => ("c", text("delta")),
+        EventKind::AgentThinking => ("k", text("text")),
+        EventKind::ToolExecuting => ("x", event.payload.to_string()),
+        EventKind::ToolCompleted => ("r", event.payload.to_string()),
+        EventKind::AgentCompleted | EventKind::AgentError => ("e", String::new()),
+        _ => ("", String::new()),
+    }
+}
+
+/// The runs of the `ATTACH` script's answer as `processing_ready.runs` shows them, oldest first.
+fn snapshots(runs: &RedisValue) -> Vec<Value> {
+    let RedisValue::Array(runs) = runs else { return Vec::new() };
+    let mut snapshots: Vec<(u64, Value)> = runs
+        .iter()
+        .filter_map(|run| {
+            let RedisValue::Array(fields) = run else { return None };
+            let field = |i: usize| fields.get(i).and_then(text).unwrap_or_default();
+            let started_seq: u64 = field(2).parse().ok()?;
+            let mut calls: Vec<Value> = Vec::new();
+            let mut results: Vec<Value> = Vec::new();
+            if let Some(RedisValue::Array(tools)) = fields.get(6) {
+                for tool in tools.iter().filter_map(text) {
+                    let (op, json) = tool.split_at(tool.len().min(1));
+                    let Ok(value) = serde_json::from_str::<Value>(json) else { continue };
+                    match op {
+                        "x" => calls.push(serde_json::json!({
+                            "tool_call_id": value["tool_call_id"], "tool": value["tool"], "args": value["args"]
+                        })),
+                        _ => results.push(value),
+                    }
+                }
+            }
+            for call in &mut calls {
+                let result = results.iter().find(|r| r["tool_call_id"] == call["tool_call_id"]);
+                if let Some(result) = result {
+                    call["result"] = result["result"].clone();
+                }
+            }
+            let mut snapshot = serde_json::json!({
+                "run_id": field(0), "thread_id": field(1), "started_seq": started_seq,
+                "content": field(4), "thinking": field(5), "tool_calls": calls,
+            });
+            if field(3) == "1" {
+                snapshot["truncated"] = Value::Bool(true);
+            }
+            Some((started_seq, snapshot))
+        })
+        .collect();
+    snapshots.sort_by_key(|(seq, _)| *seq);
+    snapshots.into_iter().map(|(_, snapshot)| snapshot).collect()
 }
 
 /// `EVAL script` with its keys and arguments.
@@ -357,6 +423,7 @@ impl Broker for RedisBroker {
             self.key(user, "stream"),
             self.key(user, "dedupe"),
             self.key(user, "dedupe:order"),
+            self.key(user, "live"),
         ];
         let args: Vec<Vec<u8>> = vec![
             self.channel(user).into_bytes(),
@@ -369,6 +436,9 @@ impl Broker for RedisBroker {
             self.settings.dedupe_per_user.to_string().into_bytes(),
             head.clone().into_bytes(),
             tail.clone().into_bytes(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
         ];
         let script = self.scripts.submit.clone();
         let answered = self.eval(&script, &keys, args);
@@ -408,7 +478,7 @@ impl Broker for RedisBroker {
     }
 
     fn attach(&mut self, user: &str, resume: Option<&ResumeRequest>) -> Call<Attached> {
-        let keys = [self.key(user, "meta"), self.key(user, "stream")];
+        let keys = [self.key(user, "meta"), self.key(user, "stream"), self.key(user, "live")];
         let resume = resume.cloned();
         let after = resume.as_ref().map_or(u64::MAX, |r| r.last_seq);
         let args: Vec<Vec<u8>> = vec![
@@ -425,14 +495,15 @@ impl Broker for RedisBroker {
                 let _ = subscribed.await;
             }
             let reply = items(answer(queue(&jobs, script_command(scripts::ATTACH, &keys, args))).await?)?;
+            let runs = Some(reply.get(3).map(snapshots).unwrap_or_default());
             let mut fields = reply.iter().map(text);
             let epoch = fields.next().flatten().ok_or_else(|| unexpected("attach"))?;
             let last_seq: u64 =
                 fields.next().flatten().and_then(|s| s.parse().ok()).ok_or_else(|| unexpected("attach"))?;
             let oldest = fields.next().flatten().and_then(|s| s.parse::<u64>().ok()).unwrap_or(last_seq + 1);
-            let kept: Vec<ByteString> = fields.flatten().map(ByteString::from).collect();
+            let kept: Vec<ByteString> = fields.skip(1).flatten().map(ByteString::from).collect();
             let Some(request) = resume else {
-                return Ok(Attached { epoch, last_seq, info: None, frames: Vec::new() });
+                return Ok(Attached { epoch, last_seq, info: None, frames: Vec::new(), runs });
             };
             let resumed = verdict(&request, &epoch, last_seq, oldest);
             // The script read what follows the request's `last_seq`; a resume that is not
@@ -440,7 +511,7 @@ impl Broker for RedisBroker {
             let frames = if resumed.complete {
                 kept
             } else {
-                let read = script_command(scripts::RANGE, &keys[1..], vec![oldest.to_string().into_bytes()]);
+                let read = script_command(scripts::RANGE, &keys[1..2], vec![oldest.to_string().into_bytes()]);
                 ranged(items(answer(queue(&jobs, read)).await?)?).into_iter().map(|e| e.frame).collect()
             };
             let info = crate::protocol::ResumeInfo {
@@ -448,7 +519,7 @@ impl Broker for RedisBroker {
                 replayed: frames.len() as u64,
                 complete: resumed.complete,
             };
-            Ok(Attached { epoch, last_seq, info: Some(info), frames })
+            Ok(Attached { epoch, last_seq, info: Some(info), frames, runs })
         })
     }
 

@@ -6,12 +6,58 @@
 //! `XRANGE`; the stream's `seq` and `epoch` live in the user's `meta` hash.
 
 /// Appends events: ensures the epoch, assigns seqs, `XADD`s each frame (the frame is the
-/// caller's head + seq + tail), trims the stream, refreshes the TTL, and publishes the batch to
-/// the user's channel as `epoch \n first_seq \n frame \n frame...`.
-/// KEYS: meta, stream. ARGV: channel, epoch if new, maxlen, ttl ms, count, then head, tail per event.
+/// caller's head + seq + tail), follows the runs in progress (`follow`), trims the stream,
+/// refreshes the TTL, and publishes the batch to the user's channel as
+/// `epoch \n first_seq \n frame \n frame...`.
+/// KEYS: meta, stream, live. ARGV: channel, epoch if new, maxlen, ttl ms, max run text, count,
+/// then head, tail, op, run, data per event.
 /// Returns {epoch, first_seq}.
 const APPEND: &str = r#"
-local function append(meta, stream, channel, new_epoch, maxlen, ttl, count, at)
+-- The runs in progress, as of the stream's last seq, for a tab that joins one on any node
+-- (docs/conversations.md, "Joining a run in progress"): a set of run ids, and per run a hash
+-- (thread, started seq, truncated), its text and thinking (APPENDed: no copy per chunk) and
+-- its tool calls and results in order. Ops: s start, c text, k thinking, x tool call,
+-- r tool result, e end.
+local function follow(live, op, run, data, seq, max, ttl)
+  if op == '' then return end
+  local base = live .. ':' .. run
+  if op == 'e' then
+    redis.call('SREM', live, run)
+    redis.call('DEL', base, base .. ':content', base .. ':thinking', base .. ':tools')
+    return
+  end
+  if op == 's' then
+    redis.call('SADD', live, run)
+    redis.call('HSET', base, 'thread_id', data, 'started_seq', seq)
+  elseif redis.call('EXISTS', base) == 0 then
+    return
+  elseif op == 'c' or op == 'k' then
+    local key = base .. (op == 'c' and ':content' or ':thinking')
+    -- Text and thinking share agent.max_response_bytes, cut on a character's boundary.
+    local room = max - redis.call('STRLEN', base .. ':content') - redis.call('STRLEN', base .. ':thinking')
+    local cut = #data
+    if room < cut then
+      cut = math.max(room, 0)
+      while cut > 0 do
+        local b = string.byte(data, cut + 1)
+        if b < 128 or b >= 192 then break end
+        cut = cut - 1
+      end
+      redis.call('HSET', base, 'truncated', '1')
+    end
+    if cut > 0 then
+      redis.call('APPEND', key, string.sub(data, 1, cut))
+      redis.call('PEXPIRE', key, ttl)
+    end
+  else
+    redis.call('RPUSH', base .. ':tools', op .. data)
+    redis.call('PEXPIRE', base .. ':tools', ttl)
+  end
+  redis.call('PEXPIRE', base, ttl)
+  redis.call('PEXPIRE', live, ttl)
+end
+
+local function append(meta, stream, live, channel, new_epoch, maxlen, ttl, max, count, at)
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     epoch = new_epoch
@@ -22,9 +68,11 @@ local function append(meta, stream, channel, new_epoch, maxlen, ttl, count, at)
   local frames = {}
   for i = 0, count - 1 do
     local seq = string.format('%d', first + i)
-    local frame = ARGV[at + 2 * i] .. seq .. ARGV[at + 2 * i + 1]
+    local n = at + 5 * i
+    local frame = ARGV[n] .. seq .. ARGV[n + 1]
     frames[#frames + 1] = frame
     redis.call('XADD', stream, 'MAXLEN', maxlen, seq .. '-1', 'f', frame)
+    follow(live, ARGV[n + 2], ARGV[n + 3], ARGV[n + 4], seq, max, ttl)
   end
   redis.call('PEXPIRE', meta, ttl)
   redis.call('PEXPIRE', stream, ttl)
@@ -36,14 +84,15 @@ end
 pub fn append() -> String {
     format!(
         "{APPEND}
-local r = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), 6)
+local r = append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 7)
 return {{r[1], string.format('%d', r[2])}}"
     )
 }
 
 /// A `user_message`: appended unless its `client_msg_id` was seen, and remembered with its ids.
-/// KEYS: meta, stream, dedupe hash, dedupe order list. ARGV: channel, epoch if new, maxlen,
-/// ttl ms, client_msg_id or "", message_id, run_id, dedupe cap, head, tail.
+/// KEYS: meta, stream, dedupe hash, dedupe order list, live. ARGV: channel, epoch if new,
+/// maxlen, ttl ms, client_msg_id or "", message_id, run_id, dedupe cap, head, tail, then an
+/// empty op, run and data (an echo follows no run).
 /// Returns {"seen", "message_id run_id seq"} or {"appended", epoch, seq}.
 pub fn submit() -> String {
     format!(
@@ -53,7 +102,7 @@ if cmid ~= '' then
   local seen = redis.call('HGET', KEYS[3], cmid)
   if seen then return {{'seen', seen}} end
 end
-local r = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 1, 9)
+local r = append(KEYS[1], KEYS[2], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 0, 1, 9)
 if cmid ~= '' then
   redis.call('HSET', KEYS[3], cmid, ARGV[6] .. ' ' .. ARGV[7] .. ' ' .. string.format('%d', r[2]))
   redis.call('RPUSH', KEYS[4], cmid)
@@ -68,9 +117,10 @@ return {{'appended', r[1], string.format('%d', r[2])}}"
 }
 
 /// A session attaching: the stream's epoch (made when new) and last seq, the first seq still
-/// kept, and the kept frames after `after` (0: all of them).
-/// KEYS: meta, stream. ARGV: epoch if new, ttl ms, after.
-/// Returns {epoch, last_seq, oldest_seq or "", frames...}.
+/// kept, the runs in progress as of that seq, and the kept frames after `after` (0: all).
+/// KEYS: meta, stream, live. ARGV: epoch if new, ttl ms, after.
+/// Returns {epoch, last_seq, oldest_seq or "", {run, thread, started_seq, truncated, content,
+/// thinking, {tool...}}..., frames...} with the runs in one table.
 pub const ATTACH: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -80,7 +130,17 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local last = redis.call('HGET', KEYS[1], 'seq') or '0'
 local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-local reply = {epoch, last, ''}
+local runs = {}
+for _, run in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local base = KEYS[3] .. ':' .. run
+  local meta = redis.call('HMGET', base, 'thread_id', 'started_seq', 'truncated')
+  if meta[1] then
+    runs[#runs + 1] = {run, meta[1], meta[2], meta[3] or '',
+      redis.call('GET', base .. ':content') or '', redis.call('GET', base .. ':thinking') or '',
+      redis.call('LRANGE', base .. ':tools', 0, -1)}
+  end
+end
+local reply = {epoch, last, '', runs}
 if #oldest > 0 then
   reply[3] = string.match(oldest[1][1], '^(%d+)')
 end
