@@ -505,3 +505,57 @@ async fn a_tab_that_joins_a_long_run_shows_what_a_tab_open_from_the_start_shows(
     let mut later = Client::connect_bearer(&server.ws_url(), &server.token("mo")).await.unwrap();
     assert_eq!(later.expect_setup("mo").await["runs"], json!([]));
 }
+
+/// A backend that answers through `POST /api/v1/publish` (here behind `agent.kind = "none"`,
+/// answering the run its user's message was acked with) has its `agent_completed` `response`
+/// stored as the run's assistant message, in the turn of the message it answers, before the
+/// event reaches any tab; one for a thread the user never wrote to makes the thread and every
+/// tab hears `thread_updated` (docs/conversations.md, "What is stored, and when").
+#[actix_web::test]
+async fn a_publishers_answer_is_stored_as_the_runs_message() {
+    let server = TestServer::with(|c| c.agent.kind = agentwire::config::AgentKind::None);
+    let mut tab = server.ready_client("pia").await;
+    let ack = tab.say("t", "are you there?", None).await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    let started = json!({"type": "agent_started", "thread_id": "t", "run_id": run_id,
+        "payload": {"agent": "backend", "message_id": "m"}});
+    let completed = json!({"type": "agent_completed", "thread_id": "t", "run_id": run_id,
+        "payload": {"status": "ok", "response": {"content": "yes, here"}, "duration_ms": 5}});
+    let (status, body) = publish(&server, "pia", vec![started, completed.clone()]).await;
+    assert_eq!(status, 200, "{body}");
+    let end_seq = body["seqs"][1].as_u64().unwrap();
+    let events = tab.events_until_run_ends(&run_id).await;
+    assert_eq!(events.last().unwrap()["seq"], end_seq);
+    let token = server.token("pia");
+    let url = server.http("/api/v1/threads/t/messages");
+    let (_, page) = http("GET", &url, Some(&token), None).await;
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{page}");
+    assert_eq!(
+        (messages[0]["role"].as_str(), messages[0]["content"].as_str()),
+        (Some("user"), Some("are you there?"))
+    );
+    let answer = &messages[1];
+    assert_eq!((answer["role"].as_str(), answer["content"].as_str()), (Some("assistant"), Some("yes, here")));
+    assert_eq!(
+        (answer["run_id"].as_str(), answer["run_status"].as_str()),
+        (Some(run_id.as_str()), Some("ok"))
+    );
+    // The same publish again (a retry) stores the answer once.
+    let (status, _) = publish(&server, "pia", vec![completed]).await;
+    assert_eq!(status, 200);
+    let (_, page) = http("GET", &url, Some(&token), None).await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2, "{page}");
+    // An answer on a thread of its own makes the thread.
+    let news = json!({"type": "agent_completed", "thread_id": "news", "run_id": "r_backend_report",
+        "payload": {"status": "ok", "response": {"content": "Your report is ready"}, "duration_ms": 0}});
+    let (status, body) = publish(&server, "pia", vec![news]).await;
+    assert_eq!(status, 200, "{body}");
+    let updated = tab.recv_where(|f| f["type"] == "thread_updated" && f["thread_id"] == "news").await;
+    assert_eq!(
+        (updated["thread_id"].as_str(), updated["payload"]["title"].as_str()),
+        (Some("news"), Some("Your report is ready"))
+    );
+    let (_, page) = http("GET", &server.http("/api/v1/threads/news/messages"), Some(&token), None).await;
+    assert_eq!(page["messages"][0]["content"], "Your report is ready", "{page}");
+}

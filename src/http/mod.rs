@@ -24,7 +24,7 @@ use crate::protocol::{
     parse_published_event, ClientInfo, ConnectionsResponse, DevTokenResponse, HttpError, PublishRequest,
     Status, SUBPROTOCOL,
 };
-use crate::registry::{ListConnections, Probe, ProbeBroker, Publish, PublishTicket, Registry};
+use crate::registry::{ListConnections, Probe, ProbeBroker, Publish, PublishError, PublishTicket, Registry};
 use crate::ws::{self, Session, SessionEnv};
 
 mod ag_ui;
@@ -407,12 +407,20 @@ async fn publish(
             info!("published {count} events to user {} ({} sessions)", request.user_id, published.sessions);
             Ok(HttpResponse::Ok().json(published))
         }
-        Some(Err(e)) => {
+        Some(Err(PublishError::Broker(e))) => {
             warn!("publish to user {} failed in the broker: {e}", request.user_id);
             Ok(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "broker_unavailable",
                 "the stream store did not take the events; nothing was published",
+            ))
+        }
+        Some(Err(PublishError::Store(e))) => {
+            warn!("publish to user {}: the answer was not stored: {e}", request.user_id);
+            Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the conversation store did not take the answer; nothing was published",
             ))
         }
         None => Ok(registry_unavailable()),

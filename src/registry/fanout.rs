@@ -9,12 +9,14 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use log::{debug, warn};
 
-use super::{Connection, Publish, Registry, ToSession};
+use super::{Connection, Publish, PublishError, Registry, ToSession};
 use crate::base::{encoded_len, ConnectionId, Delivery};
 use crate::broker::{BrokerError, NewEvent, Stored};
 use crate::metrics::Metrics;
-use crate::protocol::{PublishResponse, ServerFrame};
+use crate::protocol::{EventKind, PublishResponse, PublishedEvent, ServerFrame};
 use crate::state::ConnectionState;
+use crate::store::{Confirmed, PublishedAnswer};
+use serde_json::Value;
 
 /// What handing frames to a session came to.
 pub(super) enum Handed {
@@ -270,15 +272,53 @@ impl Registry {
 }
 
 impl Handler<Publish> for Registry {
-    type Result = ResponseFuture<Option<Result<PublishResponse, BrokerError>>>;
+    type Result = ResponseFuture<Option<Result<PublishResponse, PublishError>>>;
 
     fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) -> Self::Result {
         if !msg.ticket.take() {
             debug!("publish to user {} abandoned by its caller before it was taken", msg.user_id);
             return Box::pin(std::future::ready(None));
         }
-        let events: Vec<NewEvent<'_>> = msg
-            .events
+        let (answer, answered) = futures_channel::oneshot::channel();
+        let Publish { user_id, events, .. } = msg;
+        let answers: Vec<PublishedAnswer> =
+            events.iter().filter_map(|event| published_answer(&user_id, event)).collect();
+        if answers.is_empty() {
+            self.publish_batch(ctx, &user_id, &events, answer);
+        } else {
+            // A publisher's answer is stored before its `agent_completed` reaches anyone, as a
+            // run's messages are (docs/conversations.md, "What is stored, and when").
+            let call = self.settings.store.add_answers(answers);
+            let user = user_id.clone();
+            self.when_stored(ctx, &user, call, move |registry, stored, ctx| match stored {
+                Ok(made) => {
+                    for (thread_id, title) in made {
+                        registry.thread_changed(ctx, &user_id, &thread_id, Some(&title));
+                    }
+                    registry.publish_batch(ctx, &user_id, &events, answer);
+                }
+                Err(e) => {
+                    warn!("publish to user {user_id}: the answer was not stored: {e}");
+                    registry.metrics.fail(e.failure());
+                    let _ = answer.send(Err(PublishError::Store(e)));
+                }
+            });
+        }
+        Box::pin(async move { answered.await.ok() })
+    }
+}
+
+impl Registry {
+    /// A publish's events onto the stream, all or nothing; the seqs of what a publisher's answer
+    /// completed are given to the store (`seq` in the threads API).
+    fn publish_batch(
+        &mut self,
+        ctx: &mut Context<Self>,
+        user_id: &str,
+        events: &[PublishedEvent],
+        answer: futures_channel::oneshot::Sender<Result<PublishResponse, PublishError>>,
+    ) {
+        let batch: Vec<NewEvent<'_>> = events
             .iter()
             .map(|e| NewEvent {
                 kind: e.kind,
@@ -287,10 +327,45 @@ impl Handler<Publish> for Registry {
                 payload: &e.payload,
             })
             .collect();
-        let (answer, answered) = futures_channel::oneshot::channel();
-        self.publish(ctx, &msg.user_id, &events, move |_, published| {
-            let _ = answer.send(published.map(|(seqs, sessions)| PublishResponse { seqs, sessions }));
+        let completed: Vec<(usize, String)> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.kind == EventKind::AgentCompleted)
+            .filter_map(|(i, e)| Some((i, e.run_id.clone()?)))
+            .collect();
+        let user = user_id.to_owned();
+        self.publish(ctx, user_id, &batch, move |registry, published| {
+            if let (Ok((seqs, _)), Some(epoch)) =
+                (&published, registry.local.get(user.as_str()).and_then(|u| u.epoch.clone()))
+            {
+                for (i, run_id) in completed {
+                    if let Some(seq) = seqs.get(i) {
+                        registry.settings.store.confirm(&user, Confirmed::Run(run_id), &epoch, *seq);
+                    }
+                }
+            }
+            let published = published.map(|(seqs, sessions)| PublishResponse { seqs, sessions });
+            let _ = answer.send(published.map_err(PublishError::Broker));
         });
-        Box::pin(async move { answered.await.ok() })
     }
+}
+
+/// The answer a published `agent_completed` carries in `response.content`, to be stored.
+fn published_answer(user_id: &str, event: &PublishedEvent) -> Option<PublishedAnswer> {
+    if event.kind != EventKind::AgentCompleted {
+        return None;
+    }
+    let content = event.payload.get("response")?.get("content")?.as_str().filter(|c| !c.is_empty())?;
+    let status = match event.payload.get("status").and_then(Value::as_str) {
+        Some("cancelled") => "cancelled",
+        _ => "ok",
+    };
+    Some(PublishedAnswer {
+        user_id: user_id.to_owned(),
+        thread_id: event.thread_id.clone(),
+        run_id: event.run_id.clone(),
+        content: content.to_owned(),
+        status,
+        created_at: crate::protocol::now_ms(),
+    })
 }

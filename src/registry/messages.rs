@@ -189,11 +189,22 @@ pub struct ListConnections {
 /// `None` when the request was abandoned (its HTTP wait ran out) before the registry took it,
 /// `Some(Err)` when the broker failed it (nothing was published).
 #[derive(Message)]
-#[rtype(result = "Option<Result<PublishResponse, crate::broker::BrokerError>>")]
+#[rtype(result = "Option<Result<PublishResponse, PublishError>>")]
 pub struct Publish {
     pub user_id: String,
     pub events: Vec<PublishedEvent>,
     pub ticket: PublishTicket,
+}
+
+/// Why a publish published nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The stream store did not take the events.
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    /// A publisher's answer (`agent_completed` with a `response`) could not be stored first.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Decides once, between an HTTP handler that stops waiting and the registry that takes the

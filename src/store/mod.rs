@@ -111,6 +111,21 @@ pub struct RunMessages {
     pub created_at: u64,
 }
 
+/// A publisher's answer (`POST /api/v1/publish`, an `agent_completed` with a `response`): stored
+/// as the run's assistant message before the event is published (docs/conversations.md, "What
+/// is stored, and when"). Under the turn of the user message whose run it answers when that is
+/// stored, else in a turn of its own (making the thread when new).
+#[derive(Clone, Debug)]
+pub struct PublishedAnswer {
+    pub user_id: String,
+    pub thread_id: String,
+    pub run_id: Option<String>,
+    pub content: String,
+    /// `ok` or `cancelled`, from the event's `status`.
+    pub status: &'static str,
+    pub created_at: u64,
+}
+
 /// A thread as the threads API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct ThreadView {
@@ -231,6 +246,12 @@ impl Store {
     /// Stores what a run produced (and the thread's state): answered once committed.
     pub fn add_run_messages(&self, run: RunMessages) -> StoreCall<()> {
         self.call(|answer| sql::Job::AddRunMessages(run, answer))
+    }
+
+    /// Stores publishers' answers: answered once committed, with the threads they made and
+    /// their titles (for `thread_updated`).
+    pub fn add_answers(&self, answers: Vec<PublishedAnswer>) -> StoreCall<Vec<(String, String)>> {
+        self.call(|answer| sql::Job::AddAnswers(answers, answer))
     }
 
     /// What the agent is sent: the newest `limit` messages of the thread, oldest first.

@@ -13,8 +13,8 @@ use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Added, Confirmed, Conversation, NewUserMessage, Page, RunMessages, StoreError, StoreSettings, ThreadView,
-    QUEUE,
+    Added, Confirmed, Conversation, NewUserMessage, Page, PublishedAnswer, RunMessages, StoreError,
+    StoreSettings, ThreadView, QUEUE,
 };
 
 type Answer<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -36,6 +36,7 @@ pub enum Job {
         answer: Answer<()>,
     },
     AddRunMessages(RunMessages, Answer<()>),
+    AddAnswers(Vec<PublishedAnswer>, Answer<Vec<(String, String)>>),
     Rename {
         user_id: String,
         thread_id: String,
@@ -201,6 +202,7 @@ enum Written {
     View(Option<ThreadView>),
     Deleted(Option<Option<String>>),
     Expired(Vec<(String, String)>),
+    Answers(Vec<(String, String)>),
 }
 
 /// Commits the waiting writes together, in one transaction, and answers each only after the
@@ -308,6 +310,7 @@ fn lock_order(job: &Job) -> (&str, &str) {
     match job {
         Job::AddUserMessage(message, _) => (&message.user_id, &message.thread_id),
         Job::AddRunMessages(run, _) => (&run.user_id, &run.thread_id),
+        Job::AddAnswers(answers, _) => answers.first().map_or(("", ""), |a| (&a.user_id, &a.thread_id)),
         Job::RunStarted { user_id, thread_id, .. }
         | Job::Rename { user_id, thread_id, .. }
         | Job::Delete { user_id, thread_id, .. } => (user_id, thread_id),
@@ -344,6 +347,10 @@ fn answer(job: Job, result: Result<Written, StoreError>) {
             Written::Deleted(running) => Some(running),
             _ => None,
         }),
+        Job::AddAnswers(_, answer) => send(answer, result, |w| match w {
+            Written::Answers(made) => Some(made),
+            _ => None,
+        }),
         Job::Expire { answer, .. } => send(answer, result, |w| match w {
             Written::Expired(gone) => Some(gone),
             _ => None,
@@ -356,9 +363,15 @@ fn answer(job: Job, result: Result<Written, StoreError>) {
     }
 }
 
-async fn write(connection: &mut AnyConnection, job: &Job, settings: &StoreSettings) -> Result<Written, sqlx::Error> {
+async fn write(
+    connection: &mut AnyConnection,
+    job: &Job,
+    settings: &StoreSettings,
+) -> Result<Written, sqlx::Error> {
     Ok(match job {
-        Job::AddUserMessage(message, _) => Written::Added(add_user_message(connection, message, settings).await?),
+        Job::AddUserMessage(message, _) => {
+            Written::Added(add_user_message(connection, message, settings).await?)
+        }
         Job::Confirm { user_id, what, epoch, seq, .. } => {
             confirm(connection, user_id, what, epoch, *seq).await?;
             Written::Done
@@ -376,15 +389,28 @@ async fn write(connection: &mut AnyConnection, job: &Job, settings: &StoreSettin
             add_run_messages(connection, run).await?;
             Written::Done
         }
+        Job::AddAnswers(answers, _) => {
+            let mut made = Vec::new();
+            for answer in answers {
+                if let Some(title) = add_answer(connection, answer).await? {
+                    made.push((answer.thread_id.clone(), title));
+                }
+            }
+            Written::Answers(made)
+        }
         Job::Rename { user_id, thread_id, title, now, .. } => {
             Written::View(rename(connection, user_id, thread_id, title, *now).await?)
         }
-        Job::Delete { user_id, thread_id, .. } => Written::Deleted(delete(connection, user_id, thread_id).await?),
+        Job::Delete { user_id, thread_id, .. } => {
+            Written::Deleted(delete(connection, user_id, thread_id).await?)
+        }
         Job::Expire { cutoff, .. } => Written::Expired(expire(connection, *cutoff).await?),
         // Reads never reach the writer (`serve`); one that did is answered as failed.
-        Job::History { .. } | Job::Threads { .. } | Job::Thread { .. } | Job::Messages { .. } | Job::Ping(_) => {
-            return Err(sqlx::Error::Configuration("a read was sent to the writer".into()))
-        }
+        Job::History { .. }
+        | Job::Threads { .. }
+        | Job::Thread { .. }
+        | Job::Messages { .. }
+        | Job::Ping(_) => return Err(sqlx::Error::Configuration("a read was sent to the writer".into())),
     })
 }
 
@@ -610,6 +636,113 @@ async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> 
         query.execute(&mut *connection).await?;
     }
     Ok(())
+}
+
+/// Stores a publisher's answer; the title of the thread it made, if it made one.
+async fn add_answer(
+    connection: &mut AnyConnection,
+    answer: &PublishedAnswer,
+) -> Result<Option<String>, sqlx::Error> {
+    let PublishedAnswer { user_id, thread_id, run_id, content, status, created_at } = answer;
+    let now = to_i64(*created_at);
+    // Named after its run, so a publish sent again stores it once.
+    let id = match run_id {
+        Some(run_id) => format!("{run_id}-answer"),
+        None => format!("a_{}", rand::random::<u64>()),
+    };
+    let known = sqlx::query("SELECT 1 AS one FROM messages WHERE user_id = $1 AND id = $2")
+        .bind(user_id.as_str())
+        .bind(id.as_str())
+        .fetch_optional(&mut *connection)
+        .await?;
+    if known.is_some() {
+        return Ok(None);
+    }
+    let body = serde_json::json!({"id": id, "role": "assistant", "content": content}).to_string();
+    let bytes = to_i64(body.len() as u64);
+    // The turn of the user message this run answers, when that is stored.
+    let asked = match run_id {
+        Some(run_id) => sqlx::query(
+            "SELECT turn FROM messages WHERE user_id = $1 AND thread_id = $2 AND run_id = $3 AND part = 0",
+        )
+        .bind(user_id.as_str())
+        .bind(thread_id.as_str())
+        .bind(run_id.as_str())
+        .fetch_optional(&mut *connection)
+        .await?
+        .map(|row| row.try_get::<i64, _>("turn"))
+        .transpose()?,
+        None => None,
+    };
+    let (turn, made) = match asked {
+        Some(turn) => {
+            let updated = sqlx::query(
+                "UPDATE threads SET updated_at = $1, message_count = message_count + 1, bytes = bytes + $2, \
+                 running = CASE WHEN running = $3 THEN NULL ELSE running END \
+                 WHERE user_id = $4 AND thread_id = $5",
+            )
+            .bind(now)
+            .bind(bytes)
+            .bind(run_id.as_deref())
+            .bind(user_id.as_str())
+            .bind(thread_id.as_str())
+            .execute(&mut *connection)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                return Ok(None);
+            }
+            (turn, None)
+        }
+        None => {
+            let title = super::title_of(content);
+            let turn: i64 = sqlx::query(
+                "INSERT INTO threads (user_id, thread_id, title, created_at, updated_at, turns, message_count, bytes) \
+                 VALUES ($1, $2, $3, $4, $5, 1, 1, $6) \
+                 ON CONFLICT (user_id, thread_id) DO UPDATE SET turns = threads.turns + 1, \
+                 updated_at = excluded.updated_at, message_count = threads.message_count + 1, \
+                 bytes = threads.bytes + excluded.bytes \
+                 RETURNING turns",
+            )
+            .bind(user_id.as_str())
+            .bind(thread_id.as_str())
+            .bind(title.as_str())
+            .bind(now)
+            .bind(now)
+            .bind(bytes)
+            .fetch_one(&mut *connection)
+            .await?
+            .try_get("turns")?;
+            (turn, (turn == 1).then_some(title))
+        }
+    };
+    let part: i64 = sqlx::query(
+        "SELECT CAST(COALESCE(MAX(part), 0) + 1 AS BIGINT) AS next FROM messages \
+         WHERE user_id = $1 AND thread_id = $2 AND turn = $3",
+    )
+    .bind(user_id.as_str())
+    .bind(thread_id.as_str())
+    .bind(turn)
+    .fetch_one(&mut *connection)
+    .await?
+    .try_get("next")?;
+    sqlx::query(
+        "INSERT INTO messages (user_id, thread_id, turn, part, id, body, run_id, created_at, run_status, bytes) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(user_id.as_str())
+    .bind(thread_id.as_str())
+    .bind(turn)
+    .bind(part.max(1))
+    .bind(id)
+    .bind(body)
+    .bind(run_id.as_deref())
+    .bind(now)
+    .bind(*status)
+    .bind(bytes)
+    .execute(&mut *connection)
+    .await?;
+    Ok(made)
 }
 
 async fn rename(
