@@ -158,6 +158,9 @@ pub struct Registry {
     /// Store calls still to be answered, per user, in the order they were made.
     store_calls: HashMap<String, CallQueue>,
     runs: HashMap<String, Run>,
+    /// Bytes of ended runs' messages not stored yet (`runs.rs`, `Ending`): bounded by
+    /// `runs::MAX_UNSTORED_BYTES` while the store is away.
+    unstored_bytes: usize,
     /// Runs an AG-UI client follows (`POST /ag-ui`): where their steps go besides the stream.
     observers: HashMap<String, futures_channel::mpsc::Sender<RunStep>>,
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
@@ -267,6 +270,7 @@ impl Registry {
             runs: HashMap::new(),
             observers: HashMap::new(),
             shutting_down: false,
+            unstored_bytes: 0,
             draining: None,
             trimmer: crate::memory::Trimmer::new(),
             shards: None,

@@ -90,13 +90,16 @@ struct Ending {
     output: AgentOutput,
     ag_ui: Vec<Value>,
     messages: RunMessages,
-    /// When the store stops being retried and the run ends `store_unavailable` instead.
-    give_up: Instant,
+    /// Its share of `Registry::unstored_bytes`.
+    bytes: usize,
 }
 
-/// How long a run's end waits for the store (retried every [`STORE_RETRY`]) before it ends
-/// `agent_error` `store_unavailable`.
-const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+/// The bytes of ended runs' messages a registry shard holds while the store does not take them
+/// (docs/conversations.md, "When the store fails"): their ends wait, retried every
+/// [`STORE_RETRY`], until the store is back; a run that ends when they are at this bound ends
+/// `agent_error` `store_unavailable` at once instead (its events went out; its messages are not
+/// kept).
+pub(super) const MAX_UNSTORED_BYTES: usize = 64 << 20;
 const STORE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Registry {
@@ -163,14 +166,14 @@ impl Registry {
             state: turn.state,
             created_at: crate::protocol::now_ms(),
         };
-        let ending = Ending {
-            run,
-            run_id: run_id.to_owned(),
-            output,
-            ag_ui,
-            messages,
-            give_up: Instant::now() + STORE_PATIENCE,
-        };
+        let bytes = messages.messages.iter().map(|m| m.get().len()).sum::<usize>()
+            + messages.state.as_ref().map_or(0, |s| s.get().len());
+        let ending = Ending { run, run_id: run_id.to_owned(), output, ag_ui, messages, bytes };
+        if self.unstored_bytes.saturating_add(bytes) > MAX_UNSTORED_BYTES {
+            let e = StoreError::Unavailable("ended runs waiting for the store are at their bound".into());
+            return self.end_unstored(ctx, ending, &e);
+        }
+        self.unstored_bytes += bytes;
         self.store_run(ctx, ending);
     }
 
@@ -184,24 +187,37 @@ impl Registry {
     }
 
     fn on_run_stored(&mut self, ctx: &mut Context<Self>, ending: Ending, answer: Result<(), StoreError>) {
-        let Ending { run, run_id, output, ag_ui, .. } = match answer {
-            Ok(()) => ending,
-            Err(e) if Instant::now() < ending.give_up && !self.shutting_down => {
+        match answer {
+            Ok(()) => {
+                self.unstored_bytes = self.unstored_bytes.saturating_sub(ending.bytes);
+                self.announce_end(ctx, ending);
+            }
+            // The store is away: the end waits for it, within MAX_UNSTORED_BYTES.
+            Err(StoreError::Unavailable(e)) if !self.shutting_down => {
                 debug!("run {}: messages not stored yet ({e}); trying again", ending.run_id);
                 ctx.run_later(STORE_RETRY, move |registry, ctx| registry.store_run(ctx, ending));
-                return;
             }
             Err(e) => {
-                warn!("run {}: its messages could not be stored: {e}", ending.run_id);
-                self.metrics.fail(e.failure());
-                let mut ending = ending;
-                ending.output = AgentOutput::Error {
-                    code: "store_unavailable".into(),
-                    message: "the conversation could not be stored; send the message again".into(),
-                };
-                ending
+                self.unstored_bytes = self.unstored_bytes.saturating_sub(ending.bytes);
+                self.end_unstored(ctx, ending, &e);
             }
+        }
+    }
+
+    /// A run whose messages will not be stored ends `agent_error` `store_unavailable`.
+    fn end_unstored(&mut self, ctx: &mut Context<Self>, mut ending: Ending, e: &StoreError) {
+        warn!("run {}: its messages could not be stored: {e}", ending.run_id);
+        self.metrics.fail(e.failure());
+        ending.output = AgentOutput::Error {
+            code: "store_unavailable".into(),
+            message: "the conversation could not be stored; send the message again".into(),
         };
+        self.announce_end(ctx, ending);
+    }
+
+    /// The terminal event of a run whose messages are stored (or given up on) goes out.
+    fn announce_end(&mut self, ctx: &mut Context<Self>, ending: Ending) {
+        let Ending { run, run_id, output, ag_ui, .. } = ending;
         let payload = output.payload();
         let end = NewEvent {
             kind: output.kind(),
