@@ -386,3 +386,67 @@ async fn a_tab_that_joins_a_long_run_on_another_node_shows_what_the_first_tab_sh
         assert_eq!(later.expect_setup("mo").await["runs"], json!([]));
     }
 }
+
+/// Past `agent.max_response_bytes`, a tab joining on another node is shown the last bytes of the
+/// run's text (`truncated`), on a character's boundary, and the live events follow on from them:
+/// what it shows ends exactly as what the first tab shows.
+#[actix_web::test]
+async fn a_joining_tab_is_shown_the_tail_of_a_run_past_max_response_bytes() {
+    use common::fake_agent::{pieces, FakeAgent, Reply, Tail};
+    const CHUNKS: usize = 600;
+    let agent = FakeAgent::start(|input| {
+        let mut events = vec![
+            json!({"type": "RUN_STARTED", "threadId": input["threadId"], "runId": input["runId"]}),
+            json!({"type": "TEXT_MESSAGE_START", "messageId": "a1", "role": "assistant"}),
+        ];
+        events.extend(
+            (0..CHUNKS).map(
+                |i| json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a1", "delta": format!("é{i} ")}),
+            ),
+        );
+        events.push(json!({"type": "TEXT_MESSAGE_END", "messageId": "a1"}));
+        events.push(json!({"type": "RUN_FINISHED", "threadId": input["threadId"], "runId": input["runId"]}));
+        Reply::Body {
+            content_type: "text/event-stream",
+            pieces: pieces(&events),
+            gap: std::time::Duration::from_millis(2),
+            tail: Tail::End,
+        }
+    });
+    let db = TestDatabase::create();
+    let url = agent.url.clone();
+    let cluster = nodes("join-tail", 2, &db, move |c| {
+        c.agent.kind = agentwire::config::AgentKind::AgUi;
+        c.agent.url = url.clone();
+        c.agent.max_response_bytes = NonZero::new(101).unwrap();
+    });
+    let mut first = cluster[0].ready_client("ty").await;
+    let ack = first.say("t", "go on", None).await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    let mut seen = String::new();
+    let mut chunks = 0;
+    while chunks < CHUNKS / 2 {
+        let frame = first.recv().await;
+        if frame["type"] == "agent_message_chunk" {
+            seen.push_str(frame["payload"]["delta"].as_str().unwrap());
+            chunks += 1;
+        }
+    }
+    let mut joined = Client::connect_bearer(&cluster[1].ws_url(), &cluster[1].token("ty")).await.unwrap();
+    let ready = joined.expect_setup("ty").await;
+    let run = &ready["runs"][0];
+    assert_eq!(run["truncated"], true, "{ready}");
+    let mut shown = run["content"].as_str().unwrap().to_owned();
+    assert!(shown.len() <= 101 && shown.len() > 90, "the last bytes, whole characters: {shown:?}");
+    for event in joined.events_until_run_ends(&run_id).await {
+        if event["type"] == "agent_message_chunk" {
+            shown.push_str(event["payload"]["delta"].as_str().unwrap());
+        }
+    }
+    for event in first.events_until_run_ends(&run_id).await {
+        if event["type"] == "agent_message_chunk" {
+            seen.push_str(event["payload"]["delta"].as_str().unwrap());
+        }
+    }
+    assert!(seen.ends_with(&shown), "the joined tab shows the end of the answer: {shown:?}");
+}

@@ -423,6 +423,52 @@ mod tests {
         });
     }
 
+    /// Messages sent together are written as one group (`sql/group.rs`) and answered as if one
+    /// by one: consecutive turns per thread in arrival order, a new thread's title with its
+    /// first message, a `client_msg_id` twice in the group the first one's repeat.
+    #[test]
+    fn messages_written_as_a_group_are_answered_as_one_by_one() {
+        let store = memory();
+        block_on(async {
+            let calls: Vec<_> = (0..30u64)
+                .map(|i| {
+                    let mut message = user_message(&format!("t{}", i % 3), &format!("m{i}"), 100 + i);
+                    message.client_msg_id = Some(format!("c{}", i.min(28)));
+                    store.add_user_message(message)
+                })
+                .collect();
+            let answers: Vec<Added> = futures_util::future::join_all(calls)
+                .await
+                .into_iter()
+                .map(|answer| answer.expect("stored"))
+                .collect();
+            let mut turns: std::collections::HashMap<u64, i64> = Default::default();
+            for (i, answer) in answers.iter().enumerate().take(29) {
+                let thread = i as u64 % 3;
+                let next = turns.entry(thread).or_insert(0);
+                *next += 1;
+                let Added::Stored { turn, new_thread, evicted } = answer else { panic!("{i}: {answer:?}") };
+                assert_eq!(*turn, *next, "message {i}");
+                assert_eq!(new_thread.is_some(), i < 3, "message {i}");
+                assert!(evicted.is_empty());
+            }
+            assert_eq!(
+                answers[29],
+                Added::Repeat { message_id: "m28".into(), run_id: "r-m28".into(), turn: 10, seq: None }
+            );
+            let page = store.messages("u", "t2", 100, None).await.unwrap().unwrap();
+            assert_eq!(page.items.len(), 9, "the repeat is not stored");
+            // And once stored, the same id is a repeat from the database.
+            let mut again = user_message("t0", "m99", 999);
+            again.client_msg_id = Some("c5".into());
+            let repeat = store.add_user_message(again).await.unwrap();
+            assert_eq!(
+                repeat,
+                Added::Repeat { message_id: "m5".into(), run_id: "r-m5".into(), turn: 2, seq: None }
+            );
+        });
+    }
+
     #[test]
     fn messages_page_from_the_newest_towards_older_ones() {
         let store = memory();

@@ -17,6 +17,8 @@ use super::{
     StoreSettings, ThreadView, QUEUE,
 };
 
+mod group;
+
 type Answer<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// What the store's thread is asked.
@@ -205,8 +207,8 @@ enum Written {
     Answers(Vec<(String, String)>),
 }
 
-/// Commits the waiting writes together, in one transaction, and answers each only after the
-/// commit. When the database refuses one of them, the whole group is written again with each
+/// Commits the waiting writes together, in one transaction (the common kinds grouped into a
+/// few statements: `group.rs`), and answers each only after the commit. When the database refuses one of them, the whole group is written again with each
 /// write in a savepoint of its own, so that one does not take the others with it; savepoints
 /// cost two statements a write, so they are not paid while every write goes in
 /// (docs/conversations.md, "The store's speed").
@@ -258,8 +260,17 @@ async fn write_together(
     let mut connection = pool.acquire().await?;
     let mut transaction = connection.begin().await?;
     let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        results.push(Ok(write(&mut transaction, job, settings).await?));
+    let mut rest = batch;
+    while let Some(first) = rest.first() {
+        let grouped = rest.iter().take_while(|job| group::groupable(job)).count();
+        if grouped > 0 {
+            let written = group::write(&mut transaction, &rest[..grouped], settings).await?;
+            results.extend(written.into_iter().map(Ok));
+            rest = &rest[grouped..];
+        } else {
+            results.push(Ok(write(&mut transaction, first, settings).await?));
+            rest = &rest[1..];
+        }
     }
     transaction.commit().await?;
     Ok(results)
@@ -599,43 +610,9 @@ async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> 
     if updated == 0 {
         return Ok(());
     }
-    let numbered: Vec<(usize, &Box<RawValue>)> = run.messages.iter().enumerate().collect();
-    for rows in numbered.chunks(ROWS_PER_INSERT) {
-        let mut sql = String::from(
-            "INSERT INTO messages (user_id, thread_id, turn, part, id, body, run_id, created_at, run_status, bytes) VALUES ",
-        );
-        for (i, _) in rows.iter().enumerate() {
-            let first = i * 10;
-            let places: Vec<String> = (first + 1..=first + 10).map(|n| format!("${n}")).collect();
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            sql.push_str(&places.join(", "));
-            sql.push(')');
-        }
-        sql.push_str(" ON CONFLICT DO NOTHING");
-        let mut query = sqlx::query(&sql);
-        for &(part, message) in rows {
-            let id = serde_json::from_str::<Value>(message.get())
-                .ok()
-                .and_then(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
-                .unwrap_or_else(|| format!("{}-{part}", run.run_id));
-            query = query
-                .bind(run.user_id.as_str())
-                .bind(run.thread_id.as_str())
-                .bind(run.turn)
-                .bind(to_i64(part as u64 + 1))
-                .bind(id)
-                .bind(message.get())
-                .bind(run.run_id.as_str())
-                .bind(now)
-                .bind(run.status)
-                .bind(sizes.get(part).copied().unwrap_or_default());
-        }
-        query.execute(&mut *connection).await?;
-    }
-    Ok(())
+    let rows: Vec<(&RunMessages, usize, &RawValue)> =
+        run.messages.iter().enumerate().map(|(part, m)| (run, part, &**m)).collect();
+    group::insert_run_rows(connection, &rows).await
 }
 
 /// Stores a publisher's answer; the title of the thread it made, if it made one.

@@ -16,12 +16,55 @@ pub struct Transcript {
     /// Message id prefix: the run's id.
     run_id: String,
     parts: Vec<Part>,
-    /// Text it may still keep (`agent.max_response_bytes`): a verbose agent does not grow the
-    /// server's memory without bound; what is cut is said (`truncated`).
+    /// Text it may still keep for the store (`agent.max_response_bytes`): a verbose agent does
+    /// not grow the server's memory without bound.
     room: usize,
-    truncated: bool,
-    /// The run's thinking so far (not stored: a tab that joins the run shows it).
-    thinking: String,
+    /// What a tab that joins the run is shown of its text and thinking: the last
+    /// `agent.max_response_bytes` of each, so that the live events it gets next follow on.
+    shown_text: Tail,
+    /// The run's thinking (not stored: a tab that joins the run shows it).
+    shown_thinking: Tail,
+}
+
+/// The last `cap` bytes of a growing text (on a character's boundary), kept in at most twice
+/// that: the front is dropped in one go when it is reached, not at every push.
+#[derive(Debug, Default)]
+struct Tail {
+    text: String,
+    cap: usize,
+    dropped: bool,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Tail {
+        Tail { text: String::new(), cap, dropped: false }
+    }
+
+    fn push(&mut self, more: &str) {
+        self.text.push_str(more);
+        if self.text.len() > self.cap.saturating_mul(2) {
+            let from = self.start();
+            self.text.drain(..from);
+            self.dropped = true;
+        }
+    }
+
+    /// Where the last `cap` bytes begin, moved forward to a character's boundary.
+    fn start(&self) -> usize {
+        let mut from = self.text.len().saturating_sub(self.cap);
+        while !self.text.is_char_boundary(from) {
+            from += 1;
+        }
+        from
+    }
+
+    fn shown(&self) -> &str {
+        &self.text[self.start()..]
+    }
+
+    fn cut(&self) -> bool {
+        self.dropped || self.start() > 0
+    }
 }
 
 #[derive(Debug)]
@@ -37,8 +80,8 @@ impl Transcript {
             run_id: run_id.to_owned(),
             parts: Vec::new(),
             room: max_text_bytes,
-            truncated: false,
-            thinking: String::new(),
+            shown_text: Tail::new(max_text_bytes),
+            shown_thinking: Tail::new(max_text_bytes),
         }
     }
 
@@ -49,7 +92,6 @@ impl Transcript {
             cut -= 1;
         }
         self.room -= cut;
-        self.truncated |= cut < text.len();
         &text[..cut]
     }
 
@@ -57,6 +99,7 @@ impl Transcript {
     pub fn follow(&mut self, output: &AgentOutput) {
         match output {
             AgentOutput::MessageChunk { delta } => {
+                self.shown_text.push(delta);
                 let delta = self.take(delta);
                 match self.parts.last_mut() {
                     Some(Part::Text(text)) => text.push_str(delta),
@@ -64,10 +107,7 @@ impl Transcript {
                     _ => self.parts.push(Part::Text(delta.to_owned())),
                 }
             }
-            AgentOutput::Thinking { text } => {
-                let text = self.take(text);
-                self.thinking.push_str(text);
-            }
+            AgentOutput::Thinking { text } => self.shown_thinking.push(text),
             AgentOutput::ToolExecuting { tool_call_id, tool, args } => self.parts.push(Part::Call {
                 id: tool_call_id.clone(),
                 tool: tool.clone(),
@@ -87,9 +127,10 @@ impl Transcript {
     }
 
     /// The run as a tab that joins it is shown it (docs/conversations.md, "Joining a run in
-    /// progress"): the text and thinking so far, each tool call with its result once it has one.
+    /// progress"): the text and thinking so far (their last `agent.max_response_bytes` each,
+    /// `truncated` when that is not all), each tool call with its result once it has one.
     pub fn snapshot(&self) -> Value {
-        let content = self.text();
+        let content = self.shown_text.shown();
         let tool_calls: Vec<Value> = self
             .parts
             .iter()
@@ -106,8 +147,9 @@ impl Transcript {
                 Some(call)
             })
             .collect();
-        let mut snapshot = json!({"content": content, "thinking": self.thinking, "tool_calls": tool_calls});
-        if self.truncated {
+        let thinking = self.shown_thinking.shown();
+        let mut snapshot = json!({"content": content, "thinking": thinking, "tool_calls": tool_calls});
+        if self.shown_text.cut() || self.shown_thinking.cut() {
             snapshot["truncated"] = Value::Bool(true);
         }
         snapshot
@@ -210,8 +252,14 @@ mod tests {
         let mut t = Transcript::new("r", 5);
         t.follow(&AgentOutput::MessageChunk { delta: "abc".into() });
         t.follow(&AgentOutput::MessageChunk { delta: "déf".into() });
-        assert_eq!(roles(&t)[0]["content"], "abcd");
-        assert_eq!(t.snapshot()["truncated"], true);
+        assert_eq!(roles(&t)[0]["content"], "abcd", "what is stored: the first bytes");
+        let snapshot = t.snapshot();
+        assert_eq!(snapshot["truncated"], true);
+        assert_eq!(snapshot["content"], "cdéf", "what a joining tab is shown: the last bytes");
+        for i in 0..100 {
+            t.follow(&AgentOutput::MessageChunk { delta: format!("{}", i % 10) });
+        }
+        assert_eq!(t.snapshot()["content"], "56789", "the tail follows the text");
     }
 
     #[test]

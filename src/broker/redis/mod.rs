@@ -252,8 +252,18 @@ fn follow_op(event: &NewEvent<'_>) -> (&'static str, String) {
     }
 }
 
-/// The runs of the `ATTACH` script's answer as `processing_ready.runs` shows them, oldest first.
-fn snapshots(runs: &RedisValue) -> Vec<Value> {
+/// The last `max` bytes of `text` (on a character's boundary), and whether that is not all.
+fn last_bytes(text: &str, max: usize) -> (&str, bool) {
+    let mut from = text.len().saturating_sub(max);
+    while !text.is_char_boundary(from) {
+        from += 1;
+    }
+    (&text[from..], from > 0)
+}
+
+/// The runs of the `ATTACH` script's answer as `processing_ready.runs` shows them, oldest first:
+/// the last `max` bytes of each run's text and thinking (`agent.max_response_bytes`).
+fn snapshots(runs: &RedisValue, max: usize) -> Vec<Value> {
     let RedisValue::Array(runs) = runs else { return Vec::new() };
     let mut snapshots: Vec<(u64, Value)> = runs
         .iter()
@@ -281,11 +291,14 @@ fn snapshots(runs: &RedisValue) -> Vec<Value> {
                     call["result"] = result["result"].clone();
                 }
             }
+            let (content, thinking) = (field(4), field(5));
+            let (content, content_cut) = last_bytes(&content, max);
+            let (thinking, thinking_cut) = last_bytes(&thinking, max);
             let mut snapshot = serde_json::json!({
                 "run_id": field(0), "thread_id": field(1), "started_seq": started_seq,
-                "content": field(4), "thinking": field(5), "tool_calls": calls,
+                "content": content, "thinking": thinking, "tool_calls": calls,
             });
-            if field(3) == "1" {
+            if field(3) == "1" || content_cut || thinking_cut {
                 snapshot["truncated"] = Value::Bool(true);
             }
             Some((started_seq, snapshot))
@@ -489,13 +502,14 @@ impl Broker for RedisBroker {
         ];
         let subscribed = self.subscribed.get(user).cloned().flatten();
         let jobs = self.jobs.clone();
+        let max_run_text = self.settings.max_run_text;
         Box::pin(async move {
             // Subscribe first, then read the stream: nothing published in between is missed.
             if let Some(subscribed) = subscribed {
                 let _ = subscribed.await;
             }
             let reply = items(answer(queue(&jobs, script_command(scripts::ATTACH, &keys, args))).await?)?;
-            let runs = Some(reply.get(3).map(snapshots).unwrap_or_default());
+            let runs = Some(reply.get(3).map(|runs| snapshots(runs, max_run_text)).unwrap_or_default());
             let mut fields = reply.iter().map(text);
             let epoch = fields.next().flatten().ok_or_else(|| unexpected("attach"))?;
             let last_seq: u64 =

@@ -32,23 +32,22 @@ local function follow(live, op, run, data, seq, max, ttl)
   elseif redis.call('EXISTS', base) == 0 then
     return
   elseif op == 'c' or op == 'k' then
+    -- A joining tab is shown the last agent.max_response_bytes of each (the reader cuts them);
+    -- past twice that, the front is dropped in one go, on a character's boundary.
     local key = base .. (op == 'c' and ':content' or ':thinking')
-    -- Text and thinking share agent.max_response_bytes, cut on a character's boundary.
-    local room = max - redis.call('STRLEN', base .. ':content') - redis.call('STRLEN', base .. ':thinking')
-    local cut = #data
-    if room < cut then
-      cut = math.max(room, 0)
-      while cut > 0 do
-        local b = string.byte(data, cut + 1)
+    local len = redis.call('APPEND', key, data)
+    if len > 2 * max then
+      local kept = redis.call('GETRANGE', key, len - max, -1)
+      local from = 1
+      while from <= #kept do
+        local b = string.byte(kept, from)
         if b < 128 or b >= 192 then break end
-        cut = cut - 1
+        from = from + 1
       end
+      redis.call('SET', key, string.sub(kept, from))
       redis.call('HSET', base, 'truncated', '1')
     end
-    if cut > 0 then
-      redis.call('APPEND', key, string.sub(data, 1, cut))
-      redis.call('PEXPIRE', key, ttl)
-    end
+    redis.call('PEXPIRE', key, ttl)
   else
     redis.call('RPUSH', base .. ':tools', op .. data)
     redis.call('PEXPIRE', base .. ':tools', ttl)
