@@ -612,7 +612,7 @@ async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> 
     }
     let rows: Vec<(&RunMessages, usize, &RawValue)> =
         run.messages.iter().enumerate().map(|(part, m)| (run, part, &**m)).collect();
-    group::insert_run_rows(connection, &rows).await
+    group::insert_run_rows(connection, group::Places::of(connection), &rows).await
 }
 
 /// Stores a publisher's answer; the title of the thread it made, if it made one.

@@ -26,29 +26,51 @@ pub(super) fn groupable(job: &Job) -> bool {
     )
 }
 
-/// `($n, ...), (...)`: `rows` tuples of `columns` placeholders, numbered from 1.
-fn tuples(rows: usize, columns: usize) -> String {
-    let mut sql = String::with_capacity(rows * columns * 5);
-    for row in 0..rows {
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for column in 0..columns {
-            if column > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('$');
-            sql.push_str(&(row * columns + column + 1).to_string());
-        }
-        sql.push(')');
-    }
-    sql
+/// How a statement numbers its parameters. sqlx's SQLite driver finds a `$n` parameter by name,
+/// comparing it with every parameter of the statement: quadratic in a statement of thousands, so
+/// SQLite is given `?` (positional) and PostgreSQL `$n` (its only form).
+#[derive(Clone, Copy)]
+pub(super) struct Places {
+    positional: bool,
 }
 
-/// `($1, $2, ...)`: `count` placeholders for an `IN` list.
-fn list(count: usize) -> String {
-    tuples(1, count)
+impl Places {
+    pub(super) fn of(connection: &AnyConnection) -> Places {
+        Places { positional: connection.backend_name() == "SQLite" }
+    }
+
+    /// The `n`th parameter (from 1).
+    fn one(self, n: usize) -> String {
+        if self.positional {
+            "?".to_owned()
+        } else {
+            format!("${n}")
+        }
+    }
+
+    /// `($1, ...), (...)`: `rows` tuples of `columns` parameters, numbered from 1.
+    fn tuples(self, rows: usize, columns: usize) -> String {
+        let mut sql = String::with_capacity(rows * columns * 5);
+        for row in 0..rows {
+            if row > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for column in 0..columns {
+                if column > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&self.one(row * columns + column + 1));
+            }
+            sql.push(')');
+        }
+        sql
+    }
+
+    /// `($1, $2, ...)`: `count` parameters for an `IN` list.
+    fn list(self, count: usize) -> String {
+        self.tuples(1, count)
+    }
 }
 
 /// Writes `jobs` (all [`groupable`]); their answers, in order.
@@ -58,10 +80,11 @@ pub(super) async fn write(
     settings: &StoreSettings,
 ) -> Result<Vec<Written>, sqlx::Error> {
     let mut written: Vec<Option<Written>> = jobs.iter().map(|_| None).collect();
-    add_user_messages(connection, jobs, settings, &mut written).await?;
-    add_runs(connection, jobs).await?;
-    runs_started(connection, jobs).await?;
-    confirm(connection, jobs).await?;
+    let places = Places::of(connection);
+    add_user_messages(connection, places, jobs, settings, &mut written).await?;
+    add_runs(connection, places, jobs).await?;
+    runs_started(connection, places, jobs).await?;
+    confirm(connection, places, jobs).await?;
     Ok(written.into_iter().map(|w| w.unwrap_or(Written::Done)).collect())
 }
 
@@ -76,6 +99,7 @@ struct Accepted<'j> {
 
 async fn add_user_messages(
     connection: &mut AnyConnection,
+    places: Places,
     jobs: &[Job],
     settings: &StoreSettings,
     written: &mut [Option<Written>],
@@ -101,7 +125,9 @@ async fn add_user_messages(
     let mut seen: HashMap<(String, String), Added> = HashMap::new();
     for chunk in keyed.chunks(ROWS_PER_INSERT) {
         let wheres: Vec<String> = (0..chunk.len())
-            .map(|i| format!("(user_id = ${} AND client_msg_id = ${})", 2 * i + 1, 2 * i + 2))
+            .map(|i| {
+                format!("(user_id = {} AND client_msg_id = {})", places.one(2 * i + 1), places.one(2 * i + 2))
+            })
             .collect();
         let sql = format!(
             "SELECT user_id, client_msg_id, id, run_id, turn, seq FROM messages WHERE {}",
@@ -129,7 +155,7 @@ async fn add_user_messages(
         let sql = format!(
             "SELECT user_id, CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS used FROM threads \
              WHERE user_id IN {} GROUP BY user_id",
-            list(chunk.len())
+            places.list(chunk.len())
         );
         let mut query = sqlx::query(&sql);
         for user_id in chunk {
@@ -188,7 +214,7 @@ async fn add_user_messages(
              VALUES {} ON CONFLICT (user_id, thread_id) DO UPDATE SET turns = threads.turns + excluded.turns, \
              updated_at = excluded.updated_at, message_count = threads.message_count + excluded.message_count, \
              bytes = threads.bytes + excluded.bytes RETURNING user_id, thread_id, turns",
-            tuples(chunk.len(), 8)
+            places.tuples(chunk.len(), 8)
         );
         let mut query = sqlx::query(&sql);
         for ((user_id, thread_id), members) in chunk {
@@ -224,7 +250,7 @@ async fn add_user_messages(
         let sql = format!(
             "INSERT INTO messages (user_id, thread_id, turn, part, id, body, client_msg_id, run_id, created_at, bytes) \
              VALUES {}",
-            tuples(chunk.len(), 10)
+            places.tuples(chunk.len(), 10)
         );
         let mut query = sqlx::query(&sql);
         for a in chunk {
@@ -243,7 +269,7 @@ async fn add_user_messages(
         }
         query.execute(&mut *connection).await?;
     }
-    let evicted = evict(connection, &accepted, &made, settings).await?;
+    let evicted = evict(connection, places, &accepted, &made, settings).await?;
     // The answers: a new thread's title goes with its first message, a user's evicted threads
     // with the first message that made one.
     let mut titled: HashSet<(&str, &str)> = HashSet::new();
@@ -274,6 +300,7 @@ async fn add_user_messages(
 /// past it lose their least recently updated threads (not one this batch wrote to).
 async fn evict(
     connection: &mut AnyConnection,
+    places: Places,
     accepted: &[Accepted<'_>],
     made: &HashSet<(String, String)>,
     settings: &StoreSettings,
@@ -288,7 +315,7 @@ async fn evict(
     for chunk in makers.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "SELECT user_id, COUNT(*) AS n FROM threads WHERE user_id IN {} GROUP BY user_id",
-            list(chunk.len())
+            places.list(chunk.len())
         );
         let mut query = sqlx::query(&sql);
         for user_id in chunk {
@@ -331,7 +358,7 @@ async fn evict(
 
 /// The runs' messages: their threads updated in one statement (which also says which threads
 /// still exist: a thread deleted while its run went on stays deleted), the messages in one INSERT.
-async fn add_runs(connection: &mut AnyConnection, jobs: &[Job]) -> Result<(), sqlx::Error> {
+async fn add_runs(connection: &mut AnyConnection, places: Places, jobs: &[Job]) -> Result<(), sqlx::Error> {
     let mut runs: Vec<&RunMessages> = jobs
         .iter()
         .filter_map(|job| match job {
@@ -360,7 +387,7 @@ async fn add_runs(connection: &mut AnyConnection, jobs: &[Job]) -> Result<(), sq
              FROM (VALUES {}) AS v \
              WHERE threads.user_id = v.column1 AND threads.thread_id = v.column2 \
              RETURNING threads.user_id, threads.thread_id",
-            tuples(chunk.len(), 7)
+            places.tuples(chunk.len(), 7)
         );
         let mut query = sqlx::query(&sql);
         for run in chunk {
@@ -383,20 +410,21 @@ async fn add_runs(connection: &mut AnyConnection, jobs: &[Job]) -> Result<(), sq
         .filter(|run| live.contains(&(run.user_id.clone(), run.thread_id.clone())))
         .flat_map(|run| run.messages.iter().enumerate().map(move |(part, m)| (*run, part, &**m)))
         .collect();
-    insert_run_rows(connection, &rows).await
+    insert_run_rows(connection, places, &rows).await
 }
 
 /// Rows of runs' messages, `(run, part - 1, message)`, in multi-row INSERTs; one stored already
 /// (a write sent again) is left as it is.
 pub(super) async fn insert_run_rows(
     connection: &mut AnyConnection,
+    places: Places,
     rows: &[(&RunMessages, usize, &RawValue)],
 ) -> Result<(), sqlx::Error> {
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "INSERT INTO messages (user_id, thread_id, turn, part, id, body, run_id, created_at, run_status, bytes) \
              VALUES {} ON CONFLICT DO NOTHING",
-            tuples(chunk.len(), 10)
+            places.tuples(chunk.len(), 10)
         );
         let mut query = sqlx::query(&sql);
         for &(run, part, message) in chunk {
@@ -422,7 +450,11 @@ pub(super) async fn insert_run_rows(
 }
 
 /// The runs started (`running` in the threads API), in one UPDATE: the last one per thread.
-async fn runs_started(connection: &mut AnyConnection, jobs: &[Job]) -> Result<(), sqlx::Error> {
+async fn runs_started(
+    connection: &mut AnyConnection,
+    places: Places,
+    jobs: &[Job],
+) -> Result<(), sqlx::Error> {
     let mut latest: BTreeMap<(&str, &str), &str> = BTreeMap::new();
     for job in jobs {
         if let Job::RunStarted { user_id, thread_id, run_id, .. } = job {
@@ -434,7 +466,7 @@ async fn runs_started(connection: &mut AnyConnection, jobs: &[Job]) -> Result<()
         let sql = format!(
             "UPDATE threads SET running = v.column3 FROM (VALUES {}) AS v \
              WHERE threads.user_id = v.column1 AND threads.thread_id = v.column2",
-            tuples(chunk.len(), 3)
+            places.tuples(chunk.len(), 3)
         );
         let mut query = sqlx::query(&sql);
         for ((user_id, thread_id), run_id) in chunk {
@@ -447,7 +479,7 @@ async fn runs_started(connection: &mut AnyConnection, jobs: &[Job]) -> Result<()
 
 /// The stream events that completed messages (`epoch`, `seq`): user messages by id in one
 /// UPDATE, runs' messages by run in another.
-async fn confirm(connection: &mut AnyConnection, jobs: &[Job]) -> Result<(), sqlx::Error> {
+async fn confirm(connection: &mut AnyConnection, places: Places, jobs: &[Job]) -> Result<(), sqlx::Error> {
     let mut by_id: Vec<(&str, &str, &str, i64)> = Vec::new();
     let mut by_run: Vec<(&str, &str, &str, i64)> = Vec::new();
     for job in jobs {
@@ -469,7 +501,7 @@ async fn confirm(connection: &mut AnyConnection, jobs: &[Job]) -> Result<(), sql
             let sql = format!(
                 "UPDATE messages SET epoch = v.column3, seq = v.column4 FROM (VALUES {}) AS v \
                  WHERE messages.user_id = v.column1 AND {which}",
-                tuples(chunk.len(), 4)
+                places.tuples(chunk.len(), 4)
             );
             let mut query = sqlx::query(&sql);
             for (user_id, key, epoch, seq) in chunk {
@@ -487,7 +519,9 @@ mod tests {
 
     #[test]
     fn placeholders_are_numbered_across_rows() {
-        assert_eq!(tuples(2, 3), "($1, $2, $3), ($4, $5, $6)");
-        assert_eq!(list(2), "($1, $2)");
+        let numbered = Places { positional: false };
+        assert_eq!(numbered.tuples(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(numbered.list(2), "($1, $2)");
+        assert_eq!(Places { positional: true }.tuples(2, 2), "(?, ?), (?, ?)");
     }
 }
