@@ -450,3 +450,57 @@ async fn a_joining_tab_is_shown_the_tail_of_a_run_past_max_response_bytes() {
     }
     assert!(seen.ends_with(&shown), "the joined tab shows the end of the answer: {shown:?}");
 }
+
+/// Two tabs of one user on two nodes send on one thread while its run goes on: the second run
+/// waits for the first's end on the stream, whichever node runs either (`agent.on_busy`,
+/// docs/conversations.md, "Two messages on one thread"); with `interrupt` the first ends
+/// cancelled first.
+async fn two_nodes_one_thread(on_busy: agentwire::config::OnBusy) -> (Vec<serde_json::Value>, String, String) {
+    let db = TestDatabase::create();
+    let cluster = nodes("one-thread", 2, &db, move |c| {
+        c.agent.step_delay_ms = 100;
+        c.agent.on_busy = on_busy;
+    });
+    let mut first = cluster[0].ready_client("lu").await;
+    let mut second = cluster[1].ready_client("lu").await;
+    let one = first.say("t", "what is 2 + 3?", None).await;
+    let one = one["run_id"].as_str().unwrap().to_owned();
+    first.recv_where(|f| f["type"] == "agent_started" && f["run_id"] == one.as_str()).await;
+    let two = second.say("t", "and 4 + 5?", None).await;
+    let two = two["run_id"].as_str().unwrap().to_owned();
+    let mut events = Vec::new();
+    loop {
+        let frame = first.recv().await;
+        if frame["seq"].is_u64() {
+            events.push(frame.clone());
+        }
+        if frame["run_id"] == two.as_str() && matches!(frame["type"].as_str(), Some("agent_completed" | "agent_error")) {
+            break;
+        }
+    }
+    drop(db);
+    (events, one, two)
+}
+
+/// Where each run's events begin and end in `events`.
+fn span(events: &[serde_json::Value], run_id: &str) -> (usize, usize) {
+    let at: Vec<usize> = (0..events.len()).filter(|&i| events[i]["run_id"] == run_id).collect();
+    (*at.first().unwrap(), *at.last().unwrap())
+}
+
+#[actix_web::test]
+async fn runs_of_one_thread_never_interleave_across_nodes() {
+    let (events, one, two) = two_nodes_one_thread(agentwire::config::OnBusy::Enqueue).await;
+    let (first, second) = (span(&events, &one), span(&events, &two));
+    assert!(first.1 < second.0, "run {two} began before run {one} ended: {events:?}");
+    assert_eq!(events[first.1]["type"], "agent_completed");
+    assert_eq!(events[first.1]["payload"]["status"], "ok", "the first run ran to its end");
+}
+
+#[actix_web::test]
+async fn on_busy_interrupt_cancels_another_nodes_run_first() {
+    let (events, one, two) = two_nodes_one_thread(agentwire::config::OnBusy::Interrupt).await;
+    let (first, second) = (span(&events, &one), span(&events, &two));
+    assert!(first.1 < second.0, "run {two} began before run {one} ended: {events:?}");
+    assert_eq!(events[first.1]["payload"]["status"], "cancelled", "{:?}", events[first.1]);
+}

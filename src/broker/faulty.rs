@@ -89,6 +89,10 @@ impl Broker for Faulty {
         self.inner.run_ended(user, run_id);
     }
 
+    fn claim_thread(&mut self, user: &str, thread_id: &str, run_id: &str) -> Call<Option<String>> {
+        self.wrap(user, |b| b.claim_thread(user, thread_id, run_id))
+    }
+
     fn cancel_elsewhere(&mut self, user: &str, run_id: &str) -> Call<bool> {
         self.wrap(user, |b| b.cancel_elsewhere(user, run_id))
     }

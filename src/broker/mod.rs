@@ -185,7 +185,16 @@ pub trait Broker {
     /// one runs it, for cancels from elsewhere and for ending it if this process goes away.
     fn run_started(&mut self, _user: &str, _run_id: &str, _thread_id: &str) {}
 
-    /// The run ended (its record goes).
+    /// A run of `thread_id` is about to start here: `None` when it may (a broker shared by
+    /// several processes then records it as the thread's holder until its terminal event is
+    /// appended), or the run of another process that holds the thread now. Runs of one thread
+    /// never interleave (`agent.on_busy`, docs/conversations.md); in one process the registry's
+    /// own `Busy` sees to it, so a broker of one process always answers `None`.
+    fn claim_thread(&mut self, _user: &str, _thread_id: &str, _run_id: &str) -> Call<Option<String>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// The run ended and its terminal event is on the stream (its record goes).
     fn run_ended(&mut self, _user: &str, _run_id: &str) {}
 
     /// Asks the process that runs `run_id` of `user` to cancel it; `false` when none does.

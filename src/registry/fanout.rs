@@ -202,6 +202,7 @@ impl Registry {
         for id in slow {
             self.abandon(id);
         }
+        self.remote_runs_ended(ctx, user_id, fresh);
         reached
     }
 

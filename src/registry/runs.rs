@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::{new_id, CancelRequest, HttpRunRefusal, Registry, RunStep, SubmitMessage};
 use crate::agent::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
 use crate::base::ConnectionId;
-use crate::broker::{BrokerError, NewEvent, SeenMessage, Submitted};
+use crate::broker::{BrokerError, NewEvent, SeenMessage, Stored, Submitted};
 use crate::config::{OnBusy, MAX_WAITING_PER_THREAD};
 use crate::metrics::Failure;
 use crate::protocol::{
@@ -101,6 +101,9 @@ struct Ending {
 /// kept).
 pub(super) const MAX_UNSTORED_BYTES: usize = 64 << 20;
 const STORE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often a run waiting for another node's run of its thread asks again, in case the end
+/// was not heard (no session of the user here, so no subscription to the user's events).
+const CLAIM_AGAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Registry {
     /// Ends a run with its terminal event: out of the run table and of its user's count, then
@@ -141,7 +144,6 @@ impl Registry {
             _ => ("error", ""),
         };
         self.metrics.run_ended(outcome, code, run.started.elapsed());
-        self.broker.run_ended(&run.user_id, run_id);
         if !run.announced {
             let agent = self.agent.as_ref().map_or_else(String::new, |a| a.name.clone());
             let started = AgentOutput::Started { agent, message_id: run.message_id.clone() };
@@ -236,6 +238,9 @@ impl Registry {
                 }
             }
         });
+        // Its record goes after its end (calls reach the broker in order): until then another
+        // node's run of the thread waits for it (`claim_thread`), and a reaper would end it.
+        self.broker.run_ended(&run.user_id, &run_id);
         // The last step an AG-UI client gets; dropping its channel ends the client's response.
         if let Some(mut steps) = self.observers.remove(&run_id) {
             let _ = steps.try_send(RunStep { output, ag_ui });
@@ -288,6 +293,7 @@ impl Registry {
         let Some(busy) = user.busy.get_mut(thread_id) else { return };
         if busy.running.as_deref() == Some(run_id) {
             busy.running = None;
+            busy.remote = false;
         }
         if busy.running.is_some() {
             return;
@@ -366,6 +372,9 @@ impl Registry {
 #[derive(Default)]
 pub(super) struct Busy {
     running: Option<String>,
+    /// `running` is another node's run (the thread's holder in the shared broker): its end is
+    /// looked for in the user's events (`remote_runs_ended`).
+    remote: bool,
     waiting: VecDeque<Waiting>,
 }
 
@@ -711,13 +720,124 @@ impl Registry {
             // is on the stream (`thread_run_ended`).
             debug!("{who}: run {} waits for run {current} of its thread", started.run_id);
             let user_id = started.user_id.clone();
+            let remote = busy.remote;
             busy.waiting.push_back(Waiting { who: who.to_owned(), started, observer });
             if self.settings.on_busy == OnBusy::Interrupt {
-                self.cancel_run(ctx, &user_id, &current);
+                self.interrupt(ctx, &user_id, &current, remote);
             }
             return;
         }
         busy.running = Some(started.run_id.clone());
+        busy.remote = false;
+        if self.settings.redis.is_some() {
+            // With several nodes the thread may be busy on another one: the shared broker says.
+            let call =
+                self.broker.claim_thread(&started.user_id, &started.message.thread_id, &started.run_id);
+            let (user_id, who) = (started.user_id.clone(), who.to_owned());
+            self.when(ctx, &user_id, call, move |registry, answer, ctx| {
+                registry.on_claimed(ctx, &who, started, observer, answer)
+            });
+            return;
+        }
+        self.launch(ctx, who, started, observer);
+    }
+
+    /// The shared broker's answer to a run's claim of its thread: free (or the broker away: the
+    /// run's own events will say so), the run starts; held by another node's run, it waits at
+    /// the front of the thread's queue for that run's end.
+    fn on_claimed(
+        &mut self,
+        ctx: &mut Context<Self>,
+        who: &str,
+        started: Started,
+        observer: Option<futures_channel::mpsc::Sender<RunStep>>,
+        answer: Result<Option<String>, BrokerError>,
+    ) {
+        let holder = match answer {
+            Ok(holder) => holder,
+            Err(e) => {
+                warn!("{who}: run {}: its thread's holder is not known ({e}); it starts", started.run_id);
+                None
+            }
+        };
+        let Some(holder) = holder else { return self.launch(ctx, who, started, observer) };
+        debug!("{who}: run {} waits for run {holder} of its thread, on another node", started.run_id);
+        let (user_id, thread_id) = (started.user_id.clone(), started.message.thread_id.clone());
+        let busy = self.local_user(&user_id).busy.entry(Rc::from(thread_id.as_str())).or_default();
+        busy.running = Some(holder.clone());
+        busy.remote = true;
+        busy.waiting.push_front(Waiting { who: who.to_owned(), started, observer });
+        if self.settings.on_busy == OnBusy::Interrupt {
+            self.interrupt(ctx, &user_id, &holder, true);
+        }
+        // The holder's end comes on the user's stream; while no session of the user is here to
+        // hear it, the claim is tried again now and then.
+        ctx.run_later(CLAIM_AGAIN, move |registry, ctx| {
+            registry.claim_again(ctx, &user_id, &thread_id, &holder)
+        });
+    }
+
+    /// `agent.on_busy = "interrupt"`: the thread's current run is cancelled, here or where it runs.
+    fn interrupt(&mut self, ctx: &mut Context<Self>, user_id: &str, current: &str, remote: bool) {
+        if remote {
+            drop(self.broker.cancel_elsewhere(user_id, current));
+        } else {
+            self.cancel_run(ctx, user_id, current);
+        }
+    }
+
+    /// A thread held by another node's run `holder`, looked at again: still waiting on it, the
+    /// claim is made again for the first waiting run (as if `holder` had ended: it is not
+    /// taken while it still holds the thread).
+    fn claim_again(&mut self, ctx: &mut Context<Self>, user_id: &str, thread_id: &str, holder: &str) {
+        let waiting_on_it = self
+            .local
+            .get(user_id)
+            .and_then(|user| user.busy.get(thread_id))
+            .is_some_and(|busy| busy.remote && busy.running.as_deref() == Some(holder));
+        if waiting_on_it {
+            self.thread_run_ended(ctx, user_id, thread_id, holder);
+        }
+    }
+
+    /// Ends of other nodes' runs that hold a thread here, seen in the user's events: the runs
+    /// waiting behind them go on.
+    pub(super) fn remote_runs_ended(&mut self, ctx: &mut Context<Self>, user_id: &str, frames: &[Stored]) {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(rename = "type")]
+            kind: String,
+            thread_id: String,
+            run_id: Option<String>,
+        }
+        let Some(user) = self.local.get(user_id) else { return };
+        if !user.busy.values().any(|busy| busy.remote) {
+            return;
+        }
+        let ended: Vec<(String, String)> = frames
+            .iter()
+            .filter_map(|frame| serde_json::from_str::<Head>(&frame.frame).ok())
+            .filter(|head| matches!(head.kind.as_str(), "agent_completed" | "agent_error"))
+            .filter_map(|head| Some((head.thread_id, head.run_id?)))
+            .filter(|(thread_id, run_id)| {
+                user.busy
+                    .get(thread_id.as_str())
+                    .is_some_and(|busy| busy.remote && busy.running.as_ref() == Some(run_id))
+            })
+            .collect();
+        for (thread_id, run_id) in ended {
+            self.thread_run_ended(ctx, user_id, &thread_id, &run_id);
+        }
+    }
+
+    /// Starts a run that holds its thread.
+    fn launch(
+        &mut self,
+        ctx: &mut Context<Self>,
+        who: &str,
+        started: Started,
+        observer: Option<futures_channel::mpsc::Sender<RunStep>>,
+    ) {
         let run = Run::new(&started, self.settings.max_response_bytes);
         let Started { user_id, run_id, message_id, message, .. } = started;
         self.runs.insert(run_id.clone(), run);

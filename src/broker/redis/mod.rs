@@ -220,7 +220,7 @@ fn append_command(
     let parts: Vec<(String, String)> = events.iter().map(|e| split_frame(e, scratch)).collect();
     let key = |what: &str| format!("{}:{{{user}}}:{what}", settings.prefix);
     let mut command = redis::cmd("EVAL");
-    command.arg(script).arg(3).arg(key("meta")).arg(key("stream")).arg(key("live"));
+    command.arg(script).arg(4).arg(key("meta")).arg(key("stream")).arg(key("live")).arg(key("holders"));
     command
         .arg(key("events"))
         .arg(random_epoch())
@@ -247,7 +247,7 @@ fn follow_op(event: &NewEvent<'_>) -> (&'static str, String) {
         EventKind::AgentThinking => ("k", text("text")),
         EventKind::ToolExecuting => ("x", event.payload.to_string()),
         EventKind::ToolCompleted => ("r", event.payload.to_string()),
-        EventKind::AgentCompleted | EventKind::AgentError => ("e", String::new()),
+        EventKind::AgentCompleted | EventKind::AgentError => ("e", event.thread_id.to_owned()),
         _ => ("", String::new()),
     }
 }
@@ -437,6 +437,7 @@ impl Broker for RedisBroker {
             self.key(user, "dedupe"),
             self.key(user, "dedupe:order"),
             self.key(user, "live"),
+            self.key(user, "holders"),
         ];
         let args: Vec<Vec<u8>> = vec![
             self.channel(user).into_bytes(),
@@ -581,6 +582,20 @@ impl Broker for RedisBroker {
         let keys = [self.key(user, "runs"), self.node_key("runs")];
         let args = vec![run_id.as_bytes().to_vec(), user.as_bytes().to_vec()];
         self.eval_quietly("a run's end", scripts::RUN_ENDED, &keys, args);
+    }
+
+    fn claim_thread(&mut self, user: &str, thread_id: &str, run_id: &str) -> Call<Option<String>> {
+        let keys = [self.key(user, "holders"), self.key(user, "runs")];
+        let args = vec![
+            thread_id.as_bytes().to_vec(),
+            run_id.as_bytes().to_vec(),
+            self.ttl_ms().to_string().into_bytes(),
+        ];
+        let answered = self.eval(scripts::CLAIM, &keys, args);
+        Box::pin(async move {
+            let holder = answer(answered).await?;
+            Ok(text(&holder).filter(|holder| !holder.is_empty()))
+        })
     }
 
     fn cancel_elsewhere(&mut self, user: &str, run_id: &str) -> Call<bool> {

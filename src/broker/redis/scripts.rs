@@ -9,8 +9,8 @@
 /// caller's head + seq + tail), follows the runs in progress (`follow`), trims the stream,
 /// refreshes the TTL, and publishes the batch to the user's channel as
 /// `epoch \n first_seq \n frame \n frame...`.
-/// KEYS: meta, stream, live. ARGV: channel, epoch if new, maxlen, ttl ms, max run text, count,
-/// then head, tail, op, run, data per event.
+/// KEYS: meta, stream, live, holders. ARGV: channel, epoch if new, maxlen, ttl ms, max run
+/// text, count, then head, tail, op, run, data per event.
 /// Returns {epoch, first_seq}.
 const APPEND: &str = r#"
 -- The runs in progress, as of the stream's last seq, for a tab that joins one on any node
@@ -18,10 +18,12 @@ const APPEND: &str = r#"
 -- (thread, started seq, truncated), its text and thinking (APPENDed: no copy per chunk) and
 -- its tool calls and results in order. Ops: s start, c text, k thinking, x tool call,
 -- r tool result, e end.
-local function follow(live, op, run, data, seq, max, ttl)
+local function follow(live, holders, op, run, data, seq, max, ttl)
   if op == '' then return end
   local base = live .. ':' .. run
   if op == 'e' then
+    -- The run's end is on the stream: its thread is free for the next run (`CLAIM`).
+    if redis.call('HGET', holders, data) == run then redis.call('HDEL', holders, data) end
     redis.call('SREM', live, run)
     redis.call('DEL', base, base .. ':content', base .. ':thinking', base .. ':tools')
     return
@@ -56,7 +58,7 @@ local function follow(live, op, run, data, seq, max, ttl)
   redis.call('PEXPIRE', live, ttl)
 end
 
-local function append(meta, stream, live, channel, new_epoch, maxlen, ttl, max, count, at)
+local function append(meta, stream, live, holders, channel, new_epoch, maxlen, ttl, max, count, at)
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     epoch = new_epoch
@@ -71,7 +73,7 @@ local function append(meta, stream, live, channel, new_epoch, maxlen, ttl, max, 
     local frame = ARGV[n] .. seq .. ARGV[n + 1]
     frames[#frames + 1] = frame
     redis.call('XADD', stream, 'MAXLEN', maxlen, seq .. '-1', 'f', frame)
-    follow(live, ARGV[n + 2], ARGV[n + 3], ARGV[n + 4], seq, max, ttl)
+    follow(live, holders, ARGV[n + 2], ARGV[n + 3], ARGV[n + 4], seq, max, ttl)
   end
   redis.call('PEXPIRE', meta, ttl)
   redis.call('PEXPIRE', stream, ttl)
@@ -83,13 +85,13 @@ end
 pub fn append() -> String {
     format!(
         "{APPEND}
-local r = append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 7)
+local r = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 7)
 return {{r[1], string.format('%d', r[2])}}"
     )
 }
 
 /// A `user_message`: appended unless its `client_msg_id` was seen, and remembered with its ids.
-/// KEYS: meta, stream, dedupe hash, dedupe order list, live. ARGV: channel, epoch if new,
+/// KEYS: meta, stream, dedupe hash, dedupe order list, live, holders. ARGV: channel, epoch if new,
 /// maxlen, ttl ms, client_msg_id or "", message_id, run_id, dedupe cap, head, tail, then an
 /// empty op, run and data (an echo follows no run).
 /// Returns {"seen", "message_id run_id seq"} or {"appended", epoch, seq}.
@@ -101,7 +103,7 @@ if cmid ~= '' then
   local seen = redis.call('HGET', KEYS[3], cmid)
   if seen then return {{'seen', seen}} end
 end
-local r = append(KEYS[1], KEYS[2], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 0, 1, 9)
+local r = append(KEYS[1], KEYS[2], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 0, 1, 9)
 if cmid ~= '' then
   redis.call('HSET', KEYS[3], cmid, ARGV[6] .. ' ' .. ARGV[7] .. ' ' .. string.format('%d', r[2]))
   redis.call('RPUSH', KEYS[4], cmid)
@@ -189,6 +191,21 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\n' .. ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('SADD', KEYS[2], ARGV[4] .. '\n' .. ARGV[1])
 return 1
+"#;
+
+/// A run of a thread may start: the thread's holder is the run whose events it carries now
+/// (`agent.on_busy` across nodes, docs/conversations.md). Free, or held by a run that no node runs
+/// any more (its record gone), it is taken; else the holder is answered. The holder lets go when
+/// its run's terminal event is appended (`follow`). KEYS: holders hash, runs hash. ARGV: thread,
+/// run, ttl ms. Returns "" (taken) or the holder's run id.
+pub const CLAIM: &str = r#"
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+if holder and holder ~= ARGV[2] and redis.call('HEXISTS', KEYS[2], holder) == 1 then
+  return holder
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return ''
 "#;
 
 /// A run ended. KEYS: runs hash, the node's runs set. ARGV: run, user.
