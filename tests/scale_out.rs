@@ -455,7 +455,9 @@ async fn a_joining_tab_is_shown_the_tail_of_a_run_past_max_response_bytes() {
 /// waits for the first's end on the stream, whichever node runs either (`agent.on_busy`,
 /// docs/conversations.md, "Two messages on one thread"); with `interrupt` the first ends
 /// cancelled first.
-async fn two_nodes_one_thread(on_busy: agentwire::config::OnBusy) -> (Vec<serde_json::Value>, String, String) {
+async fn two_nodes_one_thread(
+    on_busy: agentwire::config::OnBusy,
+) -> (Vec<serde_json::Value>, String, String) {
     let db = TestDatabase::create();
     let cluster = nodes("one-thread", 2, &db, move |c| {
         c.agent.step_delay_ms = 100;
@@ -474,7 +476,9 @@ async fn two_nodes_one_thread(on_busy: agentwire::config::OnBusy) -> (Vec<serde_
         if frame["seq"].is_u64() {
             events.push(frame.clone());
         }
-        if frame["run_id"] == two.as_str() && matches!(frame["type"].as_str(), Some("agent_completed" | "agent_error")) {
+        if frame["run_id"] == two.as_str()
+            && matches!(frame["type"].as_str(), Some("agent_completed" | "agent_error"))
+        {
             break;
         }
     }

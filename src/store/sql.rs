@@ -148,16 +148,8 @@ async fn open(url: &str) -> Result<AnyPool, String> {
 
 /// Hands reads to tasks of their own and writes to the one writer.
 async fn serve(pool: AnyPool, settings: StoreSettings, mut queue: mpsc::Receiver<Job>) {
-    // SQLite takes one writer at a time; PostgreSQL takes several, each on its own users'
-    // threads (lanes by user), so no two transactions of a node wait for each other's rows.
-    let lanes = if settings.url.starts_with("sqlite") { 1 } else { POSTGRES_WRITERS };
-    let writers: Vec<mpsc::UnboundedSender<Job>> = (0..lanes)
-        .map(|_| {
-            let (writes, waiting) = mpsc::unbounded_channel();
-            tokio::spawn(writer(pool.clone(), settings.clone(), waiting));
-            writes
-        })
-        .collect();
+    let (writes, waiting) = mpsc::unbounded_channel();
+    tokio::spawn(writer(pool.clone(), settings.clone(), waiting));
     while let Some(job) = queue.recv().await {
         match job {
             Job::History { user_id, thread_id, limit, answer } => {
@@ -198,30 +190,11 @@ async fn serve(pool: AnyPool, settings: StoreSettings, mut queue: mpsc::Receiver
                 });
             }
             write => {
-                // A user's writes all go to one writer, in order. The writers are this thread's
-                // own tasks: they go on until the queue closes.
-                let lane = lane_of(lock_order(&write).0, writers.len());
-                if let Some(writer) = writers.get(lane) {
-                    let _ = writer.send(write);
-                }
+                // The writer is this thread's own task: it goes on until the queue closes.
+                let _ = writes.send(write);
             }
         }
     }
-}
-
-/// Writers side by side on PostgreSQL: a transaction commits (waits for its WAL flush) while
-/// the next one is written.
-const POSTGRES_WRITERS: usize = 2;
-
-/// The writer of a user's writes (retention, of no user, goes to the first).
-fn lane_of(user_id: &str, lanes: usize) -> usize {
-    use std::hash::{Hash, Hasher};
-    if lanes <= 1 || user_id.is_empty() {
-        return 0;
-    }
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    user_id.hash(&mut hasher);
-    (hasher.finish() % lanes as u64) as usize
 }
 
 /// What a write produced, sent as its answer once its transaction is settled.

@@ -20,6 +20,8 @@ const APPEND: &str = r#"
 -- r tool result, e end.
 local function follow(live, holders, op, run, data, seq, max, ttl)
   if op == '' then return end
+  -- A run going on keeps its thread's claim (`CLAIM`) as long as the stream.
+  redis.call('PEXPIRE', holders, ttl)
   local base = live .. ':' .. run
   if op == 'e' then
     -- The run's end is on the stream: its thread is free for the next run (`CLAIM`).

@@ -115,55 +115,54 @@ async fn add_user_messages(
     if messages.is_empty() {
         return Ok(());
     }
-    // Which `client_msg_id`s are stored already (each with its ids), in one SELECT.
+    // Which `client_msg_id`s are stored already (each with its ids), and what each user keeps
+    // (`store.max_bytes_per_user`), in one SELECT. A batch holds at most 256 writes, so its
+    // keys fit one statement.
     let keyed: Vec<(&str, &str)> = messages
         .iter()
         .filter_map(|(_, m)| Some((m.user_id.as_str(), m.client_msg_id.as_deref()?)))
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let mut seen: HashMap<(String, String), Added> = HashMap::new();
-    for chunk in keyed.chunks(ROWS_PER_INSERT) {
-        let wheres: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                format!("(user_id = {} AND client_msg_id = {})", places.one(2 * i + 1), places.one(2 * i + 2))
-            })
-            .collect();
-        let sql = format!(
-            "SELECT user_id, client_msg_id, id, run_id, turn, seq FROM messages WHERE {}",
-            wheres.join(" OR ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (user_id, client_msg_id) in chunk {
-            query = query.bind(*user_id).bind(*client_msg_id);
-        }
-        for row in query.fetch_all(&mut *connection).await? {
-            let repeat = Added::Repeat {
-                message_id: row.try_get("id")?,
-                run_id: row.try_get::<Option<String>, _>("run_id")?.unwrap_or_default(),
-                turn: row.try_get("turn")?,
-                seq: row.try_get::<Option<i64>, _>("seq")?.map(to_u64),
-            };
-            seen.insert((row.try_get("user_id")?, row.try_get("client_msg_id")?), repeat);
-        }
-    }
-    // What each user keeps (`store.max_bytes_per_user`), in one SELECT.
     let users: Vec<&str> =
         messages.iter().map(|(_, m)| m.user_id.as_str()).collect::<HashSet<_>>().into_iter().collect();
+    let wheres: Vec<String> = (0..keyed.len())
+        .map(|i| {
+            format!("(user_id = {} AND client_msg_id = {})", places.one(2 * i + 1), places.one(2 * i + 2))
+        })
+        .collect();
+    let in_users: Vec<String> = (0..users.len()).map(|i| places.one(2 * keyed.len() + i + 1)).collect();
+    let sql = format!(
+        "SELECT 'seen' AS what, user_id, client_msg_id, id, run_id, turn, seq, CAST(0 AS BIGINT) AS used \
+         FROM messages WHERE {} \
+         UNION ALL SELECT 'used', user_id, NULL, NULL, NULL, NULL, NULL, CAST(COALESCE(SUM(bytes), 0) AS BIGINT) \
+         FROM threads WHERE user_id IN ({}) GROUP BY user_id",
+        if wheres.is_empty() { "1 = 0".to_owned() } else { wheres.join(" OR ") },
+        in_users.join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for (user_id, client_msg_id) in &keyed {
+        query = query.bind(*user_id).bind(*client_msg_id);
+    }
+    for user_id in &users {
+        query = query.bind(*user_id);
+    }
+    let mut seen: HashMap<(String, String), Added> = HashMap::new();
     let mut used: HashMap<String, i64> = HashMap::new();
-    for chunk in users.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "SELECT user_id, CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS used FROM threads \
-             WHERE user_id IN {} GROUP BY user_id",
-            places.list(chunk.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for user_id in chunk {
-            query = query.bind(*user_id);
+    for row in query.fetch_all(&mut *connection).await? {
+        let user_id: String = row.try_get("user_id")?;
+        if row.try_get::<String, _>("what")? == "used" {
+            used.insert(user_id, row.try_get::<Option<i64>, _>("used")?.unwrap_or_default());
+            continue;
         }
-        for row in query.fetch_all(&mut *connection).await? {
-            used.insert(row.try_get("user_id")?, row.try_get::<Option<i64>, _>("used")?.unwrap_or_default());
-        }
+        let repeat = Added::Repeat {
+            message_id: row.try_get::<Option<String>, _>("id")?.unwrap_or_default(),
+            run_id: row.try_get::<Option<String>, _>("run_id")?.unwrap_or_default(),
+            turn: row.try_get::<Option<i64>, _>("turn")?.unwrap_or_default(),
+            seq: row.try_get::<Option<i64>, _>("seq")?.map(to_u64),
+        };
+        let client_msg_id: Option<String> = row.try_get("client_msg_id")?;
+        seen.insert((user_id, client_msg_id.unwrap_or_default()), repeat);
     }
     // Each message in arrival order: a repeat, over the quota, or stored. A `client_msg_id`
     // twice in one batch is the first one's repeat.
