@@ -403,7 +403,9 @@ function joinRun(snapshot, lastSeq) {
   if (deleted.has(snapshot.thread_id)) return;
   const r = run(snapshot.run_id, snapshot.thread_id, order(snapshot.started_seq || lastSeq));
   r.thinking = snapshot.thinking || "";
-  r.answer = snapshot.content || "";
+  // Past agent.max_response_bytes the snapshot holds the answer's last part: the live events
+  // carry on from it (docs/conversations.md, "Joining a run in progress").
+  r.answer = (snapshot.truncated ? "…" : "") + (snapshot.content || "");
   r.tools = new Map(
     (snapshot.tool_calls || []).map((call) => [
       call.tool_call_id,
@@ -775,7 +777,7 @@ function renderRun(r) {
   if (r.status === "cancelled") meta = "cancelled";
   if (r.status === "interrupted") meta = "interrupted";
   if (r.status === "error") meta = r.error ? `failed: ${r.error}` : "failed";
-  if (r.truncated) meta += " (the answer so far is cut: it was too long to keep)";
+  if (r.truncated) meta += " (its beginning is not shown: it was too long to keep)";
   const attrs = { class: "msg run", "data-run": r.runId, "data-status": r.status };
   if (r.joined) attrs["data-joined"] = "true";
   if (r.stored || r.inStore) attrs["data-stored"] = "true";
