@@ -364,7 +364,7 @@ fn published_answer(user_id: &str, event: &PublishedEvent) -> Option<PublishedAn
     Some(PublishedAnswer {
         user_id: user_id.to_owned(),
         thread_id: event.thread_id.clone(),
-        run_id: event.run_id.clone(),
+        run_id: event.run_id.clone()?,
         content: content.to_owned(),
         status,
         created_at: crate::protocol::now_ms(),

@@ -119,7 +119,8 @@ pub struct RunMessages {
 pub struct PublishedAnswer {
     pub user_id: String,
     pub thread_id: String,
-    pub run_id: Option<String>,
+    /// A run event always names its run (docs/protocol.md, the publish API).
+    pub run_id: String,
     pub content: String,
     /// `ok` or `cancelled`, from the event's `status`.
     pub status: &'static str,
@@ -466,6 +467,35 @@ mod tests {
                 repeat,
                 Added::Repeat { message_id: "m5".into(), run_id: "r-m5".into(), turn: 2, seq: None }
             );
+        });
+    }
+
+    /// A run started and ended in one batch leaves its thread with no run in progress, as
+    /// one-by-one writes would.
+    #[test]
+    fn a_run_started_and_ended_together_leaves_no_run_in_progress() {
+        let store = memory();
+        block_on(async {
+            let Added::Stored { turn, .. } =
+                store.add_user_message(user_message("t", "m1", 1)).await.unwrap()
+            else {
+                panic!("stored")
+            };
+            store.run_started("u", "t", "r-m1");
+            let run = RunMessages {
+                user_id: "u".into(),
+                thread_id: "t".into(),
+                turn,
+                run_id: "r-m1".into(),
+                status: "ok",
+                messages: vec![raw(&json!({"id": "a1", "role": "assistant", "content": "done"}))],
+                state: None,
+                created_at: 2,
+            };
+            store.add_run_messages(run).await.unwrap();
+            let thread = store.thread("u", "t").await.unwrap().expect("the thread");
+            assert_eq!(thread.running, None);
+            assert_eq!(thread.message_count, 2);
         });
     }
 

@@ -623,10 +623,7 @@ async fn add_answer(
     let PublishedAnswer { user_id, thread_id, run_id, content, status, created_at } = answer;
     let now = to_i64(*created_at);
     // Named after its run, so a publish sent again stores it once.
-    let id = match run_id {
-        Some(run_id) => format!("{run_id}-answer"),
-        None => format!("a_{}", rand::random::<u64>()),
-    };
+    let id = format!("{run_id}-answer");
     let known = sqlx::query("SELECT 1 AS one FROM messages WHERE user_id = $1 AND id = $2")
         .bind(user_id.as_str())
         .bind(id.as_str())
@@ -638,19 +635,16 @@ async fn add_answer(
     let body = serde_json::json!({"id": id, "role": "assistant", "content": content}).to_string();
     let bytes = to_i64(body.len() as u64);
     // The turn of the user message this run answers, when that is stored.
-    let asked = match run_id {
-        Some(run_id) => sqlx::query(
-            "SELECT turn FROM messages WHERE user_id = $1 AND thread_id = $2 AND run_id = $3 AND part = 0",
-        )
-        .bind(user_id.as_str())
-        .bind(thread_id.as_str())
-        .bind(run_id.as_str())
-        .fetch_optional(&mut *connection)
-        .await?
-        .map(|row| row.try_get::<i64, _>("turn"))
-        .transpose()?,
-        None => None,
-    };
+    let asked = sqlx::query(
+        "SELECT turn FROM messages WHERE user_id = $1 AND thread_id = $2 AND run_id = $3 AND part = 0",
+    )
+    .bind(user_id.as_str())
+    .bind(thread_id.as_str())
+    .bind(run_id.as_str())
+    .fetch_optional(&mut *connection)
+    .await?
+    .map(|row| row.try_get::<i64, _>("turn"))
+    .transpose()?;
     let (turn, made) = match asked {
         Some(turn) => {
             let updated = sqlx::query(
@@ -660,7 +654,7 @@ async fn add_answer(
             )
             .bind(now)
             .bind(bytes)
-            .bind(run_id.as_deref())
+            .bind(run_id.as_str())
             .bind(user_id.as_str())
             .bind(thread_id.as_str())
             .execute(&mut *connection)
@@ -713,7 +707,7 @@ async fn add_answer(
     .bind(part.max(1))
     .bind(id)
     .bind(body)
-    .bind(run_id.as_deref())
+    .bind(run_id.as_str())
     .bind(now)
     .bind(*status)
     .bind(bytes)

@@ -585,11 +585,13 @@ impl Broker for RedisBroker {
     }
 
     fn claim_thread(&mut self, user: &str, thread_id: &str, run_id: &str) -> Call<Option<String>> {
-        let keys = [self.key(user, "holders"), self.key(user, "runs")];
+        let keys = [self.key(user, "holders"), self.key(user, "runs"), self.node_key("runs")];
         let args = vec![
             thread_id.as_bytes().to_vec(),
             run_id.as_bytes().to_vec(),
             self.ttl_ms().to_string().into_bytes(),
+            self.settings.node.as_bytes().to_vec(),
+            user.as_bytes().to_vec(),
         ];
         let answered = self.eval(scripts::CLAIM, &keys, args);
         Box::pin(async move {

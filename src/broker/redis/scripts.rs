@@ -20,8 +20,6 @@ const APPEND: &str = r#"
 -- r tool result, e end.
 local function follow(live, holders, op, run, data, seq, max, ttl)
   if op == '' then return end
-  -- A run going on keeps its thread's claim (`CLAIM`) as long as the stream.
-  redis.call('PEXPIRE', holders, ttl)
   local base = live .. ':' .. run
   if op == 'e' then
     -- The run's end is on the stream: its thread is free for the next run (`CLAIM`).
@@ -58,6 +56,8 @@ local function follow(live, holders, op, run, data, seq, max, ttl)
   end
   redis.call('PEXPIRE', base, ttl)
   redis.call('PEXPIRE', live, ttl)
+  -- A run going on keeps its thread's claim (`CLAIM`) as long as the stream.
+  redis.call('PEXPIRE', holders, ttl)
 end
 
 local function append(meta, stream, live, holders, channel, new_epoch, maxlen, ttl, max, count, at)
@@ -197,9 +197,11 @@ return 1
 
 /// A run of a thread may start: the thread's holder is the run whose events it carries now
 /// (`agent.on_busy` across nodes, docs/conversations.md). Free, or held by a run that no node runs
-/// any more (its record gone), it is taken; else the holder is answered. The holder lets go when
-/// its run's terminal event is appended (`follow`). KEYS: holders hash, runs hash. ARGV: thread,
-/// run, ttl ms. Returns "" (taken) or the holder's run id.
+/// any more (its record gone), it is taken, and the run recorded as `RUN_STARTED` does, in the
+/// same step (so no other node's claim can find the holder without its record); else the holder
+/// is answered. The holder lets go when its run's terminal event is appended (`follow`).
+/// KEYS: holders hash, runs hash, the node's runs set. ARGV: thread, run, ttl ms, node, user.
+/// Returns "" (taken) or the holder's run id.
 pub const CLAIM: &str = r#"
 local holder = redis.call('HGET', KEYS[1], ARGV[1])
 if holder and holder ~= ARGV[2] and redis.call('HEXISTS', KEYS[2], holder) == 1 then
@@ -207,6 +209,9 @@ if holder and holder ~= ARGV[2] and redis.call('HEXISTS', KEYS[2], holder) == 1 
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[4] .. '\n' .. ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[5] .. '\n' .. ARGV[2])
 return ''
 "#;
 

@@ -82,8 +82,10 @@ pub(super) async fn write(
     let mut written: Vec<Option<Written>> = jobs.iter().map(|_| None).collect();
     let places = Places::of(connection);
     add_user_messages(connection, places, jobs, settings, &mut written).await?;
-    add_runs(connection, places, jobs).await?;
+    // Starts before ends: a run's end clears `running` only when it names that run, so a run
+    // started and ended within one batch leaves the thread as the one-by-one writes would.
     runs_started(connection, places, jobs).await?;
+    add_runs(connection, places, jobs).await?;
     confirm(connection, places, jobs).await?;
     Ok(written.into_iter().map(|w| w.unwrap_or(Written::Done)).collect())
 }
@@ -167,10 +169,24 @@ async fn add_user_messages(
     // Each message in arrival order: a repeat, over the quota, or stored. A `client_msg_id`
     // twice in one batch is the first one's repeat.
     let max = to_i64(settings.max_bytes_per_user as u64);
+    // What runs ending earlier in the group add to their users counts for the messages after.
+    let mut ended_runs = jobs.iter().enumerate().filter_map(|(i, job)| match job {
+        Job::AddRunMessages(run, _) => Some((
+            i,
+            run.user_id.as_str(),
+            run.messages.iter().map(|m| to_i64(m.get().len() as u64)).sum::<i64>(),
+        )),
+        _ => None,
+    });
+    let mut next_run = ended_runs.next();
     let mut accepted: Vec<Accepted<'_>> = Vec::new();
     let mut repeats_in_batch: Vec<(usize, usize)> = Vec::new();
     let mut first_with: HashMap<(&str, &str), usize> = HashMap::new();
     for (index, message) in messages {
+        while let Some((_, user_id, bytes)) = next_run.filter(|(at, ..)| *at < index) {
+            *used.entry(user_id.to_owned()).or_insert(0) += bytes;
+            next_run = ended_runs.next();
+        }
         if let Some(client_msg_id) = message.client_msg_id.as_deref() {
             if let Some(repeat) = seen.get(&(message.user_id.clone(), client_msg_id.to_owned())) {
                 written[index] = Some(Written::Added(repeat.clone()));
@@ -296,7 +312,8 @@ async fn add_user_messages(
 }
 
 /// `store.max_threads_per_user`: the users who made threads are counted in one SELECT; those
-/// past it lose their least recently updated threads (not one this batch wrote to).
+/// past it lose their least recently updated threads (not one this batch wrote to: a user who
+/// makes more new threads in one batch than the cap, at most 256, keeps them until the next).
 async fn evict(
     connection: &mut AnyConnection,
     places: Places,
