@@ -61,6 +61,9 @@ fn calculator_turn(input: &Value) -> Reply {
         json!({"type": "TOOL_CALL_END", "toolCallId": "call_1"}),
         json!({"type": "TOOL_CALL_RESULT", "messageId": "tr1", "toolCallId": "call_1", "content": "5", "role": "tool"}),
         json!({"type": "STATE_SNAPSHOT", "snapshot": {"turns": count}}),
+        // Not for tabs by default (`agent.forward_events`): the whole thread, the framework's own.
+        json!({"type": "RAW", "event": {"thread": "x".repeat(100)}}),
+        json!({"type": "MESSAGES_SNAPSHOT", "messages": []}),
         json!({"type": "TEXT_MESSAGE_START", "messageId": "a2", "role": "assistant"}),
         json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a2", "delta": first}),
         json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a2", "delta": second}),
@@ -187,7 +190,7 @@ async fn every_failure_row_ends_its_run_with_its_code_and_nothing_after() {
                 events(&[started(input)]),
                 Tail::Repeat(Duration::from_millis(5), format!("data: {}", "y".repeat(4000))),
             ),
-            "idle" => body(events(&[started(input)]), Tail::Hang),
+            "idle" => body(events(&[started(input)]), Tail::Quiet),
             "silent" => Reply::Silent,
             "overdue" => body(
                 events(&[started(input)]),
@@ -208,7 +211,7 @@ async fn every_failure_row_ends_its_run_with_its_code_and_nothing_after() {
     });
     let server = server_for(&agent, |c| {
         c.agent.run_timeout_secs = NonZero::new(2).unwrap();
-        c.limits.max_message_bytes = 8192;
+        c.agent.max_event_bytes = NonZero::new(8192).unwrap();
     });
     let rows = [
         ("http500", "agent_http_error", "500"),
@@ -216,8 +219,8 @@ async fn every_failure_row_ends_its_run_with_its_code_and_nothing_after() {
         ("garbage", "agent_protocol", "not JSON"),
         ("no-start", "agent_protocol", "RUN_STARTED"),
         ("cut-short", "agent_protocol", "without RUN_FINISHED"),
-        ("huge", "agent_protocol", "max_message_bytes"),
-        ("endless-event", "agent_protocol", "max_message_bytes"),
+        ("huge", "agent_protocol", "max_event_bytes"),
+        ("endless-event", "agent_protocol", "max_event_bytes"),
         ("idle", "agent_timeout", "no event"),
         ("silent", "agent_timeout", "did not answer"),
         ("overdue", "agent_timeout", "did not finish"),
@@ -352,4 +355,42 @@ async fn ag_ui_needs_a_url_and_valid_headers() {
     config.agent.headers.insert("bad header".into(), "x".into());
     let error = config.validate().unwrap_err().to_string();
     assert!(error.contains("agent.headers") && error.contains("bad header"), "{error}");
+}
+
+/// An agent that sends only SSE keep-alives for longer than `agent.idle_timeout_secs` (a tool
+/// running for a while) is not timed out; `agent.forward_events` decides which unmapped events
+/// reach tabs (docs/agents.md, v2).
+#[actix_web::test]
+async fn keep_alives_hold_off_the_idle_timeout_and_forward_events_picks_what_tabs_get() {
+    let agent = FakeAgent::start(|input| {
+        let mut pieces = pieces(&[started(input)]);
+        // 1.5 s of keep-alives, idle_timeout_secs being 1.
+        pieces.extend((0..15).map(|_| ": keep-alive\n\n".to_owned()));
+        pieces.extend(super_pieces(input));
+        Reply::Body {
+            content_type: "text/event-stream",
+            pieces,
+            gap: Duration::from_millis(100),
+            tail: Tail::End,
+        }
+    });
+    fn super_pieces(input: &Value) -> Vec<String> {
+        pieces(&[
+            json!({"type": "RAW", "event": {"n": 1}}),
+            json!({"type": "CUSTOM", "name": "progress", "value": 1}),
+            json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "done"}),
+            finished(input),
+        ])
+    }
+    let server = server_for(&agent, |c| c.agent.forward_events = vec!["RAW".into()]);
+    let mut tab = server.ready_client("kai").await;
+    let (_, events) = run_of(&mut tab, "t", "take your time").await;
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["agent_started", "agent_event", "agent_message_chunk", "agent_completed"],
+        "{events:?}"
+    );
+    assert_eq!(events[1]["payload"]["ag_ui"]["type"], "RAW", "only what forward_events names");
+    assert_eq!(events[3]["payload"]["status"], "ok");
 }

@@ -314,6 +314,13 @@ pub struct AgentConfig {
     pub max_concurrent_runs: NonZeroUsize,
     /// The newest messages of the thread (from the store) sent with each run.
     pub history_messages: NonZeroUsize,
+    /// The largest event accepted from an AG-UI agent (docs/agents.md): LangGraph's
+    /// `STATE_SNAPSHOT`, `MESSAGES_SNAPSHOT` and `RAW` carry the whole thread, so this is not
+    /// the client-frame limit.
+    pub max_event_bytes: NonZeroUsize,
+    /// The AG-UI events without a native mapping that reach WebSocket tabs as `agent_event`: a
+    /// name, or a prefix ending in `*`. `POST /ag-ui` clients get every event whatever this says.
+    pub forward_events: Vec<String>,
 }
 
 impl AgentConfig {
@@ -343,6 +350,15 @@ impl AgentConfig {
     }
 }
 
+/// Whether an AG-UI event of this type reaches WebSocket tabs (`agent.forward_events`: names,
+/// or prefixes ending in `*`).
+pub fn forwards(patterns: &[String], kind: &str) -> bool {
+    patterns.iter().any(|pattern| match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => kind == pattern,
+    })
+}
+
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
@@ -360,6 +376,17 @@ impl Default for AgentConfig {
             idle_timeout_secs: nz!(60),
             max_concurrent_runs: nz!(1000),
             history_messages: nz!(50),
+            max_event_bytes: nz!(16 << 20),
+            forward_events: [
+                "STATE_SNAPSHOT",
+                "STATE_DELTA",
+                "ACTIVITY_*",
+                "STEP_*",
+                "CUSTOM",
+                "REASONING_ENCRYPTED_VALUE",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct RegistrySettings {
     pub max_runs_per_user: usize,
     pub run_timeout: Duration,
     pub max_response_bytes: usize,
+    /// `agent.forward_events`: the AG-UI events without a mapping that reach tabs.
+    pub forward_events: Vec<String>,
     /// `limits.user_messages_per_second`.
     pub user_messages_per_second: u32,
     /// `faults.broker_delay_ms` and `faults.broker_fail_user_prefix`.
@@ -96,6 +98,7 @@ impl RegistrySettings {
             max_runs_per_user: config.agent.max_runs_per_user.get(),
             run_timeout: Duration::from_secs(config.agent.run_timeout_secs.get()),
             max_response_bytes: config.agent.max_response_bytes.get(),
+            forward_events: config.agent.forward_events.clone(),
             user_messages_per_second: config.limits.user_messages_per_second.get(),
             broker_delay: Duration::from_millis(config.faults.broker_delay_ms),
             broker_fail_user_prefix: config.faults.broker_fail_user_prefix.clone(),

@@ -950,6 +950,14 @@ impl Handler<AgentEvent> for Registry {
             }
             _ => {}
         }
+        if let AgentOutput::Passthrough { ag_ui: event } = &output {
+            let kind = event.get("type").and_then(Value::as_str).unwrap_or_default();
+            if !crate::config::forwards(&self.settings.forward_events, kind) {
+                // Not for tabs (`agent.forward_events`: RAW, MESSAGES_SNAPSHOT...); an AG-UI
+                // client following the run still gets it.
+                return self.observe(&run_id, output, ag_ui);
+            }
+        }
         // What a cancel's `agent_completed` carries, what is stored and what a joining tab sees,
         // within `agent.max_response_bytes`; the events themselves all go out.
         run.transcript.follow(&output);

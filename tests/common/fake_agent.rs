@@ -25,8 +25,11 @@ pub enum Reply {
 pub enum Tail {
     /// The body ends.
     End,
-    /// The body stays open with nothing more (SSE comments only, which are not events).
+    /// The body stays open with nothing more than an SSE comment (a keep-alive, not an event)
+    /// every 100 ms.
     Hang,
+    /// The body stays open and nothing more comes, not even a keep-alive.
+    Quiet,
     /// This piece again every `Duration`, forever.
     Repeat(Duration, String),
 }
@@ -185,6 +188,7 @@ async fn respond(reply: Reply, run_id: String, closed: mpsc::UnboundedSender<Str
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         ": keep-alive\n\n".to_owned()
                     }
+                    Tail::Quiet => std::future::pending().await,
                     Tail::Repeat(every, piece) => {
                         tokio::time::sleep(every).await;
                         piece

@@ -204,7 +204,7 @@ impl Mapping {
                 let call = self.tool_call(kind, id)?;
                 if call.args.len() + delta.len() > max {
                     return Err(Failure::protocol(format!(
-                        "the arguments of tool call {id} are over limits.max_message_bytes ({max})"
+                        "the arguments of tool call {id} are over agent.max_event_bytes ({max})"
                     )));
                 }
                 call.args.push_str(delta);

@@ -40,7 +40,7 @@ pub struct Upstream {
     name: String,
     idle_timeout: Duration,
     run_timeout: Duration,
-    /// `limits.max_message_bytes`: the largest event accepted from the agent.
+    /// `agent.max_event_bytes`: the largest event accepted from the agent.
     max_event_bytes: usize,
     max_response_bytes: usize,
     metrics: Arc<Metrics>,
@@ -67,7 +67,7 @@ impl Upstream {
             name: agent.display_name(),
             idle_timeout: Duration::from_secs(agent.idle_timeout_secs.get()),
             run_timeout: Duration::from_secs(agent.run_timeout_secs.get()),
-            max_event_bytes: config.limits.max_message_bytes,
+            max_event_bytes: config.agent.max_event_bytes.get(),
             max_response_bytes: agent.max_response_bytes.get(),
             metrics,
         }
@@ -192,9 +192,14 @@ impl Upstream {
         // complete, so an endless one is cut off here instead of growing without bound.
         let unread = Rc::new(Cell::new(0usize));
         let counted = Rc::clone(&unread);
+        // When the agent last sent anything: an SSE comment (a keep-alive) is no event, but it
+        // proves the agent alive, so it holds off `idle_timeout_secs` (docs/agents.md, v2).
+        let heard = Rc::new(Cell::new(Instant::now()));
+        let hearing = Rc::clone(&heard);
         let limit = self.max_event_bytes;
         let body = response.bytes_stream().map(move |chunk| {
             let chunk = chunk.map_err(|e| BodyError::Read(cause(&e)))?;
+            hearing.set(Instant::now());
             counted.set(counted.get() + chunk.len());
             if counted.get() > limit.saturating_mul(2) {
                 return Err(BodyError::Oversized);
@@ -217,16 +222,20 @@ impl Upstream {
         let mut steps = 0usize;
         let mut checkpoint = None;
         loop {
-            let idle = Instant::now() + self.idle_timeout;
-            let next = match actix_web::rt::time::timeout(until(idle.min(deadline)), events.next()).await {
-                Ok(next) => next,
-                Err(_) if Instant::now() >= deadline => return Err(self.overdue()),
-                Err(_) => {
-                    let secs = self.idle_timeout.as_secs();
-                    return Err(Failure::new(
-                        AGENT_TIMEOUT,
-                        format!("no event from the agent for {secs} seconds"),
-                    ));
+            let next = loop {
+                let idle = heard.get() + self.idle_timeout;
+                match actix_web::rt::time::timeout(until(idle.min(deadline)), events.next()).await {
+                    Ok(next) => break next,
+                    Err(_) if Instant::now() >= deadline => return Err(self.overdue()),
+                    // Bytes came meanwhile (a keep-alive): the wait starts again from them.
+                    Err(_) if heard.get() + self.idle_timeout > Instant::now() => continue,
+                    Err(_) => {
+                        let secs = self.idle_timeout.as_secs();
+                        return Err(Failure::new(
+                            AGENT_TIMEOUT,
+                            format!("no event from the agent for {secs} seconds, nor a keep-alive"),
+                        ));
+                    }
                 }
             };
             let event = match next {
@@ -247,10 +256,7 @@ impl Upstream {
             if event.data.len() > limit {
                 return Err(Failure::new(
                     AGENT_PROTOCOL,
-                    format!(
-                        "an event of {} bytes, over limits.max_message_bytes ({limit})",
-                        event.data.len()
-                    ),
+                    format!("an event of {} bytes, over agent.max_event_bytes ({limit})", event.data.len()),
                 ));
             }
             if event.data.trim().is_empty() {
@@ -326,7 +332,7 @@ impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BodyError::Read(cause) => write!(f, "reading the agent's response failed: {cause}"),
-            BodyError::Oversized => f.write_str("an event over limits.max_message_bytes"),
+            BodyError::Oversized => f.write_str("an event over agent.max_event_bytes"),
         }
     }
 }
@@ -335,7 +341,7 @@ fn body_failure(error: eventsource_stream::EventStreamError<BodyError>, limit: u
     use eventsource_stream::EventStreamError;
     match error {
         EventStreamError::Transport(BodyError::Oversized) => {
-            Failure::new(AGENT_PROTOCOL, format!("an event over limits.max_message_bytes ({limit})"))
+            Failure::new(AGENT_PROTOCOL, format!("an event over agent.max_event_bytes ({limit})"))
         }
         // The connection broke mid-run: the body ended without the run's end.
         EventStreamError::Transport(read) => Failure::new(AGENT_PROTOCOL, read.to_string()),
