@@ -91,6 +91,8 @@ pub struct Metrics {
     pub runs_in_progress: IntGauge,
     /// Runs ended, by `outcome` (ok, cancelled, error, refused) and error `code`.
     pub agent_runs: IntCounterVec,
+    /// Tokens the agents reported in `RUN_FINISHED.usage`, by kind (input, output).
+    pub agent_tokens: IntCounterVec,
     pub agent_run_duration_seconds: Histogram,
     /// From a run's request to the agent to its first event (`kind = "ag-ui"`).
     pub agent_first_event_seconds: Histogram,
@@ -204,6 +206,11 @@ impl Metrics {
                 "agentwire_agent_runs_total",
                 "Runs ended, by outcome (ok, cancelled, error, refused) and agent_error code",
                 &["outcome", "code"],
+            ),
+            agent_tokens: counter_vec(
+                "agentwire_agent_tokens_total",
+                "Tokens the agents reported in RUN_FINISHED.usage, by kind (input, output)",
+                &["kind"],
             ),
             agent_run_duration_seconds: register(
                 &registry,

@@ -394,3 +394,40 @@ async fn keep_alives_hold_off_the_idle_timeout_and_forward_events_picks_what_tab
     assert_eq!(events[1]["payload"]["ag_ui"]["type"], "RAW", "only what forward_events names");
     assert_eq!(events[3]["payload"]["status"], "ok");
 }
+
+/// `RUN_FINISHED`'s `result` and `usage` reach the tabs on `agent_completed` (the tokens are
+/// counted in `agentwire_agent_tokens_total`); `RUN_ERROR`'s own `code` is `agent_code` beside
+/// agentwire's `agent_error` (docs/agents.md, v2).
+#[actix_web::test]
+async fn a_runs_result_usage_and_the_agents_own_error_code_are_kept() {
+    let agent = FakeAgent::start(|input| match user_of(input) {
+        "failing" => sse(&[
+            started(input),
+            json!({"type": "RUN_ERROR", "message": "rate limited upstream", "code": "rate_limit"}),
+        ]),
+        _ => sse(&[
+            started(input),
+            json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "42"}),
+            json!({"type": "RUN_FINISHED", "threadId": input["threadId"], "runId": input["runId"],
+                "result": {"answer": 42}, "usage": {"input_tokens": 120, "output_tokens": 7}}),
+        ]),
+    });
+    let server = server_for(&agent, |_| {});
+    let mut tab = server.ready_client("rita").await;
+    let (_, events) = run_of(&mut tab, "t", "the answer?").await;
+    let end = events.last().unwrap();
+    assert_eq!(end["type"], "agent_completed", "{end}");
+    assert_eq!(end["payload"]["result"], json!({"answer": 42}));
+    assert_eq!(end["payload"]["usage"], json!({"input_tokens": 120, "output_tokens": 7}));
+    assert_eq!(end["payload"]["response"]["content"], "42");
+    assert_eq!(server.metric("agentwire_agent_tokens_total{kind=\"input\"}"), 120.0);
+    assert_eq!(server.metric("agentwire_agent_tokens_total{kind=\"output\"}"), 7.0);
+    let mut other = server.ready_client("failing").await;
+    let (_, events) = run_of(&mut other, "t", "the answer?").await;
+    let end = events.last().unwrap();
+    assert_eq!(end["type"], "agent_error", "{end}");
+    assert_eq!(
+        (end["payload"]["code"].as_str(), end["payload"]["agent_code"].as_str()),
+        (Some("agent_error"), Some("rate_limit"))
+    );
+}

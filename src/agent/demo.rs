@@ -191,7 +191,7 @@ impl Handler<StartRun> for DemoAgent {
                     code: "agent_failed".into(),
                     message: "the demo agent's tool failed".into(),
                 };
-                sink.do_send(AgentEvent { run_id, output, turn: None, ag_ui: Vec::new() });
+                sink.do_send(AgentEvent { run_id, output, turn: None, ag_ui: Vec::new(), details: None });
                 return;
             };
             let mut tool_started = started;
@@ -200,7 +200,13 @@ impl Handler<StartRun> for DemoAgent {
                     actix_web::rt::time::sleep(delay).await;
                 }
                 stamp(&mut output, started, &mut tool_started);
-                sink.do_send(AgentEvent { run_id: run_id.clone(), output, turn: None, ag_ui: Vec::new() });
+                sink.do_send(AgentEvent {
+                    run_id: run_id.clone(),
+                    output,
+                    turn: None,
+                    ag_ui: Vec::new(),
+                    details: None,
+                });
             }
         };
         let handle = ctx.spawn(work.into_actor(self).map(move |_, agent, _| {

@@ -68,6 +68,10 @@ pub struct AgentEvent {
     /// With [`RunRequest::forward_ag_ui`]: the AG-UI events, as received, that this step stands
     /// for (with those before it that mapped to nothing, such as `TEXT_MESSAGE_START`).
     pub ag_ui: Vec<serde_json::Value>,
+    /// With a run's end: what the agent said of it beyond the mapping, added to the terminal
+    /// event's payload (`agent_code` of `RUN_ERROR`, `result` and `usage` of `RUN_FINISHED`;
+    /// docs/agents.md).
+    pub details: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// How the registry reaches the configured runtime.

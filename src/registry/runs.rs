@@ -92,6 +92,8 @@ struct Ending {
     messages: RunMessages,
     /// Its share of `Registry::unstored_bytes`.
     bytes: usize,
+    /// Added to the terminal event's payload (`AgentEvent::details`).
+    details: Option<serde_json::Map<String, Value>>,
 }
 
 /// The bytes of ended runs' messages a registry shard holds while the store does not take them
@@ -120,7 +122,7 @@ impl Registry {
         output: AgentOutput,
         ag_ui: Vec<Value>,
     ) {
-        self.end_run_storing(ctx, run_id, output, ag_ui, None);
+        self.end_run_storing(ctx, run_id, output, ag_ui, None, None);
     }
 
     /// Ends a run: its messages (the agent's own `turn` when it gave one, else the registry's
@@ -132,8 +134,12 @@ impl Registry {
         output: AgentOutput,
         ag_ui: Vec<Value>,
         turn: Option<Conversation>,
+        details: Option<serde_json::Map<String, Value>>,
     ) {
         let Some(mut run) = self.runs.remove(run_id) else { return };
+        if let Some(usage) = details.as_ref().and_then(|d| d.get("usage")) {
+            self.count_tokens(usage);
+        }
         if let Some(user) = self.local.get_mut(&*run.user_id) {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
         }
@@ -170,7 +176,7 @@ impl Registry {
         };
         let bytes = messages.messages.iter().map(|m| m.get().len()).sum::<usize>()
             + messages.state.as_ref().map_or(0, |s| s.get().len());
-        let ending = Ending { run, run_id: run_id.to_owned(), output, ag_ui, messages, bytes };
+        let ending = Ending { run, run_id: run_id.to_owned(), output, ag_ui, messages, bytes, details };
         if self.unstored_bytes.saturating_add(bytes) > MAX_UNSTORED_BYTES {
             let e = StoreError::Unavailable("ended runs waiting for the store are at their bound".into());
             return self.end_unstored(ctx, ending, &e);
@@ -217,10 +223,31 @@ impl Registry {
         self.announce_end(ctx, ending);
     }
 
+    /// `agentwire_agent_tokens_total`: the tokens of a run's `usage`, whatever the framework
+    /// calls them (`input_tokens`/`output_tokens`, `inputTokens`/`outputTokens`,
+    /// `prompt_tokens`/`completion_tokens`).
+    fn count_tokens(&self, usage: &Value) {
+        let kinds = [
+            ("input", ["input_tokens", "inputTokens", "prompt_tokens", "promptTokens"]),
+            ("output", ["output_tokens", "outputTokens", "completion_tokens", "completionTokens"]),
+        ];
+        for (kind, names) in kinds {
+            if let Some(count) = names.iter().find_map(|name| usage.get(*name).and_then(Value::as_u64)) {
+                self.metrics.agent_tokens.with_label_values(&[kind]).inc_by(count);
+            }
+        }
+    }
+
     /// The terminal event of a run whose messages are stored (or given up on) goes out.
     fn announce_end(&mut self, ctx: &mut Context<Self>, ending: Ending) {
-        let Ending { run, run_id, output, ag_ui, .. } = ending;
-        let payload = output.payload();
+        let Ending { run, run_id, output, ag_ui, details, .. } = ending;
+        let mut payload = output.payload();
+        if let (Some(details), Value::Object(fields)) = (details, &mut payload) {
+            // What the agent said of its run's end (docs/agents.md): never over agentwire's own.
+            for (key, value) in details {
+                fields.entry(key).or_insert(value);
+            }
+        }
         let end = NewEvent {
             kind: output.kind(),
             thread_id: &run.thread_id,
@@ -927,7 +954,7 @@ impl Handler<AgentEvent> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: AgentEvent, ctx: &mut Self::Context) {
-        let AgentEvent { run_id, output, turn, ag_ui } = msg;
+        let AgentEvent { run_id, output, turn, ag_ui, details } = msg;
         let Some(run) = self.runs.get_mut(&run_id) else {
             // The run was cancelled (or never existed): nothing of it after its end.
             debug!("event of ended run {run_id} dropped");
@@ -936,7 +963,7 @@ impl Handler<AgentEvent> for Registry {
         if output.kind().is_terminal() {
             // What the run said is stored (the agent's own messages when it gave them) before
             // the terminal event goes out.
-            return self.end_run_storing(ctx, &run_id, output, ag_ui, turn);
+            return self.end_run_storing(ctx, &run_id, output, ag_ui, turn, details);
         }
         match (&output, run.announced) {
             (AgentOutput::Started { .. }, true) => {

@@ -73,6 +73,8 @@ pub struct Mapping {
     transcript_index: HashMap<String, usize>,
     state: Value,
     state_changed: bool,
+    /// What the run's end says beyond the mapping: `agent_code`, `result`, `usage`.
+    details: Map<String, Value>,
 }
 
 fn field<'a>(event: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
@@ -105,7 +107,13 @@ impl Mapping {
             transcript_index: HashMap::new(),
             state,
             state_changed: false,
+            details: Map::new(),
         }
+    }
+
+    /// What the run's end adds to its terminal event, if anything (`AgentEvent::details`).
+    pub fn details(&mut self) -> Option<Map<String, Value>> {
+        (!self.details.is_empty()).then(|| std::mem::take(&mut self.details))
     }
 
     /// Maps one event, as received (one `data:` of the SSE body, parsed).
@@ -129,12 +137,24 @@ impl Mapping {
         let none = || Ok(Mapped::Events(Vec::new()));
         match kind {
             "RUN_STARTED" => Err(Failure::protocol("a second RUN_STARTED in one run")),
-            "RUN_FINISHED" => Ok(Mapped::End(AgentOutput::Completed {
-                status: RunStatus::Ok,
-                content: std::mem::take(&mut self.text),
-                duration_ms: self.started.elapsed().as_millis() as u64,
-            })),
+            "RUN_FINISHED" => {
+                // AG-UI 1.0: the run's `result`, and the tokens it used, go with its end.
+                for key in ["result", "usage"] {
+                    if let Some(value) = fields.get(key).filter(|v| !v.is_null()) {
+                        self.details.insert(key.to_owned(), value.clone());
+                    }
+                }
+                Ok(Mapped::End(AgentOutput::Completed {
+                    status: RunStatus::Ok,
+                    content: std::mem::take(&mut self.text),
+                    duration_ms: self.started.elapsed().as_millis() as u64,
+                }))
+            }
             "RUN_ERROR" => {
+                // The agent's own code is kept beside agentwire's `agent_error`.
+                if let Some(code) = fields.get("code").filter(|v| !v.is_null()) {
+                    self.details.insert("agent_code".into(), code.clone());
+                }
                 let message = field(fields, "message").unwrap_or("the agent reported an error");
                 Ok(Mapped::End(AgentOutput::Error { code: AGENT_ERROR.into(), message: message.to_owned() }))
             }

@@ -102,6 +102,9 @@ struct Identity<'a> {
 
 const EMPTY_STATE: &str = "{}";
 
+/// What a run's end adds to its terminal event (`AgentEvent::details`).
+type Details = serde_json::Map<String, Value>;
+
 /// Steps of one run between checkpoints: a run has at most twice this many handed to the registry
 /// and not yet handled, enough to pipeline its events, few enough that a flooding agent waits
 /// for the registry instead of piling up.
@@ -119,15 +122,15 @@ impl Upstream {
         // The agent's events not yet handed over with a step go with the run's end. After a
         // failure they are dropped (one of them may be what failed): the client gets RUN_ERROR.
         let mut unsent = Vec::new();
-        let (output, turn) = match self.stream(&run, &sink, &checkpoints, &mut unsent).await {
-            Ok((output, turn)) => (output, turn),
+        let (output, turn, details) = match self.stream(&run, &sink, &checkpoints, &mut unsent).await {
+            Ok(ended) => ended,
             Err(failure) => {
                 warn!("run {run_id}: agent_error {}: {}", failure.code, failure.message);
                 unsent.clear();
-                (AgentOutput::Error { code: failure.code.into(), message: failure.message }, None)
+                (AgentOutput::Error { code: failure.code.into(), message: failure.message }, None, None)
             }
         };
-        sink.do_send(AgentEvent { run_id, output, turn, ag_ui: unsent });
+        sink.do_send(AgentEvent { run_id, output, turn, ag_ui: unsent, details });
     }
 
     /// Sends the request and maps the events until the run's end; the end itself is returned.
@@ -137,7 +140,7 @@ impl Upstream {
         sink: &Recipient<AgentEvent>,
         checkpoints: &Recipient<Checkpoint>,
         unsent: &mut Vec<Value>,
-    ) -> Result<(AgentOutput, Option<crate::store::Conversation>), Failure> {
+    ) -> Result<(AgentOutput, Option<crate::store::Conversation>, Option<Details>), Failure> {
         let sent = Instant::now();
         let deadline = sent + self.run_timeout;
         let empty: Box<RawValue> =
@@ -273,7 +276,8 @@ impl Upstream {
                     for output in outputs {
                         // `do_send`: into the registry's mailbox at once, in order.
                         let ag_ui = std::mem::take(unsent);
-                        sink.do_send(AgentEvent { run_id: run.run_id.clone(), output, turn: None, ag_ui });
+                        let run_id = run.run_id.clone();
+                        sink.do_send(AgentEvent { run_id, output, turn: None, ag_ui, details: None });
                         steps += 1;
                         if steps.is_multiple_of(IN_FLIGHT) {
                             // The registry answers a checkpoint after every step sent before
@@ -288,9 +292,10 @@ impl Upstream {
                     }
                 }
                 Mapped::End(output @ AgentOutput::Completed { .. }) => {
-                    return Ok((output, Some(mapping.turn())))
+                    let details = mapping.details();
+                    return Ok((output, Some(mapping.turn()), details));
                 }
-                Mapped::End(output) => return Ok((output, None)),
+                Mapped::End(output) => return Ok((output, None, mapping.details())),
             }
         }
     }
