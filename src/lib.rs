@@ -231,24 +231,26 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     let user_timeout = Duration::from_secs(config.limits.client_timeout_secs);
 
     let listener = listen(config.server.bind).map_err(StartError::Io)?;
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
-        .on_connect(move |connection, _| {
-            if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
-                if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(user_timeout)) {
-                    warn!("cannot set TCP_USER_TIMEOUT: {e}");
-                }
+    let server = HttpServer::new(move || {
+        App::new().app_data(state.clone()).configure(|cfg| http::routes(cfg, &state.config))
+    })
+    .on_connect(move |connection, _| {
+        if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(user_timeout)) {
+                warn!("cannot set TCP_USER_TIMEOUT: {e}");
             }
-        })
-        // Small frames must leave at once: Nagle's algorithm would hold them back behind
-        // unacknowledged ones (actix leaves it on unless told).
-        .tcp_nodelay(true)
-        // Signals are handled by the binary, which closes sessions with 1012 first.
-        .disable_signals()
-        .workers(config.worker_count())
-        .max_connections(config.limits.max_connections.get().saturating_add(1024))
-        .shutdown_timeout(config.server.shutdown_grace_secs.get())
-        .listen(listener)
-        .map_err(StartError::Io)?;
+        }
+    })
+    // Small frames must leave at once: Nagle's algorithm would hold them back behind
+    // unacknowledged ones (actix leaves it on unless told).
+    .tcp_nodelay(true)
+    // Signals are handled by the binary, which closes sessions with 1012 first.
+    .disable_signals()
+    .workers(config.worker_count())
+    .max_connections(config.limits.max_connections.get().saturating_add(1024))
+    .shutdown_timeout(config.server.shutdown_grace_secs.get())
+    .listen(listener)
+    .map_err(StartError::Io)?;
     let addr = server.addrs().first().copied().ok_or_else(|| {
         StartError::Io(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address bound"))
     })?;

@@ -559,3 +559,49 @@ async fn a_publishers_answer_is_stored_as_the_runs_message() {
     let (_, page) = http("GET", &server.http("/api/v1/threads/news/messages"), Some(&token), None).await;
     assert_eq!(page["messages"][0]["content"], "Your report is ready", "{page}");
 }
+
+/// A browser app on another origin calls the threads API and `POST /ag-ui` with the user's
+/// token: the preflight is answered for the origins of `server.allowed_origins` (every origin
+/// when it is empty) with `Authorization` and `Content-Type` allowed, and the answers carry
+/// `Access-Control-Allow-Origin`; another origin is refused (docs/ag-ui.md).
+#[actix_web::test]
+async fn browsers_on_allowed_origins_may_call_the_threads_api_and_ag_ui() {
+    async fn preflight(url: &str, origin: &str, method: &str) -> (u16, Option<String>, String) {
+        let client = awc::Client::builder().timeout(WAIT).finish();
+        let response = client
+            .request(actix_web::http::Method::OPTIONS, url)
+            .insert_header(("origin", origin))
+            .insert_header(("access-control-request-method", method))
+            .insert_header(("access-control-request-headers", "authorization, content-type"))
+            .send()
+            .await
+            .expect("an answer");
+        let header =
+            |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let allowed_headers = header("access-control-allow-headers").unwrap_or_default().to_ascii_lowercase();
+        (response.status().as_u16(), header("access-control-allow-origin"), allowed_headers)
+    }
+    let server = TestServer::with(|c| c.server.allowed_origins = vec!["http://app.example".into()]);
+    let app = "http://app.example";
+    for (path, method) in
+        [("/api/v1/threads", "GET"), ("/api/v1/threads/t/messages", "GET"), ("/ag-ui", "POST")]
+    {
+        let (status, origin, headers) = preflight(&server.http(path), app, method).await;
+        assert_eq!((status, origin.as_deref()), (200, Some(app)), "{path}");
+        assert!(headers.contains("authorization") && headers.contains("content-type"), "{path}: {headers}");
+        let (_, origin, _) = preflight(&server.http(path), "http://elsewhere.example", method).await;
+        assert_eq!(origin, None, "{path}: another origin is not allowed");
+    }
+    // The call itself carries the header for the browser.
+    let client = awc::Client::builder().timeout(WAIT).finish();
+    let response = client
+        .get(server.http("/api/v1/threads"))
+        .insert_header(("origin", app))
+        .bearer_auth(server.token("cora"))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status().as_u16(), 200);
+    let origin = response.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok());
+    assert_eq!(origin, Some(app));
+}

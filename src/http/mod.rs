@@ -45,21 +45,37 @@ pub struct AppState {
     pub store: crate::store::Store,
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
     cfg.route("/ws", web::get().to(upgrade))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
         .route("/api/v1/users/{user_id}/connections", web::get().to(user_connections))
         .route("/api/v1/publish", web::post().to(publish))
-        .route("/ag-ui", web::post().to(ag_ui::run))
+        .service(web::resource("/ag-ui").wrap(cors(config)).route(web::post().to(ag_ui::run)))
         .route("/dev/token", web::post().to(dev_token))
         .route("/client.json", web::get().to(client_info))
         .route("/", web::get().to(chat_page))
         .route("/dashboard", web::get().to(dashboard_page))
         .route("/dashboard/stats.json", web::get().to(dashboard_stats))
         .route("/static/{path:.*}", web::get().to(static_file))
-        .configure(threads::routes);
+        .configure(|cfg| threads::routes(cfg, config));
+}
+
+/// CORS for the routes a browser app on another origin calls with the user's token (`POST
+/// /ag-ui` from `@ag-ui/client`'s `HttpAgent` or CopilotKit, the threads API; docs/ag-ui.md):
+/// the origins of `server.allowed_origins`, every origin when it is empty (as for WebSockets),
+/// with `Authorization` and `Content-Type`. The preflight is answered by the middleware.
+pub(crate) fn cors(config: &Config) -> actix_cors::Cors {
+    let origins = &config.server.allowed_origins;
+    let cors = if origins.is_empty() {
+        actix_cors::Cors::default().allow_any_origin()
+    } else {
+        origins.iter().fold(actix_cors::Cors::default(), |cors, origin| cors.allowed_origin(origin))
+    };
+    cors.allowed_methods(["GET", "POST", "PATCH", "DELETE"])
+        .allowed_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT])
+        .max_age(600)
 }
 
 /// Serves one file of the frontend with its type, an ETag, and 304 when the client has it.

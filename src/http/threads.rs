@@ -15,13 +15,22 @@ use crate::protocol::{now_ms, MAX_THREAD_ID_CHARS};
 use crate::registry::ThreadChanged;
 use crate::store::{StoreError, ThreadView};
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+pub fn routes(cfg: &mut web::ServiceConfig, config: &crate::config::Config) {
+    use super::cors;
     for base in ["/api/v1/threads", "/api/v1/users/{user_id}/threads"] {
-        cfg.route(base, web::get().to(list))
-            .route(&format!("{base}/{{thread_id}}"), web::get().to(one))
-            .route(&format!("{base}/{{thread_id}}"), web::patch().to(rename))
-            .route(&format!("{base}/{{thread_id}}"), web::delete().to(delete))
-            .route(&format!("{base}/{{thread_id}}/messages"), web::get().to(messages));
+        cfg.service(web::resource(base).wrap(cors(config)).route(web::get().to(list)))
+            .service(
+                web::resource(format!("{base}/{{thread_id}}"))
+                    .wrap(cors(config))
+                    .route(web::get().to(one))
+                    .route(web::patch().to(rename))
+                    .route(web::delete().to(delete)),
+            )
+            .service(
+                web::resource(format!("{base}/{{thread_id}}/messages"))
+                    .wrap(cors(config))
+                    .route(web::get().to(messages)),
+            );
     }
 }
 
