@@ -229,11 +229,17 @@ async fn publish_api_delivers_batches_all_or_nothing() {
         {"type": "agent_completed", "thread_id": "t", "run_id": "r_ext", "payload": {"status": "ok", "response": {"content": "done"}, "duration_ms": 1}}
     ]});
     let (status, body) = http_post(&url, Some(API_KEY), &batch.to_string()).await;
-    assert_eq!((status, body.clone()), (200, json!({"seqs": [1, 2, 3], "sessions": 2})));
+    // The publisher's answer is stored first and makes thread t: its `thread_updated` is seq 1
+    // (docs/conversations.md, "What is stored, and when").
+    assert_eq!((status, body.clone()), (200, json!({"seqs": [2, 3, 4], "sessions": 2})));
     for client in [&mut a, &mut b] {
         let events = client.events_until_run_ends("r_ext").await;
         assert_contiguous(&events, 1);
-        assert_eq!(events[1]["payload"], json!({"text": "hmm"}));
+        assert_eq!(
+            (events[0]["type"].as_str(), events[0]["payload"]["title"].as_str()),
+            (Some("thread_updated"), Some("done"))
+        );
+        assert_eq!(events[2]["payload"], json!({"text": "hmm"}));
     }
 
     assert_eq!(http_post(&url, None, &batch.to_string()).await.0, 401);
@@ -254,12 +260,12 @@ async fn publish_api_delivers_batches_all_or_nothing() {
     let huge = json!({"user_id": "pub", "events": [{"type": "agent_thinking", "thread_id": "t", "run_id": "r", "payload": {"text": "x".repeat(1 << 20)}}]});
     assert_eq!(http_post(&url, Some(API_KEY), &huge.to_string()).await.0, 413);
 
-    // Nothing of the rejected batches was published: the next event is seq 4 on both tabs.
+    // Nothing of the rejected batches was published: the next event is seq 5 on both tabs.
     let one = json!({"user_id": "pub", "events": [{"type": "user_message", "thread_id": "t", "payload": {"message_id": "m_y", "content": "hi", "client_msg_id": null}}]});
-    assert_eq!(http_post(&url, Some(API_KEY), &one.to_string()).await.1["seqs"], json!([4]));
+    assert_eq!(http_post(&url, Some(API_KEY), &one.to_string()).await.1["seqs"], json!([5]));
     for client in [&mut a, &mut b] {
         let next = client.recv().await;
-        assert_eq!((next["type"].as_str(), next["seq"].as_u64()), (Some("user_message"), Some(4)));
+        assert_eq!((next["type"].as_str(), next["seq"].as_u64()), (Some("user_message"), Some(5)));
     }
 }
 
