@@ -117,6 +117,41 @@ pub struct UserMessage {
     pub content: String,
     #[serde(default)]
     pub client_msg_id: Option<String>,
+    /// What the client gives its run's agent (docs/agents.md, v2).
+    #[serde(flatten)]
+    pub client: ClientInput,
+}
+
+/// What a client gives the agent of its message's run, into `RunAgentInput` as given: its
+/// frontend tools (`[{name, description, parameters}]`), readable context
+/// (`[{description, value}]`) and shared state (instead of the thread's stored one).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct ClientInput {
+    #[serde(default)]
+    pub tools: Option<Value>,
+    #[serde(default)]
+    pub context: Option<Value>,
+    #[serde(default)]
+    pub state: Option<Value>,
+}
+
+impl ClientInput {
+    /// `tools` and `context` must be arrays (of objects); the field that is not, if any.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        for (name, list) in [("tools", &self.tools), ("context", &self.context)] {
+            match list {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(items)) if items.iter().all(Value::is_object) => {}
+                Some(_) => return Err((name, "must be an array of objects")),
+            }
+        }
+        if let Some(Value::Array(tools)) = &self.tools {
+            if !tools.iter().all(|tool| tool["name"].is_string()) {
+                return Err(("tools", "must each have a string `name`"));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Deserialize)]
@@ -229,6 +264,9 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
             check_len("content", &frame.content, 1, limits.max_content_chars, reference)?;
             if let Some(id) = &frame.client_msg_id {
                 check_len("client_msg_id", id, 1, MAX_CLIENT_MSG_ID_CHARS, reference)?;
+            }
+            if let Err((field, why)) = frame.client.check() {
+                return Err(FrameError::bad(format!("field `{field}` {why}"), reference));
             }
             Ok(ClientFrame::UserMessage(frame))
         }

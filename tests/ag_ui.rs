@@ -431,3 +431,38 @@ async fn a_runs_result_usage_and_the_agents_own_error_code_are_kept() {
         (Some("agent_error"), Some("rate_limit"))
     );
 }
+
+/// A WebSocket `user_message`'s `tools`, `context` and `state` reach the agent in its
+/// `RunAgentInput` as given (the state instead of the thread's); `tools` that are not an array
+/// of named objects get `bad_message` and start nothing (docs/agents.md, v2).
+#[actix_web::test]
+async fn a_messages_tools_context_and_state_reach_the_agent() {
+    let agent = FakeAgent::start(|input| {
+        sse(&[
+            started(input),
+            json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "ok"}),
+            finished(input),
+        ])
+    });
+    let server = server_for(&agent, |_| {});
+    let mut tab = server.ready_client("tess").await;
+    let tools = json!([{"name": "local_time", "description": "the user's local time", "parameters": {"type": "object"}}]);
+    let context = json!([{"description": "the page", "value": "settings"}]);
+    tab.send(json!({"type": "user_message", "thread_id": "t", "content": "what time is it?",
+        "tools": tools, "context": context, "state": {"theme": "dark"}}))
+        .await;
+    let ack = tab.recv_where(|f| f["type"] == "ack").await;
+    tab.events_until_run_ends(ack["run_id"].as_str().unwrap()).await;
+    let sent = agent.requests.lock().unwrap().last().cloned().expect("a request");
+    assert_eq!(sent["body"]["tools"], tools);
+    assert_eq!(sent["body"]["context"], context);
+    assert_eq!(sent["body"]["state"], json!({"theme": "dark"}));
+    // Without them: empty lists, and the thread's state.
+    let (_, _) = run_of(&mut tab, "t", "and now?").await;
+    let sent = agent.requests.lock().unwrap().last().cloned().expect("a request");
+    assert_eq!((sent["body"]["tools"].clone(), sent["body"]["context"].clone()), (json!([]), json!([])));
+    tab.send(json!({"type": "user_message", "thread_id": "t", "content": "x", "tools": [{"description": "no name"}]}))
+        .await;
+    let refused = tab.recv_where(|f| f["type"] == "error").await;
+    assert_eq!(refused["code"], "bad_message", "{refused}");
+}

@@ -260,6 +260,7 @@ mod tests {
             message_id: "m_1".into(),
             client_msg_id: None,
             content: "how are you".into(),
+            client: Default::default(),
             conversation: Default::default(),
             forward_ag_ui: false,
         };

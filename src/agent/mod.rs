@@ -26,6 +26,8 @@ pub struct RunRequest {
     pub message_id: String,
     pub client_msg_id: Option<String>,
     pub content: String,
+    /// What the client gave for the agent: tools, context, state (docs/agents.md, v2).
+    pub client: crate::protocol::ClientInput,
     /// The thread's conversation, ending with this message, and its state; empty unless the
     /// runtime asked for it ([`AgentHandle::conversation`]).
     pub conversation: Conversation,

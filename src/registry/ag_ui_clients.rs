@@ -14,7 +14,12 @@ impl Handler<StartHttpRun> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: StartHttpRun, ctx: &mut Self::Context) {
-        let message = UserMessage { thread_id: msg.thread_id, content: msg.content, client_msg_id: None };
+        let message = UserMessage {
+            thread_id: msg.thread_id,
+            content: msg.content,
+            client_msg_id: None,
+            client: msg.client,
+        };
         let origin = Origin::Http { answer: msg.answer, steps: msg.steps, run_id: msg.run_id };
         self.submit(ctx, Pending { origin, user_id: msg.user_id, message });
     }

@@ -92,6 +92,8 @@ pub struct StartHttpRun {
     pub user_id: String,
     pub thread_id: String,
     pub content: String,
+    /// The client's `tools`, `context` and `state`, for the agent.
+    pub client: crate::protocol::ClientInput,
     /// The client's `runId`; a fresh one when `None`.
     pub run_id: Option<String>,
     pub steps: futures_channel::mpsc::Sender<RunStep>,

@@ -884,6 +884,7 @@ impl Registry {
             message_id,
             client_msg_id: message.client_msg_id,
             content: message.content,
+            client: message.client,
             conversation: Conversation::default(),
             forward_ag_ui,
         };

@@ -82,8 +82,8 @@ struct RunAgentInput<'a> {
     run_id: &'a str,
     messages: &'a [Box<RawValue>],
     state: &'a RawValue,
-    tools: [(); 0],
-    context: [(); 0],
+    tools: &'a Value,
+    context: &'a Value,
     forwarded_props: ForwardedProps<'a>,
 }
 
@@ -145,14 +145,17 @@ impl Upstream {
         let deadline = sent + self.run_timeout;
         let empty: Box<RawValue> =
             RawValue::from_string(EMPTY_STATE.to_owned()).unwrap_or_else(|_| RawValue::NULL.to_owned());
-        let state = run.conversation.state.as_deref().unwrap_or(&empty);
+        // The client's state, when it gave one, is the run's; else the thread's stored one.
+        let given = run.client.state.as_ref().and_then(|s| serde_json::value::to_raw_value(s).ok());
+        let state = given.as_deref().or(run.conversation.state.as_deref()).unwrap_or(&empty);
+        let none = Value::Array(Vec::new());
         let input = RunAgentInput {
             thread_id: &run.thread_id,
             run_id: &run.run_id,
             messages: &run.conversation.messages,
             state,
-            tools: [],
-            context: [],
+            tools: run.client.tools.as_ref().unwrap_or(&none),
+            context: run.client.context.as_ref().unwrap_or(&none),
             forwarded_props: ForwardedProps {
                 agentwire: Identity {
                     user_id: &run.user_id,

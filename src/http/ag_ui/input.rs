@@ -6,12 +6,14 @@ use serde_json::Value;
 use crate::protocol::{MAX_RUN_ID_CHARS, MAX_THREAD_ID_CHARS};
 
 /// The parts of a `RunAgentInput` a run is made of.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub struct RunInput {
     pub thread_id: String,
     pub run_id: Option<String>,
     /// The text of the last `user` message of `messages`.
     pub content: String,
+    /// The client's `tools`, `context` and `state`, passed to the agent as given.
+    pub client: crate::protocol::ClientInput,
 }
 
 /// A field of the input that is missing or wrong.
@@ -25,9 +27,8 @@ fn wrong(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError { field: field.into(), message: message.into() }
 }
 
-/// Reads a `RunAgentInput` (already parsed as JSON). `state`, `tools`, `context` and
-/// `forwardedProps` are the client's and are not used: the thread's conversation and state are
-/// kept by agentwire (docs/ag-ui.md).
+/// Reads a `RunAgentInput` (already parsed as JSON). Its `tools`, `context` and `state` go to
+/// the agent as given; the thread's conversation is kept by agentwire (docs/ag-ui.md).
 pub fn parse(input: &Value, max_content_chars: usize) -> Result<RunInput, FieldError> {
     let Value::Object(fields) = input else {
         return Err(wrong("body", "must be a JSON object (a RunAgentInput)"));
@@ -70,7 +71,14 @@ pub fn parse(input: &Value, max_content_chars: usize) -> Result<RunInput, FieldE
             format!("is {chars} characters, over limits.max_content_chars ({max_content_chars})"),
         ));
     }
-    Ok(RunInput { thread_id, run_id, content })
+    let present = |name: &str| fields.get(name).filter(|v| !v.is_null()).cloned();
+    let client = crate::protocol::ClientInput {
+        tools: present("tools"),
+        context: present("context"),
+        state: present("state"),
+    };
+    client.check().map_err(|(field, why)| wrong(field, why))?;
+    Ok(RunInput { thread_id, run_id, content, client })
 }
 
 #[cfg(test)]
@@ -92,8 +100,19 @@ mod tests {
         ], "state": {}, "tools": [], "context": [], "forwardedProps": {}});
         assert_eq!(
             parse(&input, 100),
-            Ok(RunInput { thread_id: "t".into(), run_id: Some("r1".into()), content: "second".into() })
+            Ok(RunInput {
+                thread_id: "t".into(),
+                run_id: Some("r1".into()),
+                content: "second".into(),
+                client: crate::protocol::ClientInput {
+                    tools: Some(json!([])),
+                    context: Some(json!([])),
+                    state: Some(json!({})),
+                },
+            })
         );
+        let tools = json!({"threadId": "t", "messages": [{"role": "user", "content": "x"}], "tools": [1]});
+        assert_eq!(field_of(tools), "tools");
     }
 
     #[test]

@@ -81,6 +81,7 @@ async fn answer(
         user_id: user_id.clone(),
         thread_id: run.thread_id.clone(),
         content: run.content,
+        client: run.client,
         run_id: run.run_id,
         steps,
         answer,
