@@ -68,6 +68,9 @@ pub struct Mapping {
     tool_calls: HashMap<String, ToolCall>,
     /// Roles of the text messages opened by `TEXT_MESSAGE_START`.
     roles: HashMap<String, String>,
+    /// The text message chunks without a `messageId` belong to: the last one named, else one of
+    /// the run's own (AG-UI: a `TEXT_MESSAGE_CHUNK` continues the current message).
+    current_text: Option<String>,
     /// The run's messages for the conversation, in order of first appearance.
     transcript: Vec<Map<String, Value>>,
     transcript_index: HashMap<String, usize>,
@@ -103,6 +106,7 @@ impl Mapping {
             max_args_bytes,
             tool_calls: HashMap::new(),
             roles: HashMap::new(),
+            current_text: None,
             transcript: Vec::new(),
             transcript_index: HashMap::new(),
             state,
@@ -162,10 +166,22 @@ impl Mapping {
                 let id = required(fields, kind, "messageId")?;
                 let role = field(fields, "role").unwrap_or("assistant");
                 self.roles.insert(id.to_owned(), role.to_owned());
+                self.current_text = Some(id.to_owned());
                 none()
             }
             "TEXT_MESSAGE_CONTENT" | "TEXT_MESSAGE_CHUNK" => {
-                let id = field(fields, "messageId");
+                let id = match field(fields, "messageId") {
+                    Some(id) => {
+                        self.current_text = Some(id.to_owned());
+                        Some(id.to_owned())
+                    }
+                    // Without an id a chunk continues the current message, or starts the run's.
+                    None if kind == "TEXT_MESSAGE_CHUNK" => Some(
+                        self.current_text.get_or_insert_with(|| format!("{}-text", self.message_id)).clone(),
+                    ),
+                    None => None,
+                };
+                let id = id.as_deref();
                 let role = field(fields, "role")
                     .or_else(|| id.and_then(|id| self.roles.get(id)).map(String::as_str))
                     .unwrap_or("assistant");
@@ -375,6 +391,28 @@ mod tests {
         let out = events(&mut m, json!({"type": "RUN_STARTED", "threadId": "t", "runId": "r"}));
         assert_eq!(out, vec![AgentOutput::Started { agent: "ag-ui".into(), message_id: "m_1".into() }]);
         m
+    }
+
+    /// `TEXT_MESSAGE_CHUNK`s without a `messageId` continue the current message (or start the
+    /// run's own): the whole text is in the turn, not only the chunks that named it.
+    #[test]
+    fn chunks_without_an_id_continue_the_current_message() {
+        let mut m = started();
+        for delta in ["Hel", "lo"] {
+            events(&mut m, json!({"type": "TEXT_MESSAGE_CHUNK", "delta": delta}));
+        }
+        events(&mut m, json!({"type": "TEXT_MESSAGE_CHUNK", "messageId": "a2", "delta": "Bye"}));
+        events(&mut m, json!({"type": "TEXT_MESSAGE_CHUNK", "delta": " now"}));
+        let turn = m.turn();
+        assert_eq!(turn.messages.len(), 2);
+        assert_eq!(
+            (parsed(&turn, 0)["id"].as_str(), parsed(&turn, 0)["content"].as_str()),
+            (Some("m_1-text"), Some("Hello"))
+        );
+        assert_eq!(
+            (parsed(&turn, 1)["id"].as_str(), parsed(&turn, 1)["content"].as_str()),
+            (Some("a2"), Some("Bye now"))
+        );
     }
 
     #[test]
