@@ -305,31 +305,17 @@ fn the_load_generator_spreads_sessions_over_nodes() {
 /// "Joining a run in progress").
 #[actix_web::test]
 async fn a_tab_that_joins_a_long_run_on_another_node_shows_what_the_first_tab_shows() {
-    use common::fake_agent::{pieces, FakeAgent, Reply, Tail};
+    use common::fake_agent::{long_answer, FakeAgent};
     const CHUNKS: usize = 5000;
     let agent = FakeAgent::start(|input| {
-        let mut events = vec![
-            json!({"type": "RUN_STARTED", "threadId": input["threadId"], "runId": input["runId"]}),
+        let before = vec![
             json!({"type": "THINKING_TEXT_MESSAGE_CONTENT", "delta": "let me count"}),
             json!({"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "count"}),
             json!({"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": "{\"to\":5000}"}),
             json!({"type": "TOOL_CALL_END", "toolCallId": "c1"}),
             json!({"type": "TOOL_CALL_RESULT", "messageId": "t1", "toolCallId": "c1", "content": "ok"}),
-            json!({"type": "TEXT_MESSAGE_START", "messageId": "a1", "role": "assistant"}),
         ];
-        events.extend(
-            (0..CHUNKS).map(
-                |i| json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a1", "delta": format!("{i} ")}),
-            ),
-        );
-        events.push(json!({"type": "TEXT_MESSAGE_END", "messageId": "a1"}));
-        events.push(json!({"type": "RUN_FINISHED", "threadId": input["threadId"], "runId": input["runId"]}));
-        Reply::Body {
-            content_type: "text/event-stream",
-            pieces: pieces(&events),
-            gap: std::time::Duration::from_micros(500),
-            tail: Tail::End,
-        }
+        long_answer(input, before, CHUNKS, |i| format!("{i} "), std::time::Duration::from_micros(500))
     });
     let db = TestDatabase::create();
     let url = agent.url.clone();
@@ -392,26 +378,10 @@ async fn a_tab_that_joins_a_long_run_on_another_node_shows_what_the_first_tab_sh
 /// what it shows ends exactly as what the first tab shows.
 #[actix_web::test]
 async fn a_joining_tab_is_shown_the_tail_of_a_run_past_max_response_bytes() {
-    use common::fake_agent::{pieces, FakeAgent, Reply, Tail};
+    use common::fake_agent::{long_answer, FakeAgent};
     const CHUNKS: usize = 600;
     let agent = FakeAgent::start(|input| {
-        let mut events = vec![
-            json!({"type": "RUN_STARTED", "threadId": input["threadId"], "runId": input["runId"]}),
-            json!({"type": "TEXT_MESSAGE_START", "messageId": "a1", "role": "assistant"}),
-        ];
-        events.extend(
-            (0..CHUNKS).map(
-                |i| json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a1", "delta": format!("é{i} ")}),
-            ),
-        );
-        events.push(json!({"type": "TEXT_MESSAGE_END", "messageId": "a1"}));
-        events.push(json!({"type": "RUN_FINISHED", "threadId": input["threadId"], "runId": input["runId"]}));
-        Reply::Body {
-            content_type: "text/event-stream",
-            pieces: pieces(&events),
-            gap: std::time::Duration::from_millis(2),
-            tail: Tail::End,
-        }
+        long_answer(input, Vec::new(), CHUNKS, |i| format!("é{i} "), std::time::Duration::from_millis(2))
     });
     let db = TestDatabase::create();
     let url = agent.url.clone();

@@ -434,26 +434,10 @@ async fn a_waiting_run_can_be_cancelled_before_it_starts() {
 /// then every live event after `last_seq` (docs/conversations.md, "Joining a run in progress").
 #[actix_web::test]
 async fn a_tab_that_joins_a_long_run_shows_what_a_tab_open_from_the_start_shows() {
-    use common::fake_agent::{pieces, FakeAgent, Reply, Tail};
+    use common::fake_agent::{long_answer, FakeAgent};
     const CHUNKS: usize = 5000;
     let agent = FakeAgent::start(|input| {
-        let mut events = vec![
-            json!({"type": "RUN_STARTED", "threadId": input["threadId"], "runId": input["runId"]}),
-            json!({"type": "TEXT_MESSAGE_START", "messageId": "a1", "role": "assistant"}),
-        ];
-        events.extend(
-            (0..CHUNKS).map(
-                |i| json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a1", "delta": format!("{i} ")}),
-            ),
-        );
-        events.push(json!({"type": "TEXT_MESSAGE_END", "messageId": "a1"}));
-        events.push(json!({"type": "RUN_FINISHED", "threadId": input["threadId"], "runId": input["runId"]}));
-        Reply::Body {
-            content_type: "text/event-stream",
-            pieces: pieces(&events),
-            gap: std::time::Duration::from_micros(500),
-            tail: Tail::End,
-        }
+        long_answer(input, Vec::new(), CHUNKS, |i| format!("{i} "), std::time::Duration::from_micros(500))
     });
     let url = agent.url.clone();
     let server = TestServer::with(move |c| {

@@ -364,6 +364,20 @@ mod tests {
         }
     }
 
+    /// What the run of message `m1` of thread `t` produced.
+    fn run_of_m1(turn: i64, messages: Vec<Box<RawValue>>) -> RunMessages {
+        RunMessages {
+            user_id: "u".into(),
+            thread_id: "t".into(),
+            turn,
+            run_id: "r-m1".into(),
+            status: "ok",
+            messages,
+            state: None,
+            created_at: 2,
+        }
+    }
+
     #[test]
     fn retention_deletes_threads_untouched_since_the_cutoff() {
         let store = memory();
@@ -388,13 +402,9 @@ mod tests {
             else {
                 panic!("stored")
             };
-            let run = RunMessages {
-                user_id: "u".into(),
-                thread_id: "t".into(),
+            let mut run = run_of_m1(
                 turn,
-                run_id: "r-m1".into(),
-                status: "ok",
-                messages: vec![
+                vec![
                     raw(
                         &json!({"id": "a1", "role": "assistant", "toolCalls": [{"id": "c1", "type": "function",
                         "function": {"name": "add", "arguments": "{}"}}]}),
@@ -402,9 +412,8 @@ mod tests {
                     raw(&json!({"id": "t1", "role": "tool", "toolCallId": "c1", "content": "5"})),
                     raw(&json!({"id": "a2", "role": "assistant", "content": "five"})),
                 ],
-                state: Some(raw(&json!({"n": 1}))),
-                created_at: 2,
-            };
+            );
+            run.state = Some(raw(&json!({"n": 1})));
             store.add_run_messages(run).await.unwrap();
             let all = store.history("u", "t", 10).await.unwrap();
             assert_eq!(all.messages.len(), 4);
@@ -482,16 +491,8 @@ mod tests {
                 panic!("stored")
             };
             store.run_started("u", "t", "r-m1");
-            let run = RunMessages {
-                user_id: "u".into(),
-                thread_id: "t".into(),
-                turn,
-                run_id: "r-m1".into(),
-                status: "ok",
-                messages: vec![raw(&json!({"id": "a1", "role": "assistant", "content": "done"}))],
-                state: None,
-                created_at: 2,
-            };
+            let run =
+                run_of_m1(turn, vec![raw(&json!({"id": "a1", "role": "assistant", "content": "done"}))]);
             store.add_run_messages(run).await.unwrap();
             let thread = store.thread("u", "t").await.unwrap().expect("the thread");
             assert_eq!(thread.running, None);

@@ -486,25 +486,7 @@ async fn add_user_message(
     }
     let now = to_i64(*created_at);
     let title = super::title_of(content);
-    // The thread made, or its next turn taken, in one statement: a thread's first message is
-    // its turn 1, so a turn of 1 says the thread is new.
-    let turn: i64 = sqlx::query(
-        "INSERT INTO threads (user_id, thread_id, title, created_at, updated_at, turns, message_count, bytes) \
-         VALUES ($1, $2, $3, $4, $5, 1, 1, $6) \
-         ON CONFLICT (user_id, thread_id) DO UPDATE SET turns = threads.turns + 1, \
-         updated_at = excluded.updated_at, message_count = threads.message_count + 1, \
-         bytes = threads.bytes + excluded.bytes \
-         RETURNING turns",
-    )
-    .bind(user_id.as_str())
-    .bind(thread_id.as_str())
-    .bind(title.as_str())
-    .bind(now)
-    .bind(now)
-    .bind(bytes)
-    .fetch_one(&mut *connection)
-    .await?
-    .try_get("turns")?;
+    let turn = take_turn(connection, user_id, thread_id, &title, now, bytes).await?;
     let made = turn == 1;
     sqlx::query(
         "INSERT INTO messages (user_id, thread_id, turn, part, id, body, client_msg_id, run_id, created_at, bytes) \
@@ -547,6 +529,35 @@ async fn add_user_message(
         }
     }
     Ok(Added::Stored { turn, new_thread: made.then_some(title), evicted })
+}
+
+/// The thread made, or its next turn taken, with one message of `bytes` counted: a thread's
+/// first message is its turn 1, so a turn of 1 says the thread is new.
+async fn take_turn(
+    connection: &mut AnyConnection,
+    user_id: &str,
+    thread_id: &str,
+    title: &str,
+    now: i64,
+    bytes: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO threads (user_id, thread_id, title, created_at, updated_at, turns, message_count, bytes) \
+         VALUES ($1, $2, $3, $4, $5, 1, 1, $6) \
+         ON CONFLICT (user_id, thread_id) DO UPDATE SET turns = threads.turns + 1, \
+         updated_at = excluded.updated_at, message_count = threads.message_count + 1, \
+         bytes = threads.bytes + excluded.bytes \
+         RETURNING turns",
+    )
+    .bind(user_id)
+    .bind(thread_id)
+    .bind(title)
+    .bind(now)
+    .bind(now)
+    .bind(bytes)
+    .fetch_one(&mut *connection)
+    .await?
+    .try_get("turns")
 }
 
 async fn confirm(
@@ -667,23 +678,7 @@ async fn add_answer(
         }
         None => {
             let title = super::title_of(content);
-            let turn: i64 = sqlx::query(
-                "INSERT INTO threads (user_id, thread_id, title, created_at, updated_at, turns, message_count, bytes) \
-                 VALUES ($1, $2, $3, $4, $5, 1, 1, $6) \
-                 ON CONFLICT (user_id, thread_id) DO UPDATE SET turns = threads.turns + 1, \
-                 updated_at = excluded.updated_at, message_count = threads.message_count + 1, \
-                 bytes = threads.bytes + excluded.bytes \
-                 RETURNING turns",
-            )
-            .bind(user_id.as_str())
-            .bind(thread_id.as_str())
-            .bind(title.as_str())
-            .bind(now)
-            .bind(now)
-            .bind(bytes)
-            .fetch_one(&mut *connection)
-            .await?
-            .try_get("turns")?;
+            let turn = take_turn(connection, user_id, thread_id, &title, now, bytes).await?;
             (turn, (turn == 1).then_some(title))
         }
     };

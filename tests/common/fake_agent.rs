@@ -48,6 +48,27 @@ pub fn pieces(events: &[Value]) -> Vec<String> {
     events.iter().map(|e| format!("data: {e}\n\n")).collect()
 }
 
+/// A run that streams one long answer: `before` (after `RUN_STARTED`), then `chunks` pieces of
+/// text message `a1` (`delta(i)` each), `gap` apart, then the run's end.
+pub fn long_answer(
+    input: &Value,
+    before: Vec<Value>,
+    chunks: usize,
+    delta: impl Fn(usize) -> String,
+    gap: Duration,
+) -> Reply {
+    let mut events =
+        vec![json!({"type": "RUN_STARTED", "threadId": input["threadId"], "runId": input["runId"]})];
+    events.extend(before);
+    events.push(json!({"type": "TEXT_MESSAGE_START", "messageId": "a1", "role": "assistant"}));
+    events.extend(
+        (0..chunks).map(|i| json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a1", "delta": delta(i)})),
+    );
+    events.push(json!({"type": "TEXT_MESSAGE_END", "messageId": "a1"}));
+    events.push(json!({"type": "RUN_FINISHED", "threadId": input["threadId"], "runId": input["runId"]}));
+    Reply::Body { content_type: "text/event-stream", pieces: pieces(&events), gap, tail: Tail::End }
+}
+
 type Script = Arc<dyn Fn(&Value) -> Reply + Send + Sync>;
 
 pub struct FakeAgent {
