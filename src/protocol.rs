@@ -508,6 +508,19 @@ pub fn user_message_payload(message_id: &str, content: &str, client_msg_id: Opti
 pub enum RunStatus {
     Ok,
     Cancelled,
+    /// The agent stopped to ask (AG-UI 1.0's interrupt outcome): `interrupts` beside it, and
+    /// `resume_run` answers (docs/protocol.md, `agent_completed`).
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Ok => "ok",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
 }
 
 /// One step of an agent run, as an agent runtime produces it; the registry turns it into a

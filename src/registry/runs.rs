@@ -144,8 +144,7 @@ impl Registry {
             user.runs_in_progress = user.runs_in_progress.saturating_sub(1);
         }
         let (outcome, code) = match &output {
-            AgentOutput::Completed { status: RunStatus::Ok, .. } => ("ok", ""),
-            AgentOutput::Completed { status: RunStatus::Cancelled, .. } => ("cancelled", ""),
+            AgentOutput::Completed { status, .. } => (status.as_str(), ""),
             AgentOutput::Error { code, .. } => ("error", code.as_str()),
             _ => ("error", ""),
         };
@@ -158,11 +157,12 @@ impl Registry {
         }
         run.transcript.follow(&output);
         let status = match &output {
-            AgentOutput::Completed { status: RunStatus::Ok, .. } => "ok",
-            AgentOutput::Completed { status: RunStatus::Cancelled, .. } => "cancelled",
+            AgentOutput::Completed { status, .. } => status.as_str(),
             _ => "error",
         };
+        let interrupts = details.as_ref().and_then(|d| d.get("interrupts")).map(crate::store::raw);
         let turn = turn.unwrap_or_default();
+        let whole = turn.whole;
         let messages = if turn.messages.is_empty() { run.transcript.messages() } else { turn.messages };
         let messages = RunMessages {
             user_id: run.user_id.to_string(),
@@ -172,6 +172,8 @@ impl Registry {
             status,
             messages,
             state: turn.state,
+            whole,
+            interrupts,
             created_at: crate::protocol::now_ms(),
         };
         let bytes = messages.messages.iter().map(|m| m.get().len()).sum::<usize>()

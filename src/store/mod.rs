@@ -108,6 +108,12 @@ pub struct RunMessages {
     pub messages: Vec<Box<RawValue>>,
     /// The thread's new AG-UI state, when the run set one.
     pub state: Option<Box<RawValue>>,
+    /// `messages` are the thread's whole conversation (`MESSAGES_SNAPSHOT`): the thread's
+    /// messages of this turn and before become them, by id (docs/conversations.md).
+    pub whole: bool,
+    /// The interrupts the run ended with (`status: "interrupted"`), shown by the threads API
+    /// until a run of the thread ends otherwise.
+    pub interrupts: Option<Box<RawValue>>,
     pub created_at: u64,
 }
 
@@ -136,6 +142,11 @@ pub struct ThreadView {
     pub updated_at: u64,
     pub message_count: u64,
     pub running: Option<String>,
+    /// The thread's last run stopped to ask (docs/agents.md, v2): `resume_run` answers.
+    pub interrupted: bool,
+    /// What it asked (`[{id, value}]`), while `interrupted`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupts: Option<Box<RawValue>>,
     /// Only in the answer for one thread.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<Box<RawValue>>,
@@ -155,6 +166,9 @@ pub struct Page<T> {
 pub struct Conversation {
     pub messages: Vec<Box<RawValue>>,
     pub state: Option<Box<RawValue>>,
+    /// What a run added: `messages` are the thread's whole conversation, as the agent's
+    /// `MESSAGES_SNAPSHOT` gave it (docs/agents.md, v2), not only what the run added.
+    pub whole: bool,
 }
 
 /// A JSON value as raw JSON (serialising a `Value` cannot fail).
@@ -374,6 +388,8 @@ mod tests {
             status: "ok",
             messages,
             state: None,
+            whole: false,
+            interrupts: None,
             created_at: 2,
         }
     }
@@ -430,6 +446,80 @@ mod tests {
                 })
                 .collect();
             assert_eq!(ids, ["a2"], "the tool result without its call is left out");
+        });
+    }
+
+    /// A run that gives the whole thread (`MESSAGES_SNAPSHOT`) makes it the thread, in the
+    /// snapshot's order and with its ids: the tool result stored under the event's id is
+    /// replaced by the snapshot's, not kept beside it; the thread shows its interrupts until
+    /// a run ends `ok`.
+    #[test]
+    fn a_whole_conversation_replaces_the_thread_in_its_order() {
+        let store = memory();
+        let ids = |conversation: &Conversation| -> Vec<String> {
+            conversation
+                .messages
+                .iter()
+                .map(|m| {
+                    serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect()
+        };
+        block_on(async {
+            let Added::Stored { turn, .. } =
+                store.add_user_message(user_message("t", "m1", 1)).await.unwrap()
+            else {
+                panic!("stored")
+            };
+            let call = json!({"id": "a1", "role": "assistant", "toolCalls": [{"id": "c1", "type": "function",
+                "function": {"name": "add", "arguments": "{}"}}]});
+            let mut run = run_of_m1(
+                turn,
+                vec![
+                    raw(&json!({"id": "sys", "role": "system", "content": "be brief"})),
+                    raw(&json!({"id": "m1", "role": "user", "content": "message m1"})),
+                    raw(&call),
+                    raw(&json!({"id": "checkpoint", "role": "tool", "toolCallId": "c1", "content": "5"})),
+                    raw(&json!({"id": "a2", "role": "assistant", "content": "five"})),
+                ],
+            );
+            run.whole = true;
+            run.status = "interrupted";
+            run.interrupts = Some(raw(&json!([{"id": "i1", "value": "sure?"}])));
+            store.add_run_messages(run).await.unwrap();
+            let all = store.history("u", "t", 10).await.unwrap();
+            assert_eq!(ids(&all), ["sys", "m1", "a1", "checkpoint", "a2"]);
+            let view = store.thread("u", "t").await.unwrap().unwrap();
+            assert_eq!((view.message_count, view.interrupted), (5, true));
+
+            // The next turn: its snapshot has the earlier ones again, and drops `sys`.
+            let Added::Stored { turn, .. } =
+                store.add_user_message(user_message("t", "m2", 3)).await.unwrap()
+            else {
+                panic!("stored")
+            };
+            let mut run = run_of_m1(
+                turn,
+                vec![
+                    raw(&json!({"id": "m1", "role": "user", "content": "message m1"})),
+                    raw(&call),
+                    raw(&json!({"id": "checkpoint", "role": "tool", "toolCallId": "c1", "content": "5"})),
+                    raw(&json!({"id": "a2", "role": "assistant", "content": "five"})),
+                    raw(&json!({"id": "m2", "role": "user", "content": "message m2"})),
+                    raw(&json!({"id": "a3", "role": "assistant", "content": "ok"})),
+                ],
+            );
+            run.whole = true;
+            store.add_run_messages(run).await.unwrap();
+            assert_eq!(
+                ids(&store.history("u", "t", 10).await.unwrap()),
+                ["m1", "a1", "checkpoint", "a2", "m2", "a3"]
+            );
+            let view = store.thread("u", "t").await.unwrap().unwrap();
+            assert_eq!((view.message_count, view.interrupted), (6, false));
         });
     }
 

@@ -3,6 +3,7 @@
 //! reads that run beside it. Why a thread of its own: a pool's connections belong to the
 //! runtime that made them, and the registry's shards and the HTTP workers each run their own.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use log::{debug, info, warn};
@@ -599,14 +600,26 @@ async fn confirm(
 /// Rows of one multi-row insert: SQLite takes at most 32,766 parameters in a statement.
 const ROWS_PER_INSERT: usize = 500;
 
+/// How a run's end changes the thread's `interrupts`: set by an interrupted run, cleared by
+/// one that ended `ok`, left by a cancel or an error (the agent still waits for its answer).
+pub(super) const INTERRUPTS_AFTER_RUN: &str =
+    "CASE WHEN {status} = 'interrupted' THEN {interrupts} WHEN {status} = 'ok' THEN NULL ELSE {column} END";
+
 async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> Result<(), sqlx::Error> {
+    if run.whole {
+        return replace_conversation(connection, run).await;
+    }
     let now = to_i64(run.created_at);
     let sizes: Vec<i64> = run.messages.iter().map(|m| to_i64(m.get().len() as u64)).collect();
-    let updated = sqlx::query(
+    let interrupts = INTERRUPTS_AFTER_RUN
+        .replace("{status}", "$8")
+        .replace("{interrupts}", "$9")
+        .replace("{column}", "interrupts");
+    let updated = sqlx::query(&format!(
         "UPDATE threads SET updated_at = $1, message_count = message_count + $2, bytes = bytes + $3, \
-         state = COALESCE($4, state), running = CASE WHEN running = $5 THEN NULL ELSE running END \
-         WHERE user_id = $6 AND thread_id = $7",
-    )
+         state = COALESCE($4, state), running = CASE WHEN running = $5 THEN NULL ELSE running END, \
+         interrupts = {interrupts} WHERE user_id = $6 AND thread_id = $7"
+    ))
     .bind(now)
     .bind(to_i64(run.messages.len() as u64))
     .bind(sizes.iter().sum::<i64>())
@@ -614,6 +627,8 @@ async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> 
     .bind(run.run_id.as_str())
     .bind(run.user_id.as_str())
     .bind(run.thread_id.as_str())
+    .bind(run.status)
+    .bind(run.interrupts.as_ref().map(|i| i.get().to_owned()))
     .execute(&mut *connection)
     .await?
     .rows_affected();
@@ -624,6 +639,149 @@ async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> 
     let rows: Vec<(&RunMessages, usize, &RawValue)> =
         run.messages.iter().enumerate().map(|(part, m)| (run, part, &**m)).collect();
     group::insert_run_rows(connection, group::Places::of(connection), &rows).await
+}
+
+/// A run that gave the thread's whole conversation (`MESSAGES_SNAPSHOT`, docs/agents.md, v2):
+/// the thread's messages up to the run's turn become the snapshot's, in its order, matched by
+/// `id`. Stored user messages the snapshot has stay where they are (each opens its turn, with
+/// its `client_msg_id` and `seq`); every other message of the snapshot is laid out after the
+/// user message before it (before the first one: ahead of it, in negative parts), keeping its
+/// run and stream position when it was stored already. Stored messages the snapshot lacks go.
+/// Messages of later turns (queued behind the run) stay as they are.
+async fn replace_conversation(connection: &mut AnyConnection, run: &RunMessages) -> Result<(), sqlx::Error> {
+    // A thread deleted while its run went on stays deleted.
+    let exists = sqlx::query("SELECT 1 FROM threads WHERE user_id = $1 AND thread_id = $2")
+        .bind(run.user_id.as_str())
+        .bind(run.thread_id.as_str())
+        .fetch_optional(&mut *connection)
+        .await?;
+    if exists.is_none() {
+        return Ok(());
+    }
+    let stored = sqlx::query(
+        "SELECT turn, part, id, run_id, created_at, epoch, seq, run_status FROM messages \
+         WHERE user_id = $1 AND thread_id = $2 AND turn <= $3",
+    )
+    .bind(run.user_id.as_str())
+    .bind(run.thread_id.as_str())
+    .bind(run.turn)
+    .fetch_all(&mut *connection)
+    .await?;
+    /// Where a stored message came from, kept when the snapshot has it again.
+    struct Origin {
+        run_id: Option<String>,
+        created_at: i64,
+        epoch: Option<String>,
+        seq: Option<i64>,
+        run_status: Option<String>,
+    }
+    let mut anchors: HashMap<String, i64> = HashMap::new();
+    let mut origins: HashMap<String, Origin> = HashMap::new();
+    for row in &stored {
+        let (turn, part, id): (i64, i64, String) =
+            (row.try_get("turn")?, row.try_get("part")?, row.try_get("id")?);
+        if part == 0 {
+            anchors.insert(id, turn);
+        } else {
+            let origin = Origin {
+                run_id: row.try_get("run_id")?,
+                created_at: row.try_get("created_at")?,
+                epoch: row.try_get("epoch")?,
+                seq: row.try_get("seq")?,
+                run_status: row.try_get("run_status")?,
+            };
+            origins.insert(id, origin);
+        }
+    }
+    let id_of = |message: &RawValue| {
+        serde_json::from_str::<Value>(message.get())
+            .ok()
+            .and_then(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    // The layout: each message's (turn, part); user messages stored already keep theirs.
+    let first_turn = run.messages.iter().find_map(|m| anchors.get(&id_of(m)).copied()).unwrap_or(run.turn);
+    let ahead = run.messages.iter().take_while(|m| !anchors.contains_key(&id_of(m))).count();
+    let mut kept_anchors: HashSet<String> = HashSet::new();
+    let mut laid: Vec<(i64, i64, String, &RawValue)> = Vec::new();
+    let (mut turn, mut part) = (first_turn, -(to_i64(ahead as u64)) - 1);
+    for message in &run.messages {
+        let id = id_of(message);
+        if let Some(&anchor) = anchors.get(&id) {
+            if kept_anchors.insert(id) {
+                (turn, part) = (anchor, 0);
+            }
+            continue;
+        }
+        part += 1;
+        if part == 0 {
+            part = 1;
+        }
+        laid.push((turn, part, id, &**message));
+    }
+    let gone: Vec<&String> = anchors.keys().filter(|id| !kept_anchors.contains(*id)).collect();
+    for id in gone {
+        sqlx::query("DELETE FROM messages WHERE user_id = $1 AND thread_id = $2 AND part = 0 AND id = $3")
+            .bind(run.user_id.as_str())
+            .bind(run.thread_id.as_str())
+            .bind(id.as_str())
+            .execute(&mut *connection)
+            .await?;
+    }
+    sqlx::query("DELETE FROM messages WHERE user_id = $1 AND thread_id = $2 AND turn <= $3 AND part <> 0")
+        .bind(run.user_id.as_str())
+        .bind(run.thread_id.as_str())
+        .bind(run.turn)
+        .execute(&mut *connection)
+        .await?;
+    let places = group::Places::of(connection);
+    for chunk in laid.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO messages (user_id, thread_id, turn, part, id, body, run_id, created_at, epoch, seq, \
+             run_status, bytes) VALUES {}",
+            places.tuples(chunk.len(), 12)
+        );
+        let mut query = sqlx::query(&sql);
+        for (turn, part, id, message) in chunk {
+            let origin = origins.remove(id);
+            query = query
+                .bind(run.user_id.as_str())
+                .bind(run.thread_id.as_str())
+                .bind(*turn)
+                .bind(*part)
+                .bind(id.as_str())
+                .bind(message.get())
+                .bind(origin.as_ref().map_or(Some(run.run_id.clone()), |o| o.run_id.clone()))
+                .bind(origin.as_ref().map_or(to_i64(run.created_at), |o| o.created_at))
+                .bind(origin.as_ref().and_then(|o| o.epoch.clone()))
+                .bind(origin.as_ref().and_then(|o| o.seq))
+                .bind(origin.as_ref().map_or(Some(run.status.to_owned()), |o| o.run_status.clone()))
+                .bind(to_i64(message.get().len() as u64));
+        }
+        query.execute(&mut *connection).await?;
+    }
+    // The thread's counts follow from its rows; its other columns as for any run's end.
+    let interrupts = INTERRUPTS_AFTER_RUN
+        .replace("{status}", "$4")
+        .replace("{interrupts}", "$5")
+        .replace("{column}", "interrupts");
+    sqlx::query(&format!(
+        "UPDATE threads SET updated_at = $1, state = COALESCE($2, state), \
+         running = CASE WHEN running = $3 THEN NULL ELSE running END, interrupts = {interrupts}, \
+         message_count = (SELECT COUNT(*) FROM messages m WHERE m.user_id = $6 AND m.thread_id = $7), \
+         bytes = (SELECT COALESCE(SUM(bytes), 0) FROM messages m WHERE m.user_id = $6 AND m.thread_id = $7) \
+         WHERE user_id = $6 AND thread_id = $7"
+    ))
+    .bind(to_i64(run.created_at))
+    .bind(run.state.as_ref().map(|s| s.get().to_owned()))
+    .bind(run.run_id.as_str())
+    .bind(run.status)
+    .bind(run.interrupts.as_ref().map(|i| i.get().to_owned()))
+    .bind(run.user_id.as_str())
+    .bind(run.thread_id.as_str())
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }
 
 /// Stores a publisher's answer; the title of the thread it made, if it made one.
@@ -784,7 +942,7 @@ async fn thread(
     with_state: bool,
 ) -> Result<Option<ThreadView>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT thread_id, title, created_at, updated_at, message_count, running, state FROM threads \
+        "SELECT thread_id, title, created_at, updated_at, message_count, running, state, interrupts FROM threads \
          WHERE user_id = $1 AND thread_id = $2",
     )
     .bind(user_id)
@@ -802,6 +960,8 @@ fn thread_view(row: &sqlx::any::AnyRow, with_state: bool) -> Result<ThreadView, 
     } else {
         None
     };
+    let interrupts: Option<String> = row.try_get("interrupts")?;
+    let interrupts = interrupts.and_then(|i| RawValue::from_string(i).ok());
     Ok(ThreadView {
         thread_id: row.try_get("thread_id")?,
         title: row.try_get("title")?,
@@ -809,6 +969,8 @@ fn thread_view(row: &sqlx::any::AnyRow, with_state: bool) -> Result<ThreadView, 
         updated_at: to_u64(row.try_get("updated_at")?),
         message_count: to_u64(row.try_get("message_count")?),
         running: row.try_get("running")?,
+        interrupted: interrupts.is_some(),
+        interrupts,
         state,
     })
 }
@@ -833,7 +995,7 @@ async fn threads(
     let take = to_i64(limit as u64 + 1);
     let rows = match before.and_then(split_cursor) {
         Some((updated_at, thread_id)) => sqlx::query(
-            "SELECT thread_id, title, created_at, updated_at, message_count, running, state FROM threads \
+            "SELECT thread_id, title, created_at, updated_at, message_count, running, state, interrupts FROM threads \
                  WHERE user_id = $1 AND (updated_at < $2 OR (updated_at = $3 AND thread_id < $4)) \
                  ORDER BY updated_at DESC, thread_id DESC LIMIT $5",
         )
@@ -845,7 +1007,7 @@ async fn threads(
         .fetch_all(pool)
         .await?,
         None => sqlx::query(
-            "SELECT thread_id, title, created_at, updated_at, message_count, running, state FROM threads \
+            "SELECT thread_id, title, created_at, updated_at, message_count, running, state, interrupts FROM threads \
                  WHERE user_id = $1 ORDER BY updated_at DESC, thread_id DESC LIMIT $2",
         )
         .bind(user_id)
@@ -969,7 +1131,7 @@ async fn history(
         .await?
         .and_then(|row| row.try_get::<Option<String>, _>("state").ok().flatten())
         .and_then(|state| RawValue::from_string(state).ok());
-    Ok(Conversation { messages, state })
+    Ok(Conversation { messages, state, whole: false })
 }
 
 fn is_tool_result(message: &RawValue) -> bool {

@@ -39,13 +39,17 @@ pub const AGENT_TIMEOUT: &str = "agent_timeout";
 /// `RUN_ERROR` from the agent itself.
 pub const AGENT_ERROR: &str = "agent_error";
 
+/// The `CUSTOM` event LangGraph's AG-UI adapter (`ag-ui-langgraph`) raises for `interrupt()`.
+pub const LANGGRAPH_INTERRUPT: &str = "on_interrupt";
+
 /// What one upstream event comes to.
 #[derive(Debug, PartialEq)]
 pub enum Mapped {
     /// Stream events to publish (possibly none); the run goes on.
     Events(Vec<AgentOutput>),
-    /// The run's terminal event: nothing of the run after it.
-    End(AgentOutput),
+    /// The run's terminal event, after `steps` (a tool call the end closed): nothing of the run
+    /// after it.
+    End { steps: Vec<AgentOutput>, end: AgentOutput },
 }
 
 struct ToolCall {
@@ -76,8 +80,18 @@ pub struct Mapping {
     transcript_index: HashMap<String, usize>,
     state: Value,
     state_changed: bool,
-    /// What the run's end says beyond the mapping: `agent_code`, `result`, `usage`.
+    /// What the run's end says beyond the mapping: `agent_code`, `result`, `usage`,
+    /// `interrupts`.
     details: Map<String, Value>,
+    /// The thread's conversation as the agent last gave it whole (`MESSAGES_SNAPSHOT`), and how
+    /// much of the transcript came before it: the snapshot is the thread (docs/agents.md, v2).
+    snapshot: Option<(Vec<Value>, usize)>,
+    /// The tool call `TOOL_CALL_CHUNK`s are building: any other event ends it, as a
+    /// `TOOL_CALL_END` would (AG-UI's chunk events).
+    chunk_call: Option<String>,
+    /// Interrupts raised by a framework's own event (LangGraph's `CUSTOM` `on_interrupt`), for
+    /// the run's end.
+    interrupts: Vec<Value>,
 }
 
 fn field<'a>(event: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
@@ -112,6 +126,9 @@ impl Mapping {
             state,
             state_changed: false,
             details: Map::new(),
+            snapshot: None,
+            chunk_call: None,
+            interrupts: Vec::new(),
         }
     }
 
@@ -122,6 +139,31 @@ impl Mapping {
 
     /// Maps one event, as received (one `data:` of the SSE body, parsed).
     pub fn map(&mut self, event: Value) -> Result<Mapped, Failure> {
+        // A tool call built of chunks ends at the first event that is not one of its chunks.
+        let closes =
+            self.chunk_call.is_some() && event.get("type").and_then(Value::as_str) != Some("TOOL_CALL_CHUNK");
+        let closed = match self.chunk_call.take() {
+            Some(id) if closes => Some(self.end_tool_call(&id)?),
+            still => {
+                self.chunk_call = still;
+                None
+            }
+        };
+        let mapped = self.map_one(event)?;
+        Ok(match (closed, mapped) {
+            (None, mapped) => mapped,
+            (Some(ended), Mapped::Events(mut events)) => {
+                events.insert(0, ended);
+                Mapped::Events(events)
+            }
+            (Some(ended), Mapped::End { mut steps, end }) => {
+                steps.insert(0, ended);
+                Mapped::End { steps, end }
+            }
+        })
+    }
+
+    fn map_one(&mut self, event: Value) -> Result<Mapped, Failure> {
         let Value::Object(fields) = &event else {
             return Err(Failure::protocol("an event that is not a JSON object"));
         };
@@ -148,11 +190,29 @@ impl Mapping {
                         self.details.insert(key.to_owned(), value.clone());
                     }
                 }
-                Ok(Mapped::End(AgentOutput::Completed {
-                    status: RunStatus::Ok,
-                    content: std::mem::take(&mut self.text),
-                    duration_ms: self.started.elapsed().as_millis() as u64,
-                }))
+                // AG-UI 1.0's interrupt outcome (it supersedes a framework's own interrupt
+                // events of the run, which may say the same again).
+                let outcome = fields.get("outcome");
+                if outcome.and_then(|o| o.get("type")).and_then(Value::as_str) == Some("interrupt") {
+                    let given = outcome.and_then(|o| o.get("interrupts")).and_then(Value::as_array);
+                    let interrupts = given.into_iter().flatten().map(|i| self.interrupt(i.clone())).collect();
+                    self.interrupts = interrupts;
+                }
+                let status = if self.interrupts.is_empty() {
+                    RunStatus::Ok
+                } else {
+                    let interrupts = Value::Array(std::mem::take(&mut self.interrupts));
+                    self.details.insert("interrupts".into(), interrupts);
+                    RunStatus::Interrupted
+                };
+                Ok(Mapped::End {
+                    steps: Vec::new(),
+                    end: AgentOutput::Completed {
+                        status,
+                        content: std::mem::take(&mut self.text),
+                        duration_ms: self.started.elapsed().as_millis() as u64,
+                    },
+                })
             }
             "RUN_ERROR" => {
                 // The agent's own code is kept beside agentwire's `agent_error`.
@@ -160,7 +220,8 @@ impl Mapping {
                     self.details.insert("agent_code".into(), code.clone());
                 }
                 let message = field(fields, "message").unwrap_or("the agent reported an error");
-                Ok(Mapped::End(AgentOutput::Error { code: AGENT_ERROR.into(), message: message.to_owned() }))
+                let end = AgentOutput::Error { code: AGENT_ERROR.into(), message: message.to_owned() };
+                Ok(Mapped::End { steps: Vec::new(), end })
             }
             "TEXT_MESSAGE_START" => {
                 let id = required(fields, kind, "messageId")?;
@@ -218,43 +279,62 @@ impl Mapping {
                 }
             }
             "TOOL_CALL_START" => {
-                let id = required(fields, kind, "toolCallId")?.to_owned();
-                let name = required(fields, kind, "toolCallName")?.to_owned();
-                let parent = field(fields, "parentMessageId")
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("{id}-message"));
-                let call = json!({"id": id, "type": "function", "function": {"name": name, "arguments": ""}});
-                let message = self.message(&parent, "assistant");
-                if let Value::Array(calls) =
-                    message.entry("toolCalls").or_insert_with(|| Value::Array(Vec::new()))
-                {
-                    calls.push(call);
-                }
-                self.tool_calls.insert(id, ToolCall { name, args: String::new(), ended: None });
+                let id = required(fields, kind, "toolCallId")?;
+                let name = required(fields, kind, "toolCallName")?;
+                self.start_tool_call(id, name, field(fields, "parentMessageId"));
                 none()
             }
             "TOOL_CALL_ARGS" => {
                 let id = required(fields, kind, "toolCallId")?;
                 let delta = required(fields, kind, "delta")?;
-                let max = self.max_args_bytes;
-                let call = self.tool_call(kind, id)?;
-                if call.args.len() + delta.len() > max {
-                    return Err(Failure::protocol(format!(
-                        "the arguments of tool call {id} are over agent.max_event_bytes ({max})"
-                    )));
-                }
-                call.args.push_str(delta);
+                self.add_arguments(kind, id, delta)?;
                 none()
             }
             "TOOL_CALL_END" => {
-                let id = required(fields, kind, "toolCallId")?.to_owned();
-                let call = self.tool_call(kind, &id)?;
-                call.ended = Some(Instant::now());
-                let (tool, arguments) = (call.name.clone(), call.args.clone());
-                let args =
-                    serde_json::from_str(&arguments).unwrap_or_else(|_| Value::String(arguments.clone()));
-                self.set_arguments(&id, arguments);
-                one(AgentOutput::ToolExecuting { tool_call_id: id, tool, args })
+                let id = required(fields, kind, "toolCallId")?;
+                one(self.end_tool_call(id)?)
+            }
+            "TOOL_CALL_CHUNK" => {
+                // The first chunk of a call names it; the chunks after it may not (AG-UI: they
+                // continue the call in progress). A chunk naming another call ends this one.
+                let mut out = Vec::new();
+                let id = match field(fields, "toolCallId") {
+                    Some(id) if self.chunk_call.as_deref() == Some(id) => id.to_owned(),
+                    Some(id) => {
+                        if let Some(open) = self.chunk_call.take() {
+                            out.push(self.end_tool_call(&open)?);
+                        }
+                        if !self.tool_calls.contains_key(id) {
+                            let name = required(fields, kind, "toolCallName")?;
+                            self.start_tool_call(id, name, field(fields, "parentMessageId"));
+                        }
+                        self.chunk_call = Some(id.to_owned());
+                        id.to_owned()
+                    }
+                    None => self.chunk_call.clone().ok_or_else(|| {
+                        Failure::protocol("TOOL_CALL_CHUNK without `toolCallId` and no call in progress")
+                    })?,
+                };
+                if let Some(delta) = field(fields, "delta").filter(|d| !d.is_empty()) {
+                    self.add_arguments(kind, &id, delta)?;
+                }
+                Ok(Mapped::Events(out))
+            }
+            "MESSAGES_SNAPSHOT" => {
+                let Some(Value::Array(messages)) = fields.get("messages") else {
+                    return Err(Failure::protocol("MESSAGES_SNAPSHOT without an array `messages`"));
+                };
+                // Only messages a thread can hold: objects with a string `id` and `role`.
+                let messages = messages
+                    .iter()
+                    .filter(|m| {
+                        m.get("id").is_some_and(Value::is_string)
+                            && m.get("role").is_some_and(Value::is_string)
+                    })
+                    .cloned()
+                    .collect();
+                self.snapshot = Some((messages, self.transcript.len()));
+                one(AgentOutput::Passthrough { ag_ui: event })
             }
             "TOOL_CALL_RESULT" => {
                 let id = required(fields, kind, "toolCallId")?.to_owned();
@@ -296,16 +376,93 @@ impl Mapping {
                 }
                 one(AgentOutput::Passthrough { ag_ui: event })
             }
+            "CUSTOM" if field(fields, "name") == Some(LANGGRAPH_INTERRUPT) => {
+                // LangGraph's adapter gives the value of `interrupt(...)` as JSON text.
+                let value = match fields.get("value") {
+                    Some(Value::String(text)) => {
+                        serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
+                    }
+                    Some(value) => value.clone(),
+                    None => Value::Null,
+                };
+                // Its id is LangGraph's own when the adapter passes the raw interrupt along.
+                let id = fields.get("rawEvent").and_then(|raw| raw.get("id")).filter(|id| id.is_string());
+                let interrupt = match id {
+                    Some(id) => json!({"id": id, "value": value}),
+                    None => self.interrupt(json!({"value": value})),
+                };
+                self.interrupts.push(interrupt);
+                one(AgentOutput::Passthrough { ag_ui: event })
+            }
             _ => one(AgentOutput::Passthrough { ag_ui: event }),
         }
     }
 
-    /// What the run adds to its thread: its messages, and the state when the run changed it.
-    pub fn turn(&self) -> Conversation {
-        Conversation {
-            messages: self.transcript.iter().map(|m| raw(&Value::Object(m.clone()))).collect(),
-            state: self.state_changed.then(|| raw(&self.state)),
+    /// One interrupt as `agent_completed` gives it: `{id, value}`. An AG-UI 1.0 interrupt is its
+    /// own value (`reason`, `message`, `toolCallId`, ... as the agent gave them); one without an
+    /// `id` (LangGraph's) is given one, unique in the run, for `resume_run` to name.
+    fn interrupt(&self, given: Value) -> Value {
+        let id = given.get("id").and_then(Value::as_str).map(str::to_owned);
+        match id {
+            Some(id) => json!({"id": id, "value": given}),
+            None => {
+                let id = format!("{}-interrupt-{}", self.message_id, self.interrupts.len() + 1);
+                let value = given.get("value").cloned().unwrap_or(given);
+                json!({"id": id, "value": value})
+            }
         }
+    }
+
+    fn start_tool_call(&mut self, id: &str, name: &str, parent: Option<&str>) {
+        let parent = parent.map(str::to_owned).unwrap_or_else(|| format!("{id}-message"));
+        let call = json!({"id": id, "type": "function", "function": {"name": name, "arguments": ""}});
+        let message = self.message(&parent, "assistant");
+        if let Value::Array(calls) = message.entry("toolCalls").or_insert_with(|| Value::Array(Vec::new())) {
+            calls.push(call);
+        }
+        self.tool_calls
+            .insert(id.to_owned(), ToolCall { name: name.to_owned(), args: String::new(), ended: None });
+    }
+
+    fn add_arguments(&mut self, kind: &str, id: &str, delta: &str) -> Result<(), Failure> {
+        let max = self.max_args_bytes;
+        let call = self.tool_call(kind, id)?;
+        if call.args.len() + delta.len() > max {
+            return Err(Failure::protocol(format!(
+                "the arguments of tool call {id} are over agent.max_event_bytes ({max})"
+            )));
+        }
+        call.args.push_str(delta);
+        Ok(())
+    }
+
+    /// A tool call's end (`TOOL_CALL_END`, or the end of its chunks): its `tool_executing`.
+    fn end_tool_call(&mut self, id: &str) -> Result<AgentOutput, Failure> {
+        let call = self.tool_call("TOOL_CALL_END", id)?;
+        call.ended = Some(Instant::now());
+        let (tool, arguments) = (call.name.clone(), call.args.clone());
+        let args = serde_json::from_str(&arguments).unwrap_or_else(|_| Value::String(arguments.clone()));
+        self.set_arguments(id, arguments);
+        Ok(AgentOutput::ToolExecuting { tool_call_id: id.to_owned(), tool, args })
+    }
+
+    /// What the run adds to its thread: its messages, and the state when the run changed it.
+    /// After a `MESSAGES_SNAPSHOT` the messages are the thread's whole conversation (`whole`):
+    /// the snapshot, then what the run added after it.
+    pub fn turn(&self) -> Conversation {
+        let state = self.state_changed.then(|| raw(&self.state));
+        let Some((snapshot, at)) = &self.snapshot else {
+            let messages = self.transcript.iter().map(|m| raw(&Value::Object(m.clone()))).collect();
+            return Conversation { messages, state, whole: false };
+        };
+        let known: std::collections::HashSet<&str> =
+            snapshot.iter().filter_map(|m| m.get("id").and_then(Value::as_str)).collect();
+        let after = self.transcript[*at..]
+            .iter()
+            .filter(|m| !m.get("id").and_then(Value::as_str).is_some_and(|id| known.contains(id)))
+            .map(|m| raw(&Value::Object(m.clone())));
+        let messages = snapshot.iter().map(raw).chain(after).collect();
+        Conversation { messages, state, whole: true }
     }
 
     fn keep_text(&mut self, delta: &str) {
@@ -433,7 +590,7 @@ mod tests {
         events(&mut m, json!({"type": "TEXT_MESSAGE_CHUNK", "messageId": "a", "delta": "lo"}));
         assert!(events(&mut m, json!({"type": "TEXT_MESSAGE_END", "messageId": "a"})).is_empty());
         match m.map(json!({"type": "RUN_FINISHED"})).unwrap() {
-            Mapped::End(AgentOutput::Completed { status: RunStatus::Ok, content, .. }) => {
+            Mapped::End { end: AgentOutput::Completed { status: RunStatus::Ok, content, .. }, .. } => {
                 assert_eq!(content, "Hello")
             }
             other => panic!("{other:?}"),
@@ -513,7 +670,10 @@ mod tests {
         let end = m.map(json!({"type": "RUN_ERROR", "message": "model overloaded"})).unwrap();
         assert_eq!(
             end,
-            Mapped::End(AgentOutput::Error { code: AGENT_ERROR.into(), message: "model overloaded".into() })
+            Mapped::End {
+                steps: Vec::new(),
+                end: AgentOutput::Error { code: AGENT_ERROR.into(), message: "model overloaded".into() }
+            }
         );
     }
 
@@ -536,5 +696,110 @@ mod tests {
         // A patch that does not apply is passed through and leaves the state alone.
         events(&mut m, json!({"type": "STATE_DELTA", "delta": [{"op": "remove", "path": "/missing"}]}));
         assert_eq!(m.turn().state.unwrap().get(), r#"{"count":2}"#);
+    }
+
+    /// `TOOL_CALL_CHUNK`s are a tool call like START/ARGS/END: the first names it, the rest
+    /// continue it, and the next event of another kind (or a chunk of another call) ends it.
+    #[test]
+    fn tool_call_chunks_are_assembled_into_one_call() {
+        let mut m = started();
+        let first = json!({"type": "TOOL_CALL_CHUNK", "toolCallId": "c1", "toolCallName": "calculate", "parentMessageId": "a", "delta": "{\"expr"});
+        assert!(events(&mut m, first).is_empty());
+        assert!(events(&mut m, json!({"type": "TOOL_CALL_CHUNK", "delta": "\": \"2+3\"}"})).is_empty());
+        let second =
+            json!({"type": "TOOL_CALL_CHUNK", "toolCallId": "c2", "toolCallName": "now", "delta": "{}"});
+        let out = events(&mut m, second);
+        assert_eq!(
+            out,
+            vec![AgentOutput::ToolExecuting {
+                tool_call_id: "c1".into(),
+                tool: "calculate".into(),
+                args: json!({"expr": "2+3"})
+            }]
+        );
+        let out = events(
+            &mut m,
+            json!({"type": "TOOL_CALL_RESULT", "messageId": "r1", "toolCallId": "c1", "content": "5"}),
+        );
+        assert!(
+            matches!(&out[..], [AgentOutput::ToolExecuting { tool_call_id, .. }, AgentOutput::ToolCompleted { .. }] if tool_call_id == "c2"),
+            "{out:?}"
+        );
+        let turn = m.turn();
+        assert_eq!(parsed(&turn, 0)["toolCalls"][0]["function"]["arguments"], "{\"expr\": \"2+3\"}");
+        assert_eq!(parsed(&turn, 1)["toolCalls"][0]["function"]["name"], "now");
+        // A chunk stream ended by the run's end: the call is executed before the end.
+        let mut m = started();
+        events(
+            &mut m,
+            json!({"type": "TOOL_CALL_CHUNK", "toolCallId": "c", "toolCallName": "t", "delta": "{}"}),
+        );
+        match m.map(json!({"type": "RUN_FINISHED"})).unwrap() {
+            Mapped::End { steps, end: AgentOutput::Completed { .. } } => {
+                assert!(matches!(&steps[..], [AgentOutput::ToolExecuting { .. }]), "{steps:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            started().map(json!({"type": "TOOL_CALL_CHUNK", "delta": "x"})).unwrap_err().code,
+            AGENT_PROTOCOL
+        );
+    }
+
+    /// After a `MESSAGES_SNAPSHOT` the run's turn is the snapshot (ids as the agent gave them),
+    /// plus what came after it, and says it is the whole thread.
+    #[test]
+    fn a_messages_snapshot_is_the_thread() {
+        let mut m = started();
+        events(
+            &mut m,
+            json!({"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "add", "parentMessageId": "a"}),
+        );
+        events(&mut m, json!({"type": "TOOL_CALL_END", "toolCallId": "c1"}));
+        events(
+            &mut m,
+            json!({"type": "TOOL_CALL_RESULT", "messageId": "event-id", "toolCallId": "c1", "content": "2"}),
+        );
+        let snapshot = json!([
+            {"id": "u1", "role": "user", "content": "1 + 1?"},
+            {"id": "a", "role": "assistant", "toolCalls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+            {"id": "checkpoint-id", "role": "tool", "toolCallId": "c1", "content": "2"},
+            "not a message",
+        ]);
+        events(&mut m, json!({"type": "MESSAGES_SNAPSHOT", "messages": snapshot}));
+        events(&mut m, json!({"type": "TEXT_MESSAGE_CHUNK", "messageId": "a2", "delta": "It is 2."}));
+        let turn = m.turn();
+        assert!(turn.whole);
+        let ids: Vec<Value> = (0..turn.messages.len()).map(|at| parsed(&turn, at)["id"].clone()).collect();
+        assert_eq!(ids, [json!("u1"), json!("a"), json!("checkpoint-id"), json!("a2")]);
+    }
+
+    /// AG-UI 1.0's interrupt outcome and LangGraph's `on_interrupt` both end the run
+    /// `interrupted`, with `{id, value}` each.
+    #[test]
+    fn interrupts_end_the_run_interrupted() {
+        let mut m = started();
+        let outcome = json!({"type": "interrupt", "interrupts": [{"id": "i1", "reason": "approval", "message": "Go?"}]});
+        match m.map(json!({"type": "RUN_FINISHED", "outcome": outcome})).unwrap() {
+            Mapped::End { end: AgentOutput::Completed { status: RunStatus::Interrupted, .. }, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let details = m.details().unwrap();
+        assert_eq!(
+            details["interrupts"],
+            json!([{"id": "i1", "value": {"id": "i1", "reason": "approval", "message": "Go?"}}])
+        );
+
+        let mut m = started();
+        let custom = json!({"type": "CUSTOM", "name": "on_interrupt", "value": "{\"question\": \"Sure?\"}"});
+        assert_eq!(events(&mut m, custom.clone()), vec![AgentOutput::Passthrough { ag_ui: custom }]);
+        match m.map(json!({"type": "RUN_FINISHED"})).unwrap() {
+            Mapped::End { end: AgentOutput::Completed { status: RunStatus::Interrupted, .. }, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            m.details().unwrap()["interrupts"],
+            json!([{"id": "m_1-interrupt-1", "value": {"question": "Sure?"}}])
+        );
     }
 }

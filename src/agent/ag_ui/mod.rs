@@ -274,31 +274,32 @@ impl Upstream {
             if run.forward_ag_ui {
                 unsent.push(parsed.clone());
             }
-            match mapping.map(parsed)? {
-                Mapped::Events(outputs) => {
-                    for output in outputs {
-                        // `do_send`: into the registry's mailbox at once, in order.
-                        let ag_ui = std::mem::take(unsent);
-                        let run_id = run.run_id.clone();
-                        sink.do_send(AgentEvent { run_id, output, turn: None, ag_ui, details: None });
-                        steps += 1;
-                        if steps.is_multiple_of(IN_FLIGHT) {
-                            // The registry answers a checkpoint after every step sent before
-                            // it: waiting for the previous one bounds the steps not yet handled.
-                            let previous = checkpoint.replace(checkpoints.send(Checkpoint));
-                            if let Some(previous) = previous {
-                                if previous.await.is_err() {
-                                    return Err(Failure::new(AGENT_PROTOCOL, "the registry is gone"));
-                                }
-                            }
+            let (outputs, end) = match mapping.map(parsed)? {
+                Mapped::Events(outputs) => (outputs, None),
+                Mapped::End { steps, end } => (steps, Some(end)),
+            };
+            for output in outputs {
+                // `do_send`: into the registry's mailbox at once, in order.
+                let ag_ui = std::mem::take(unsent);
+                let run_id = run.run_id.clone();
+                sink.do_send(AgentEvent { run_id, output, turn: None, ag_ui, details: None });
+                steps += 1;
+                if steps.is_multiple_of(IN_FLIGHT) {
+                    // The registry answers a checkpoint after every step sent before it:
+                    // waiting for the previous one bounds the steps not yet handled.
+                    let previous = checkpoint.replace(checkpoints.send(Checkpoint));
+                    if let Some(previous) = previous {
+                        if previous.await.is_err() {
+                            return Err(Failure::new(AGENT_PROTOCOL, "the registry is gone"));
                         }
                     }
                 }
-                Mapped::End(output @ AgentOutput::Completed { .. }) => {
-                    let details = mapping.details();
-                    return Ok((output, Some(mapping.turn()), details));
-                }
-                Mapped::End(output) => return Ok((output, None, mapping.details())),
+            }
+            if let Some(end) = end {
+                let details = mapping.details();
+                // What the run made is the thread's only when it finished (or stopped to ask).
+                let turn = matches!(end, AgentOutput::Completed { .. }).then(|| mapping.turn());
+                return Ok((end, turn, details));
             }
         }
     }

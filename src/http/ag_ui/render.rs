@@ -172,7 +172,9 @@ impl Renderer {
                 };
                 out.push(json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": id, "delta": delta}));
             }
-            AgentOutput::Completed { status: RunStatus::Ok, .. } => {
+            // An interrupted run's end is the agent's own RUN_FINISHED (with its outcome),
+            // passed through; this is only an end decided here.
+            AgentOutput::Completed { status: RunStatus::Ok | RunStatus::Interrupted, .. } => {
                 self.close_all(out);
                 self.ended = true;
                 out.push(json!({"type": "RUN_FINISHED", "threadId": self.thread_id, "runId": self.run_id}));

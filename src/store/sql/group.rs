@@ -49,7 +49,7 @@ impl Places {
     }
 
     /// `($1, ...), (...)`: `rows` tuples of `columns` parameters, numbered from 1.
-    fn tuples(self, rows: usize, columns: usize) -> String {
+    pub(super) fn tuples(self, rows: usize, columns: usize) -> String {
         let mut sql = String::with_capacity(rows * columns * 5);
         for row in 0..rows {
             if row > 0 {
@@ -387,8 +387,11 @@ async fn add_runs(connection: &mut AnyConnection, places: Places, jobs: &[Job]) 
     }
     runs.sort_by(|a, b| (&a.user_id, &a.thread_id).cmp(&(&b.user_id, &b.thread_id)));
     // Two runs of one thread in a batch (their ends are written one after the other, so this
-    // is rare) are written one by one: one UPDATE cannot add both to the thread.
-    if runs.windows(2).any(|w| (&w[0].user_id, &w[0].thread_id) == (&w[1].user_id, &w[1].thread_id)) {
+    // is rare) are written one by one: one UPDATE cannot add both to the thread. So is a run
+    // that gave the thread's whole conversation (`MESSAGES_SNAPSHOT`), which rewrites it.
+    let whole = runs.iter().any(|run| run.whole);
+    if whole || runs.windows(2).any(|w| (&w[0].user_id, &w[0].thread_id) == (&w[1].user_id, &w[1].thread_id))
+    {
         for run in runs {
             super::add_run_messages(connection, run).await?;
         }
@@ -399,11 +402,16 @@ async fn add_runs(connection: &mut AnyConnection, places: Places, jobs: &[Job]) 
         let sql = format!(
             "UPDATE threads SET updated_at = v.column3, message_count = threads.message_count + v.column4, \
              bytes = threads.bytes + v.column5, state = COALESCE(v.column6, threads.state), \
-             running = CASE WHEN threads.running = v.column7 THEN NULL ELSE threads.running END \
+             running = CASE WHEN threads.running = v.column7 THEN NULL ELSE threads.running END, \
+             interrupts = {} \
              FROM (VALUES {}) AS v \
              WHERE threads.user_id = v.column1 AND threads.thread_id = v.column2 \
              RETURNING threads.user_id, threads.thread_id",
-            places.tuples(chunk.len(), 7)
+            super::INTERRUPTS_AFTER_RUN
+                .replace("{status}", "v.column8")
+                .replace("{interrupts}", "v.column9")
+                .replace("{column}", "threads.interrupts"),
+            places.tuples(chunk.len(), 9)
         );
         let mut query = sqlx::query(&sql);
         for run in chunk {
@@ -415,7 +423,9 @@ async fn add_runs(connection: &mut AnyConnection, places: Places, jobs: &[Job]) 
                 .bind(to_i64(run.messages.len() as u64))
                 .bind(to_i64(bytes as u64))
                 .bind(run.state.as_ref().map(|s| s.get().to_owned()))
-                .bind(run.run_id.as_str());
+                .bind(run.run_id.as_str())
+                .bind(run.status)
+                .bind(run.interrupts.as_ref().map(|i| i.get().to_owned()));
         }
         for row in query.fetch_all(&mut *connection).await? {
             live.insert((row.try_get("user_id")?, row.try_get("thread_id")?));
