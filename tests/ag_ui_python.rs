@@ -5,58 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-
 use agentwire::config::AgentKind;
+use common::python_agent::PythonAgent;
 use common::*;
 use serde_json::{json, Value};
-
-struct PythonAgent {
-    child: Child,
-    url: String,
-}
-
-impl PythonAgent {
-    fn start() -> PythonAgent {
-        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/ag-ui-agent");
-        let python = std::env::var_os("AGENTWIRE_AGENT_PYTHON")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| example.join(".venv/bin/python"));
-        assert!(
-            python.exists(),
-            "{} is missing: run .ci/test, which installs the example agent's packages",
-            python.display()
-        );
-        let mut child = Command::new(&python)
-            .arg(example.join("agent.py"))
-            .args(["--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the example agent starts");
-        // The agent prints its address once it listens; reading it is the wait (bounded by the
-        // reader thread's channel timeout).
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the agent listens in time");
-        let url = line.trim().strip_prefix("listening on ").expect("the agent's address line").to_owned();
-        PythonAgent { child, url }
-    }
-}
-
-impl Drop for PythonAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn of_run(events: Vec<Value>, run_id: &str) -> Vec<Value> {
     events.into_iter().filter(|e| e["run_id"] == run_id).collect()
@@ -64,7 +16,7 @@ fn of_run(events: Vec<Value>, run_id: &str) -> Vec<Value> {
 
 #[actix_web::test]
 async fn a_conversation_with_a_pydantic_ai_agent() {
-    let agent = PythonAgent::start();
+    let agent = PythonAgent::start("ag-ui-agent", &[]);
     let url = agent.url.clone();
     let server = TestServer::with(move |c| {
         c.agent.kind = AgentKind::AgUi;

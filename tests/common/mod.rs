@@ -4,6 +4,7 @@
 
 pub mod fake_agent;
 pub mod postgres;
+pub mod python_agent;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
