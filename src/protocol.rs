@@ -52,6 +52,9 @@ pub enum ErrorCode {
     /// docs/conversations.md: the thread's run is still going and `agent.on_busy` refuses (or
     /// too many messages wait behind it); not echoed, nothing stored.
     ThreadBusy,
+    /// docs/agents.md, v2: the thread's last run stopped to ask; a `user_message` waits for its
+    /// `resume_run` (unless `agent.on_busy = "interrupt"`). Not echoed, nothing stored.
+    ThreadInterrupted,
 }
 
 /// Field limits a client frame is checked against; they come from `[limits]`.
@@ -75,16 +78,22 @@ pub const MAX_AUTH_FRAME_BYTES: usize = MAX_TOKEN_BYTES + 1024;
 #[derive(Clone, Debug, PartialEq)]
 pub enum ClientFrame {
     Auth(AuthFrame),
-    UserMessage(UserMessage),
-    CancelRun { run_id: String },
-    Ping { id: Option<Value> },
+    /// Also a `tool_result` or `resume_run` (`UserMessage::answers`). Boxed: a frame is moved
+    /// whole between actors, and this is its largest kind.
+    UserMessage(Box<UserMessage>),
+    CancelRun {
+        run_id: String,
+    },
+    Ping {
+        id: Option<Value>,
+    },
 }
 
 impl ClientFrame {
     pub fn type_name(&self) -> &'static str {
         match self {
             ClientFrame::Auth(_) => "auth",
-            ClientFrame::UserMessage(_) => "user_message",
+            ClientFrame::UserMessage(message) => message.frame_type(),
             ClientFrame::CancelRun { .. } => "cancel_run",
             ClientFrame::Ping { .. } => "ping",
         }
@@ -120,6 +129,68 @@ pub struct UserMessage {
     /// What the client gives its run's agent (docs/agents.md, v2).
     #[serde(flatten)]
     pub client: ClientInput,
+    /// What the message answers: nothing (a `user_message`), a frontend tool's call
+    /// (`tool_result`) or an interrupt (`resume_run`). Set by the frame's type, not a field.
+    #[serde(skip)]
+    pub answers: Answers,
+    /// The message's id as the client named it (an AG-UI client's `messages[].id`): the stored
+    /// message keeps it, so the client's next input is matched by it. Agentwire makes one else.
+    #[serde(skip)]
+    pub id: Option<String>,
+}
+
+/// What a message of a thread answers (docs/protocol.md, `tool_result` and `resume_run`). Each
+/// goes the way of a `user_message` (stored, echoed, acked, its run queued behind the thread's),
+/// and its run is told what it answers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Answers {
+    #[default]
+    Nothing,
+    /// A frontend tool's result: stored as a `tool` message of this call.
+    ToolCall(String),
+    /// The answer to an interrupt: `RunAgentInput.resume` (and `forwardedProps.command.resume`).
+    Interrupt { interrupt_id: String, value: Value },
+}
+
+impl UserMessage {
+    /// The client frame it came as: errors about it name this as their `ref`.
+    pub fn frame_type(&self) -> &'static str {
+        match self.answers {
+            Answers::Nothing => "user_message",
+            Answers::ToolCall(_) => "tool_result",
+            Answers::Interrupt { .. } => "resume_run",
+        }
+    }
+}
+
+/// `{"type":"tool_result","thread_id","tool_call_id","content"}`: the result of a frontend tool
+/// (`tool_executing` with `client_tool: true`). `content` that is not a string is its JSON text.
+#[derive(Deserialize)]
+struct ToolResultFrame {
+    thread_id: String,
+    tool_call_id: String,
+    content: Value,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+/// `{"type":"resume_run","thread_id","interrupt_id","value"}`: the answer to an interrupt.
+#[derive(Deserialize)]
+struct ResumeRunFrame {
+    thread_id: String,
+    interrupt_id: String,
+    #[serde(default)]
+    value: Value,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+/// The text a stored message shows of a JSON answer: a string as it is, anything else as JSON.
+pub fn answer_text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// What a client gives the agent of its message's run, into `RunAgentInput` as given: its
@@ -133,6 +204,13 @@ pub struct ClientInput {
     pub context: Option<Value>,
     #[serde(default)]
     pub state: Option<Value>,
+    /// An AG-UI client's `forwardedProps` (`POST /ag-ui` only): passed on, agentwire's own keys
+    /// under `forwardedProps.agentwire`.
+    #[serde(skip)]
+    pub forwarded_props: Option<Value>,
+    /// An AG-UI client's `resume` (`POST /ag-ui` only), passed on as given.
+    #[serde(skip)]
+    pub resume: Option<Value>,
 }
 
 impl ClientInput {
@@ -268,7 +346,33 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
             if let Err((field, why)) = frame.client.check() {
                 return Err(FrameError::bad(format!("field `{field}` {why}"), reference));
             }
-            Ok(ClientFrame::UserMessage(frame))
+            Ok(ClientFrame::UserMessage(Box::new(frame)))
+        }
+        "tool_result" => {
+            let frame: ToolResultFrame = serde_json::from_value(value).map_err(fields)?;
+            let message = UserMessage {
+                thread_id: frame.thread_id,
+                content: answer_text(&frame.content),
+                client_msg_id: frame.client_msg_id,
+                client: ClientInput::default(),
+                answers: Answers::ToolCall(frame.tool_call_id),
+                id: None,
+            };
+            check_answer(&message, limits)?;
+            Ok(ClientFrame::UserMessage(Box::new(message)))
+        }
+        "resume_run" => {
+            let frame: ResumeRunFrame = serde_json::from_value(value).map_err(fields)?;
+            let message = UserMessage {
+                thread_id: frame.thread_id,
+                content: answer_text(&frame.value),
+                client_msg_id: frame.client_msg_id,
+                client: ClientInput::default(),
+                answers: Answers::Interrupt { interrupt_id: frame.interrupt_id, value: frame.value },
+                id: None,
+            };
+            check_answer(&message, limits)?;
+            Ok(ClientFrame::UserMessage(Box::new(message)))
         }
         "cancel_run" => {
             let frame: CancelRunFrame = serde_json::from_value(value).map_err(fields)?;
@@ -288,6 +392,23 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
             reference: Some(truncate(&kind, 64).to_owned()),
         }),
     }
+}
+
+/// A `tool_result`'s or `resume_run`'s fields, held to a `user_message`'s limits (an empty
+/// answer is allowed: a tool may return nothing).
+fn check_answer(message: &UserMessage, limits: FieldLimits) -> Result<(), FrameError> {
+    let reference = Some(message.frame_type());
+    check_len("thread_id", &message.thread_id, 1, MAX_THREAD_ID_CHARS, reference)?;
+    check_len("content", &message.content, 0, limits.max_content_chars, reference)?;
+    if let Some(id) = &message.client_msg_id {
+        check_len("client_msg_id", id, 1, MAX_CLIENT_MSG_ID_CHARS, reference)?;
+    }
+    let (name, id) = match &message.answers {
+        Answers::ToolCall(id) => ("tool_call_id", id),
+        Answers::Interrupt { interrupt_id, .. } => ("interrupt_id", interrupt_id),
+        Answers::Nothing => return Ok(()),
+    };
+    check_len(name, id, 1, MAX_RUN_ID_CHARS, reference)
 }
 
 /// Lengths are counted in Unicode characters, as the protocol says.

@@ -52,6 +52,10 @@ fn calculator_turn(input: &Value) -> Reply {
     let count = input["messages"].as_array().map_or(0, Vec::len);
     let text = format!("I was sent {count} messages.");
     let (first, second) = text.split_at(6);
+    let mut snapshot = input["messages"].as_array().cloned().unwrap_or_default();
+    snapshot.push(json!({"id": "a1", "role": "assistant", "toolCalls": [{"id": "call_1", "type": "function",
+        "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]}));
+    snapshot.push(json!({"id": "tr1", "role": "tool", "content": "5", "toolCallId": "call_1"}));
     sse(&[
         started(input),
         json!({"type": "STEP_STARTED", "stepName": "think"}),
@@ -63,7 +67,8 @@ fn calculator_turn(input: &Value) -> Reply {
         json!({"type": "STATE_SNAPSHOT", "snapshot": {"turns": count}}),
         // Not for tabs by default (`agent.forward_events`): the whole thread, the framework's own.
         json!({"type": "RAW", "event": {"thread": "x".repeat(100)}}),
-        json!({"type": "MESSAGES_SNAPSHOT", "messages": []}),
+        // The thread as the agent knows it now (docs/agents.md, v2: it becomes the thread).
+        json!({"type": "MESSAGES_SNAPSHOT", "messages": snapshot}),
         json!({"type": "TEXT_MESSAGE_START", "messageId": "a2", "role": "assistant"}),
         json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a2", "delta": first}),
         json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a2", "delta": second}),

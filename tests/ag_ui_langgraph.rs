@@ -11,7 +11,7 @@ mod common;
 use agentwire::config::AgentKind;
 use common::python_agent::PythonAgent;
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn of_run(events: Vec<Value>, run_id: &str) -> Vec<Value> {
     events.into_iter().filter(|e| e["run_id"] == run_id).collect()
@@ -120,20 +120,80 @@ async fn a_thread_past_one_megabyte_keeps_going() {
 }
 
 #[actix_web::test]
-async fn an_interrupt_ends_the_run_interrupted_and_the_thread_shows_it() {
+async fn an_interrupt_raised_in_one_tab_is_answered_from_another() {
     let agent = PythonAgent::start("langgraph-agent", &[]);
     let server = langgraph_server(&agent);
     let mut tab = server.ready_client("carol").await;
+    let mut other_tab = server.ready_client("carol").await;
     let events = turn(&mut tab, "t", "please confirm the order").await;
     let end = events.last().unwrap();
     assert_eq!(end["type"], "agent_completed", "{end}");
     assert_eq!(end["payload"]["status"], "interrupted", "{end}");
     let interrupts = end["payload"]["interrupts"].as_array().expect("interrupts");
     assert_eq!(interrupts.len(), 1, "{end}");
-    assert!(interrupts[0]["id"].as_str().is_some_and(|id| !id.is_empty()), "{end}");
-    assert_eq!(interrupts[0]["value"]["options"], serde_json::json!(["yes", "no"]), "{end}");
+    let interrupt_id = interrupts[0]["id"].as_str().expect("an interrupt id").to_owned();
+    assert_eq!(interrupts[0]["value"]["options"], json!(["yes", "no"]), "{end}");
     let token = server.token("carol");
     let (status, thread) = http_get(&server.http("/api/v1/threads/t"), Some(&token)).await;
-    assert_eq!(status, 200, "{thread}");
-    assert_eq!(thread["interrupted"], true, "{thread}");
+    assert_eq!((status, &thread["interrupted"]), (200, &json!(true)), "{thread}");
+
+    // The other tab saw the same end; a plain message there waits for the answer.
+    let seen = other_tab.recv_where(|f| f["type"] == "agent_completed").await;
+    assert_eq!(seen["payload"]["interrupts"], end["payload"]["interrupts"]);
+    other_tab.send(json!({"type": "user_message", "thread_id": "t", "content": "hello?"})).await;
+    let refused = other_tab.recv_where(|f| f["type"] == "error").await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("thread_interrupted"), Some("user_message"))
+    );
+
+    // The answer, from the other tab: acked, and the run that continues the graph says it.
+    other_tab
+        .send(json!({"type": "resume_run", "thread_id": "t", "interrupt_id": interrupt_id, "value": "yes"}))
+        .await;
+    let ack = other_tab.recv_where(|f| f["type"] == "ack").await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    let events = of_run(tab.events_until_run_ends(&run_id).await, &run_id);
+    let end = events.last().unwrap();
+    assert_eq!(end["payload"]["status"], "ok", "{end}");
+    assert_eq!(end["payload"]["response"]["content"], "You said: yes.", "{end}");
+    let (_, thread) = http_get(&server.http("/api/v1/threads/t"), Some(&token)).await;
+    assert_eq!(thread["interrupted"], false, "{thread}");
+}
+
+/// A frontend tool over the WebSocket: declared in `tools`, its call reaches the tab as a
+/// `tool_executing` with `client_tool: true`; the tab's `tool_result` starts the run that uses it.
+#[actix_web::test]
+async fn a_frontend_tool_round_trip_over_the_websocket() {
+    let agent = PythonAgent::start("langgraph-agent", &[]);
+    let server = langgraph_server(&agent);
+    let mut tab = server.ready_client("dave").await;
+    let tools = json!([{"name": "get_local_time", "description": "The user's local time",
+        "parameters": {"type": "object", "properties": {}}}]);
+    tab.send(json!({"type": "user_message", "thread_id": "t", "content": "what is my local time?", "tools": tools}))
+        .await;
+    let ack = tab.recv_where(|f| f["type"] == "ack").await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    let events = of_run(tab.events_until_run_ends(&run_id).await, &run_id);
+    let call = events.iter().find(|e| e["type"] == "tool_executing").expect("the tool call");
+    assert_eq!(
+        (call["payload"]["tool"].as_str(), &call["payload"]["client_tool"]),
+        (Some("get_local_time"), &json!(true))
+    );
+    assert_eq!(events.last().unwrap()["payload"]["status"], "ok");
+
+    let tool_call_id = call["payload"]["tool_call_id"].as_str().unwrap();
+    tab.send(
+        json!({"type": "tool_result", "thread_id": "t", "tool_call_id": tool_call_id, "content": "14:05"}),
+    )
+    .await;
+    let echo = tab.recv_where(|f| f["type"] == "user_message").await;
+    assert_eq!(
+        (echo["payload"]["role"].as_str(), echo["payload"]["tool_call_id"].as_str()),
+        (Some("tool"), Some(tool_call_id))
+    );
+    let ack = tab.recv_where(|f| f["type"] == "ack").await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    let events = of_run(tab.events_until_run_ends(&run_id).await, &run_id);
+    assert_eq!(events.last().unwrap()["payload"]["response"]["content"], "Your local time is 14:05.");
 }

@@ -130,8 +130,12 @@ fn sse_events(body: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A `RunAgentInput` with one new user message (each with an id of its own: an id the thread
+/// has is a message taken before).
 fn input(thread: &str, content: &str) -> String {
-    json!({"threadId": thread, "runId": null, "messages": [{"id": "u1", "role": "user", "content": content}],
+    static IDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = format!("u{}", IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    json!({"threadId": thread, "runId": null, "messages": [{"id": id, "role": "user", "content": content}],
         "state": {}, "tools": [], "context": [], "forwardedProps": {}})
     .to_string()
 }
@@ -226,6 +230,77 @@ async fn bad_input_is_refused_naming_the_field() {
         assert_eq!(answer["error"], "bad_request");
     }
     assert_eq!(server.metric("agentwire_ag_ui_requests_total{status=\"400\"}"), 5.0);
+}
+
+/// docs/ag-ui.md: the messages an input names that the thread has (by id) were taken before:
+/// a frontend tool's result posted after the history starts the follow-up run without echoing
+/// the old user message again, an input with nothing new is a 400 naming `messages`, and the
+/// client's `forwardedProps` and `resume` reach the agent (agentwire's own keys under
+/// `forwardedProps.agentwire`).
+#[actix_web::test]
+async fn new_messages_are_taken_by_id_and_the_clients_props_reach_the_agent() {
+    let agent = FakeAgent::start(|input| {
+        let ids = json!({"threadId": input["threadId"], "runId": input["runId"]});
+        let with = |kind: &str| {
+            let mut event = ids.clone();
+            event["type"] = json!(kind);
+            event
+        };
+        sse(&[
+            with("RUN_STARTED"),
+            json!({"type": "TEXT_MESSAGE_CHUNK", "messageId": format!("a-{}", input["runId"].as_str().unwrap()), "delta": "ok"}),
+            with("RUN_FINISHED"),
+        ])
+    });
+    let url = agent.url.clone();
+    let server = TestServer::with(move |c| {
+        c.agent.kind = AgentKind::AgUi;
+        c.agent.url = url;
+    });
+    let token = server.token("frank");
+    let mut tab = server.ready_client("frank").await;
+    let user = json!({"id": "u-1", "role": "user", "content": "what time is it?"});
+    let first = json!({"threadId": "t", "messages": [user], "forwardedProps": {"mode": "fast"}});
+    assert_eq!(post_ag_ui(&server, Some(&token), first.to_string()).await.0, 200);
+    let call = json!({"id": "a-1", "role": "assistant", "toolCalls": [{"id": "call-1", "type": "function",
+        "function": {"name": "get_time", "arguments": "{}"}}]});
+    let result = json!({"id": "tool-1", "role": "tool", "toolCallId": "call-1", "content": "14:05"});
+    let second = json!({"threadId": "t", "messages": [user, call, result]});
+    assert_eq!(post_ag_ui(&server, Some(&token), second.to_string()).await.0, 200);
+    // The same input again has nothing new.
+    let (status, body) = post_ag_ui(&server, Some(&token), second.to_string()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["field"], "messages");
+    // An interrupt's answer needs no new message.
+    let resume = json!({"threadId": "t", "messages": [user, call, result],
+        "resume": [{"interruptId": "i-1", "status": "resolved", "payload": {"approved": true}}]});
+    assert_eq!(post_ag_ui(&server, Some(&token), resume.to_string()).await.0, 200);
+
+    let sent = agent.requests();
+    assert_eq!(sent.len(), 3);
+    assert_eq!(sent[0]["forwardedProps"]["mode"], "fast");
+    assert_eq!(sent[0]["forwardedProps"]["agentwire"]["user_id"], "frank");
+    assert_eq!(sent[0]["messages"], json!([user]), "the client's id is the stored message's");
+    let last = sent[1]["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last, result, "the tool result is the thread's, once");
+    assert!(!sent[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m == &json!(user) && m != &sent[1]["messages"][0]));
+    assert_eq!(sent[2]["resume"][0]["interruptId"], "i-1");
+    assert_eq!(sent[2]["resume"][0]["payload"], json!({"approved": true}));
+    assert_eq!(sent[2]["forwardedProps"]["command"]["resume"], json!({"approved": true}));
+
+    // The tabs saw one user message; the tool result is echoed as the tool's.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let echo = tab.recv_where(|f| f["type"] == "user_message").await;
+        seen.push((echo["payload"]["message_id"].clone(), echo["payload"]["role"].clone()));
+    }
+    assert_eq!(seen[0], (json!("u-1"), Value::Null));
+    assert_eq!(seen[1], (json!("tool-1"), json!("tool")));
+    assert_eq!(seen[2].1, Value::Null, "the answer to the interrupt: {seen:?}");
 }
 
 #[actix_web::test]

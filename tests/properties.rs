@@ -14,7 +14,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         any::<bool>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
         "[a-z_ ]{0,12}".prop_map(serde_json::Value::from),
-        prop::sample::select(vec!["auth", "user_message", "cancel_run", "ping"])
+        prop::sample::select(vec!["auth", "user_message", "cancel_run", "ping", "tool_result", "resume_run"])
             .prop_map(serde_json::Value::from),
     ];
     leaf.prop_recursive(3, 24, 6, |inner| {
@@ -28,6 +28,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
                     "content",
                     "client_msg_id",
                     "run_id",
+                    "tool_call_id",
+                    "interrupt_id",
+                    "value",
                     "id",
                     "x"
                 ]),
@@ -53,13 +56,15 @@ proptest! {
                 // Whatever is accepted is an object whose `type` names what was parsed.
                 prop_assert_eq!(value["type"].as_str(), Some(frame.type_name()));
                 if let ClientFrame::UserMessage(m) = frame {
-                    prop_assert!((1..=64).contains(&m.content.chars().count()));
+                    // A tool's result or an interrupt's answer may be empty; words may not.
+                    let least = usize::from(m.frame_type() == "user_message");
+                    prop_assert!((least..=64).contains(&m.content.chars().count()));
                     prop_assert!((1..=128).contains(&m.thread_id.chars().count()));
                 }
             }
             Err(e) => {
                 prop_assert!(!e.message.is_empty());
-                let known = ["auth", "user_message", "cancel_run", "ping"];
+                let known = ["auth", "user_message", "cancel_run", "ping", "tool_result", "resume_run"];
                 match value.get("type").and_then(|t| t.as_str()) {
                     Some(t) if !known.contains(&t) => prop_assert_eq!(e.code, ErrorCode::UnknownType),
                     _ => prop_assert_eq!(e.code, ErrorCode::BadMessage),

@@ -261,6 +261,7 @@ mod tests {
             client_msg_id: None,
             content: "how are you".into(),
             client: Default::default(),
+            answers: Default::default(),
             conversation: Default::default(),
             forward_ag_ui: false,
         };

@@ -28,6 +28,8 @@ pub struct RunRequest {
     pub content: String,
     /// What the client gave for the agent: tools, context, state (docs/agents.md, v2).
     pub client: crate::protocol::ClientInput,
+    /// What the message answers: an interrupt's answer goes to the agent as `resume`.
+    pub answers: crate::protocol::Answers,
     /// The thread's conversation, ending with this message, and its state; empty unless the
     /// runtime asked for it ([`AgentHandle::conversation`]).
     pub conversation: Conversation,

@@ -19,6 +19,8 @@ impl Handler<StartHttpRun> for Registry {
             content: msg.content,
             client_msg_id: None,
             client: msg.client,
+            answers: msg.answers,
+            id: msg.message_id,
         };
         let origin = Origin::Http { answer: msg.answer, steps: msg.steps, run_id: msg.run_id };
         self.submit(ctx, Pending { origin, user_id: msg.user_id, message });

@@ -92,8 +92,12 @@ pub struct StartHttpRun {
     pub user_id: String,
     pub thread_id: String,
     pub content: String,
-    /// The client's `tools`, `context` and `state`, for the agent.
+    /// The client's `tools`, `context`, `state` and `forwardedProps`, for the agent.
     pub client: crate::protocol::ClientInput,
+    /// The new message's id as the client gave it, if it did.
+    pub message_id: Option<String>,
+    /// A frontend tool's result, or an interrupt's answer (`resume`), instead of user words.
+    pub answers: crate::protocol::Answers,
     /// The client's `runId`; a fresh one when `None`.
     pub run_id: Option<String>,
     pub steps: futures_channel::mpsc::Sender<RunStep>,

@@ -131,6 +131,9 @@ struct LocalUser {
     /// The user's threads with a run going here, and the runs waiting behind it
     /// (`agent.on_busy`): runs of one thread never interleave (`runs.rs`).
     busy: HashMap<std::rc::Rc<str>, runs::Busy>,
+    /// The user's threads whose last run here stopped to ask (`status: "interrupted"`): a plain
+    /// `user_message` on one is `thread_interrupted` until a `resume_run` (docs/agents.md, v2).
+    interrupted: std::collections::HashSet<std::rc::Rc<str>>,
 }
 
 struct Connection {
@@ -353,6 +356,7 @@ impl Registry {
                 delivered: None,
                 epoch: None,
                 busy: HashMap::new(),
+                interrupted: Default::default(),
                 limiter: RateLimiter::new(rate, rate.saturating_mul(2), std::time::Instant::now()),
             };
             self.local.insert(std::rc::Rc::from(user_id), user);

@@ -18,7 +18,7 @@ use crate::broker::{BrokerError, NewEvent, SeenMessage, Stored, Submitted};
 use crate::config::{OnBusy, MAX_WAITING_PER_THREAD};
 use crate::metrics::Failure;
 use crate::protocol::{
-    user_message_payload, AgentOutput, ErrorCode, EventKind, RunStatus, ServerFrame, UserMessage,
+    user_message_payload, AgentOutput, Answers, ErrorCode, EventKind, RunStatus, ServerFrame, UserMessage,
 };
 use crate::ratelimit::Verdict;
 use crate::store::{Added, Confirmed, Conversation, NewUserMessage, RunMessages, StoreError, Transcript};
@@ -64,6 +64,9 @@ pub(super) struct Run {
     pub(super) transcript: Transcript,
     /// The seq of its `agent_started`, once on the stream.
     pub(super) started_seq: Option<u64>,
+    /// The names of the tools the client declared (`user_message.tools`): a `tool_executing` of
+    /// one says `client_tool: true`, for the client to run it (docs/agents.md, v2).
+    pub(super) client_tools: Vec<String>,
 }
 
 impl Run {
@@ -78,7 +81,29 @@ impl Run {
             turn: started.turn,
             transcript: Transcript::new(&started.run_id, max_text_bytes),
             started_seq: None,
+            client_tools: started
+                .message
+                .client
+                .tools
+                .iter()
+                .flat_map(|tools| tools.as_array().into_iter().flatten())
+                .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
+                .collect(),
         }
+    }
+}
+
+impl Run {
+    /// The stream event's payload of one of the run's steps: a call of a tool the client
+    /// declared says so (`client_tool: true`), for the client to run it.
+    fn payload(&self, output: &AgentOutput) -> Value {
+        let mut payload = output.payload();
+        if let AgentOutput::ToolExecuting { tool, .. } = output {
+            if self.client_tools.iter().any(|name| name == tool) {
+                payload["client_tool"] = Value::Bool(true);
+            }
+        }
+        payload
     }
 }
 
@@ -161,6 +186,9 @@ impl Registry {
             _ => "error",
         };
         let interrupts = details.as_ref().and_then(|d| d.get("interrupts")).map(crate::store::raw);
+        if let (Some(user), true) = (self.local.get_mut(&*run.user_id), status == "interrupted") {
+            user.interrupted.insert(Rc::clone(&run.thread_id));
+        }
         let turn = turn.unwrap_or_default();
         let whole = turn.whole;
         let messages = if turn.messages.is_empty() { run.transcript.messages() } else { turn.messages };
@@ -363,7 +391,7 @@ impl Registry {
 
     /// One of the run's events onto its user's stream.
     fn publish_output(&mut self, ctx: &mut Context<Self>, run: &Run, run_id: &str, output: &AgentOutput) {
-        let payload = output.payload();
+        let payload = run.payload(output);
         let event = NewEvent {
             kind: output.kind(),
             thread_id: &run.thread_id,
@@ -471,7 +499,10 @@ impl Registry {
         match answer {
             Ok(Some(seen)) => self.repeated(pending, &seen),
             Ok(None) => self.submit(ctx, pending),
-            Err(e) => self.message_not_stored(pending.origin, &e, e.failure(), true),
+            Err(e) => {
+                let reference = pending.message.frame_type();
+                self.message_not_stored(pending.origin, reference, &e, e.failure(), true)
+            }
         }
     }
 
@@ -490,7 +521,7 @@ impl Registry {
                 self.send_to(id, ack);
             }
             // AG-UI clients send no client_msg_id, so nothing of theirs is seen.
-            http => self.refuse(http, ErrorCode::BadMessage, "a repeated message"),
+            http => self.refuse(http, "user_message", ErrorCode::BadMessage, "a repeated message"),
         }
     }
 
@@ -499,6 +530,7 @@ impl Registry {
     fn message_not_stored(
         &mut self,
         origin: Origin,
+        reference: &'static str,
         error: &dyn std::fmt::Display,
         failure: Failure,
         retry: bool,
@@ -513,14 +545,14 @@ impl Registry {
         } else {
             (ErrorCode::Internal, "the message could not be stored")
         };
-        self.refuse(origin, code, message);
+        self.refuse(origin, reference, code, message);
     }
 
     /// A user message that starts nothing: an error frame to a session, the answer to an AG-UI
     /// client.
-    fn refuse(&mut self, origin: Origin, code: ErrorCode, message: &str) {
+    fn refuse(&mut self, origin: Origin, reference: &'static str, code: ErrorCode, message: &str) {
         match origin {
-            Origin::Session(id) => self.send_to(id, ServerFrame::error(code, message, Some("user_message"))),
+            Origin::Session(id) => self.send_to(id, ServerFrame::error(code, message, Some(reference))),
             Origin::Http { answer, .. } => {
                 let _ = answer.send(Err((code, message.to_owned())));
             }
@@ -541,7 +573,13 @@ impl Registry {
             _ => false,
         };
         let thread_busy = starts_run && self.thread_refuses(&pending.user_id, &pending.message.thread_id);
+        let on_busy = self.settings.on_busy;
         let user = self.local_user(&pending.user_id);
+        // A plain message on a thread whose run stopped to ask waits for the answer (docs/agents.md,
+        // v2), unless the settings say a new message interrupts whatever the thread does.
+        let thread_interrupted = pending.message.answers == Answers::Nothing
+            && on_busy != OnBusy::Interrupt
+            && user.interrupted.contains(pending.message.thread_id.as_str());
         // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
         if shutting_down {
             Some((ErrorCode::Unavailable, "the server is shutting down; send it again after reconnecting"))
@@ -552,6 +590,11 @@ impl Registry {
             Some((ErrorCode::RateLimited, why))
         } else if thread_busy {
             Some((ErrorCode::ThreadBusy, "this thread's run is still going; wait for it to end or cancel it"))
+        } else if thread_interrupted {
+            Some((
+                ErrorCode::ThreadInterrupted,
+                "this thread's run stopped to ask; answer it with resume_run",
+            ))
         } else if run_id_taken {
             Some((ErrorCode::BadMessage, "a run with this runId is in progress"))
         } else if agent_busy {
@@ -572,18 +615,22 @@ impl Registry {
             if code == ErrorCode::AgentBusy {
                 self.metrics.agent_runs.with_label_values(&["refused", "agent_busy"]).inc();
             }
-            return self.refuse(pending.origin, code, refusal);
+            let reference = pending.message.frame_type();
+            return self.refuse(pending.origin, reference, code, refusal);
         }
         let starts_run = self.agent.is_some();
+        let user = self.local_user(&pending.user_id);
         if starts_run {
-            self.local_user(&pending.user_id).runs_in_progress += 1;
+            user.runs_in_progress += 1;
         }
+        // Taken: whatever the thread's run asked, this message moves it on.
+        user.interrupted.remove(pending.message.thread_id.as_str());
         let requested_run_id = match &pending.origin {
             Origin::Http { run_id, .. } => run_id.clone(),
             Origin::Session(_) => None,
         };
         let admitted = Admitted {
-            message_id: new_id("m_"),
+            message_id: pending.message.id.clone().unwrap_or_else(|| new_id("m_")),
             run_id: requested_run_id.unwrap_or_else(|| new_id("r_")),
             starts_run,
             created: Instant::now(),
@@ -599,6 +646,10 @@ impl Registry {
             run_id: admitted.run_id.clone(),
             client_msg_id: message.client_msg_id.clone(),
             content: message.content.clone(),
+            tool_call_id: match &message.answers {
+                Answers::ToolCall(call) => Some(call.clone()),
+                _ => None,
+            },
             created_at: crate::protocol::now_ms(),
         };
         let call = self.settings.store.add_user_message(new);
@@ -644,12 +695,14 @@ impl Registry {
             Ok(Added::QuotaExceeded) => {
                 self.run_not_started(&user_id, admitted.starts_run);
                 let why = "this user's stored conversations are at store.max_bytes_per_user; delete a thread";
-                self.refuse(admitted.pending.origin, ErrorCode::QuotaExceeded, why);
+                let reference = admitted.pending.message.frame_type();
+                self.refuse(admitted.pending.origin, reference, ErrorCode::QuotaExceeded, why);
             }
             Err(e) => {
                 self.run_not_started(&user_id, admitted.starts_run);
                 let retry = matches!(e, StoreError::Unavailable(_));
-                self.message_not_stored(admitted.pending.origin, &e, e.failure(), retry);
+                let reference = admitted.pending.message.frame_type();
+                self.message_not_stored(admitted.pending.origin, reference, &e, e.failure(), retry);
             }
         }
     }
@@ -659,7 +712,20 @@ impl Registry {
     fn append_echo(&mut self, ctx: &mut Context<Self>, admitted: Admitted) {
         let message = &admitted.pending.message;
         let client_msg_id = message.client_msg_id.as_deref();
-        let payload = user_message_payload(&admitted.message_id, &message.content, client_msg_id);
+        let mut payload = user_message_payload(&admitted.message_id, &message.content, client_msg_id);
+        // What the message answers goes with its echo: a tab shows a frontend tool's result
+        // as that, not as the user's words (docs/protocol.md, `tool_result`, `resume_run`).
+        match &message.answers {
+            Answers::Nothing => {}
+            Answers::ToolCall(call) => {
+                payload["role"] = Value::from("tool");
+                payload["tool_call_id"] = Value::from(call.as_str());
+            }
+            Answers::Interrupt { interrupt_id, value } => {
+                payload["interrupt_id"] = Value::from(interrupt_id.as_str());
+                payload["value"] = value.clone();
+            }
+        }
         let echo = NewEvent {
             kind: EventKind::UserMessage,
             thread_id: &message.thread_id,
@@ -691,7 +757,8 @@ impl Registry {
             }
             Err(e) => {
                 self.run_not_started(&pending.user_id, starts_run);
-                return self.message_not_stored(pending.origin, &e, e.failure(), true);
+                let reference = pending.message.frame_type();
+                return self.message_not_stored(pending.origin, reference, &e, e.failure(), true);
             }
         };
         self.metrics.events_published.inc();
@@ -887,6 +954,7 @@ impl Registry {
             client_msg_id: message.client_msg_id,
             content: message.content,
             client: message.client,
+            answers: message.answers,
             conversation: Conversation::default(),
             forward_ag_ui,
         };
@@ -992,7 +1060,7 @@ impl Handler<AgentEvent> for Registry {
         // within `agent.max_response_bytes`; the events themselves all go out.
         run.transcript.follow(&output);
         let (user_id, thread_id) = (run.user_id.clone(), run.thread_id.clone());
-        let payload = output.payload();
+        let payload = run.payload(&output);
         let event =
             NewEvent { kind: output.kind(), thread_id: &thread_id, run_id: Some(&run_id), payload: &payload };
         if let AgentOutput::Started { .. } = output {

@@ -70,7 +70,21 @@ pub struct NewUserMessage {
     pub run_id: String,
     pub client_msg_id: Option<String>,
     pub content: String,
+    /// A frontend tool's result (`tool_result`): stored as a `tool` message of this call.
+    pub tool_call_id: Option<String>,
     pub created_at: u64,
+}
+
+impl NewUserMessage {
+    /// The AG-UI message stored: the user's words, or a frontend tool's result.
+    pub fn body(&self) -> String {
+        match &self.tool_call_id {
+            None => serde_json::json!({"id": self.message_id, "role": "user", "content": self.content}),
+            Some(call) => serde_json::json!({"id": self.message_id, "role": "tool", "toolCallId": call,
+                "content": self.content}),
+        }
+        .to_string()
+    }
 }
 
 /// The answer to [`Store::add_user_message`].
@@ -287,6 +301,17 @@ impl Store {
     }
 
     /// One thread with its state; `None` when the user has no such thread.
+    /// Which of `ids` are messages of the thread.
+    pub fn known(
+        &self,
+        user_id: &str,
+        thread_id: &str,
+        ids: Vec<String>,
+    ) -> StoreCall<std::collections::HashSet<String>> {
+        let (user_id, thread_id) = (user_id.to_owned(), thread_id.to_owned());
+        self.call(|answer| sql::Job::Known { user_id, thread_id, ids, answer })
+    }
+
     pub fn thread(&self, user_id: &str, thread_id: &str) -> StoreCall<Option<ThreadView>> {
         let (user_id, thread_id) = (user_id.to_owned(), thread_id.to_owned());
         self.call(|answer| sql::Job::Thread { user_id, thread_id, answer })
@@ -374,6 +399,7 @@ mod tests {
             run_id: format!("r-{id}"),
             client_msg_id: None,
             content: format!("message {id}"),
+            tool_call_id: None,
             created_at: at,
         }
     }

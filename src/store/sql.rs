@@ -73,6 +73,12 @@ pub enum Job {
         thread_id: String,
         answer: Answer<Option<ThreadView>>,
     },
+    Known {
+        user_id: String,
+        thread_id: String,
+        ids: Vec<String>,
+        answer: Answer<HashSet<String>>,
+    },
     Messages {
         user_id: String,
         thread_id: String,
@@ -164,6 +170,12 @@ async fn serve(pool: AnyPool, settings: StoreSettings, mut queue: mpsc::Receiver
                 tokio::spawn(async move {
                     let _ =
                         answer.send(threads(&pool, &user_id, limit, before.as_deref()).await.map_err(error));
+                });
+            }
+            Job::Known { user_id, thread_id, ids, answer } => {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let _ = answer.send(known(&pool, &user_id, &thread_id, &ids).await.map_err(error));
                 });
             }
             Job::Thread { user_id, thread_id, answer } => {
@@ -370,6 +382,7 @@ fn answer(job: Job, result: Result<Written, StoreError>) {
         Job::History { answer, .. } => fail(answer, result),
         Job::Threads { answer, .. } => fail(answer, result),
         Job::Thread { answer, .. } => fail(answer, result),
+        Job::Known { answer, .. } => fail(answer, result),
         Job::Messages { answer, .. } => fail(answer, result),
         Job::Ping(answer) => fail(answer, result),
     }
@@ -421,6 +434,7 @@ async fn write(
         Job::History { .. }
         | Job::Threads { .. }
         | Job::Thread { .. }
+        | Job::Known { .. }
         | Job::Messages { .. }
         | Job::Ping(_) => return Err(sqlx::Error::Configuration("a read was sent to the writer".into())),
     })
@@ -457,7 +471,8 @@ async fn add_user_message(
     message: &NewUserMessage,
     settings: &StoreSettings,
 ) -> Result<Added, sqlx::Error> {
-    let NewUserMessage { user_id, thread_id, message_id, run_id, client_msg_id, content, created_at } =
+    let body = message.body();
+    let NewUserMessage { user_id, thread_id, message_id, run_id, client_msg_id, content, created_at, .. } =
         message;
     // One statement for both questions asked before writing: was this `client_msg_id` stored
     // already, and how much does the user keep.
@@ -480,7 +495,6 @@ async fn add_user_message(
         });
     }
     let used: i64 = seen.try_get::<Option<i64>, _>("used")?.unwrap_or_default();
-    let body = serde_json::json!({"id": message_id, "role": "user", "content": content}).to_string();
     let bytes = to_i64(body.len() as u64);
     if used.saturating_add(bytes) > to_i64(settings.max_bytes_per_user as u64) {
         return Ok(Added::QuotaExceeded);
@@ -705,12 +719,16 @@ async fn replace_conversation(connection: &mut AnyConnection, run: &RunMessages)
     let mut kept_anchors: HashSet<String> = HashSet::new();
     let mut laid: Vec<(i64, i64, String, &RawValue)> = Vec::new();
     let (mut turn, mut part) = (first_turn, -(to_i64(ahead as u64)) - 1);
+    let mut placed: HashSet<String> = HashSet::new();
     for message in &run.messages {
         let id = id_of(message);
+        // Twice in the snapshot: its first place holds it.
+        if !placed.insert(id.clone()) {
+            continue;
+        }
         if let Some(&anchor) = anchors.get(&id) {
-            if kept_anchors.insert(id) {
-                (turn, part) = (anchor, 0);
-            }
+            kept_anchors.insert(id);
+            (turn, part) = (anchor, 0);
             continue;
         }
         part += 1;
@@ -1098,6 +1116,32 @@ fn message_json(row: &sqlx::any::AnyRow) -> Result<Box<RawValue>, sqlx::Error> {
         message.insert("run_status".into(), Value::String(status));
     }
     serde_json::value::to_raw_value(&message).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// Which of `ids` the thread's messages have (an AG-UI client's input names the messages it
+/// sends by id: docs/ag-ui.md).
+async fn known(
+    pool: &AnyPool,
+    user_id: &str,
+    thread_id: &str,
+    ids: &[String],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(ROWS_PER_INSERT) {
+        let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
+        let sql = format!(
+            "SELECT id FROM messages WHERE user_id = $1 AND thread_id = $2 AND id IN ({})",
+            list.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(user_id).bind(thread_id);
+        for id in chunk {
+            query = query.bind(id.as_str());
+        }
+        for row in query.fetch_all(pool).await? {
+            found.insert(row.try_get::<String, _>("id")?);
+        }
+    }
+    Ok(found)
 }
 
 async fn history(

@@ -486,7 +486,7 @@ impl Session {
             }
             Ok(ClientFrame::Auth(frame)) => self.refresh_token(frame, ctx),
             Ok(ClientFrame::UserMessage(message)) => {
-                self.shard.do_send(SubmitMessage { id: self.id, message });
+                self.shard.do_send(SubmitMessage { id: self.id, message: *message });
             }
             Ok(ClientFrame::CancelRun { run_id }) => {
                 self.shard.do_send(CancelRequest { id: self.id, run_id });

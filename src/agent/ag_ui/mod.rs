@@ -29,7 +29,7 @@ use serde_json::Value;
 use super::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::protocol::AgentOutput;
+use crate::protocol::{AgentOutput, Answers};
 use mapping::{Failure, Mapped, Mapping, AGENT_HTTP_ERROR, AGENT_PROTOCOL, AGENT_TIMEOUT, AGENT_UNAVAILABLE};
 
 /// How runs reach the agent: shared by every run of the runtime.
@@ -84,12 +84,11 @@ struct RunAgentInput<'a> {
     state: &'a RawValue,
     tools: &'a Value,
     context: &'a Value,
-    forwarded_props: ForwardedProps<'a>,
-}
-
-#[derive(Serialize)]
-struct ForwardedProps<'a> {
-    agentwire: Identity<'a>,
+    /// The client's own (`POST /ag-ui`), with agentwire's under `agentwire`.
+    forwarded_props: Value,
+    /// AG-UI 1.0: the answers to the interrupts the thread's last run stopped with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resume: Option<Value>,
 }
 
 /// Who the run is for: the agent's only word on the user (docs/agents.md).
@@ -149,6 +148,12 @@ impl Upstream {
         let given = run.client.state.as_ref().and_then(|s| serde_json::value::to_raw_value(s).ok());
         let state = given.as_deref().or(run.conversation.state.as_deref()).unwrap_or(&empty);
         let none = Value::Array(Vec::new());
+        let identity = Identity {
+            user_id: &run.user_id,
+            message_id: &run.message_id,
+            client_msg_id: run.client_msg_id.as_deref(),
+        };
+        let (forwarded_props, resume) = forwarded(run, identity);
         let input = RunAgentInput {
             thread_id: &run.thread_id,
             run_id: &run.run_id,
@@ -156,13 +161,8 @@ impl Upstream {
             state,
             tools: run.client.tools.as_ref().unwrap_or(&none),
             context: run.client.context.as_ref().unwrap_or(&none),
-            forwarded_props: ForwardedProps {
-                agentwire: Identity {
-                    user_id: &run.user_id,
-                    message_id: &run.message_id,
-                    client_msg_id: run.client_msg_id.as_deref(),
-                },
-            },
+            forwarded_props,
+            resume,
         };
         let body = serde_json::to_vec(&input).map_err(|e| Failure::new(AGENT_PROTOCOL, e.to_string()))?;
         let request = self
@@ -325,6 +325,31 @@ impl Upstream {
         let secs = self.run_timeout.as_secs();
         Failure::new(AGENT_TIMEOUT, format!("the agent did not finish within {secs} seconds"))
     }
+}
+
+/// `forwardedProps` and `resume` of a run's input (docs/agents.md, v2): the client's
+/// `forwardedProps` with agentwire's identity under `agentwire`; an interrupt's answer as AG-UI
+/// 1.0's `resume` (the client's own when it gave one) and, for adapters that read it there
+/// (LangGraph's), as `forwardedProps.command.resume`.
+fn forwarded(run: &RunRequest, identity: Identity<'_>) -> (Value, Option<Value>) {
+    let mut props = match &run.client.forwarded_props {
+        Some(Value::Object(given)) => given.clone(),
+        _ => serde_json::Map::new(),
+    };
+    props.insert("agentwire".into(), serde_json::to_value(identity).unwrap_or(Value::Null));
+    let Answers::Interrupt { interrupt_id, value } = &run.answers else {
+        return (Value::Object(props), run.client.resume.clone());
+    };
+    if let Value::Object(command) =
+        props.entry("command").or_insert_with(|| Value::Object(Default::default()))
+    {
+        command.entry("resume").or_insert_with(|| value.clone());
+    }
+    let resume = run.client.resume.clone().unwrap_or_else(|| {
+        // AG-UI 1.0 names the answer `payload` (and wants a `status`); `value` as docs/agents.md.
+        serde_json::json!([{"interruptId": interrupt_id, "status": "resolved", "payload": value, "value": value}])
+    });
+    (Value::Object(props), Some(resume))
 }
 
 fn until(instant: Instant) -> Duration {

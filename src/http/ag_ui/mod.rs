@@ -68,20 +68,50 @@ async fn answer(
         Ok(input) => input,
         Err(e) => return Ok(bad_field("body", &format!("not JSON: {e}"))),
     };
-    let run = match input::parse(&input, state.config.limits.max_content_chars.get()) {
+    let mut run = match input::parse(&input) {
         Ok(run) => run,
         Err(wrong) => return Ok(bad_field(&wrong.field, &wrong.message)),
+    };
+    let user_id = identity.user_id.clone();
+    let (message_id, content, answers) = match run.resume.take() {
+        // An interrupt's answer: the run that continues it, whatever the messages say.
+        Some((interrupt_id, value)) => {
+            let content = crate::protocol::answer_text(&value);
+            (None, content, crate::protocol::Answers::Interrupt { interrupt_id, value })
+        }
+        None => {
+            // The messages the thread has (by id) were taken before: the last new one starts
+            // the run, and an input with none starts nothing (docs/ag-ui.md).
+            let ids = run.messages.iter().filter_map(|m| m.id.clone()).collect();
+            let known = match state.store.known(&user_id, &run.thread_id, ids).await {
+                Ok(known) => known,
+                Err(e) => {
+                    let message = format!("the conversation store does not answer: {e}");
+                    return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &message));
+                }
+            };
+            let new = run.messages.iter().rev().find(|m| m.id.as_ref().is_none_or(|id| !known.contains(id)));
+            let Some(new) = new else {
+                let why = "has no message the thread does not have yet (by id), and there is no resume";
+                return Ok(bad_field("messages", why));
+            };
+            match new.taken(state.config.limits.max_content_chars.get()) {
+                Ok((content, answers)) => (new.id.clone(), content, answers),
+                Err(wrong) => return Ok(bad_field(&wrong.field, &wrong.message)),
+            }
+        }
     };
 
     let (steps, followed) = futures_channel::mpsc::channel(STEPS_BUFFERED);
     let (answer, answered) = futures_channel::oneshot::channel();
-    let user_id = identity.user_id.clone();
     let registry = env.registries.for_user(&user_id).clone();
     registry.do_send(StartHttpRun {
         user_id: user_id.clone(),
         thread_id: run.thread_id.clone(),
-        content: run.content,
+        content,
         client: run.client,
+        message_id,
+        answers,
         run_id: run.run_id,
         steps,
         answer,
@@ -127,6 +157,8 @@ fn refused(code: ErrorCode, message: &str) -> HttpResponse {
         ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         // docs/conversations.md: the thread's run is still going (`agent.on_busy`).
         ErrorCode::ThreadBusy => (StatusCode::CONFLICT, "thread_busy"),
+        // docs/agents.md, v2: the thread's run stopped to ask; answer it with `resume`.
+        ErrorCode::ThreadInterrupted => (StatusCode::CONFLICT, "thread_interrupted"),
         // docs/conversations.md: `store.max_bytes_per_user`.
         ErrorCode::QuotaExceeded => (StatusCode::FORBIDDEN, "quota_exceeded"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -197,8 +197,7 @@ async fn add_user_messages(
                 continue;
             }
         }
-        let body = serde_json::json!({"id": message.message_id, "role": "user", "content": message.content})
-            .to_string();
+        let body = message.body();
         let bytes = to_i64(body.len() as u64);
         let kept = used.entry(message.user_id.clone()).or_insert(0);
         if kept.saturating_add(bytes) > max {
