@@ -2,6 +2,8 @@
 //! does at full speed (a tool call, a few text chunks), unless the user's latest message says
 //! "slow": then it holds the run open for `--slow-secs` before answering. `GET /stats` tells how
 //! many slow runs are open, so the benchmark can start its measured load while they all are.
+//! A message that says "verbose" is answered with `--verbose-events` text events of
+//! `--verbose-bytes` each, as fast as they are read (what a run's memory is measured with).
 //!
 //!     cargo run --release --example bench_agent -- --port 18090 --slow-secs 10
 
@@ -21,10 +23,18 @@ struct Options {
     /// How long a "slow" run stays open before its answer.
     #[arg(long, default_value_t = 10)]
     slow_secs: u64,
+    /// Text events of a "verbose" run.
+    #[arg(long, default_value_t = 3000)]
+    verbose_events: usize,
+    /// Bytes of each of them.
+    #[arg(long, default_value_t = 30_000)]
+    verbose_bytes: usize,
 }
 
 struct Agent {
     slow: Duration,
+    verbose_events: usize,
+    verbose_bytes: usize,
     open_slow_runs: AtomicUsize,
 }
 
@@ -61,6 +71,9 @@ async fn run(agent: web::Data<Agent>, body: web::Bytes) -> HttpResponse {
     let input: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let latest = input["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str());
     let slow = latest.is_some_and(|text| text.contains("slow"));
+    if latest.is_some_and(|text| text.contains("verbose")) {
+        return verbose(&agent, &input);
+    }
     let mut pieces = answer(&input);
     if !slow {
         let body = futures_util::stream::iter(pieces.into_iter().map(Ok::<_, actix_web::Error>));
@@ -88,6 +101,19 @@ async fn run(agent: web::Data<Agent>, body: web::Bytes) -> HttpResponse {
     HttpResponse::Ok().content_type("text/event-stream").streaming(body)
 }
 
+/// A run of many large text events, each made as the response is read.
+fn verbose(agent: &Agent, input: &Value) -> HttpResponse {
+    let ids = |kind: &str| json!({"type": kind, "threadId": input["threadId"], "runId": input["runId"]});
+    let (first, last) = (data(ids("RUN_STARTED")), data(ids("RUN_FINISHED")));
+    let (count, size) = (agent.verbose_events, agent.verbose_bytes);
+    let chunk = "v".repeat(size);
+    let events = (0..count)
+        .map(move |_| data(json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": chunk})));
+    let body =
+        std::iter::once(first).chain(events).chain(std::iter::once(last)).map(Ok::<_, actix_web::Error>);
+    HttpResponse::Ok().content_type("text/event-stream").streaming(futures_util::stream::iter(body))
+}
+
 async fn stats(agent: web::Data<Agent>) -> HttpResponse {
     HttpResponse::Ok().json(json!({"open_slow_runs": agent.open_slow_runs.load(Ordering::Relaxed)}))
 }
@@ -98,6 +124,8 @@ async fn main() -> std::io::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let agent = web::Data::new(Agent {
         slow: Duration::from_secs(options.slow_secs),
+        verbose_events: options.verbose_events,
+        verbose_bytes: options.verbose_bytes,
         open_slow_runs: AtomicUsize::new(0),
     });
     println!("bench agent on http://127.0.0.1:{}/ (slow runs: {} s)", options.port, options.slow_secs);

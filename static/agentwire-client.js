@@ -90,9 +90,11 @@ export class AgentwireClient extends EventTarget {
     return false;
   }
 
-  sendMessage(threadId, content) {
+  // `extra`: what the message gives its run's agent (`tools`, `context`, `state`).
+  sendMessage(threadId, content, extra = {}) {
     const clientMsgId = `c-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
-    const sent = this.send({ type: "user_message", thread_id: threadId, content, client_msg_id: clientMsgId });
+    const frame = { ...extra, type: "user_message", thread_id: threadId, content, client_msg_id: clientMsgId };
+    const sent = this.send(frame);
     return sent ? clientMsgId : null;
   }
 

@@ -40,6 +40,27 @@ const threads = new Map(); // thread id -> thread (see thread())
 const deleted = new Set(); // threads deleted while this page is open
 const runs = new Map(); // run id -> run item
 const pendingByClientId = new Map(); // client_msg_id -> user item not yet echoed
+const sentByThisTab = new Set(); // message ids of this tab's messages: their runs' frontend tools run here
+const answeredCalls = new Set(); // frontend tool calls this tab answered
+
+// The page's frontend tools (docs/agents.md, v2): declared with every message, run in the
+// browser when the agent calls one (`tool_executing` with `client_tool: true`), answered with a
+// `tool_result`. One small example: the user's local time, which only the browser knows.
+const FRONTEND_TOOLS = {
+  get_local_time: {
+    description: "The user's local date, time and time zone, as their browser knows them",
+    parameters: { type: "object", properties: {} },
+    run: () => {
+      const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+      return `${new Date().toLocaleString()} (${zone})`;
+    },
+  },
+};
+const TOOL_DECLARATIONS = Object.entries(FRONTEND_TOOLS).map(([name, tool]) => ({
+  name,
+  description: tool.description,
+  parameters: tool.parameters,
+}));
 
 // ----- sign in ---------------------------------------------------------------------------------
 
@@ -185,6 +206,7 @@ async function loadThreads(more = false) {
       t.inStore = true;
       t.shown = true;
       t.listedRunning = view.running;
+      t.interrupts = view.interrupted ? view.interrupts || [] : [];
       setTitle(t, view.title, view.updated_at);
       touch(t, view.updated_at);
       listed.add(view.thread_id);
@@ -250,6 +272,13 @@ function storedItems(messages, threadId) {
     if (m.role === "user") {
       items.push({ kind: "user", messageId: m.id, content: textOf(m.content), stored: true });
       current = null;
+      continue;
+    }
+    // A frontend tool's result (a turn of its own) belongs with the call an earlier run made.
+    const caller = m.role === "tool" && items.find((item) => item.kind === "run" && item.tools.has(m.toolCallId));
+    if (caller && caller !== current) {
+      const call = caller.tools.get(m.toolCallId);
+      caller.tools.set(m.toolCallId, { ...call, done: true, result: parseMaybe(textOf(m.content)) });
       continue;
     }
     const runId = m.run_id || `stored-${m.id}`;
@@ -526,12 +555,26 @@ function onEvent(event) {
     selectThread(event.thread_id);
   }
   const t = thread(event.thread_id);
+  if (event.type === "user_message" && p.role === "tool") {
+    // A frontend tool's result: shown with its call, not as the user's words.
+    for (const r of runs.values()) {
+      const call = r.threadId === event.thread_id && r.tools.get(p.tool_call_id);
+      if (call) r.tools.set(p.tool_call_id, { ...call, done: true, ok: true, result: parseMaybe(p.content) });
+    }
+    if (event.thread_id === currentThread) renderMessages();
+    return;
+  }
+  if (event.type === "user_message" && p.interrupt_id) {
+    // The interrupt is answered (from this tab or another): the question goes.
+    t.interrupts = (t.interrupts || []).filter((i) => i.id !== p.interrupt_id);
+  }
   if (event.type === "user_message") {
     touch(t, event.ts, live);
     if (!t.title) setTitle(t, provisionalTitle(p.content), -1);
     const pending = p.client_msg_id && pendingByClientId.get(p.client_msg_id);
     if (pending) {
       pendingByClientId.delete(p.client_msg_id);
+      sentByThisTab.add(p.message_id);
       pending.pending = false;
       pending.messageId = p.message_id;
       pending.at = at;
@@ -547,6 +590,7 @@ function onEvent(event) {
       case "agent_started":
         r.agent = p.agent;
         r.whole = true; // seen from its start
+        r.messageId = p.message_id;
         break;
       case "agent_thinking":
         // The demo thinks in one piece; AG-UI agents stream their reasoning in deltas.
@@ -556,7 +600,8 @@ function onEvent(event) {
         r.steps.push(describeAgUiEvent(p.ag_ui));
         break;
       case "tool_executing":
-        r.tools.set(p.tool_call_id, { tool: p.tool, args: p.args, done: false });
+        r.tools.set(p.tool_call_id, { tool: p.tool, args: p.args, done: false, client: !!p.client_tool });
+        if (p.client_tool && live) runFrontendTool(r, event.thread_id, p);
         break;
       case "tool_completed":
         r.tools.set(p.tool_call_id, { ...(r.tools.get(p.tool_call_id) || {}), tool: p.tool, ok: p.ok, result: p.result, durationMs: p.duration_ms, done: true });
@@ -568,6 +613,8 @@ function onEvent(event) {
         r.status = p.status;
         r.durationMs = p.duration_ms;
         if (!r.answer && p.response) r.answer = p.response.content || "";
+        // A run that stopped to ask leaves its questions on the thread until they are answered.
+        t.interrupts = p.status === "interrupted" ? p.interrupts || [] : [];
         break;
       case "agent_error":
         r.status = "error";
@@ -591,6 +638,54 @@ function onFrame(frame) {
   } else if (frame.type === "token_expiring" && devTokens && signedInAs) {
     mintDevToken(signedInAs).then((token) => client && client.refreshToken(token)).catch(() => {});
   }
+}
+
+// Runs a frontend tool the agent called and sends its result, from the tab whose message started
+// the run only (every tab sees the call; one answer is wanted).
+function runFrontendTool(r, threadId, p) {
+  const tool = FRONTEND_TOOLS[p.tool];
+  if (!tool || !sentByThisTab.has(r.messageId) || answeredCalls.has(p.tool_call_id) || !client) return;
+  answeredCalls.add(p.tool_call_id);
+  let content;
+  try {
+    content = tool.run(p.args);
+  } catch (error) {
+    content = `the tool failed: ${error.message}`;
+  }
+  client.send({ type: "tool_result", thread_id: threadId, tool_call_id: p.tool_call_id, content });
+}
+
+// The questions an interrupted run asked (docs/agents.md, v2): its options as buttons, else a
+// text answer; the answer goes as `resume_run`.
+function renderInterrupt(threadId, interrupt) {
+  const value = interrupt.value;
+  const question =
+    (value && typeof value === "object" && (value.question || value.message || value.prompt)) ||
+    (typeof value === "string" ? value : JSON.stringify(value));
+  const answer = (answerValue) => {
+    if (client) client.send({ type: "resume_run", thread_id: threadId, interrupt_id: interrupt.id, value: answerValue });
+  };
+  const options = value && Array.isArray(value.options) ? value.options : null;
+  let controls;
+  if (options) {
+    controls = options.map((option) => {
+      const button = el("button", { type: "button", class: "secondary", textContent: String(option) });
+      button.dataset.option = String(option);
+      button.addEventListener("click", () => answer(option));
+      return button;
+    });
+  } else {
+    const input = el("input", { type: "text", "aria-label": "Your answer" });
+    const button = el("button", { type: "button", textContent: "Answer" });
+    button.addEventListener("click", () => input.value.trim() && answer(input.value.trim()));
+    controls = [input, button];
+  }
+  return el(
+    "li",
+    { class: "msg interrupt", "data-interrupt": interrupt.id },
+    el("p", { class: "question", textContent: question }),
+    el("div", { class: "options" }, ...controls),
+  );
 }
 
 function addSystem(threadId, text) {
@@ -811,6 +906,7 @@ function renderMessages() {
     rendered.unshift(el("li", { class: "older" }, older));
   }
   if (t && t.loading) rendered.unshift(el("li", { class: "loading", textContent: "Loading the conversation…" }));
+  for (const interrupt of (t && t.interrupts) || []) rendered.push(renderInterrupt(t.id, interrupt));
   list.replaceChildren(...rendered);
   list.dataset.thread = currentThread || "";
   if (atBottom) list.scrollTop = list.scrollHeight;
@@ -870,7 +966,7 @@ function send(event) {
   const content = input.value.trim();
   if (!content || !client) return;
   if (!currentThread) selectThread(newThreadId(), { fresh: true });
-  const clientMsgId = client.sendMessage(currentThread, content);
+  const clientMsgId = client.sendMessage(currentThread, content, { tools: TOOL_DECLARATIONS });
   if (!clientMsgId) {
     addSystem(currentThread, "Not connected: the message was not sent.");
     return;

@@ -876,3 +876,109 @@ async fn the_sidebar_and_a_thread_load_more_in_pages() {
     assert!(page_errors(&browser).await.is_empty(), "{:?}", page_errors(&browser).await);
     browser.close().await.unwrap();
 }
+
+/// A LangGraph agent behind the chat page (docs/agents.md, v2): the page's frontend tool (the
+/// user's local time) runs in the browser when the agent calls it, and an interrupt shows as a
+/// question with the agent's options; clicking one answers it and the graph goes on.
+#[actix_web::test]
+async fn frontend_tools_and_interrupts_in_the_chat_page() {
+    if !browser_wanted() {
+        return;
+    }
+    let _one = one_browser_at_a_time().await;
+    let agent = common::python_agent::PythonAgent::start("langgraph-agent", &[]);
+    let url = agent.url.clone();
+    let server = TestServer::with(move |c| {
+        c.agent.kind = agentwire::config::AgentKind::AgUi;
+        c.agent.url = url;
+    });
+    let base = format!("http://{}/", server.addr);
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+    sign_in(&browser, &base, "browser-langgraph").await;
+
+    send_message(&browser, "what is my local time?").await;
+    let answer = wait_until(
+        &browser,
+        "the answer with the browser's time",
+        "[...document.querySelectorAll('li.run .answer')].map((a) => a.textContent).find((t) => t.startsWith('Your local time is'))",
+    )
+    .await;
+    // The time the browser gave, with its time zone.
+    let zone =
+        browser.execute("return Intl.DateTimeFormat().resolvedOptions().timeZone", vec![]).await.unwrap();
+    assert!(answer.as_str().unwrap().contains(zone.as_str().unwrap()), "{answer}");
+    // The call shows with its result, not as a message of the user's.
+    wait_until(&browser, "the tool call's result", "[...document.querySelectorAll('li.run details summary')].some((s) => s.textContent.startsWith('✓ get_local_time'))").await;
+    let users = browser
+        .execute("return document.querySelectorAll('#messages li.user').length", vec![])
+        .await
+        .unwrap();
+    assert_eq!(users, json!(1));
+
+    send_message(&browser, "please confirm the order").await;
+    wait_until(
+        &browser,
+        "the question",
+        "document.querySelector('li.interrupt button[data-option=\"yes\"]')",
+    )
+    .await;
+    let question = browser.find(Locator::Css("li.interrupt .question")).await.unwrap().text().await.unwrap();
+    assert!(question.starts_with("Do you want me to go ahead"), "{question}");
+    screenshot(&browser, "12-interrupt.png").await;
+    browser
+        .find(Locator::Css("li.interrupt button[data-option=\"yes\"]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until(
+        &browser,
+        "the answer after the interrupt",
+        "[...document.querySelectorAll('li.run .answer')].some((a) => a.textContent === 'You said: yes.') && !document.querySelector('li.interrupt')",
+    )
+    .await;
+    screenshot(&browser, "13-interrupt-answered.png").await;
+    assert_eq!(page_errors(&browser).await, Vec::<String>::new());
+    browser.close().await.unwrap();
+}
+
+/// CORS (docs/ag-ui.md): a page on another origin calls `POST /ag-ui` and the threads API with
+/// the user's token, as `@ag-ui/client` and CopilotKit do from an app's own origin; an origin
+/// `server.allowed_origins` does not name is refused by the browser.
+#[actix_web::test]
+async fn a_page_on_another_origin_calls_ag_ui_and_the_threads_api() {
+    if !browser_wanted() {
+        return;
+    }
+    let _one = one_browser_at_a_time().await;
+    let open = TestServer::start();
+    let app = TestServer::start(); // the page's own origin, another port
+    let app_origin = format!("http://{}", app.addr);
+    let strict = TestServer::with(|c| c.server.allowed_origins = vec!["http://example.com".into()]);
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, browser) = start_browser(profile.path()).await;
+    browser.goto(&format!("{app_origin}/")).await.unwrap();
+    const CALL: &str = r#"
+const [api, token, done] = arguments;
+(async () => {
+  const input = {threadId: "cors", messages: [{id: "u1", role: "user", content: "what is 2 + 3?"}],
+                 state: {}, tools: [], context: [], forwardedProps: {}};
+  const run = await fetch(`${api}/ag-ui`, {method: "POST", body: JSON.stringify(input),
+    headers: {"Authorization": `Bearer ${token}`, "Content-Type": "application/json"}});
+  const events = await run.text();
+  const list = await fetch(`${api}/api/v1/threads`, {headers: {"Authorization": `Bearer ${token}`}});
+  return {run: run.status, finished: events.includes("RUN_FINISHED"), threads: list.status,
+          listed: (await list.json()).threads.map((t) => t.thread_id)};
+})().then(done, (e) => done({error: String(e)}));
+"#;
+    let api = format!("http://{}", open.addr);
+    let answer = browser.execute_async(CALL, vec![json!(api), json!(open.token("cors-user"))]).await.unwrap();
+    assert_eq!(answer, json!({"run": 200, "finished": true, "threads": 200, "listed": ["cors"]}));
+    let api = format!("http://{}", strict.addr);
+    let answer =
+        browser.execute_async(CALL, vec![json!(api), json!(strict.token("cors-user"))]).await.unwrap();
+    assert!(answer["error"].as_str().is_some_and(|e| e.contains("Failed to fetch")), "{answer}");
+    browser.close().await.unwrap();
+}

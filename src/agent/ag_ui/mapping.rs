@@ -89,9 +89,20 @@ pub struct Mapping {
     /// The tool call `TOOL_CALL_CHUNK`s are building: any other event ends it, as a
     /// `TOOL_CALL_END` would (AG-UI's chunk events).
     chunk_call: Option<String>,
+    /// Bytes of assistant text in the transcript, held to `max_text_bytes`.
+    transcript_text: usize,
     /// Interrupts raised by a framework's own event (LangGraph's `CUSTOM` `on_interrupt`), for
     /// the run's end.
     interrupts: Vec<Value>,
+}
+
+/// The first `room` bytes of `text`, cut on a character boundary.
+fn head(text: &str, room: usize) -> &str {
+    let mut cut = text.len().min(room);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
 }
 
 fn field<'a>(event: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
@@ -127,6 +138,7 @@ impl Mapping {
             state_changed: false,
             details: Map::new(),
             snapshot: None,
+            transcript_text: 0,
             chunk_call: None,
             interrupts: Vec::new(),
         }
@@ -258,11 +270,15 @@ impl Mapping {
                     return none();
                 }
                 self.keep_text(delta);
-                if let Some(id) = id {
+                // What the thread keeps of the run's text is bounded as its answer is: a verbose
+                // agent's text streams whole, and is stored up to `agent.max_response_bytes`.
+                let kept = head(delta, self.max_text_bytes.saturating_sub(self.transcript_text));
+                if let (Some(id), false) = (id, kept.is_empty()) {
+                    self.transcript_text += kept.len();
                     let message = self.message(id, "assistant");
                     let content = message.entry("content").or_insert_with(|| Value::String(String::new()));
                     if let Value::String(content) = content {
-                        content.push_str(delta);
+                        content.push_str(kept);
                     }
                 }
                 one(AgentOutput::MessageChunk { delta: delta.to_owned() })
@@ -467,11 +483,7 @@ impl Mapping {
 
     fn keep_text(&mut self, delta: &str) {
         let room = self.max_text_bytes.saturating_sub(self.text.len());
-        let mut cut = delta.len().min(room);
-        while !delta.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        self.text.push_str(&delta[..cut]);
+        self.text.push_str(head(delta, room));
     }
 
     fn tool_call(&mut self, kind: &str, id: &str) -> Result<&mut ToolCall, Failure> {
@@ -801,5 +813,23 @@ mod tests {
             m.details().unwrap()["interrupts"],
             json!([{"id": "m_1-interrupt-1", "value": {"question": "Sure?"}}])
         );
+    }
+
+    /// A verbose agent's text streams whole, and the run keeps (for its answer and the thread)
+    /// at most `max_text_bytes` of it, cut on a character boundary.
+    #[test]
+    fn what_a_run_keeps_of_its_text_is_bounded() {
+        let mut m = Mapping::new("ag-ui".into(), "m_1".into(), json!({}), 10, 1000);
+        events(&mut m, json!({"type": "RUN_STARTED"}));
+        for _ in 0..4 {
+            let out =
+                events(&mut m, json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "ééé"}));
+            assert_eq!(out, vec![AgentOutput::MessageChunk { delta: "ééé".into() }]);
+        }
+        assert_eq!(parsed(&m.turn(), 0)["content"], "ééééé");
+        match m.map(json!({"type": "RUN_FINISHED"})).unwrap() {
+            Mapped::End { end: AgentOutput::Completed { content, .. }, .. } => assert_eq!(content, "ééééé"),
+            other => panic!("{other:?}"),
+        }
     }
 }
