@@ -3,8 +3,8 @@
 //! tool, `interrupt()`, and a scripted model that streams tool calls as OpenAI does) as its own
 //! process. What docs/agents.md ("AG-UI 1.0 with real frameworks") promises it: turns whose
 //! model input is exactly the conversation, with each tool result once (the thread is the
-//! agent's `MESSAGES_SNAPSHOT`), a thread past 1 MB, and an interrupt that ends a run
-//! `interrupted`. `.ci/test` installs the agent's packages into its `.venv`.
+//! agent's `MESSAGES_SNAPSHOT`), a thread past 1 MB, an interrupt that ends a run `interrupted`
+//! and is answered from another tab, and frontend tools from a tab and from `@ag-ui/client`. `.ci/test` installs the agent's packages into its `.venv`.
 
 mod common;
 
@@ -196,4 +196,25 @@ async fn a_frontend_tool_round_trip_over_the_websocket() {
     let run_id = ack["run_id"].as_str().unwrap().to_owned();
     let events = of_run(tab.events_until_run_ends(&run_id).await, &run_id);
     assert_eq!(events.last().unwrap()["payload"]["response"]["content"], "Your local time is 14:05.");
+}
+
+/// The same round trip from the AG-UI project's own client (`@ag-ui/client`'s `HttpAgent`, as
+/// CopilotKit drives it): it declares the tool, sees the agent call it, and posts its history with
+/// the tool message added; that message, new to the thread, starts the run that uses it.
+#[actix_web::test]
+async fn a_frontend_tool_round_trip_from_ag_ui_client() {
+    let agent = PythonAgent::start("langgraph-agent", &[]);
+    let server = langgraph_server(&agent);
+    let mut tab = server.ready_client("erin").await;
+    let output = node_client("frontend-tool", &server, &server.token("erin"), "t").await;
+    let first: Vec<&str> = output["first"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(first.contains(&"TOOL_CALL_START") && first.last() == Some(&"RUN_FINISHED"), "{output}");
+    assert_eq!(output["text"], "Your local time is 14:05.", "{output}");
+    // The tab saw the user's message once and the tool's result as the tool's.
+    let mut echoes = Vec::new();
+    while echoes.len() < 2 {
+        let echo = tab.recv_where(|f| f["type"] == "user_message").await;
+        echoes.push((echo["payload"]["message_id"].clone(), echo["payload"]["role"].clone()));
+    }
+    assert_eq!(echoes, [(json!("u1"), Value::Null), (json!("tool-1"), json!("tool"))]);
 }

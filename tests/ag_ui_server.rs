@@ -6,34 +6,11 @@
 mod common;
 
 use std::num::NonZero;
-use std::path::PathBuf;
-use std::time::Duration;
 
 use agentwire::config::AgentKind;
 use common::fake_agent::{sse, FakeAgent};
 use common::*;
 use serde_json::{json, Value};
-
-/// Runs `tests/ag-ui-client/client.mjs` and returns what it printed.
-async fn node_client(mode: &str, server: &TestServer, token: &str, thread: &str) -> Value {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ag-ui-client");
-    assert!(
-        dir.join("node_modules/@ag-ui/client").exists(),
-        "@ag-ui/client is not installed: run .ci/test (it runs npm ci in tests/ag-ui-client)"
-    );
-    let run = tokio::process::Command::new("node")
-        .arg(dir.join("client.mjs"))
-        .args([mode, &server.http("/ag-ui"), token, thread])
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the AG-UI client finished in time")
-        .expect("node runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the AG-UI client failed ({}):\n{stderr}", output.status);
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("client output: {e}\n{stderr}"))
-}
 
 fn types(events: &Value) -> Vec<&str> {
     events.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect()

@@ -4,6 +4,8 @@
 //
 //   node client.mjs conversation <url> <user JWT> <threadId>   two turns, prints what it saw
 //   node client.mjs cancel <url> <user JWT> <threadId>         aborts a run once it streams
+//   node client.mjs frontend-tool <url> <user JWT> <threadId>  a frontend tool's round trip:
+//     declares get_local_time, runs it when the agent calls it, sends the result back
 import { HttpAgent } from "@ag-ui/client";
 
 const [mode, url, token, threadId] = process.argv.slice(2);
@@ -34,6 +36,19 @@ if (mode === "conversation") {
     },
   });
   console.log(JSON.stringify({ events }));
+} else if (mode === "frontend-tool") {
+  const tools = [{ name: "get_local_time", description: "The user's local time",
+    parameters: { type: "object", properties: {} } }];
+  agent.addMessage({ id: "u1", role: "user", content: "what is my local time?" });
+  const first = [];
+  await agent.runAgent({ tools }, { onEvent({ event }) { first.push(event); } });
+  const start = first.find((e) => e.type === "TOOL_CALL_START" && e.toolCallName === "get_local_time");
+  // The client runs its tool and answers with a tool message, as CopilotKit does.
+  agent.addMessage({ id: "tool-1", role: "tool", toolCallId: start.toolCallId, content: "14:05" });
+  const second = [];
+  await agent.runAgent({ tools }, { onEvent({ event }) { second.push(event); } });
+  const text = second.filter((e) => e.type === "TEXT_MESSAGE_CONTENT").map((e) => e.delta).join("");
+  console.log(JSON.stringify({ first: first.map((e) => e.type), second: second.map((e) => e.type), text }));
 } else {
   console.error(`unknown mode ${mode}`);
   process.exit(2);

@@ -583,3 +583,24 @@ impl Drop for BinaryServer {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `tests/ag-ui-client/client.mjs` and returns what it printed.
+pub async fn node_client(mode: &str, server: &TestServer, token: &str, thread: &str) -> Value {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ag-ui-client");
+    assert!(
+        dir.join("node_modules/@ag-ui/client").exists(),
+        "@ag-ui/client is not installed: run .ci/test (it runs npm ci in tests/ag-ui-client)"
+    );
+    let run = tokio::process::Command::new("node")
+        .arg(dir.join("client.mjs"))
+        .args([mode, &server.http("/ag-ui"), token, thread])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the AG-UI client finished in time")
+        .expect("node runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the AG-UI client failed ({}):\n{stderr}", output.status);
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("client output: {e}\n{stderr}"))
+}
