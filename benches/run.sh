@@ -136,6 +136,19 @@ if want agents; then
     wait "$slow_pid"
   done
   echo "agents-loaded|${CHAT[*]} (while: --sessions 1000 --users 1000 --messages 1 --message-text 'take it slow')" >>"$OUT/commands.txt"
+  # A verbose agent (docs/agents.md, v2): ten runs at once, each 3,000 text events of 30 KB
+  # (bench_agent's "verbose"), read as fast as they come; the server's peak RSS (VmHWM) and its
+  # RSS each second for 30 s after.
+  VERBOSE=(--scenario chat --sessions 10 --users 10 --messages 1 --message-text "be verbose" --scenario-timeout-secs 300)
+  for rep in $(seq "$REPS"); do
+    start_server
+    echo "== agents-verbose (run $rep of $REPS)"
+    "$BIN" loadtest --url "ws://127.0.0.1:$PORT/ws" --quiet --server-pid "$server_pid" \
+      --json "$OUT/agents-verbose.$rep.json" "${VERBOSE[@]}" | tail -n +2
+    echo "{\"peak_rss_kb\": $(awk '/VmHWM/ {print $2}' "/proc/$server_pid/status")}" >"$OUT/agents-verbose-peak.$rep.json"
+    memory_after_close "$OUT/agents-verbose-after.$rep.json"
+  done
+  echo "agents-verbose|--scenario chat --sessions 10 --users 10 --messages 1 --message-text 'be verbose' --scenario-timeout-secs 300" >>"$OUT/commands.txt"
   unset AGENT_KIND AGENT_URL
   stop_agent
 fi

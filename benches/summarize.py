@@ -272,6 +272,35 @@ returned = memory_return()
 agents = agents_section()
 
 
+def verbose_section():
+    runs, peaks, afters = reports("agents-verbose"), reports("agents-verbose-peak"), reports("agents-verbose-after")
+    if not runs or not peaks or not afters:
+        return None
+    w("### A verbose agent: what a run holds")
+    w("")
+    w("Ten runs at once of `examples/bench_agent.rs`'s \"verbose\" answer: 3,000")
+    w("`TEXT_MESSAGE_CONTENT` events of 30 KB each (90 MB a run, 900 MB in all), as fast as the")
+    w("server reads them, each to one WebSocket tab. What a run keeps (its answer, its transcript")
+    w("for the thread) is bounded by `agent.max_response_bytes`, the stream's history by")
+    w("`history.max_bytes_per_user`, and freed memory is given back (`src/memory.rs`) once no run")
+    w("is in progress. Command:")
+    w("")
+    w(f"- agents-verbose: `agentwire loadtest {commands.get('agents-verbose', '')}`")
+    w("")
+    w("| run | idle (MB) | peak (VmHWM, MB) | after 5 s (MB) | after 30 s (MB) | events/s |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for i, (r, peak, after) in enumerate(zip(runs, peaks, afters), 1):
+        samples = after["rss_kb_each_second"]
+        at = lambda s: samples[min(s, len(samples)) - 1] / 1024
+        w(f"| {i} | {r['server']['rss_before_mb']:.1f} | {peak['peak_rss_kb'] / 1024:.1f} | {at(5):.1f} | {at(30):.1f} | "
+          f"{fmt(get(r, 'events_per_sec'), 0)} |")
+    w("")
+    return median([p["peak_rss_kb"] / 1024 for p in peaks])
+
+
+verbose_peak = verbose_section()
+
+
 def scale_section():
     pairs = [("1 user x 1,000 sessions", "scale-memory-1x1000", "scale-redis-1x1000", 2, 2000),
              ("1,000 users x 10 sessions", "scale-memory-1000x10", "scale-redis-1000x10", 3, 100 * 1000)]

@@ -4,6 +4,10 @@
 //! the process would keep their peak footprint for good, although nothing of them is left.
 //! `malloc_trim` returns the free pages of every arena. It costs a pass over the heap, so it runs
 //! only after the connection count has fallen well below its last peak, on a thread of its own.
+//! The same holds for a burst of large events: ten verbose agent runs streaming 90 MB each left
+//! 86 MB resident after they ended, 43 MB after a trim (BENCHMARKS.md, "a verbose agent"); so
+//! once at least [`RELAYED_TRIM`] bytes of events were relayed since the last trim and no run is
+//! in progress, the next tick trims.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,17 +18,21 @@ use log::{debug, info};
 const MIN_DROP: usize = 1000;
 /// What a quiet period (see [`Trimmer::tick`]) still trims after.
 const SETTLED_DROP: usize = 100;
+/// Bytes of events relayed since the last trim that make an idle tick trim.
+pub const RELAYED_TRIM: usize = 64 << 20;
 
 /// Watches the connection count (told of every change, so no peak is missed between samples)
 /// and trims once it has fallen to half of its peak or less.
 pub struct Trimmer {
     peak: usize,
+    /// Bytes of events relayed since the last trim.
+    relayed: usize,
     running: Arc<AtomicBool>,
 }
 
 impl Trimmer {
     pub fn new() -> Trimmer {
-        Trimmer { peak: 0, running: Arc::new(AtomicBool::new(false)) }
+        Trimmer { peak: 0, relayed: 0, running: Arc::new(AtomicBool::new(false)) }
     }
 
     /// Called with the current number of connections from time to time.
@@ -35,11 +43,17 @@ impl Trimmer {
         }
     }
 
+    /// Events of `bytes` were relayed (a run's steps, published events).
+    pub fn relayed(&mut self, bytes: usize) {
+        self.relayed = self.relayed.saturating_add(bytes);
+    }
+
     /// Called every few seconds: the tail of a crowd that left (fewer than [`MIN_DROP`] since the
     /// last trim) is given back too, and so is what the caller just freed (`freed`: tables it
-    /// shrank).
-    pub fn tick(&mut self, connections: usize, freed: bool) {
-        if freed || self.peak >= connections + SETTLED_DROP {
+    /// shrank), and what a burst of large events left once no run is in progress (`idle`).
+    pub fn tick(&mut self, connections: usize, freed: bool, idle: bool) {
+        let after_burst = idle && self.relayed >= RELAYED_TRIM;
+        if freed || after_burst || self.peak >= connections + SETTLED_DROP {
             self.trim(connections);
         }
     }
@@ -50,6 +64,7 @@ impl Trimmer {
         }
         let (peak, running) = (self.peak, Arc::clone(&self.running));
         self.peak = connections;
+        self.relayed = 0;
         let spawned = std::thread::Builder::new().name("agentwire-trim".into()).spawn(move || {
             let started = std::time::Instant::now();
             let released = trim();

@@ -177,6 +177,7 @@ impl Registry {
             );
         }
         user.delivered = Some(last.seq);
+        self.trimmer.relayed(fresh.iter().map(|e| e.frame.len()).sum());
         let user = &self.local[user_id];
         let batch = Batch::new(fresh.iter().map(|e| e.frame.clone()).collect());
         let max = self.settings.max_outbound_bytes;

@@ -131,9 +131,6 @@ struct LocalUser {
     /// The user's threads with a run going here, and the runs waiting behind it
     /// (`agent.on_busy`): runs of one thread never interleave (`runs.rs`).
     busy: HashMap<std::rc::Rc<str>, runs::Busy>,
-    /// The user's threads whose last run here stopped to ask (`status: "interrupted"`): a plain
-    /// `user_message` on one is `thread_interrupted` until a `resume_run` (docs/agents.md, v2).
-    interrupted: std::collections::HashSet<std::rc::Rc<str>>,
 }
 
 struct Connection {
@@ -216,7 +213,7 @@ impl Actor for Registry {
             let (streams, history_bytes) = registry.broker.gauges();
             registry.report_gauges([streams as i64, history_bytes as i64, registry.runs.len() as i64]);
             if shrunk {
-                registry.trimmer.tick(registry.connections.len(), true);
+                registry.trimmer.tick(registry.connections.len(), true, false);
             }
         });
         ctx.run_interval(Duration::from_secs(5), |registry, _| {
@@ -225,7 +222,7 @@ impl Actor for Registry {
                 | shrink_if_oversized(&mut registry.runs)
                 | shrink_if_oversized(&mut registry.local)
                 | shrink_if_oversized(&mut registry.moved);
-            registry.trimmer.tick(registry.connections.len(), shrunk)
+            registry.trimmer.tick(registry.connections.len(), shrunk, registry.runs.is_empty())
         });
         if let Some(remote) = self.broker.remote_events() {
             ctx.add_stream(remote);
@@ -356,7 +353,6 @@ impl Registry {
                 delivered: None,
                 epoch: None,
                 busy: HashMap::new(),
-                interrupted: Default::default(),
                 limiter: RateLimiter::new(rate, rate.saturating_mul(2), std::time::Instant::now()),
             };
             self.local.insert(std::rc::Rc::from(user_id), user);

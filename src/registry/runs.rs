@@ -186,9 +186,6 @@ impl Registry {
             _ => "error",
         };
         let interrupts = details.as_ref().and_then(|d| d.get("interrupts")).map(crate::store::raw);
-        if let (Some(user), true) = (self.local.get_mut(&*run.user_id), status == "interrupted") {
-            user.interrupted.insert(Rc::clone(&run.thread_id));
-        }
         let turn = turn.unwrap_or_default();
         let whole = turn.whole;
         let messages = if turn.messages.is_empty() { run.transcript.messages() } else { turn.messages };
@@ -573,13 +570,7 @@ impl Registry {
             _ => false,
         };
         let thread_busy = starts_run && self.thread_refuses(&pending.user_id, &pending.message.thread_id);
-        let on_busy = self.settings.on_busy;
         let user = self.local_user(&pending.user_id);
-        // A plain message on a thread whose run stopped to ask waits for the answer (docs/agents.md,
-        // v2), unless the settings say a new message interrupts whatever the thread does.
-        let thread_interrupted = pending.message.answers == Answers::Nothing
-            && on_busy != OnBusy::Interrupt
-            && user.interrupted.contains(pending.message.thread_id.as_str());
         // `limits.user_messages_per_second`: one user's tabs together, not each on its own.
         if shutting_down {
             Some((ErrorCode::Unavailable, "the server is shutting down; send it again after reconnecting"))
@@ -590,11 +581,6 @@ impl Registry {
             Some((ErrorCode::RateLimited, why))
         } else if thread_busy {
             Some((ErrorCode::ThreadBusy, "this thread's run is still going; wait for it to end or cancel it"))
-        } else if thread_interrupted {
-            Some((
-                ErrorCode::ThreadInterrupted,
-                "this thread's run stopped to ask; answer it with resume_run",
-            ))
         } else if run_id_taken {
             Some((ErrorCode::BadMessage, "a run with this runId is in progress"))
         } else if agent_busy {
@@ -619,12 +605,9 @@ impl Registry {
             return self.refuse(pending.origin, reference, code, refusal);
         }
         let starts_run = self.agent.is_some();
-        let user = self.local_user(&pending.user_id);
         if starts_run {
-            user.runs_in_progress += 1;
+            self.local_user(&pending.user_id).runs_in_progress += 1;
         }
-        // Taken: whatever the thread's run asked, this message moves it on.
-        user.interrupted.remove(pending.message.thread_id.as_str());
         let requested_run_id = match &pending.origin {
             Origin::Http { run_id, .. } => run_id.clone(),
             Origin::Session(_) => None,
@@ -650,6 +633,11 @@ impl Registry {
                 Answers::ToolCall(call) => Some(call.clone()),
                 _ => None,
             },
+            // Whether the thread waits for an interrupt's answer is the store's to say: it
+            // knows across restarts and nodes (docs/agents.md, v2).
+            refused_when_interrupted: message.answers == Answers::Nothing
+                && self.settings.on_busy != OnBusy::Interrupt
+                && self.agent.is_some(),
             created_at: crate::protocol::now_ms(),
         };
         let call = self.settings.store.add_user_message(new);
@@ -691,6 +679,12 @@ impl Registry {
                 self.run_not_started(&user_id, admitted.starts_run);
                 let seen = SeenMessage { message_id, run_id, seq, at: Instant::now() };
                 self.repeated(admitted.pending, &seen);
+            }
+            Ok(Added::Interrupted) => {
+                self.run_not_started(&user_id, admitted.starts_run);
+                let why = "this thread's run stopped to ask; answer it with resume_run";
+                let reference = admitted.pending.message.frame_type();
+                self.refuse(admitted.pending.origin, reference, ErrorCode::ThreadInterrupted, why);
             }
             Ok(Added::QuotaExceeded) => {
                 self.run_not_started(&user_id, admitted.starts_run);

@@ -72,6 +72,9 @@ pub struct NewUserMessage {
     pub content: String,
     /// A frontend tool's result (`tool_result`): stored as a `tool` message of this call.
     pub tool_call_id: Option<String>,
+    /// A plain message, not stored while the thread's last run stopped to ask (docs/agents.md,
+    /// v2): [`Added::Interrupted`]. False for an answer, or with `agent.on_busy = "interrupt"`.
+    pub refused_when_interrupted: bool,
     pub created_at: u64,
 }
 
@@ -98,6 +101,8 @@ pub enum Added {
     Repeat { message_id: String, run_id: String, turn: i64, seq: Option<u64> },
     /// Storing it would take the user past `store.max_bytes_per_user`: nothing was stored.
     QuotaExceeded,
+    /// The thread waits for the answer to its interrupts: nothing was stored.
+    Interrupted,
 }
 
 /// Which stored messages a stream event completed (`seq`, `epoch` in the threads API).
@@ -400,6 +405,7 @@ mod tests {
             client_msg_id: None,
             content: format!("message {id}"),
             tool_call_id: None,
+            refused_when_interrupted: true,
             created_at: at,
         }
     }
@@ -521,10 +527,15 @@ mod tests {
             let view = store.thread("u", "t").await.unwrap().unwrap();
             assert_eq!((view.message_count, view.interrupted), (5, true));
 
+            // A plain message waits for the interrupt's answer; the answer is taken.
+            assert_eq!(
+                store.add_user_message(user_message("t", "plain", 3)).await.unwrap(),
+                Added::Interrupted
+            );
+            let mut answer = user_message("t", "m2", 3);
+            answer.refused_when_interrupted = false;
             // The next turn: its snapshot has the earlier ones again, and drops `sys`.
-            let Added::Stored { turn, .. } =
-                store.add_user_message(user_message("t", "m2", 3)).await.unwrap()
-            else {
+            let Added::Stored { turn, .. } = store.add_user_message(answer).await.unwrap() else {
                 panic!("stored")
             };
             let mut run = run_of_m1(

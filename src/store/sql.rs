@@ -478,12 +478,15 @@ async fn add_user_message(
     // already, and how much does the user keep.
     let seen = sqlx::query(
         "SELECT m.id, m.run_id, m.turn, m.seq, \
-         (SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM threads WHERE user_id = $1) AS used \
+         (SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM threads WHERE user_id = $1) AS used, \
+         (SELECT interrupts FROM threads WHERE user_id = $4 AND thread_id = $5) AS interrupts \
          FROM (SELECT 1 AS one) AS here LEFT JOIN messages m ON m.user_id = $2 AND m.client_msg_id = $3",
     )
     .bind(user_id.as_str())
     .bind(user_id.as_str())
     .bind(client_msg_id.clone())
+    .bind(user_id.as_str())
+    .bind(thread_id.as_str())
     .fetch_one(&mut *connection)
     .await?;
     if let Some(id) = seen.try_get::<Option<String>, _>("id")? {
@@ -493,6 +496,9 @@ async fn add_user_message(
             turn: seen.try_get::<Option<i64>, _>("turn")?.unwrap_or_default(),
             seq: seen.try_get::<Option<i64>, _>("seq")?.map(to_u64),
         });
+    }
+    if message.refused_when_interrupted && seen.try_get::<Option<String>, _>("interrupts")?.is_some() {
+        return Ok(Added::Interrupted);
     }
     let used: i64 = seen.try_get::<Option<i64>, _>("used")?.unwrap_or_default();
     let bytes = to_i64(body.len() as u64);

@@ -134,28 +134,44 @@ async fn add_user_messages(
         })
         .collect();
     let in_users: Vec<String> = (0..users.len()).map(|i| places.one(2 * keyed.len() + i + 1)).collect();
+    let in_users_again: Vec<String> =
+        (0..users.len()).map(|i| places.one(2 * keyed.len() + users.len() + i + 1)).collect();
     let sql = format!(
         "SELECT 'seen' AS what, user_id, client_msg_id, id, run_id, turn, seq, CAST(0 AS BIGINT) AS used \
          FROM messages WHERE {} \
          UNION ALL SELECT 'used', user_id, NULL, NULL, NULL, NULL, NULL, CAST(COALESCE(SUM(bytes), 0) AS BIGINT) \
-         FROM threads WHERE user_id IN ({}) GROUP BY user_id",
+         FROM threads WHERE user_id IN ({}) GROUP BY user_id \
+         UNION ALL SELECT 'interrupted', user_id, thread_id, NULL, NULL, NULL, NULL, CAST(0 AS BIGINT) \
+         FROM threads WHERE user_id IN ({}) AND interrupts IS NOT NULL",
         if wheres.is_empty() { "1 = 0".to_owned() } else { wheres.join(" OR ") },
-        in_users.join(", ")
+        in_users.join(", "),
+        in_users_again.join(", ")
     );
     let mut query = sqlx::query(&sql);
     for (user_id, client_msg_id) in &keyed {
         query = query.bind(*user_id).bind(*client_msg_id);
     }
-    for user_id in &users {
+    // The users twice: positional parameters (SQLite's) are not reused.
+    for user_id in users.iter().chain(&users) {
         query = query.bind(*user_id);
     }
     let mut seen: HashMap<(String, String), Added> = HashMap::new();
     let mut used: HashMap<String, i64> = HashMap::new();
+    // The users' threads that wait for an interrupt's answer (`thread_id` in the second column).
+    let mut interrupted: HashSet<(String, String)> = HashSet::new();
     for row in query.fetch_all(&mut *connection).await? {
         let user_id: String = row.try_get("user_id")?;
-        if row.try_get::<String, _>("what")? == "used" {
-            used.insert(user_id, row.try_get::<Option<i64>, _>("used")?.unwrap_or_default());
-            continue;
+        match row.try_get::<String, _>("what")?.as_str() {
+            "used" => {
+                used.insert(user_id, row.try_get::<Option<i64>, _>("used")?.unwrap_or_default());
+                continue;
+            }
+            "interrupted" => {
+                let thread_id: Option<String> = row.try_get("client_msg_id")?;
+                interrupted.insert((user_id, thread_id.unwrap_or_default()));
+                continue;
+            }
+            _ => {}
         }
         let repeat = Added::Repeat {
             message_id: row.try_get::<Option<String>, _>("id")?.unwrap_or_default(),
@@ -196,6 +212,12 @@ async fn add_user_messages(
                 repeats_in_batch.push((index, first));
                 continue;
             }
+        }
+        if message.refused_when_interrupted
+            && interrupted.contains(&(message.user_id.clone(), message.thread_id.clone()))
+        {
+            written[index] = Some(Written::Added(Added::Interrupted));
+            continue;
         }
         let body = message.body();
         let bytes = to_i64(body.len() as u64);
