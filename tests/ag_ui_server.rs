@@ -223,10 +223,17 @@ async fn new_messages_are_taken_by_id_and_the_clients_props_reach_the_agent() {
             event["type"] = json!(kind);
             event
         };
+        // After a tool's result the agent stops to ask (an AG-UI 1.0 interrupt).
+        let last_role = input["messages"].as_array().and_then(|m| m.last()).map(|m| m["role"].clone());
+        let mut finished = with("RUN_FINISHED");
+        if last_role == Some(json!("tool")) {
+            finished["outcome"] =
+                json!({"type": "interrupt", "interrupts": [{"id": "i-1", "reason": "approval"}]});
+        }
         sse(&[
             with("RUN_STARTED"),
             json!({"type": "TEXT_MESSAGE_CHUNK", "messageId": format!("a-{}", input["runId"].as_str().unwrap()), "delta": "ok"}),
-            with("RUN_FINISHED"),
+            finished,
         ])
     });
     let url = agent.url.clone();
@@ -248,7 +255,12 @@ async fn new_messages_are_taken_by_id_and_the_clients_props_reach_the_agent() {
     let (status, body) = post_ag_ui(&server, Some(&token), second.to_string()).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["field"], "messages");
-    // An interrupt's answer needs no new message.
+    // An interrupt's answer needs no new message; it must name an interrupt the thread has.
+    let stray = json!({"threadId": "t", "messages": [user, call, result],
+        "resume": [{"interruptId": "i-404", "status": "resolved", "payload": true}]});
+    let (status, body) = post_ag_ui(&server, Some(&token), stray.to_string()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["field"], "resume[0].interruptId");
     let resume = json!({"threadId": "t", "messages": [user, call, result],
         "resume": [{"interruptId": "i-1", "status": "resolved", "payload": {"approved": true}}]});
     assert_eq!(post_ag_ui(&server, Some(&token), resume.to_string()).await.0, 200);

@@ -187,7 +187,8 @@ impl Registry {
         };
         let interrupts = details.as_ref().and_then(|d| d.get("interrupts")).map(crate::store::raw);
         let turn = turn.unwrap_or_default();
-        let whole = turn.whole;
+        // The registry's transcript stands in for a turn the agent gave none of; never whole.
+        let whole = turn.whole && !turn.messages.is_empty();
         let messages = if turn.messages.is_empty() { run.transcript.messages() } else { turn.messages };
         let messages = RunMessages {
             user_id: run.user_id.to_string(),
@@ -638,6 +639,10 @@ impl Registry {
             refused_when_interrupted: message.answers == Answers::Nothing
                 && self.settings.on_busy != OnBusy::Interrupt
                 && self.agent.is_some(),
+            answers_interrupt: match &message.answers {
+                Answers::Interrupt { interrupt_id, .. } => Some(interrupt_id.clone()),
+                _ => None,
+            },
             created_at: crate::protocol::now_ms(),
         };
         let call = self.settings.store.add_user_message(new);
@@ -685,6 +690,12 @@ impl Registry {
                 let why = "this thread's run stopped to ask; answer it with resume_run";
                 let reference = admitted.pending.message.frame_type();
                 self.refuse(admitted.pending.origin, reference, ErrorCode::ThreadInterrupted, why);
+            }
+            Ok(Added::NoSuchInterrupt) => {
+                self.run_not_started(&user_id, admitted.starts_run);
+                let why = "this thread has no interrupt of that id to answer";
+                let reference = admitted.pending.message.frame_type();
+                self.refuse(admitted.pending.origin, reference, ErrorCode::NotFound, why);
             }
             Ok(Added::QuotaExceeded) => {
                 self.run_not_started(&user_id, admitted.starts_run);
@@ -929,7 +940,7 @@ impl Registry {
         observer: Option<futures_channel::mpsc::Sender<RunStep>>,
     ) {
         let run = Run::new(&started, self.settings.max_response_bytes);
-        let Started { user_id, run_id, message_id, message, .. } = started;
+        let Started { user_id, run_id, message_id, message, turn } = started;
         self.runs.insert(run_id.clone(), run);
         debug!("{who}: run {run_id} started for user {user_id}");
         self.broker.run_started(&user_id, &run_id, &message.thread_id);
@@ -955,10 +966,11 @@ impl Registry {
         if !wants_conversation {
             return self.send_run(ctx, request);
         }
-        // The thread from the store, this message included, goes with the run: AG-UI agents
-        // keep nothing between requests (docs/conversations.md, "What the agent is sent").
+        // The thread from the store up to this message, included, goes with the run: AG-UI
+        // agents keep nothing between requests (docs/conversations.md, "What the agent is
+        // sent"); messages queued behind it are their own runs'.
         let limit = self.settings.history_messages;
-        let call = self.settings.store.history(&request.user_id, &request.thread_id, limit);
+        let call = self.settings.store.history(&request.user_id, &request.thread_id, turn, limit);
         let user_id = request.user_id.clone();
         self.when_stored(ctx, &user_id, call, move |registry, answer, ctx| {
             registry.on_conversation(ctx, request, answer)

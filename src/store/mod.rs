@@ -72,13 +72,31 @@ pub struct NewUserMessage {
     pub content: String,
     /// A frontend tool's result (`tool_result`): stored as a `tool` message of this call.
     pub tool_call_id: Option<String>,
-    /// A plain message, not stored while the thread's last run stopped to ask (docs/agents.md,
-    /// v2): [`Added::Interrupted`]. False for an answer, or with `agent.on_busy = "interrupt"`.
+    /// A plain message, not stored while the thread's last run stopped to ask and no run of
+    /// it is going (docs/agents.md, v2): [`Added::Interrupted`]. False for an answer, or with
+    /// `agent.on_busy = "interrupt"`.
     pub refused_when_interrupted: bool,
+    /// The interrupt a `resume_run` answers: stored only when the thread has it
+    /// ([`Added::NoSuchInterrupt`]).
+    pub answers_interrupt: Option<String>,
     pub created_at: u64,
 }
 
 impl NewUserMessage {
+    /// Whether the thread's state refuses the message: `interrupts` is the thread's (JSON, as
+    /// stored), `running` whether a run of it is going.
+    pub fn refusal(&self, interrupts: Option<&str>, running: bool) -> Option<Added> {
+        match (&self.answers_interrupt, interrupts) {
+            (Some(id), Some(interrupts)) => {
+                let asked: Vec<serde_json::Value> = serde_json::from_str(interrupts).unwrap_or_default();
+                (!asked.iter().any(|i| i["id"] == id.as_str())).then_some(Added::NoSuchInterrupt)
+            }
+            (Some(_), None) => Some(Added::NoSuchInterrupt),
+            (None, Some(_)) if self.refused_when_interrupted && !running => Some(Added::Interrupted),
+            (None, _) => None,
+        }
+    }
+
     /// The AG-UI message stored: the user's words, or a frontend tool's result.
     pub fn body(&self) -> String {
         match &self.tool_call_id {
@@ -103,6 +121,8 @@ pub enum Added {
     QuotaExceeded,
     /// The thread waits for the answer to its interrupts: nothing was stored.
     Interrupted,
+    /// The thread has no interrupt of that id to answer: nothing was stored.
+    NoSuchInterrupt,
 }
 
 /// Which stored messages a stream event completed (`seq`, `epoch` in the threads API).
@@ -288,10 +308,17 @@ impl Store {
         self.call(|answer| sql::Job::AddAnswers(answers, answer))
     }
 
-    /// What the agent is sent: the newest `limit` messages of the thread, oldest first.
-    pub fn history(&self, user_id: &str, thread_id: &str, limit: usize) -> StoreCall<Conversation> {
+    /// What the agent is sent: the newest `limit` messages of the thread up to its turn
+    /// `up_to` (messages queued behind the run are not its to answer), oldest first.
+    pub fn history(
+        &self,
+        user_id: &str,
+        thread_id: &str,
+        up_to: i64,
+        limit: usize,
+    ) -> StoreCall<Conversation> {
         let (user_id, thread_id) = (user_id.to_owned(), thread_id.to_owned());
-        self.call(|answer| sql::Job::History { user_id, thread_id, limit, answer })
+        self.call(|answer| sql::Job::History { user_id, thread_id, up_to, limit, answer })
     }
 
     /// The user's threads, most recently updated first.
@@ -406,6 +433,7 @@ mod tests {
             content: format!("message {id}"),
             tool_call_id: None,
             refused_when_interrupted: true,
+            answers_interrupt: None,
             created_at: at,
         }
     }
@@ -463,10 +491,10 @@ mod tests {
             );
             run.state = Some(raw(&json!({"n": 1})));
             store.add_run_messages(run).await.unwrap();
-            let all = store.history("u", "t", 10).await.unwrap();
+            let all = store.history("u", "t", i64::MAX, 10).await.unwrap();
             assert_eq!(all.messages.len(), 4);
             assert_eq!(all.state.map(|s| s.get().to_owned()), Some("{\"n\":1}".to_owned()));
-            let cut = store.history("u", "t", 2).await.unwrap();
+            let cut = store.history("u", "t", i64::MAX, 2).await.unwrap();
             let ids: Vec<String> = cut
                 .messages
                 .iter()
@@ -522,7 +550,7 @@ mod tests {
             run.status = "interrupted";
             run.interrupts = Some(raw(&json!([{"id": "i1", "value": "sure?"}])));
             store.add_run_messages(run).await.unwrap();
-            let all = store.history("u", "t", 10).await.unwrap();
+            let all = store.history("u", "t", i64::MAX, 10).await.unwrap();
             assert_eq!(ids(&all), ["sys", "m1", "a1", "checkpoint", "a2"]);
             let view = store.thread("u", "t").await.unwrap().unwrap();
             assert_eq!((view.message_count, view.interrupted), (5, true));
@@ -534,7 +562,8 @@ mod tests {
             );
             let mut answer = user_message("t", "m2", 3);
             answer.refused_when_interrupted = false;
-            // The next turn: its snapshot has the earlier ones again, and drops `sys`.
+            // The next turn: its snapshot has the earlier ones again, from `m1` on (`sys`, before
+            // the first message it names, stays).
             let Added::Stored { turn, .. } = store.add_user_message(answer).await.unwrap() else {
                 panic!("stored")
             };
@@ -552,11 +581,69 @@ mod tests {
             run.whole = true;
             store.add_run_messages(run).await.unwrap();
             assert_eq!(
-                ids(&store.history("u", "t", 10).await.unwrap()),
-                ["m1", "a1", "checkpoint", "a2", "m2", "a3"]
+                ids(&store.history("u", "t", i64::MAX, 10).await.unwrap()),
+                ["sys", "m1", "a1", "checkpoint", "a2", "m2", "a3"]
             );
             let view = store.thread("u", "t").await.unwrap().unwrap();
-            assert_eq!((view.message_count, view.interrupted), (6, false));
+            assert_eq!((view.message_count, view.interrupted), (7, false));
+        });
+    }
+
+    /// A snapshot replaces the thread only from the first stored message it names: what the
+    /// agent was not sent (older than `agent.history_messages`) stays; a message queued behind the
+    /// run keeps its own turn even when the snapshot has it; an empty snapshot is not whole.
+    #[test]
+    fn a_whole_conversation_replaces_only_what_it_names() {
+        let store = memory();
+        let ids = |conversation: &Conversation| -> Vec<String> {
+            conversation
+                .messages
+                .iter()
+                .map(|m| {
+                    serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect()
+        };
+        block_on(async {
+            for (n, id) in ["m1", "m2", "m3", "m4"].iter().enumerate() {
+                let Added::Stored { turn, .. } =
+                    store.add_user_message(user_message("t", id, n as u64 + 1)).await.unwrap()
+                else {
+                    panic!("stored")
+                };
+                if turn <= 2 {
+                    let mut run = run_of_m1(
+                        turn,
+                        vec![raw(&json!({"id": format!("a{turn}"), "role": "assistant", "content": "ok"}))],
+                    );
+                    run.run_id = format!("r-m{turn}");
+                    store.add_run_messages(run).await.unwrap();
+                }
+            }
+            // The run of m3 (turn 3) was sent m2 onwards; m4 waits behind it.
+            let mut run = run_of_m1(
+                3,
+                vec![
+                    raw(&json!({"id": "m2", "role": "user", "content": "message m2"})),
+                    raw(&json!({"id": "a2", "role": "assistant", "content": "ok"})),
+                    raw(&json!({"id": "m3", "role": "user", "content": "message m3"})),
+                    raw(&json!({"id": "a3", "role": "assistant", "content": "three"})),
+                    raw(&json!({"id": "m4", "role": "user", "content": "message m4"})),
+                ],
+            );
+            run.run_id = "r-m3".into();
+            run.whole = true;
+            store.add_run_messages(run).await.unwrap();
+            let all = store.history("u", "t", i64::MAX, 100).await.unwrap();
+            assert_eq!(ids(&all), ["m1", "a1", "m2", "a2", "m3", "a3", "m4"]);
+            assert_eq!(
+                ids(&store.history("u", "t", 3, 100).await.unwrap()),
+                ["m1", "a1", "m2", "a2", "m3", "a3"]
+            );
+            assert_eq!(store.thread("u", "t").await.unwrap().unwrap().message_count, 7);
         });
     }
 

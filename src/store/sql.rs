@@ -59,6 +59,7 @@ pub enum Job {
     History {
         user_id: String,
         thread_id: String,
+        up_to: i64,
         limit: usize,
         answer: Answer<Conversation>,
     },
@@ -159,10 +160,11 @@ async fn serve(pool: AnyPool, settings: StoreSettings, mut queue: mpsc::Receiver
     tokio::spawn(writer(pool.clone(), settings.clone(), waiting));
     while let Some(job) = queue.recv().await {
         match job {
-            Job::History { user_id, thread_id, limit, answer } => {
+            Job::History { user_id, thread_id, up_to, limit, answer } => {
                 let pool = pool.clone();
                 tokio::spawn(async move {
-                    let _ = answer.send(history(&pool, &user_id, &thread_id, limit).await.map_err(error));
+                    let sent = history(&pool, &user_id, &thread_id, up_to, limit).await;
+                    let _ = answer.send(sent.map_err(error));
                 });
             }
             Job::Threads { user_id, limit, before, answer } => {
@@ -479,12 +481,15 @@ async fn add_user_message(
     let seen = sqlx::query(
         "SELECT m.id, m.run_id, m.turn, m.seq, \
          (SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM threads WHERE user_id = $1) AS used, \
-         (SELECT interrupts FROM threads WHERE user_id = $4 AND thread_id = $5) AS interrupts \
+         (SELECT interrupts FROM threads WHERE user_id = $4 AND thread_id = $5) AS interrupts, \
+         (SELECT running FROM threads WHERE user_id = $6 AND thread_id = $7) AS running \
          FROM (SELECT 1 AS one) AS here LEFT JOIN messages m ON m.user_id = $2 AND m.client_msg_id = $3",
     )
     .bind(user_id.as_str())
     .bind(user_id.as_str())
     .bind(client_msg_id.clone())
+    .bind(user_id.as_str())
+    .bind(thread_id.as_str())
     .bind(user_id.as_str())
     .bind(thread_id.as_str())
     .fetch_one(&mut *connection)
@@ -497,8 +502,10 @@ async fn add_user_message(
             seq: seen.try_get::<Option<i64>, _>("seq")?.map(to_u64),
         });
     }
-    if message.refused_when_interrupted && seen.try_get::<Option<String>, _>("interrupts")?.is_some() {
-        return Ok(Added::Interrupted);
+    let interrupts: Option<String> = seen.try_get("interrupts")?;
+    let running = seen.try_get::<Option<String>, _>("running")?.is_some();
+    if let Some(refused) = message.refusal(interrupts.as_deref(), running) {
+        return Ok(refused);
     }
     let used: i64 = seen.try_get::<Option<i64>, _>("used")?.unwrap_or_default();
     let bytes = to_i64(body.len() as u64);
@@ -680,13 +687,47 @@ async fn replace_conversation(connection: &mut AnyConnection, run: &RunMessages)
     }
     let stored = sqlx::query(
         "SELECT turn, part, id, run_id, created_at, epoch, seq, run_status FROM messages \
-         WHERE user_id = $1 AND thread_id = $2 AND turn <= $3",
+         WHERE user_id = $1 AND thread_id = $2 AND (turn <= $3 OR part = 0)",
     )
     .bind(run.user_id.as_str())
     .bind(run.thread_id.as_str())
     .bind(run.turn)
     .fetch_all(&mut *connection)
     .await?;
+    let id_of = |message: &RawValue| {
+        serde_json::from_str::<Value>(message.get())
+            .ok()
+            .and_then(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let named: HashSet<String> = run.messages.iter().map(|m| id_of(m)).collect();
+    let mut rows = Vec::with_capacity(stored.len());
+    for row in &stored {
+        let (turn, part, id): (i64, i64, String) =
+            (row.try_get("turn")?, row.try_get("part")?, row.try_get("id")?);
+        rows.push((turn, part, id, row));
+    }
+    // The snapshot is the thread from the first stored message it names on: older messages
+    // were not sent to the agent (`agent.history_messages`) and stay as they are. A snapshot
+    // with nothing in common with the thread is this run's answer, after its message.
+    let start = rows
+        .iter()
+        .filter(|(turn, _, id, _)| *turn <= run.turn && named.contains(id))
+        .map(|(turn, part, _, _)| (*turn, *part))
+        .min()
+        .unwrap_or((run.turn, 1));
+    replace_window(connection, run, start, &rows, id_of).await
+}
+
+/// [`replace_conversation`] from `start` on: the stored rows from there to the run's turn are
+/// the window the snapshot replaces.
+async fn replace_window(
+    connection: &mut AnyConnection,
+    run: &RunMessages,
+    start: (i64, i64),
+    rows: &[(i64, i64, String, &sqlx::any::AnyRow)],
+    id_of: impl Fn(&RawValue) -> String,
+) -> Result<(), sqlx::Error> {
     /// Where a stored message came from, kept when the snapshot has it again.
     struct Origin {
         run_id: Option<String>,
@@ -697,11 +738,25 @@ async fn replace_conversation(connection: &mut AnyConnection, run: &RunMessages)
     }
     let mut anchors: HashMap<String, i64> = HashMap::new();
     let mut origins: HashMap<String, Origin> = HashMap::new();
-    for row in &stored {
-        let (turn, part, id): (i64, i64, String) =
-            (row.try_get("turn")?, row.try_get("part")?, row.try_get("id")?);
-        if part == 0 {
-            anchors.insert(id, turn);
+    // The run of each turn (its user message's), for messages the snapshot adds to that turn.
+    let mut turn_runs: HashMap<i64, Option<String>> = HashMap::new();
+    let mut later: HashSet<&str> = HashSet::new();
+    let mut floor = 0;
+    for (turn, part, id, row) in rows {
+        if *turn > run.turn {
+            // A message queued behind the run: its own turn's, never laid out here.
+            later.insert(id.as_str());
+            continue;
+        }
+        if *part == 0 {
+            turn_runs.insert(*turn, row.try_get("run_id")?);
+        }
+        if (*turn, *part) < start {
+            floor = floor.min(if *turn == start.0 { *part } else { 0 });
+            continue;
+        }
+        if *part == 0 {
+            anchors.insert(id.clone(), *turn);
         } else {
             let origin = Origin {
                 run_id: row.try_get("run_id")?,
@@ -710,26 +765,25 @@ async fn replace_conversation(connection: &mut AnyConnection, run: &RunMessages)
                 seq: row.try_get("seq")?,
                 run_status: row.try_get("run_status")?,
             };
-            origins.insert(id, origin);
+            origins.insert(id.clone(), origin);
         }
     }
-    let id_of = |message: &RawValue| {
-        serde_json::from_str::<Value>(message.get())
-            .ok()
-            .and_then(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_default()
-    };
-    // The layout: each message's (turn, part); user messages stored already keep theirs.
-    let first_turn = run.messages.iter().find_map(|m| anchors.get(&id_of(m)).copied()).unwrap_or(run.turn);
+    // The layout: each message's (turn, part). User messages stored already keep theirs; the
+    // others follow the user message before them in the snapshot (before the first one: ahead of
+    // it, below any part its turn keeps).
+    let first_turn = run.messages.iter().find_map(|m| anchors.get(&id_of(m)).copied());
     let ahead = run.messages.iter().take_while(|m| !anchors.contains_key(&id_of(m))).count();
+    let (mut turn, mut part) = match first_turn {
+        Some(first) => (first, floor.min(0) - to_i64(ahead as u64) - 1),
+        None => (start.0, start.1.max(1) - 1),
+    };
     let mut kept_anchors: HashSet<String> = HashSet::new();
     let mut laid: Vec<(i64, i64, String, &RawValue)> = Vec::new();
-    let (mut turn, mut part) = (first_turn, -(to_i64(ahead as u64)) - 1);
     let mut placed: HashSet<String> = HashSet::new();
     for message in &run.messages {
         let id = id_of(message);
-        // Twice in the snapshot: its first place holds it.
-        if !placed.insert(id.clone()) {
+        // Twice in the snapshot: its first place holds it. A queued message keeps its turn.
+        if !placed.insert(id.clone()) || later.contains(id.as_str()) {
             continue;
         }
         if let Some(&anchor) = anchors.get(&id) {
@@ -745,19 +799,27 @@ async fn replace_conversation(connection: &mut AnyConnection, run: &RunMessages)
     }
     let gone: Vec<&String> = anchors.keys().filter(|id| !kept_anchors.contains(*id)).collect();
     for id in gone {
-        sqlx::query("DELETE FROM messages WHERE user_id = $1 AND thread_id = $2 AND part = 0 AND id = $3")
+        sqlx::query("DELETE FROM messages WHERE user_id = $1 AND thread_id = $2 AND part = 0 AND id = $3 AND turn <= $4")
             .bind(run.user_id.as_str())
             .bind(run.thread_id.as_str())
             .bind(id.as_str())
+            .bind(run.turn)
             .execute(&mut *connection)
             .await?;
     }
-    sqlx::query("DELETE FROM messages WHERE user_id = $1 AND thread_id = $2 AND turn <= $3 AND part <> 0")
-        .bind(run.user_id.as_str())
-        .bind(run.thread_id.as_str())
-        .bind(run.turn)
-        .execute(&mut *connection)
-        .await?;
+    // The window's other rows go; they are laid out again from the snapshot.
+    sqlx::query(
+        "DELETE FROM messages WHERE user_id = $1 AND thread_id = $2 AND turn <= $3 AND part <> 0 \
+         AND (turn > $4 OR (turn = $5 AND part >= $6))",
+    )
+    .bind(run.user_id.as_str())
+    .bind(run.thread_id.as_str())
+    .bind(run.turn)
+    .bind(start.0)
+    .bind(start.0)
+    .bind(start.1)
+    .execute(&mut *connection)
+    .await?;
     let places = group::Places::of(connection);
     for chunk in laid.chunks(ROWS_PER_INSERT) {
         let sql = format!(
@@ -768,6 +830,11 @@ async fn replace_conversation(connection: &mut AnyConnection, run: &RunMessages)
         let mut query = sqlx::query(&sql);
         for (turn, part, id, message) in chunk {
             let origin = origins.remove(id);
+            // A message new to the thread belongs to its turn's run (this run's, for its own).
+            let turn_run = match turn_runs.get(turn) {
+                Some(Some(run_id)) if *turn != run.turn => run_id.clone(),
+                _ => run.run_id.clone(),
+            };
             query = query
                 .bind(run.user_id.as_str())
                 .bind(run.thread_id.as_str())
@@ -775,7 +842,7 @@ async fn replace_conversation(connection: &mut AnyConnection, run: &RunMessages)
                 .bind(*part)
                 .bind(id.as_str())
                 .bind(message.get())
-                .bind(origin.as_ref().map_or(Some(run.run_id.clone()), |o| o.run_id.clone()))
+                .bind(origin.as_ref().map_or(Some(turn_run), |o| o.run_id.clone()))
                 .bind(origin.as_ref().map_or(to_i64(run.created_at), |o| o.created_at))
                 .bind(origin.as_ref().and_then(|o| o.epoch.clone()))
                 .bind(origin.as_ref().and_then(|o| o.seq))
@@ -1154,13 +1221,16 @@ async fn history(
     pool: &AnyPool,
     user_id: &str,
     thread_id: &str,
+    up_to: i64,
     limit: usize,
 ) -> Result<Conversation, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT body FROM messages WHERE user_id = $1 AND thread_id = $2 ORDER BY turn DESC, part DESC LIMIT $3",
+        "SELECT body FROM messages WHERE user_id = $1 AND thread_id = $2 AND turn <= $3 \
+         ORDER BY turn DESC, part DESC LIMIT $4",
     )
     .bind(user_id)
     .bind(thread_id)
+    .bind(up_to)
     .bind(to_i64(limit as u64))
     .fetch_all(pool)
     .await?;

@@ -39,6 +39,16 @@ pub const AGENT_TIMEOUT: &str = "agent_timeout";
 /// `RUN_ERROR` from the agent itself.
 pub const AGENT_ERROR: &str = "agent_error";
 
+/// Events between a call's `TOOL_CALL_CHUNK`s that do not end the call.
+const CHUNKS_PASS: [&str; 6] = [
+    "TOOL_CALL_CHUNK",
+    "RAW",
+    "ACTIVITY_SNAPSHOT",
+    "ACTIVITY_DELTA",
+    "REASONING_ENCRYPTED_VALUE",
+    "SUBAGENT_STARTED",
+];
+
 /// The `CUSTOM` event LangGraph's AG-UI adapter (`ag-ui-langgraph`) raises for `interrupt()`.
 pub const LANGGRAPH_INTERRUPT: &str = "on_interrupt";
 
@@ -151,9 +161,10 @@ impl Mapping {
 
     /// Maps one event, as received (one `data:` of the SSE body, parsed).
     pub fn map(&mut self, event: Value) -> Result<Mapped, Failure> {
-        // A tool call built of chunks ends at the first event that is not one of its chunks.
-        let closes =
-            self.chunk_call.is_some() && event.get("type").and_then(Value::as_str) != Some("TOOL_CALL_CHUNK");
+        // A tool call built of chunks ends at the first event that is not one of its chunks,
+        // except those that say nothing of messages (as `@ag-ui/client`'s chunk transform).
+        let kind = event.get("type").and_then(Value::as_str).unwrap_or_default();
+        let closes = self.chunk_call.is_some() && !CHUNKS_PASS.contains(&kind);
         let closed = match self.chunk_call.take() {
             Some(id) if closes => Some(self.end_tool_call(&id)?),
             still => {
@@ -205,12 +216,21 @@ impl Mapping {
                 // AG-UI 1.0's interrupt outcome (it supersedes a framework's own interrupt
                 // events of the run, which may say the same again).
                 let outcome = fields.get("outcome");
-                if outcome.and_then(|o| o.get("type")).and_then(Value::as_str) == Some("interrupt") {
+                let outcome_type = outcome.and_then(|o| o.get("type")).and_then(Value::as_str);
+                if outcome_type == Some("interrupt") {
                     let given = outcome.and_then(|o| o.get("interrupts")).and_then(Value::as_array);
-                    let interrupts = given.into_iter().flatten().map(|i| self.interrupt(i.clone())).collect();
+                    let interrupts: Vec<Value> = given
+                        .into_iter()
+                        .flatten()
+                        .enumerate()
+                        .map(|(at, i)| self.interrupt(i.clone(), at + 1))
+                        .collect();
                     self.interrupts = interrupts;
                 }
-                let status = if self.interrupts.is_empty() {
+                let status = if outcome_type == Some("cancelled") {
+                    // AG-UI 1.0: a run that stopped because it was told to.
+                    RunStatus::Cancelled
+                } else if self.interrupts.is_empty() {
                     RunStatus::Ok
                 } else {
                     let interrupts = Value::Array(std::mem::take(&mut self.interrupts));
@@ -341,7 +361,7 @@ impl Mapping {
                     return Err(Failure::protocol("MESSAGES_SNAPSHOT without an array `messages`"));
                 };
                 // Only messages a thread can hold: objects with a string `id` and `role`.
-                let messages = messages
+                let messages: Vec<Value> = messages
                     .iter()
                     .filter(|m| {
                         m.get("id").is_some_and(Value::is_string)
@@ -349,7 +369,10 @@ impl Mapping {
                     })
                     .cloned()
                     .collect();
-                self.snapshot = Some((messages, self.transcript.len()));
+                // A snapshot with no message is no thread: it replaces nothing.
+                if !messages.is_empty() {
+                    self.snapshot = Some((messages, self.transcript.len()));
+                }
                 one(AgentOutput::Passthrough { ag_ui: event })
             }
             "TOOL_CALL_RESULT" => {
@@ -405,7 +428,7 @@ impl Mapping {
                 let id = fields.get("rawEvent").and_then(|raw| raw.get("id")).filter(|id| id.is_string());
                 let interrupt = match id {
                     Some(id) => json!({"id": id, "value": value}),
-                    None => self.interrupt(json!({"value": value})),
+                    None => self.interrupt(json!({"value": value}), self.interrupts.len() + 1),
                 };
                 self.interrupts.push(interrupt);
                 one(AgentOutput::Passthrough { ag_ui: event })
@@ -417,12 +440,12 @@ impl Mapping {
     /// One interrupt as `agent_completed` gives it: `{id, value}`. An AG-UI 1.0 interrupt is its
     /// own value (`reason`, `message`, `toolCallId`, ... as the agent gave them); one without an
     /// `id` (LangGraph's) is given one, unique in the run, for `resume_run` to name.
-    fn interrupt(&self, given: Value) -> Value {
+    fn interrupt(&self, given: Value, nth: usize) -> Value {
         let id = given.get("id").and_then(Value::as_str).map(str::to_owned);
         match id {
             Some(id) => json!({"id": id, "value": given}),
             None => {
-                let id = format!("{}-interrupt-{}", self.message_id, self.interrupts.len() + 1);
+                let id = format!("{}-interrupt-{nth}", self.message_id);
                 let value = given.get("value").cloned().unwrap_or(given);
                 json!({"id": id, "value": value})
             }

@@ -153,6 +153,8 @@ fn refused(code: ErrorCode, message: &str) -> HttpResponse {
         ErrorCode::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         ErrorCode::AgentBusy => (StatusCode::TOO_MANY_REQUESTS, "agent_busy"),
         ErrorCode::BadMessage => return bad_field("runId", message),
+        // docs/agents.md, v2: `resume` names an interrupt the thread does not wait on.
+        ErrorCode::NotFound => return bad_field("resume[0].interruptId", message),
         // The stream or the conversation store cannot be reached: nothing was taken.
         ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         // docs/conversations.md: the thread's run is still going (`agent.on_busy`).

@@ -141,7 +141,7 @@ async fn add_user_messages(
          FROM messages WHERE {} \
          UNION ALL SELECT 'used', user_id, NULL, NULL, NULL, NULL, NULL, CAST(COALESCE(SUM(bytes), 0) AS BIGINT) \
          FROM threads WHERE user_id IN ({}) GROUP BY user_id \
-         UNION ALL SELECT 'interrupted', user_id, thread_id, NULL, NULL, NULL, NULL, CAST(0 AS BIGINT) \
+         UNION ALL SELECT 'interrupted', user_id, thread_id, interrupts, running, NULL, NULL, CAST(0 AS BIGINT) \
          FROM threads WHERE user_id IN ({}) AND interrupts IS NOT NULL",
         if wheres.is_empty() { "1 = 0".to_owned() } else { wheres.join(" OR ") },
         in_users.join(", "),
@@ -157,8 +157,9 @@ async fn add_user_messages(
     }
     let mut seen: HashMap<(String, String), Added> = HashMap::new();
     let mut used: HashMap<String, i64> = HashMap::new();
-    // The users' threads that wait for an interrupt's answer (`thread_id` in the second column).
-    let mut interrupted: HashSet<(String, String)> = HashSet::new();
+    // The users' threads that wait for an interrupt's answer (`thread_id` in the third column,
+    // its interrupts in the fourth, its run going in the fifth).
+    let mut interrupted: HashMap<(String, String), (String, bool)> = HashMap::new();
     for row in query.fetch_all(&mut *connection).await? {
         let user_id: String = row.try_get("user_id")?;
         match row.try_get::<String, _>("what")?.as_str() {
@@ -168,7 +169,10 @@ async fn add_user_messages(
             }
             "interrupted" => {
                 let thread_id: Option<String> = row.try_get("client_msg_id")?;
-                interrupted.insert((user_id, thread_id.unwrap_or_default()));
+                let asked: Option<String> = row.try_get("id")?;
+                let running = row.try_get::<Option<String>, _>("run_id")?.is_some();
+                interrupted
+                    .insert((user_id, thread_id.unwrap_or_default()), (asked.unwrap_or_default(), running));
                 continue;
             }
             _ => {}
@@ -213,10 +217,11 @@ async fn add_user_messages(
                 continue;
             }
         }
-        if message.refused_when_interrupted
-            && interrupted.contains(&(message.user_id.clone(), message.thread_id.clone()))
+        let waiting = interrupted.get(&(message.user_id.clone(), message.thread_id.clone()));
+        if let Some(refused) =
+            message.refusal(waiting.map(|(asked, _)| asked.as_str()), waiting.is_some_and(|w| w.1))
         {
-            written[index] = Some(Written::Added(Added::Interrupted));
+            written[index] = Some(Written::Added(refused));
             continue;
         }
         let body = message.body();
