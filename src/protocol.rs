@@ -172,6 +172,9 @@ struct ToolResultFrame {
     content: Value,
     #[serde(default)]
     client_msg_id: Option<String>,
+    /// The client's tools (and context, state) for the run that goes on: it may call one again.
+    #[serde(flatten)]
+    client: ClientInput,
 }
 
 /// `{"type":"resume_run","thread_id","interrupt_id","value"}`: the answer to an interrupt.
@@ -183,6 +186,8 @@ struct ResumeRunFrame {
     value: Value,
     #[serde(default)]
     client_msg_id: Option<String>,
+    #[serde(flatten)]
+    client: ClientInput,
 }
 
 /// The text a stored message shows of a JSON answer: a string as it is, anything else as JSON.
@@ -354,7 +359,7 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
                 thread_id: frame.thread_id,
                 content: answer_text(&frame.content),
                 client_msg_id: frame.client_msg_id,
-                client: ClientInput::default(),
+                client: frame.client,
                 answers: Answers::ToolCall(frame.tool_call_id),
                 id: None,
             };
@@ -367,7 +372,7 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
                 thread_id: frame.thread_id,
                 content: answer_text(&frame.value),
                 client_msg_id: frame.client_msg_id,
-                client: ClientInput::default(),
+                client: frame.client,
                 answers: Answers::Interrupt { interrupt_id: frame.interrupt_id, value: frame.value },
                 id: None,
             };
@@ -402,6 +407,9 @@ fn check_answer(message: &UserMessage, limits: FieldLimits) -> Result<(), FrameE
     check_len("content", &message.content, 0, limits.max_content_chars, reference)?;
     if let Some(id) = &message.client_msg_id {
         check_len("client_msg_id", id, 1, MAX_CLIENT_MSG_ID_CHARS, reference)?;
+    }
+    if let Err((field, why)) = message.client.check() {
+        return Err(FrameError::bad(format!("field `{field}` {why}"), reference));
     }
     let (name, id) = match &message.answers {
         Answers::ToolCall(id) => ("tool_call_id", id),

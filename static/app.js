@@ -42,6 +42,7 @@ const runs = new Map(); // run id -> run item
 const pendingByClientId = new Map(); // client_msg_id -> user item not yet echoed
 const sentByThisTab = new Set(); // message ids of this tab's messages: their runs' frontend tools run here
 const answeredCalls = new Set(); // frontend tool calls this tab answered
+const answeredInterrupts = new Set(); // interrupts this tab answered
 
 // The page's frontend tools (docs/agents.md, v2): declared with every message, run in the
 // browser when the agent calls one (`tool_executing` with `client_tool: true`), answered with a
@@ -320,6 +321,19 @@ function parseMaybe(text) {
   }
 }
 
+// The thread's interrupts as the store has them (`GET /api/v1/threads/{id}`).
+async function refreshInterrupts(id) {
+  const asked = client;
+  try {
+    const view = await api(threadPath(id));
+    if (client !== asked) return;
+    thread(id).interrupts = view.interrupted ? view.interrupts || [] : [];
+    if (id === currentThread) renderMessages();
+  } catch {
+    // A thread the store does not have waits for nothing.
+  }
+}
+
 async function renameThread(id, title) {
   try {
     const view = await api(threadPath(id), { method: "PATCH", body: { title } });
@@ -555,6 +569,9 @@ function onEvent(event) {
     selectThread(event.thread_id);
   }
   const t = thread(event.thread_id);
+  // The run that goes on from this tab's answer (a tool's result, an interrupt's) is this tab's
+  // too: a frontend tool it calls runs here.
+  if (answeredCalls.has(p.tool_call_id) || answeredInterrupts.has(p.interrupt_id)) sentByThisTab.add(p.message_id);
   if (event.type === "user_message" && p.role === "tool") {
     // A frontend tool's result: shown with its call, not as the user's words.
     for (const r of runs.values()) {
@@ -613,12 +630,16 @@ function onEvent(event) {
         r.status = p.status;
         r.durationMs = p.duration_ms;
         if (!r.answer && p.response) r.answer = p.response.content || "";
-        // A run that stopped to ask leaves its questions on the thread until they are answered.
-        t.interrupts = p.status === "interrupted" ? p.interrupts || [] : [];
+        // A run that stopped to ask leaves its questions on the thread until they are answered;
+        // one that answered and was cancelled leaves them too (the store says which).
+        if (p.status === "interrupted") t.interrupts = p.interrupts || [];
+        else if (p.status === "ok") t.interrupts = [];
+        else refreshInterrupts(event.thread_id);
         break;
       case "agent_error":
         r.status = "error";
         r.error = `${p.code}: ${p.message}`;
+        refreshInterrupts(event.thread_id);
         break;
     }
     if (event.type === "agent_started" || event.type === "agent_completed" || event.type === "agent_error") {
@@ -635,6 +656,8 @@ function onFrame(frame) {
   if (frame.type === "error") {
     const text = `${frame.message}${frame.ref ? ` (${frame.ref})` : ""}`;
     if (currentThread) addSystem(currentThread, `Error ${frame.code}: ${text}`);
+    // The thread waits for an answer this page may not show yet: ask the store.
+    if (frame.code === "thread_interrupted" && currentThread) refreshInterrupts(currentThread);
   } else if (frame.type === "token_expiring" && devTokens && signedInAs) {
     mintDevToken(signedInAs).then((token) => client && client.refreshToken(token)).catch(() => {});
   }
@@ -652,7 +675,9 @@ function runFrontendTool(r, threadId, p) {
   } catch (error) {
     content = `the tool failed: ${error.message}`;
   }
-  client.send({ type: "tool_result", thread_id: threadId, tool_call_id: p.tool_call_id, content });
+  if (!client.send({ type: "tool_result", thread_id: threadId, tool_call_id: p.tool_call_id, content, tools: TOOL_DECLARATIONS })) {
+    answeredCalls.delete(p.tool_call_id);
+  }
 }
 
 // The questions an interrupted run asked (docs/agents.md, v2): its options as buttons, else a
@@ -662,8 +687,13 @@ function renderInterrupt(threadId, interrupt) {
   const question =
     (value && typeof value === "object" && (value.question || value.message || value.prompt)) ||
     (typeof value === "string" ? value : JSON.stringify(value));
+  const box = el("li", { class: "msg interrupt", "data-interrupt": interrupt.id });
   const answer = (answerValue) => {
-    if (client) client.send({ type: "resume_run", thread_id: threadId, interrupt_id: interrupt.id, value: answerValue });
+    const frame = { type: "resume_run", thread_id: threadId, interrupt_id: interrupt.id, value: answerValue, tools: TOOL_DECLARATIONS };
+    if (!client || !client.send(frame)) return;
+    answeredInterrupts.add(interrupt.id);
+    // One answer: the controls go quiet until the echo takes the question away.
+    for (const control of box.querySelectorAll("button, input")) control.disabled = true;
   };
   const options = value && Array.isArray(value.options) ? value.options : null;
   let controls;
@@ -680,12 +710,8 @@ function renderInterrupt(threadId, interrupt) {
     button.addEventListener("click", () => input.value.trim() && answer(input.value.trim()));
     controls = [input, button];
   }
-  return el(
-    "li",
-    { class: "msg interrupt", "data-interrupt": interrupt.id },
-    el("p", { class: "question", textContent: question }),
-    el("div", { class: "options" }, ...controls),
-  );
+  box.append(el("p", { class: "question", textContent: question }), el("div", { class: "options" }, ...controls));
+  return box;
 }
 
 function addSystem(threadId, text) {

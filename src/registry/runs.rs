@@ -716,6 +716,13 @@ impl Registry {
     /// one step).
     fn append_echo(&mut self, ctx: &mut Context<Self>, admitted: Admitted) {
         let message = &admitted.pending.message;
+        // An AG-UI client's tool result is added without an echo (docs/ag-ui.md): the run that
+        // goes on from it is what the tabs see.
+        if matches!(admitted.pending.origin, Origin::Http { .. })
+            && matches!(message.answers, Answers::ToolCall(_))
+        {
+            return self.go_on(ctx, admitted, 0);
+        }
         let client_msg_id = message.client_msg_id.as_deref();
         let mut payload = user_message_payload(&admitted.message_id, &message.content, client_msg_id);
         // What the message answers goes with its echo: a tab shows a frontend tool's result
@@ -753,35 +760,38 @@ impl Registry {
         admitted: Admitted,
         answer: Result<Submitted, BrokerError>,
     ) {
-        let Admitted { pending, message_id, run_id, starts_run, created, turn } = admitted;
         let stored = match answer {
             Ok(Submitted::Appended(stored)) => stored,
             Ok(Submitted::Seen(seen)) => {
-                self.run_not_started(&pending.user_id, starts_run);
-                return self.repeated(pending, &seen);
+                self.run_not_started(&admitted.pending.user_id, admitted.starts_run);
+                return self.repeated(admitted.pending, &seen);
             }
             Err(e) => {
+                let Admitted { pending, starts_run, .. } = admitted;
                 self.run_not_started(&pending.user_id, starts_run);
                 let reference = pending.message.frame_type();
                 return self.message_not_stored(pending.origin, reference, &e, e.failure(), true);
             }
         };
         self.metrics.events_published.inc();
-        let Pending { origin, user_id, message } = pending;
-        self.deliver_events(ctx, &user_id, std::slice::from_ref(&stored), created, true);
+        let user_id = admitted.pending.user_id.clone();
+        self.deliver_events(ctx, &user_id, std::slice::from_ref(&stored), admitted.created, true);
         if let Some(epoch) = self.local.get(user_id.as_str()).and_then(|u| u.epoch.clone()) {
-            let confirmed = Confirmed::Messages(vec![message_id.clone()]);
+            let confirmed = Confirmed::Messages(vec![(admitted.message_id.clone(), admitted.run_id.clone())]);
             self.settings.store.confirm(&user_id, confirmed, &epoch, stored.seq);
         }
+        self.go_on(ctx, admitted, stored.seq);
+    }
+
+    /// A message on its way (echoed, or an AG-UI client's tool result, which is not): the sender
+    /// acked (a session, with the echo's `seq`) and the run started.
+    fn go_on(&mut self, ctx: &mut Context<Self>, admitted: Admitted, seq: u64) {
+        let Admitted { pending, message_id, run_id, starts_run, turn, .. } = admitted;
+        let Pending { origin, user_id, message } = pending;
         match origin {
             Origin::Session(id) => {
                 let client_msg_id = message.client_msg_id.as_deref();
-                let ack = ServerFrame::Ack {
-                    client_msg_id,
-                    message_id: &message_id,
-                    run_id: &run_id,
-                    seq: stored.seq,
-                };
+                let ack = ServerFrame::Ack { client_msg_id, message_id: &message_id, run_id: &run_id, seq };
                 self.send_to(id, ack);
                 if starts_run {
                     let who = id.to_string();

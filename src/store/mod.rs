@@ -129,7 +129,9 @@ pub enum Added {
 #[derive(Clone, Debug)]
 pub enum Confirmed {
     /// User messages, by id: their echo.
-    Messages(Vec<String>),
+    /// `(message_id, run_id)`: an id is the client's own when it gave one (an AG-UI client's),
+    /// so the run the message starts is named too, to hit only that message.
+    Messages(Vec<(String, String)>),
     /// What a run produced: its terminal event.
     Run(String),
 }

@@ -597,21 +597,23 @@ async fn confirm(
 ) -> Result<(), sqlx::Error> {
     match what {
         Confirmed::Messages(ids) => {
-            for id in ids {
+            for (id, run_id) in ids {
                 sqlx::query(
-                    "UPDATE messages SET epoch = $1, seq = $2 WHERE user_id = $3 AND id = $4 AND part = 0",
+                    "UPDATE messages SET epoch = $1, seq = $2 \
+                     WHERE user_id = $3 AND id = $4 AND run_id = $5 AND part = 0",
                 )
                 .bind(epoch)
                 .bind(to_i64(seq))
                 .bind(user_id)
                 .bind(id.as_str())
+                .bind(run_id.as_str())
                 .execute(&mut *connection)
                 .await?;
             }
         }
         Confirmed::Run(run_id) => {
             sqlx::query(
-                "UPDATE messages SET epoch = $1, seq = $2 WHERE user_id = $3 AND run_id = $4 AND part > 0",
+                "UPDATE messages SET epoch = $1, seq = $2 WHERE user_id = $3 AND run_id = $4 AND part <> 0",
             )
             .bind(epoch)
             .bind(to_i64(seq))

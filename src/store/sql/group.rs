@@ -532,32 +532,34 @@ async fn runs_started(
 /// The stream events that completed messages (`epoch`, `seq`): user messages by id in one
 /// UPDATE, runs' messages by run in another.
 async fn confirm(connection: &mut AnyConnection, places: Places, jobs: &[Job]) -> Result<(), sqlx::Error> {
-    let mut by_id: Vec<(&str, &str, &str, i64)> = Vec::new();
-    let mut by_run: Vec<(&str, &str, &str, i64)> = Vec::new();
+    // (user, key, epoch, seq, run): a user message by its id and the run it starts (an id may
+    // be a client's own, the same in two threads), a run's messages by their run.
+    let mut by_id: Vec<(&str, &str, &str, i64, &str)> = Vec::new();
+    let mut by_run: Vec<(&str, &str, &str, i64, &str)> = Vec::new();
     for job in jobs {
         if let Job::Confirm { user_id, what, epoch, seq, .. } = job {
             match what {
-                Confirmed::Messages(ids) => by_id.extend(
-                    ids.iter().map(|id| (user_id.as_str(), id.as_str(), epoch.as_str(), to_i64(*seq))),
-                ),
-                Confirmed::Run(run_id) => by_run.push((user_id, run_id, epoch, to_i64(*seq))),
+                Confirmed::Messages(ids) => by_id.extend(ids.iter().map(|(id, run_id)| {
+                    (user_id.as_str(), id.as_str(), epoch.as_str(), to_i64(*seq), run_id.as_str())
+                })),
+                Confirmed::Run(run_id) => by_run.push((user_id, run_id, epoch, to_i64(*seq), run_id)),
             }
         }
     }
     let statements = [
-        (by_id, "messages.id = v.column2 AND messages.part = 0"),
-        (by_run, "messages.run_id = v.column2 AND messages.part > 0"),
+        (by_id, "messages.id = v.column2 AND messages.run_id = v.column5 AND messages.part = 0"),
+        (by_run, "messages.run_id = v.column2 AND messages.run_id = v.column5 AND messages.part <> 0"),
     ];
     for (rows, which) in statements {
         for chunk in rows.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "UPDATE messages SET epoch = v.column3, seq = v.column4 FROM (VALUES {}) AS v \
                  WHERE messages.user_id = v.column1 AND {which}",
-                places.tuples(chunk.len(), 4)
+                places.tuples(chunk.len(), 5)
             );
             let mut query = sqlx::query(&sql);
-            for (user_id, key, epoch, seq) in chunk {
-                query = query.bind(*user_id).bind(*key).bind(*epoch).bind(*seq);
+            for (user_id, key, epoch, seq, run_id) in chunk {
+                query = query.bind(*user_id).bind(*key).bind(*epoch).bind(*seq).bind(*run_id);
             }
             query.execute(&mut *connection).await?;
         }
