@@ -453,6 +453,13 @@ impl Mapping {
     }
 
     fn start_tool_call(&mut self, id: &str, name: &str, parent: Option<&str>) {
+        // A call started again (LangGraph's adapter does, resuming an interrupted tool) is the
+        // same call: its arguments come again, once.
+        if let Some(call) = self.tool_calls.get_mut(id) {
+            call.args.clear();
+            call.ended = None;
+            return;
+        }
         let parent = parent.map(str::to_owned).unwrap_or_else(|| format!("{id}-message"));
         let call = json!({"id": id, "type": "function", "function": {"name": name, "arguments": ""}});
         let message = self.message(&parent, "assistant");
