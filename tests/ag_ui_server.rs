@@ -117,15 +117,15 @@ fn input(thread: &str, content: &str) -> String {
     .to_string()
 }
 
+/// A run's own event (`RUN_STARTED`, `RUN_FINISHED`) for `input`'s thread and run.
+fn run_event(input: &Value, kind: &str) -> Value {
+    json!({"type": kind, "threadId": input["threadId"], "runId": input["runId"]})
+}
+
 #[actix_web::test]
 async fn an_ag_ui_agents_own_events_pass_through() {
     let agent = FakeAgent::start(|input| {
-        let ids = json!({"threadId": input["threadId"], "runId": input["runId"]});
-        let with = |kind: &str| {
-            let mut event = ids.clone();
-            event["type"] = json!(kind);
-            event
-        };
+        let with = |kind: &str| run_event(input, kind);
         sse(&[
             with("RUN_STARTED"),
             json!({"type": "STEP_STARTED", "stepName": "answer"}),
@@ -217,12 +217,7 @@ async fn bad_input_is_refused_naming_the_field() {
 #[actix_web::test]
 async fn new_messages_are_taken_by_id_and_the_clients_props_reach_the_agent() {
     let agent = FakeAgent::start(|input| {
-        let ids = json!({"threadId": input["threadId"], "runId": input["runId"]});
-        let with = |kind: &str| {
-            let mut event = ids.clone();
-            event["type"] = json!(kind);
-            event
-        };
+        let with = |kind: &str| run_event(input, kind);
         // After a tool's result the agent stops to ask (an AG-UI 1.0 interrupt).
         let last_role = input["messages"].as_array().and_then(|m| m.last()).map(|m| m["role"].clone());
         let mut finished = with("RUN_FINISHED");

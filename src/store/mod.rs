@@ -456,6 +456,25 @@ mod tests {
         }
     }
 
+    /// Stores a user message that must be taken; its turn.
+    async fn stored_turn(store: &Store, message: NewUserMessage) -> i64 {
+        match store.add_user_message(message).await.unwrap() {
+            Added::Stored { turn, .. } => turn,
+            other => panic!("not stored: {other:?}"),
+        }
+    }
+
+    /// The ids of a conversation's messages, in order.
+    fn ids(conversation: &Conversation) -> Vec<String> {
+        conversation
+            .messages
+            .iter()
+            .map(|m| {
+                serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
     #[test]
     fn retention_deletes_threads_untouched_since_the_cutoff() {
         let store = memory();
@@ -475,11 +494,7 @@ mod tests {
     fn history_never_starts_with_a_tool_result_cut_from_its_call() {
         let store = memory();
         block_on(async {
-            let Added::Stored { turn, .. } =
-                store.add_user_message(user_message("t", "m1", 1)).await.unwrap()
-            else {
-                panic!("stored")
-            };
+            let turn = stored_turn(&store, user_message("t", "m1", 1)).await;
             let mut run = run_of_m1(
                 turn,
                 vec![
@@ -518,24 +533,8 @@ mod tests {
     #[test]
     fn a_whole_conversation_replaces_the_thread_in_its_order() {
         let store = memory();
-        let ids = |conversation: &Conversation| -> Vec<String> {
-            conversation
-                .messages
-                .iter()
-                .map(|m| {
-                    serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["id"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned()
-                })
-                .collect()
-        };
         block_on(async {
-            let Added::Stored { turn, .. } =
-                store.add_user_message(user_message("t", "m1", 1)).await.unwrap()
-            else {
-                panic!("stored")
-            };
+            let turn = stored_turn(&store, user_message("t", "m1", 1)).await;
             let call = json!({"id": "a1", "role": "assistant", "toolCalls": [{"id": "c1", "type": "function",
                 "function": {"name": "add", "arguments": "{}"}}]});
             let mut run = run_of_m1(
@@ -566,9 +565,7 @@ mod tests {
             answer.refused_when_interrupted = false;
             // The next turn: its snapshot has the earlier ones again, from `m1` on (`sys`, before
             // the first message it names, stays).
-            let Added::Stored { turn, .. } = store.add_user_message(answer).await.unwrap() else {
-                panic!("stored")
-            };
+            let turn = stored_turn(&store, answer).await;
             let mut run = run_of_m1(
                 turn,
                 vec![
@@ -597,25 +594,9 @@ mod tests {
     #[test]
     fn a_whole_conversation_replaces_only_what_it_names() {
         let store = memory();
-        let ids = |conversation: &Conversation| -> Vec<String> {
-            conversation
-                .messages
-                .iter()
-                .map(|m| {
-                    serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["id"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned()
-                })
-                .collect()
-        };
         block_on(async {
             for (n, id) in ["m1", "m2", "m3", "m4"].iter().enumerate() {
-                let Added::Stored { turn, .. } =
-                    store.add_user_message(user_message("t", id, n as u64 + 1)).await.unwrap()
-                else {
-                    panic!("stored")
-                };
+                let turn = stored_turn(&store, user_message("t", id, n as u64 + 1)).await;
                 if turn <= 2 {
                     let mut run = run_of_m1(
                         turn,
@@ -701,11 +682,7 @@ mod tests {
     fn a_run_started_and_ended_together_leaves_no_run_in_progress() {
         let store = memory();
         block_on(async {
-            let Added::Stored { turn, .. } =
-                store.add_user_message(user_message("t", "m1", 1)).await.unwrap()
-            else {
-                panic!("stored")
-            };
+            let turn = stored_turn(&store, user_message("t", "m1", 1)).await;
             store.run_started("u", "t", "r-m1");
             let run =
                 run_of_m1(turn, vec![raw(&json!({"id": "a1", "role": "assistant", "content": "done"}))]);
