@@ -310,3 +310,50 @@ async fn the_users_limits_apply() {
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"], "rate_limited");
     drop(streaming);
 }
+
+/// What a following AG-UI client has not taken is bounded in bytes (`limits.max_outbound_bytes`),
+/// not only in steps: a client that does not read while an agent streams 150 events of 100 KB
+/// (far fewer steps than the channel holds) stops following, and its response ends without
+/// `RUN_FINISHED`, while the run goes on to its end for the user's tabs.
+#[actix_web::test]
+async fn a_client_that_does_not_read_stops_following_past_its_byte_budget() {
+    let agent = FakeAgent::start(|input| {
+        let text = "x".repeat(100_000);
+        let mut events = vec![run_event(input, "RUN_STARTED")];
+        events
+            .extend((0..150).map(|_| json!({"type": "TEXT_MESSAGE_CHUNK", "messageId": "a", "delta": text})));
+        events.push(run_event(input, "RUN_FINISHED"));
+        sse(&events)
+    });
+    let url = agent.url.clone();
+    let server = TestServer::with(move |c| {
+        c.agent.kind = AgentKind::AgUi;
+        c.agent.url = url;
+        c.limits.max_outbound_bytes = NonZero::new(4 << 20).unwrap();
+    });
+    // 15 MB in all: more than the client's 4 MiB and what the kernel holds for a socket that
+    // is not read; the tab reads as it comes.
+    let token = server.token("gina");
+    let mut tab = server.ready_client("gina").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    let body = input("t", "stream a lot");
+    let request = format!(
+        "POST /ag-ui HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let end = tab.recv_where(|f| f["type"] == "agent_completed").await;
+    assert_eq!(end["payload"]["status"], "ok", "{end}");
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await.expect("the response ends").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..200.min(answer.len())]);
+    assert!(
+        answer.contains("RUN_STARTED") && !answer.contains("RUN_FINISHED"),
+        "the client followed to the end"
+    );
+}

@@ -7,7 +7,7 @@ use log::{info, warn};
 use serde_json::Value;
 
 use super::runs::{Origin, Pending};
-use super::{CancelRunOf, Registry, RunStep, StartHttpRun};
+use super::{weight, CancelRunOf, Registry, RunStep, StartHttpRun};
 use crate::protocol::{AgentOutput, UserMessage};
 
 impl Handler<StartHttpRun> for Registry {
@@ -39,11 +39,13 @@ impl Handler<CancelRunOf> for Registry {
 
 impl Registry {
     /// Hands a run's step to the AG-UI client following it, if any. A client that has not
-    /// taken the steps already given (its channel is full) no longer follows the run: its
-    /// response ends, and the run goes on for the user's sessions.
+    /// taken the steps already given (their bytes past `limits.max_outbound_bytes`, or its
+    /// channel full) no longer follows the run: its response ends, and the run goes on for the
+    /// user's sessions.
     pub(super) fn observe(&mut self, run_id: &str, output: AgentOutput, ag_ui: Vec<Value>) {
-        let Some(steps) = self.observers.get_mut(run_id) else { return };
-        if steps.try_send(RunStep { output, ag_ui }).is_err() {
+        let Some(follower) = self.observers.get_mut(run_id) else { return };
+        let bytes = weight(&output, &ag_ui);
+        if !follower.hand(RunStep { output, ag_ui, bytes }, self.settings.max_outbound_bytes) {
             warn!("run {run_id}: its AG-UI client does not keep up; it no longer follows the run");
             self.observers.remove(run_id);
         }

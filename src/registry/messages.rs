@@ -79,6 +79,49 @@ pub struct CancelRequest {
 pub struct RunStep {
     pub output: crate::protocol::AgentOutput,
     pub ag_ui: Vec<serde_json::Value>,
+    /// What the step weighs (its JSON), counted in [`Follower::unread`] until the client takes it.
+    pub bytes: usize,
+}
+
+/// The steps of a run an AG-UI client follows (`POST /ag-ui`), and the bytes of those it has
+/// not taken yet: a client that does not read stops following once they pass
+/// `limits.max_outbound_bytes` (or the channel's steps), so what it holds up is bounded.
+#[derive(Clone)]
+pub struct Follower {
+    pub steps: futures_channel::mpsc::Sender<RunStep>,
+    pub unread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Follower {
+    /// Hands a step over unless the client is too far behind; false: it no longer follows.
+    pub fn hand(&mut self, step: RunStep, max_unread: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.unread.load(Ordering::Acquire).saturating_add(step.bytes) > max_unread {
+            return false;
+        }
+        self.unread.fetch_add(step.bytes, Ordering::AcqRel);
+        self.steps.try_send(step).is_ok()
+    }
+}
+
+/// The bytes of a step's JSON, counted without keeping the text.
+pub fn weight(output: &crate::protocol::AgentOutput, ag_ui: &[serde_json::Value]) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    for event in ag_ui {
+        let _ = serde_json::to_writer(&mut count, event);
+    }
+    let _ = serde_json::to_writer(&mut count, &output.payload());
+    count.0
 }
 
 /// Why a user message from an AG-UI client started no run.
@@ -100,7 +143,7 @@ pub struct StartHttpRun {
     pub answers: crate::protocol::Answers,
     /// The client's `runId`; a fresh one when `None`.
     pub run_id: Option<String>,
-    pub steps: futures_channel::mpsc::Sender<RunStep>,
+    pub steps: Follower,
     /// The run id once the run started, or why it did not.
     pub answer: futures_channel::oneshot::Sender<Result<String, HttpRunRefusal>>,
 }

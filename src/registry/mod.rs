@@ -165,7 +165,7 @@ pub struct Registry {
     /// `runs::MAX_UNSTORED_BYTES` while the store is away.
     unstored_bytes: usize,
     /// Runs an AG-UI client follows (`POST /ag-ui`): where their steps go besides the stream.
-    observers: HashMap<String, futures_channel::mpsc::Sender<RunStep>>,
+    observers: HashMap<String, Follower>,
     /// Set by [`Shutdown`]: a session registered after it is told to close at once.
     shutting_down: bool,
     /// The shutdown under way, if one is (`lifecycle.rs`).

@@ -11,7 +11,7 @@ use log::{debug, info, warn};
 
 use serde_json::Value;
 
-use super::{new_id, CancelRequest, HttpRunRefusal, Registry, RunStep, SubmitMessage};
+use super::{new_id, weight, CancelRequest, Follower, HttpRunRefusal, Registry, RunStep, SubmitMessage};
 use crate::agent::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
 use crate::base::ConnectionId;
 use crate::broker::{BrokerError, NewEvent, SeenMessage, Stored, Submitted};
@@ -30,7 +30,7 @@ pub(super) enum Origin {
     /// An AG-UI client (`POST /ag-ui`): one answer, then the run's steps.
     Http {
         answer: futures_channel::oneshot::Sender<Result<String, HttpRunRefusal>>,
-        steps: futures_channel::mpsc::Sender<RunStep>,
+        steps: Follower,
         /// The client's `runId`, when it chose one.
         run_id: Option<String>,
     },
@@ -298,7 +298,9 @@ impl Registry {
         self.broker.run_ended(&run.user_id, &run_id);
         // The last step an AG-UI client gets; dropping its channel ends the client's response.
         if let Some(mut steps) = self.observers.remove(&run_id) {
-            let _ = steps.try_send(RunStep { output, ag_ui });
+            let bytes = weight(&output, &ag_ui);
+            // The last step goes whatever the client's backlog: its end.
+            let _ = steps.steps.try_send(RunStep { output, ag_ui, bytes });
         }
         self.thread_run_ended(ctx, &run.user_id, &run.thread_id, &run_id);
         // A shutdown may be waiting for the last run to end.
@@ -437,7 +439,7 @@ pub(super) struct Busy {
 struct Waiting {
     who: String,
     started: Started,
-    observer: Option<futures_channel::mpsc::Sender<RunStep>>,
+    observer: Option<Follower>,
 }
 
 /// What a run starts from: its user message, stored as the thread's `turn`.
@@ -822,7 +824,7 @@ impl Registry {
         ctx: &mut Context<Self>,
         who: &str,
         started: Started,
-        observer: Option<futures_channel::mpsc::Sender<RunStep>>,
+        observer: Option<Follower>,
     ) {
         let thread = Rc::from(started.message.thread_id.as_str());
         let busy = self.local_user(&started.user_id).busy.entry(thread).or_default();
@@ -861,7 +863,7 @@ impl Registry {
         ctx: &mut Context<Self>,
         who: &str,
         started: Started,
-        observer: Option<futures_channel::mpsc::Sender<RunStep>>,
+        observer: Option<Follower>,
         answer: Result<Option<String>, BrokerError>,
     ) {
         let holder = match answer {
@@ -942,13 +944,7 @@ impl Registry {
     }
 
     /// Starts a run that holds its thread.
-    fn launch(
-        &mut self,
-        ctx: &mut Context<Self>,
-        who: &str,
-        started: Started,
-        observer: Option<futures_channel::mpsc::Sender<RunStep>>,
-    ) {
+    fn launch(&mut self, ctx: &mut Context<Self>, who: &str, started: Started, observer: Option<Follower>) {
         let run = Run::new(&started, self.settings.max_response_bytes);
         let Started { user_id, run_id, message_id, message, turn } = started;
         self.runs.insert(run_id.clone(), run);

@@ -18,8 +18,9 @@ use log::{debug, info};
 use super::{bad_field, bearer, error_response, read_body, AppState, REGISTRY_WAIT};
 use crate::config::AgentKind;
 use crate::protocol::ErrorCode;
-use crate::registry::{CancelRunOf, Registry, RunStep, StartHttpRun};
+use crate::registry::{CancelRunOf, Follower, Registry, RunStep, StartHttpRun};
 use render::Renderer;
+use std::sync::atomic::Ordering;
 
 /// Steps a following client may be behind by before it stops following (see `observe`).
 const STEPS_BUFFERED: usize = 256;
@@ -103,6 +104,10 @@ async fn answer(
     };
 
     let (steps, followed) = futures_channel::mpsc::channel(STEPS_BUFFERED);
+    // What this client has not taken, in bytes: the registry stops handing it steps beyond
+    // `limits.max_outbound_bytes` (registry/messages.rs, `Follower`).
+    let unread = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let steps = Follower { steps, unread: std::sync::Arc::clone(&unread) };
     let (answer, answered) = futures_channel::oneshot::channel();
     let registry = env.registries.for_user(&user_id).clone();
     registry.do_send(StartHttpRun {
@@ -125,7 +130,7 @@ async fn answer(
         }
     };
     info!("ag-ui client of user {user_id}: run {run_id} started on thread {}", run.thread_id);
-    let guard = Following { registry, user_id, run_id: run_id.clone(), ended: false };
+    let guard = Following { registry, user_id, run_id: run_id.clone(), ended: false, unread };
     let renderer = Renderer::new(run.thread_id, run_id);
     let body = futures_util::stream::unfold(
         (followed, renderer, guard),
@@ -136,6 +141,7 @@ async fn answer(
                 guard.release();
                 return None;
             };
+            guard.unread.fetch_sub(step.bytes.min(guard.unread.load(Ordering::Acquire)), Ordering::AcqRel);
             let events = renderer.render(step);
             guard.ended |= renderer.ended();
             Some((Ok::<_, actix_web::Error>(Bytes::from(events)), (followed, renderer, guard)))
@@ -175,6 +181,8 @@ struct Following {
     user_id: String,
     run_id: String,
     ended: bool,
+    /// The bytes of steps handed to this client and not yet taken (see `Follower`).
+    unread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Following {

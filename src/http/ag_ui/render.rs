@@ -214,7 +214,7 @@ mod tests {
     }
 
     fn step(output: AgentOutput) -> RunStep {
-        RunStep { output, ag_ui: Vec::new() }
+        RunStep { output, ag_ui: Vec::new(), bytes: 0 }
     }
 
     #[test]
@@ -272,6 +272,7 @@ mod tests {
                 json!({"type": "TEXT_MESSAGE_START", "messageId": "a", "role": "assistant"}),
                 json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "a", "delta": "Hi"}),
             ],
+            bytes: 0,
         };
         assert_eq!(types(&r.render(opening)), ["RUN_STARTED", "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT"]);
         let cancel =
