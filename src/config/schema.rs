@@ -167,7 +167,8 @@ pub struct LimitsConfig {
     pub pending_messages: usize,
     /// Bytes of early frames queued before `processing_ready`.
     pub pending_bytes: NonZeroUsize,
-    /// Unsent output a session may accumulate before it is closed with 4008 (slow reader).
+    /// Unsent output a session may accumulate before it is closed with 4008 (slow reader); and
+    /// what a `POST /ag-ui` client may leave untaken before it stops following its run.
     pub max_outbound_bytes: NonZeroUsize,
     /// Seconds between server pings.
     pub heartbeat_interval_secs: NonZeroU64,
