@@ -91,9 +91,7 @@ impl Run {
                 .collect(),
         }
     }
-}
 
-impl Run {
     /// The stream event's payload of one of the run's steps: a call of a tool the client
     /// declared says so (`client_tool: true`), for the client to run it.
     fn payload(&self, output: &AgentOutput) -> Value {

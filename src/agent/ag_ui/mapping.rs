@@ -2,8 +2,10 @@
 //! (no I/O, no clock but the run's start), so every row is tested here on its own.
 //!
 //! It also writes down what the run adds to the thread's conversation (the assistant's text and
-//! tool calls, the tool results, in AG-UI message form) and follows the thread's state through
-//! `STATE_SNAPSHOT` and `STATE_DELTA`, so the next run of the thread is sent both.
+//! tool calls, the tool results, in AG-UI message form), or takes the agent's `MESSAGES_SNAPSHOT`
+//! as the whole thread (docs/agents.md, v2), and follows the thread's state through
+//! `STATE_SNAPSHOT` and `STATE_DELTA`, so the next run of the thread is sent both. A run's
+//! interrupts (AG-UI 1.0's outcome, LangGraph's `on_interrupt`) go with its end.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -96,8 +98,8 @@ pub struct Mapping {
     /// The thread's conversation as the agent last gave it whole (`MESSAGES_SNAPSHOT`), and how
     /// much of the transcript came before it: the snapshot is the thread (docs/agents.md, v2).
     snapshot: Option<(Vec<Value>, usize)>,
-    /// The tool call `TOOL_CALL_CHUNK`s are building: any other event ends it, as a
-    /// `TOOL_CALL_END` would (AG-UI's chunk events).
+    /// The tool call `TOOL_CALL_CHUNK`s are building: the next event not in [`CHUNKS_PASS`]
+    /// ends it, as a `TOOL_CALL_END` would (AG-UI's chunk events).
     chunk_call: Option<String>,
     /// Bytes of assistant text in the transcript, held to `max_text_bytes`.
     transcript_text: usize,

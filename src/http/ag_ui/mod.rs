@@ -1,10 +1,12 @@
 //! `POST /ag-ui`: agentwire as an AG-UI server (docs/ag-ui.md). An AG-UI
 //! client (`@ag-ui/client`'s `HttpAgent`, CopilotKit) posts a `RunAgentInput` with the user's
-//! JWT; the last user message goes onto the user's stream like a WebSocket `user_message` (every
-//! tab sees it and its run), and the response is that run as AG-UI Server-Sent Events.
+//! JWT; the message of its input the thread does not have yet (by id: a user's words, a frontend
+//! tool's result) or its `resume` goes onto the user's thread like a WebSocket `user_message`
+//! (every tab sees its run), and the response is that run as AG-UI Server-Sent Events.
 //!
-//! The request holds no registry state of its own: it follows the run through a bounded channel
-//! the registry feeds (`registry/ag_ui_clients.rs`). A client that goes away mid-run cancels it.
+//! The request holds no registry state of its own: it follows the run through a channel the
+//! registry feeds (`registry/ag_ui_clients.rs`), bounded in steps and in bytes not taken. A client
+//! that goes away mid-run cancels it.
 
 pub mod input;
 pub mod render;
