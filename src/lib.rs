@@ -7,6 +7,10 @@
 mod admission;
 mod agent;
 mod assets;
+/// The exit code of a node whose broker cannot start after the start-up check passed
+/// (registry/mod.rs): it stops rather than keep users' streams to itself.
+pub const EXIT_BROKER: i32 = 3;
+
 pub mod auth;
 mod base;
 mod broker;

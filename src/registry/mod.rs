@@ -246,8 +246,11 @@ impl Registry {
                 match crate::broker::redis::RedisBroker::start(redis.clone(), Arc::clone(&metrics)) {
                     Ok(redis) => Box::new(redis),
                     Err(e) => {
-                        warn!("broker: {e}; keeping users' streams in this process");
-                        Box::new(MemoryBroker::new(settings.users))
+                        // Never streams in this process instead: a node that keeps them for itself
+                        // splits the cluster (docs/scale-out.md). `build` took this same URL, so
+                        // this is not reached but by a bug; the node stops rather than split.
+                        log::error!("broker: {e}; this node stops rather than keep users' streams to itself");
+                        std::process::exit(crate::EXIT_BROKER);
                     }
                 }
             }
