@@ -343,15 +343,7 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
         }
         "user_message" => {
             let frame: UserMessage = serde_json::from_value(value).map_err(fields)?;
-            check_len("thread_id", &frame.thread_id, 1, MAX_THREAD_ID_CHARS, reference)?;
-            check_len("content", &frame.content, 1, limits.max_content_chars, reference)?;
-            if let Some(id) = &frame.client_msg_id {
-                check_len("client_msg_id", id, 1, MAX_CLIENT_MSG_ID_CHARS, reference)?;
-            }
-            if let Err((field, why)) = frame.client.check() {
-                return Err(FrameError::bad(format!("field `{field}` {why}"), reference));
-            }
-            Ok(ClientFrame::UserMessage(Box::new(frame)))
+            checked(frame, limits)
         }
         "tool_result" => {
             let frame: ToolResultFrame = serde_json::from_value(value).map_err(fields)?;
@@ -363,8 +355,7 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
                 answers: Answers::ToolCall(frame.tool_call_id),
                 id: None,
             };
-            check_answer(&message, limits)?;
-            Ok(ClientFrame::UserMessage(Box::new(message)))
+            checked(message, limits)
         }
         "resume_run" => {
             let frame: ResumeRunFrame = serde_json::from_value(value).map_err(fields)?;
@@ -376,8 +367,7 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
                 answers: Answers::Interrupt { interrupt_id: frame.interrupt_id, value: frame.value },
                 id: None,
             };
-            check_answer(&message, limits)?;
-            Ok(ClientFrame::UserMessage(Box::new(message)))
+            checked(message, limits)
         }
         "cancel_run" => {
             let frame: CancelRunFrame = serde_json::from_value(value).map_err(fields)?;
@@ -399,24 +389,28 @@ pub fn parse_client_frame(text: &str, limits: FieldLimits) -> Result<ClientFrame
     }
 }
 
-/// A `tool_result`'s or `resume_run`'s fields, held to a `user_message`'s limits (an empty
-/// answer is allowed: a tool may return nothing).
-fn check_answer(message: &UserMessage, limits: FieldLimits) -> Result<(), FrameError> {
+/// A `user_message`, `tool_result` or `resume_run` held to section 4's limits (an answer may
+/// be empty: a tool may return nothing; words may not).
+fn checked(message: UserMessage, limits: FieldLimits) -> Result<ClientFrame, FrameError> {
     let reference = Some(message.frame_type());
+    let least = usize::from(message.answers == Answers::Nothing);
     check_len("thread_id", &message.thread_id, 1, MAX_THREAD_ID_CHARS, reference)?;
-    check_len("content", &message.content, 0, limits.max_content_chars, reference)?;
+    check_len("content", &message.content, least, limits.max_content_chars, reference)?;
     if let Some(id) = &message.client_msg_id {
         check_len("client_msg_id", id, 1, MAX_CLIENT_MSG_ID_CHARS, reference)?;
     }
     if let Err((field, why)) = message.client.check() {
         return Err(FrameError::bad(format!("field `{field}` {why}"), reference));
     }
-    let (name, id) = match &message.answers {
-        Answers::ToolCall(id) => ("tool_call_id", id),
-        Answers::Interrupt { interrupt_id, .. } => ("interrupt_id", interrupt_id),
-        Answers::Nothing => return Ok(()),
+    let answered = match &message.answers {
+        Answers::ToolCall(id) => Some(("tool_call_id", id)),
+        Answers::Interrupt { interrupt_id, .. } => Some(("interrupt_id", interrupt_id)),
+        Answers::Nothing => None,
     };
-    check_len(name, id, 1, MAX_RUN_ID_CHARS, reference)
+    if let Some((name, id)) = answered {
+        check_len(name, id, 1, MAX_RUN_ID_CHARS, reference)?;
+    }
+    Ok(ClientFrame::UserMessage(Box::new(message)))
 }
 
 /// Lengths are counted in Unicode characters, as the protocol says.

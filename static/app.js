@@ -571,7 +571,9 @@ function onEvent(event) {
   const t = thread(event.thread_id);
   // The run that goes on from this tab's answer (a tool's result, an interrupt's) is this tab's
   // too: a frontend tool it calls runs here.
-  if (answeredCalls.has(p.tool_call_id) || answeredInterrupts.has(p.interrupt_id)) sentByThisTab.add(p.message_id);
+  if (event.type === "user_message" && (answeredCalls.has(p.tool_call_id) || answeredInterrupts.has(p.interrupt_id))) {
+    sentByThisTab.add(p.message_id);
+  }
   if (event.type === "user_message" && p.role === "tool") {
     // A frontend tool's result: shown with its call, not as the user's words.
     for (const r of runs.values()) {

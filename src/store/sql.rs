@@ -631,8 +631,9 @@ const ROWS_PER_INSERT: usize = 500;
 
 /// How a run's end changes the thread's `interrupts`: set by an interrupted run, cleared by
 /// one that ended `ok`, left by a cancel or an error (the agent still waits for its answer).
-pub(super) const INTERRUPTS_AFTER_RUN: &str =
-    "CASE WHEN {status} = 'interrupted' THEN {interrupts} WHEN {status} = 'ok' THEN NULL ELSE {column} END";
+pub(super) fn interrupts_after_run(status: &str, interrupts: &str, column: &str) -> String {
+    format!("CASE WHEN {status} = 'interrupted' THEN {interrupts} WHEN {status} = 'ok' THEN NULL ELSE {column} END")
+}
 
 async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> Result<(), sqlx::Error> {
     if run.whole {
@@ -640,10 +641,7 @@ async fn add_run_messages(connection: &mut AnyConnection, run: &RunMessages) -> 
     }
     let now = to_i64(run.created_at);
     let sizes: Vec<i64> = run.messages.iter().map(|m| to_i64(m.get().len() as u64)).collect();
-    let interrupts = INTERRUPTS_AFTER_RUN
-        .replace("{status}", "$8")
-        .replace("{interrupts}", "$9")
-        .replace("{column}", "interrupts");
+    let interrupts = interrupts_after_run("$8", "$9", "interrupts");
     let updated = sqlx::query(&format!(
         "UPDATE threads SET updated_at = $1, message_count = message_count + $2, bytes = bytes + $3, \
          state = COALESCE($4, state), running = CASE WHEN running = $5 THEN NULL ELSE running END, \
@@ -776,7 +774,7 @@ async fn replace_window(
     let first_turn = run.messages.iter().find_map(|m| anchors.get(&id_of(m)).copied());
     let ahead = run.messages.iter().take_while(|m| !anchors.contains_key(&id_of(m))).count();
     let (mut turn, mut part) = match first_turn {
-        Some(first) => (first, floor.min(0) - to_i64(ahead as u64) - 1),
+        Some(first) => (first, floor - to_i64(ahead as u64) - 1),
         None => (start.0, start.1.max(1) - 1),
     };
     let mut kept_anchors: HashSet<String> = HashSet::new();
@@ -854,10 +852,7 @@ async fn replace_window(
         query.execute(&mut *connection).await?;
     }
     // The thread's counts follow from its rows; its other columns as for any run's end.
-    let interrupts = INTERRUPTS_AFTER_RUN
-        .replace("{status}", "$4")
-        .replace("{interrupts}", "$5")
-        .replace("{column}", "interrupts");
+    let interrupts = interrupts_after_run("$4", "$5", "interrupts");
     sqlx::query(&format!(
         "UPDATE threads SET updated_at = $1, state = COALESCE($2, state), \
          running = CASE WHEN running = $3 THEN NULL ELSE running END, interrupts = {interrupts}, \

@@ -433,10 +433,7 @@ async fn add_runs(connection: &mut AnyConnection, places: Places, jobs: &[Job]) 
              FROM (VALUES {}) AS v \
              WHERE threads.user_id = v.column1 AND threads.thread_id = v.column2 \
              RETURNING threads.user_id, threads.thread_id",
-            super::INTERRUPTS_AFTER_RUN
-                .replace("{status}", "v.column8")
-                .replace("{interrupts}", "v.column9")
-                .replace("{column}", "threads.interrupts"),
+            super::interrupts_after_run("v.column8", "v.column9", "threads.interrupts"),
             places.tuples(chunk.len(), 9)
         );
         let mut query = sqlx::query(&sql);
@@ -532,34 +529,37 @@ async fn runs_started(
 /// The stream events that completed messages (`epoch`, `seq`): user messages by id in one
 /// UPDATE, runs' messages by run in another.
 async fn confirm(connection: &mut AnyConnection, places: Places, jobs: &[Job]) -> Result<(), sqlx::Error> {
-    // (user, key, epoch, seq, run): a user message by its id and the run it starts (an id may
-    // be a client's own, the same in two threads), a run's messages by their run.
-    let mut by_id: Vec<(&str, &str, &str, i64, &str)> = Vec::new();
-    let mut by_run: Vec<(&str, &str, &str, i64, &str)> = Vec::new();
+    // (user, run, epoch, seq, message): a run's messages by their run; a user message by the
+    // run it starts and its id (an id may be a client's own, the same in two threads).
+    let mut by_id: Vec<(&str, &str, &str, i64, Option<&str>)> = Vec::new();
+    let mut by_run: Vec<(&str, &str, &str, i64, Option<&str>)> = Vec::new();
     for job in jobs {
         if let Job::Confirm { user_id, what, epoch, seq, .. } = job {
             match what {
                 Confirmed::Messages(ids) => by_id.extend(ids.iter().map(|(id, run_id)| {
-                    (user_id.as_str(), id.as_str(), epoch.as_str(), to_i64(*seq), run_id.as_str())
+                    (user_id.as_str(), run_id.as_str(), epoch.as_str(), to_i64(*seq), Some(id.as_str()))
                 })),
-                Confirmed::Run(run_id) => by_run.push((user_id, run_id, epoch, to_i64(*seq), run_id)),
+                Confirmed::Run(run_id) => by_run.push((user_id, run_id, epoch, to_i64(*seq), None)),
             }
         }
     }
     let statements = [
-        (by_id, "messages.id = v.column2 AND messages.run_id = v.column5 AND messages.part = 0"),
-        (by_run, "messages.run_id = v.column2 AND messages.run_id = v.column5 AND messages.part <> 0"),
+        (by_id, 5, "messages.run_id = v.column2 AND messages.id = v.column5 AND messages.part = 0"),
+        (by_run, 4, "messages.run_id = v.column2 AND messages.part <> 0"),
     ];
-    for (rows, which) in statements {
+    for (rows, columns, which) in statements {
         for chunk in rows.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "UPDATE messages SET epoch = v.column3, seq = v.column4 FROM (VALUES {}) AS v \
                  WHERE messages.user_id = v.column1 AND {which}",
-                places.tuples(chunk.len(), 5)
+                places.tuples(chunk.len(), columns)
             );
             let mut query = sqlx::query(&sql);
-            for (user_id, key, epoch, seq, run_id) in chunk {
-                query = query.bind(*user_id).bind(*key).bind(*epoch).bind(*seq).bind(*run_id);
+            for (user_id, run_id, epoch, seq, id) in chunk {
+                query = query.bind(*user_id).bind(*run_id).bind(*epoch).bind(*seq);
+                if let Some(id) = id {
+                    query = query.bind(*id);
+                }
             }
             query.execute(&mut *connection).await?;
         }
