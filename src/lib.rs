@@ -8,8 +8,9 @@ mod admission;
 mod agent;
 mod assets;
 /// The exit code of a node whose broker cannot start after the start-up check passed
-/// (registry/mod.rs): it stops rather than keep users' streams to itself.
-pub const EXIT_BROKER: i32 = 3;
+/// (registry/mod.rs): it refuses to start, as with a configuration it cannot use, rather than
+/// keep users' streams to itself (docs/scale-out.md).
+pub const EXIT_BROKER: i32 = 2;
 
 pub mod auth;
 mod base;

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use agentwire::config::{BrokerKind, StoreKind};
+use common::fault_proxy::{Fault, FaultProxy, Which};
 use common::postgres::TestDatabase;
 use common::*;
 use serde_json::json;
@@ -104,9 +105,21 @@ impl Drop for OwnRedis {
 
 /// Two nodes on `redis`, sharing `db` (Redis nodes share one conversation store).
 fn two_nodes(redis: &OwnRedis, db: &TestDatabase) -> (TestServer, TestServer) {
+    let url = redis.url();
+    nodes_on(&[&url, &url], db, |_| {})
+}
+
+/// A node on each of `urls` (Redis, or a fault proxy in front of it), sharing `db`, each also
+/// set as `tweak` says.
+fn nodes_on(
+    urls: &[&str],
+    db: &TestDatabase,
+    tweak: impl Fn(&mut agentwire::config::Config) + Clone + Send + 'static,
+) -> (TestServer, TestServer) {
     let node = |i: usize| {
-        let url = redis.url();
+        let url = urls[i].to_owned();
         let store_url = db.url();
+        let tweak = tweak.clone();
         TestServer::with(move |c| {
             c.broker.kind = BrokerKind::Redis;
             c.broker.url = url;
@@ -115,9 +128,22 @@ fn two_nodes(redis: &OwnRedis, db: &TestDatabase) -> (TestServer, TestServer) {
             c.store.kind = StoreKind::Postgres;
             c.store.url = store_url;
             c.agent.step_delay_ms = 0;
+            tweak(c);
         })
     };
     (node(0), node(1))
+}
+
+/// Waits (bounded) until `/readyz` of `server` answers `status`.
+async fn readyz_becomes(server: &TestServer, status: u16) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if http_get(&server.http("/readyz"), None).await.0 == status {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/readyz never answered {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[actix_web::test]
@@ -191,4 +217,145 @@ async fn redis_gone_then_back_empty() {
     assert_ne!(ready["epoch"], epoch.as_str());
     assert_eq!(ready["resume"]["complete"], false);
     assert_eq!(again.stream_events(1).await[0]["payload"]["text"], "new 1");
+}
+
+#[actix_web::test]
+async fn a_half_open_pubsub_link_is_noticed_and_what_it_dropped_is_filled() {
+    let redis = OwnRedis::start().await;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let db = TestDatabase::create();
+    let direct = redis.url();
+    let (a, b) = nodes_on(&[&proxy.url(), &direct], &db, |_| {});
+    let mut on_a = a.ready_client("hana").await;
+    publish(&b, "hana", vec![thinking("before")]).await;
+    assert_eq!(on_a.stream_events(1).await[0]["seq"], 1);
+
+    // Node a's Pub/Sub link goes half-open: no traffic, no close. Node a must notice (its
+    // `/readyz` says so) rather than go on as if nothing were missed.
+    proxy.set(Which::PubSub, Fault::Blackhole);
+    for i in 0..3 {
+        let (status, _) = publish(&b, "hana", vec![thinking(&format!("during {i}"))]).await;
+        assert_eq!(status, 200);
+    }
+    readyz_becomes(&a, 503).await;
+
+    // The link is back: the tab gets what was dropped, in order, without reconnecting.
+    proxy.set(Which::PubSub, Fault::Pass);
+    let missed = on_a.stream_events(3).await;
+    assert_contiguous(&missed, 2);
+    readyz_becomes(&a, 200).await;
+    publish(&b, "hana", vec![thinking("after")]).await;
+    assert_eq!(on_a.stream_events(1).await[0]["seq"], 5);
+}
+
+#[actix_web::test]
+async fn events_lost_past_maxlen_send_the_tab_to_resume_never_a_silent_gap() {
+    let redis = OwnRedis::start().await;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let db = TestDatabase::create();
+    let direct = redis.url();
+    let (a, b) = nodes_on(&[&proxy.url(), &direct], &db, |c| {
+        c.history.events_per_user = std::num::NonZeroUsize::new(5).unwrap();
+    });
+    let mut on_a = Client::connect_bearer(&a.ws_url(), &a.token("ines")).await.unwrap();
+    let epoch = on_a.expect_setup("ines").await["epoch"].as_str().unwrap().to_owned();
+    publish(&b, "ines", vec![thinking("1")]).await;
+    on_a.stream_events(1).await;
+
+    // Ten events while node a hears nothing; the stream keeps the last five (7 to 11).
+    proxy.set(Which::PubSub, Fault::Blackhole);
+    for i in 2..=11 {
+        let (status, _) = publish(&b, "ines", vec![thinking(&i.to_string())]).await;
+        assert_eq!(status, 200);
+    }
+    readyz_becomes(&a, 503).await;
+    proxy.set(Which::PubSub, Fault::Pass);
+
+    // Events 2 to 6 are gone: the tab is told to resume, not handed 7 to 11 after 1.
+    assert_eq!(on_a.expect_close_code().await, 1012);
+    let url = format!("{}?last_seq=1&epoch={epoch}", a.ws_url());
+    let mut again = Client::connect_bearer(&url, &a.token("ines")).await.unwrap();
+    let ready = again.expect_setup("ines").await;
+    assert_eq!(
+        (ready["resume"]["complete"].as_bool(), ready["epoch"].as_str()),
+        (Some(false), Some(&*epoch))
+    );
+    assert_contiguous(&again.stream_events(5).await, 7);
+}
+
+#[actix_web::test]
+async fn an_open_tabs_stream_does_not_expire_under_it() {
+    let redis = OwnRedis::start().await;
+    let db = TestDatabase::create();
+    let url = redis.url();
+    let (a, b) = nodes_on(&[&url, &url], &db, |c| c.history.ttl_secs = 1);
+    let mut on_a = Client::connect_bearer(&a.ws_url(), &a.token("jade")).await.unwrap();
+    let epoch = on_a.expect_setup("jade").await["epoch"].as_str().unwrap().to_owned();
+    publish(&b, "jade", vec![thinking("1")]).await;
+    on_a.stream_events(1).await;
+
+    // Three TTLs with the tab open and nothing published: the time passing is what is tested.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    publish(&b, "jade", vec![thinking("2")]).await;
+    let next = on_a.stream_events(1).await;
+    assert_eq!(next[0]["seq"], 2, "the stream started over under the open tab: {next:?}");
+    let (status, body) = http_get(&a.http("/readyz"), None).await;
+    assert_eq!(status, 200, "{body}");
+    drop(on_a);
+    let _ = epoch;
+}
+
+#[actix_web::test]
+async fn a_resume_told_complete_false_replays_nothing_twice() {
+    let redis = OwnRedis::start().await;
+    let db = TestDatabase::create();
+    let url = redis.url();
+    let (a, b) = nodes_on(&[&url, &url], &db, |c| {
+        c.limits.max_sessions_per_user = std::num::NonZeroUsize::new(32).unwrap();
+    });
+    publish(&b, "kate", vec![thinking("0")]).await;
+    // Events keep coming from node b while 25 tabs resume on node a with an epoch the stream no
+    // longer has (so each is answered `complete: false` and replayed everything kept).
+    let publisher = {
+        let b_publish = b.http("/api/v1/publish");
+        tokio::task::spawn_local(async move {
+            for i in 1..=200 {
+                let body = json!({"user_id": "kate", "events": [thinking(&i.to_string())]}).to_string();
+                let (status, _) = http_post(&b_publish, Some(API_KEY), &body).await;
+                assert_eq!(status, 200);
+            }
+        })
+    };
+    let mut tabs = Vec::new();
+    for _ in 0..25 {
+        let url = format!("{}?last_seq=1&epoch=gone1234", a.ws_url());
+        tabs.push(Client::connect_bearer(&url, &a.token("kate")).await.unwrap());
+    }
+    publisher.await.unwrap();
+    for mut tab in tabs {
+        let ready = tab.expect_setup("kate").await;
+        assert_eq!(ready["resume"]["complete"], false);
+        let mut seqs = Vec::new();
+        while seqs.last() != Some(&201) {
+            seqs.push(tab.stream_events(1).await[0]["seq"].as_u64().unwrap());
+        }
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "a duplicate or a gap: {seqs:?}");
+    }
+}
+
+#[actix_web::test]
+async fn scripts_redis_no_longer_has_are_loaded_again() {
+    let redis = OwnRedis::start().await;
+    let db = TestDatabase::create();
+    let (a, b) = two_nodes(&redis, &db);
+    let mut on_b = b.ready_client("lena").await;
+    publish(&a, "lena", vec![thinking("1")]).await;
+    on_b.stream_events(1).await;
+    // Scripts are called by their SHA1 (`EVALSHA`); Redis forgets them on a restart or a flush.
+    assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).await.as_deref(), Ok("OK"));
+    let (status, body) = publish(&a, "lena", vec![thinking("2"), thinking("3")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_contiguous(&on_b.stream_events(2).await, 2);
+    let ack = on_b.say("t", "still one round trip away", Some("m1")).await;
+    assert!(ack["seq"].as_u64() > Some(3), "{ack}");
 }

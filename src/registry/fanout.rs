@@ -170,11 +170,16 @@ impl Registry {
                 self.fill(ctx, user_id, delivered + 1);
                 return 0;
             }
+            // What was missed is no longer kept (the stream's MAXLEN trimmed it): never a silent
+            // gap; the sessions resume and learn `complete: false` (docs/scale-out.md, as
+            // Centrifugo disconnects).
             warn!(
-                "user {user_id}: events {}..{} are no longer kept; sessions see a gap",
+                "user {user_id}: events {}..{} were missed and are no longer kept; sessions here resume",
                 delivered + 1,
-                first.seq
+                first.seq - 1
             );
+            self.resume_elsewhere(user_id);
+            return 0;
         }
         user.delivered = Some(last.seq);
         self.trimmer.relayed(fresh.iter().map(|e| e.frame.len()).sum());

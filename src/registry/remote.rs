@@ -60,8 +60,14 @@ impl Registry {
     /// The user's stream was made anew under another epoch: the sessions here hold seqs of the
     /// old one, so they are closed with 1012 to resume (their clients learn `complete: false`).
     fn stream_renewed(&mut self, user_id: &str, epoch: &str) {
-        let Some(local) = self.local.get_mut(user_id) else { return };
         warn!("user {user_id}: the stream has a new epoch {epoch}; sessions here resume");
+        self.resume_elsewhere(user_id);
+    }
+
+    /// The user's sessions here can no longer be brought up to date in place: each is closed
+    /// with 1012, to resume from its last seq and be told what it missed.
+    pub(super) fn resume_elsewhere(&mut self, user_id: &str) {
+        let Some(local) = self.local.get_mut(user_id) else { return };
         local.epoch = None;
         local.delivered = None;
         let sessions = local.sessions.clone();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_agent;
+pub mod fault_proxy;
 pub mod postgres;
 pub mod python_agent;
 

@@ -12,14 +12,18 @@ use futures_util::StreamExt;
 use log::{info, warn};
 use redis::aio::ConnectionManager;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use super::scripts::Lua;
 use crate::broker::BrokerError;
 use crate::metrics::Metrics;
 
 /// One command and where its answer goes.
 pub struct Job {
     pub command: redis::Cmd,
+    /// The script an `EVALSHA` calls: loaded again when Redis no longer has it.
+    pub script: Option<&'static Lua>,
     pub answer: oneshot::Sender<Result<redis::Value, BrokerError>>,
 }
 
@@ -81,34 +85,29 @@ pub async fn writer(client: redis::Client, mut jobs: mpsc::UnboundedReceiver<Job
             }
         }
         let Some(manager) = connection.as_mut() else { continue };
-        let mut pipe = redis::pipe();
-        // A command that fails answers its own caller; the others in the pipeline still do.
-        pipe.ignore_errors();
-        for job in &batch {
-            pipe.add_command(job.command.clone());
-        }
         let sent = std::time::Instant::now();
-        let answered = pipe.query_async::<Vec<redis::Value>>(manager).await;
+        let answered = send(manager, &batch).await;
         metrics.broker_round_trip_seconds.observe(sent.elapsed().as_secs_f64());
         metrics.broker_connected.set(i64::from(answered.is_ok()));
         match answered {
-            Ok(values) if values.len() == batch.len() => {
-                for (job, value) in batch.into_iter().zip(values) {
-                    let answer = match value {
-                        redis::Value::ServerError(e) => Err(broker_error(&e.into())),
-                        value => Ok(value),
-                    };
-                    let _ = job.answer.send(answer);
-                }
-            }
             Ok(values) => {
-                let error = BrokerError::Unexpected(format!(
-                    "redis: {} answers to {} commands",
-                    values.len(),
-                    batch.len()
-                ));
-                for job in batch {
-                    let _ = job.answer.send(Err(error.clone()));
+                // Redis without the scripts (restarted, or `SCRIPT FLUSH`): every `EVALSHA` it
+                // refused had no effect; they are loaded and those calls sent again, in order.
+                let refused: Vec<usize> = (0..values.len())
+                    .filter(|&i| matches!(&values[i], redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript)))
+                    .collect();
+                let mut answers: Vec<Result<redis::Value, BrokerError>> =
+                    values.into_iter().map(answer).collect();
+                if !refused.is_empty() {
+                    match load_and_send_again(manager, &batch, &refused).await {
+                        Ok(again) => {
+                            refused.into_iter().zip(again).for_each(|(i, value)| answers[i] = answer(value))
+                        }
+                        Err(e) => refused.into_iter().for_each(|i| answers[i] = Err(broker_error(&e))),
+                    }
+                }
+                for (job, answer) in batch.into_iter().zip(answers) {
+                    let _ = job.answer.send(answer);
                 }
             }
             Err(e) => {
@@ -121,6 +120,53 @@ pub async fn writer(client: redis::Client, mut jobs: mpsc::UnboundedReceiver<Job
     }
 }
 
+/// One command's answer in a pipeline: an error is its own caller's.
+fn answer(value: redis::Value) -> Result<redis::Value, BrokerError> {
+    match value {
+        redis::Value::ServerError(e) => Err(broker_error(&e.into())),
+        value => Ok(value),
+    }
+}
+
+/// The jobs' commands as one pipeline: one answer per command, a failed command answering its
+/// own caller while the others in the pipeline still do.
+async fn send(manager: &mut ConnectionManager, batch: &[Job]) -> redis::RedisResult<Vec<redis::Value>> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for job in batch {
+        pipe.add_command(job.command.clone());
+    }
+    let values = pipe.query_async::<Vec<redis::Value>>(manager).await?;
+    if values.len() != batch.len() {
+        let what = format!("{} answers to {} commands", values.len(), batch.len());
+        return Err(redis::RedisError::from((redis::ErrorKind::Client, "pipeline", what)));
+    }
+    Ok(values)
+}
+
+/// `SCRIPT LOAD` of the scripts the jobs at `again` call, and those jobs sent again.
+async fn load_and_send_again(
+    manager: &mut ConnectionManager,
+    batch: &[Job],
+    again: &[usize],
+) -> redis::RedisResult<Vec<redis::Value>> {
+    let mut load = redis::pipe();
+    let mut loaded: Vec<&str> = Vec::new();
+    for script in again.iter().filter_map(|&i| batch[i].script) {
+        if !loaded.contains(&script.sha.as_str()) {
+            loaded.push(&script.sha);
+            load.cmd("SCRIPT").arg("LOAD").arg(&script.code);
+        }
+    }
+    load.query_async::<Vec<String>>(manager).await?;
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for &i in again {
+        pipe.add_command(batch[i].command.clone());
+    }
+    pipe.query_async::<Vec<redis::Value>>(manager).await
+}
+
 /// What the subscriber is asked to do.
 pub enum Interest {
     Subscribe(String, oneshot::Sender<()>),
@@ -130,23 +176,38 @@ pub enum Interest {
 /// A message from a user's channel: `(channel, payload)`.
 pub type Message = (String, Vec<u8>);
 
+/// How often the Pub/Sub connection is checked, and how long any of its commands may take: a
+/// link that went half-open (no traffic, no close) is found within a few seconds, never left to
+/// drop events silently (docs/scale-out.md, "When something goes away").
+const PUBSUB_CHECK: Duration = Duration::from_secs(1);
+const PUBSUB_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Keeps the Pub/Sub connection: subscribes and unsubscribes as asked, hands every message on,
 /// and after a reconnect subscribes again to every channel and says so (`reconnected`), so the
-/// registry fills what was missed meanwhile from the streams.
+/// registry fills what was missed meanwhile from the streams. A `PING` every second proves the
+/// link; one not answered in time, or a subscribe that is not, ends the connection for a new
+/// one. `up` says whether it works now, for `/readyz`.
 pub async fn subscriber(
     client: redis::Client,
     mut interest: mpsc::UnboundedReceiver<Interest>,
     messages: mpsc::UnboundedSender<Message>,
     reconnected: mpsc::UnboundedSender<()>,
+    up: Arc<AtomicBool>,
 ) {
+    use actix_web::rt::time::timeout;
     let mut channels: BTreeSet<String> = BTreeSet::new();
     let mut first = true;
     loop {
-        let pubsub = match client.get_async_pubsub().await {
-            Ok(pubsub) => pubsub,
-            Err(e) => {
+        up.store(false, Ordering::Relaxed);
+        let pubsub = match timeout(PUBSUB_TIMEOUT, client.get_async_pubsub()).await {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(e)) => {
                 warn!("broker: Redis Pub/Sub connection failed: {e}; retrying");
                 actix_web::rt::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(_) => {
+                warn!("broker: Redis Pub/Sub connection not made in time; retrying");
                 continue;
             }
         };
@@ -154,12 +215,14 @@ pub async fn subscriber(
         let mut stream = stream.fuse();
         let mut ok = true;
         for channel in &channels {
-            if sink.subscribe(channel).await.is_err() {
+            if !matches!(timeout(PUBSUB_TIMEOUT, sink.subscribe(channel)).await, Ok(Ok(()))) {
                 ok = false;
                 break;
             }
         }
         if !ok {
+            warn!("broker: Redis Pub/Sub subscriptions not made again in time; reconnecting");
+            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
         if !first {
@@ -167,20 +230,25 @@ pub async fn subscriber(
             let _ = reconnected.unbounded_send(());
         }
         first = false;
+        up.store(true, Ordering::Relaxed);
+        let mut check = actix_web::rt::time::interval(PUBSUB_CHECK);
         loop {
             futures_util::select! {
                 asked = interest.next() => match asked {
                     Some(Interest::Subscribe(channel, done)) => {
-                        if sink.subscribe(&channel).await.is_err() {
-                            channels.insert(channel);
+                        let subscribed = timeout(PUBSUB_TIMEOUT, sink.subscribe(&channel)).await;
+                        channels.insert(channel);
+                        if !matches!(subscribed, Ok(Ok(()))) {
+                            // `done` goes unanswered: the attach reads the stream anyway, and
+                            // the reconnect fills what it may have missed.
+                            warn!("broker: a Redis Pub/Sub subscribe failed or took too long; reconnecting");
                             break;
                         }
-                        channels.insert(channel);
                         let _ = done.send(());
                     }
                     Some(Interest::Unsubscribe(channel)) => {
                         channels.remove(&channel);
-                        if sink.unsubscribe(&channel).await.is_err() {
+                        if !matches!(timeout(PUBSUB_TIMEOUT, sink.unsubscribe(&channel)).await, Ok(Ok(()))) {
                             break;
                         }
                     }
@@ -196,8 +264,15 @@ pub async fn subscriber(
                         break;
                     }
                 },
+                _ = futures_util::FutureExt::fuse(check.tick()) => {
+                    if !matches!(timeout(PUBSUB_TIMEOUT, sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
+                        warn!("broker: Redis Pub/Sub connection does not answer PING; reconnecting");
+                        break;
+                    }
+                }
             }
         }
+        up.store(false, Ordering::Relaxed);
         actix_web::rt::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -12,6 +12,8 @@
 mod connection;
 mod scripts;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
@@ -27,6 +29,7 @@ use crate::base::ConnectionId;
 use crate::config::Config;
 use crate::protocol::{now_ms, Event, EventKind};
 use connection::{Interest, Job};
+use scripts::Lua;
 
 /// What the Redis broker is told at start.
 #[derive(Clone, Debug)]
@@ -87,13 +90,24 @@ pub struct RedisBroker {
     subscribed:
         std::collections::HashMap<String, Option<futures_util::future::Shared<oneshot::Receiver<()>>>>,
     remote: Option<mpsc::UnboundedReceiver<RemoteBatch>>,
-    scripts: Scripts,
+    /// Whether the Pub/Sub connection works (checked by `PING`): `/readyz` needs both.
+    pubsub_up: Arc<AtomicBool>,
+    /// When the streams of users here were last kept from expiring (`upkeep`).
+    kept: Instant,
     scratch: Vec<u8>,
 }
 
-struct Scripts {
-    append: String,
-    submit: String,
+/// A command for the writer, with the script it calls, if any (`EVALSHA`: loaded again when
+/// Redis has lost it).
+struct Request {
+    command: redis::Cmd,
+    script: Option<&'static Lua>,
+}
+
+impl From<redis::Cmd> for Request {
+    fn from(command: redis::Cmd) -> Request {
+        Request { command, script: None }
+    }
 }
 
 /// A script's answer, when the writer has it.
@@ -155,7 +169,9 @@ impl RedisBroker {
         let (reconnected_tx, reconnected) = mpsc::unbounded();
         let (remote_tx, remote) = mpsc::unbounded();
         actix_web::rt::spawn(connection::writer(client.clone(), queued, metrics));
-        actix_web::rt::spawn(connection::subscriber(client, asked, messages_tx, reconnected_tx));
+        let pubsub_up = Arc::new(AtomicBool::new(false));
+        let up = Arc::clone(&pubsub_up);
+        actix_web::rt::spawn(connection::subscriber(client, asked, messages_tx, reconnected_tx, up));
         let control = format!("{}:node:{}:control", settings.prefix, settings.node);
         let (subscribed, _) = oneshot::channel();
         let _ = interest.unbounded_send(Interest::Subscribe(control.clone(), subscribed));
@@ -166,7 +182,8 @@ impl RedisBroker {
             interest,
             subscribed: Default::default(),
             remote: Some(remote),
-            scripts: Scripts { append: scripts::append(), submit: scripts::submit() },
+            pubsub_up,
+            kept: Instant::now(),
             scratch: Vec::new(),
         })
     }
@@ -184,18 +201,23 @@ impl RedisBroker {
     }
 
     /// Queues a script now (its effect is decided in call order) and answers later.
-    fn eval(&mut self, script: &str, keys: &[String], args: Vec<Vec<u8>>) -> Answer {
+    fn eval(&mut self, script: &'static Lua, keys: &[String], args: Vec<Vec<u8>>) -> Answer {
         queue(&self.jobs, script_command(script, keys, args))
     }
 
     fn appended(&mut self, user: &str, events: &[NewEvent<'_>]) -> (Answer, Vec<(String, String)>) {
-        let (command, parts) =
-            append_command(&self.settings, &self.scripts.append, user, events, &mut self.scratch);
+        let (command, parts) = append_command(&self.settings, user, events, &mut self.scratch);
         (queue(&self.jobs, command), parts)
     }
 
     /// A script whose answer nobody waits for; a failure is logged.
-    fn eval_quietly(&mut self, what: &'static str, script: &str, keys: &[String], args: Vec<Vec<u8>>) {
+    fn eval_quietly(
+        &mut self,
+        what: &'static str,
+        script: &'static Lua,
+        keys: &[String],
+        args: Vec<Vec<u8>>,
+    ) {
         let answered = self.eval(script, keys, args);
         actix_web::rt::spawn(async move {
             if let Err(e) = answer(answered).await {
@@ -212,15 +234,15 @@ impl RedisBroker {
 /// The append script for `events` of `user`, and each frame's parts around its seq.
 fn append_command(
     settings: &RedisSettings,
-    script: &str,
     user: &str,
     events: &[NewEvent<'_>],
     scratch: &mut Vec<u8>,
-) -> (redis::Cmd, Vec<(String, String)>) {
+) -> (Request, Vec<(String, String)>) {
     let parts: Vec<(String, String)> = events.iter().map(|e| split_frame(e, scratch)).collect();
     let key = |what: &str| format!("{}:{{{user}}}:{what}", settings.prefix);
-    let mut command = redis::cmd("EVAL");
-    command.arg(script).arg(4).arg(key("meta")).arg(key("stream")).arg(key("live")).arg(key("holders"));
+    let script: &'static Lua = &scripts::APPEND_EVENTS;
+    let mut command = redis::cmd("EVALSHA");
+    command.arg(&script.sha).arg(4).arg(key("meta")).arg(key("stream")).arg(key("live")).arg(key("holders"));
     command
         .arg(key("events"))
         .arg(random_epoch())
@@ -232,7 +254,7 @@ fn append_command(
         let (op, data) = follow_op(event);
         command.arg(head).arg(tail).arg(op).arg(event.run_id.unwrap_or_default()).arg(data);
     }
-    (command, parts)
+    (Request { command, script: Some(script) }, parts)
 }
 
 /// What an event changes in its run's snapshot (the `follow` of the append script): the same
@@ -308,23 +330,24 @@ fn snapshots(runs: &RedisValue, max: usize) -> Vec<Value> {
     snapshots.into_iter().map(|(_, snapshot)| snapshot).collect()
 }
 
-/// `EVAL script` with its keys and arguments.
-fn script_command(script: &str, keys: &[String], args: Vec<Vec<u8>>) -> redis::Cmd {
-    let mut command = redis::cmd("EVAL");
-    command.arg(script).arg(keys.len());
+/// `EVALSHA script` with its keys and arguments.
+fn script_command(script: &'static Lua, keys: &[String], args: Vec<Vec<u8>>) -> Request {
+    let mut command = redis::cmd("EVALSHA");
+    command.arg(&script.sha).arg(keys.len());
     for key in keys {
         command.arg(key);
     }
     for arg in args {
         command.arg(arg);
     }
-    command
+    Request { command, script: Some(script) }
 }
 
 /// Hands a command to the writer, in call order; its answer comes later.
-fn queue(jobs: &mpsc::UnboundedSender<Job>, command: redis::Cmd) -> Answer {
+fn queue(jobs: &mpsc::UnboundedSender<Job>, request: impl Into<Request>) -> Answer {
+    let Request { command, script } = request.into();
     let (answer, answered) = oneshot::channel();
-    if jobs.unbounded_send(Job { command, answer }).is_err() {
+    if jobs.unbounded_send(Job { command, script, answer }).is_err() {
         warn!("broker: the Redis writer is gone");
     }
     answered
@@ -454,8 +477,7 @@ impl Broker for RedisBroker {
             Vec::new(),
             Vec::new(),
         ];
-        let script = self.scripts.submit.clone();
-        let answered = self.eval(&script, &keys, args);
+        let answered = self.eval(&scripts::SUBMIT, &keys, args);
         Box::pin(async move {
             let reply = items(answer(answered).await?)?;
             match reply.first().and_then(text).as_deref() {
@@ -509,7 +531,7 @@ impl Broker for RedisBroker {
             if let Some(subscribed) = subscribed {
                 let _ = subscribed.await;
             }
-            let reply = items(answer(queue(&jobs, script_command(scripts::ATTACH, &keys, args))).await?)?;
+            let reply = items(answer(queue(&jobs, script_command(&scripts::ATTACH, &keys, args))).await?)?;
             let runs = Some(reply.get(3).map(|runs| snapshots(runs, max_run_text)).unwrap_or_default());
             let mut fields = reply.iter().map(text);
             let epoch = fields.next().flatten().ok_or_else(|| unexpected("attach"))?;
@@ -526,7 +548,10 @@ impl Broker for RedisBroker {
             let frames = if resumed.complete {
                 kept
             } else {
-                let read = script_command(scripts::RANGE, &keys[1..2], vec![oldest.to_string().into_bytes()]);
+                // Up to `last_seq` only: what follows comes live (`Registry::live_from`), and a
+                // frame read here too would arrive twice.
+                let bounds = vec![oldest.to_string().into_bytes(), last_seq.to_string().into_bytes()];
+                let read = script_command(&scripts::RANGE, &keys[1..2], bounds);
                 ranged(items(answer(queue(&jobs, read)).await?)?).into_iter().map(|e| e.frame).collect()
             };
             let info = crate::protocol::ResumeInfo {
@@ -540,7 +565,7 @@ impl Broker for RedisBroker {
 
     fn range(&mut self, user: &str, from_seq: u64) -> Call<Vec<Stored>> {
         let keys = [self.key(user, "stream")];
-        let answered = self.eval(scripts::RANGE, &keys, vec![from_seq.to_string().into_bytes()]);
+        let answered = self.eval(&scripts::RANGE, &keys, vec![from_seq.to_string().into_bytes(), Vec::new()]);
         Box::pin(async move { Ok(ranged(items(answer(answered).await?)?)) })
     }
 
@@ -554,15 +579,25 @@ impl Broker for RedisBroker {
             self.ttl_ms().to_string().into_bytes(),
             user.as_bytes().to_vec(),
         ];
-        let answered = self.eval(scripts::ADMIT, &keys, args);
+        let answered = self.eval(&scripts::ADMIT, &keys, args);
         Box::pin(async move { Ok(matches!(answer(answered).await?, RedisValue::Int(1))) })
     }
 
     fn leave(&mut self, user: &str, connection: ConnectionId) -> Call<()> {
-        let keys = [self.key(user, "sessions"), self.node_key("sessions")];
-        let args =
-            vec![format!("{}/{connection}", self.settings.node).into_bytes(), user.as_bytes().to_vec()];
-        let answered = self.eval(scripts::LEAVE, &keys, args);
+        let keys = [
+            self.key(user, "sessions"),
+            self.node_key("sessions"),
+            self.key(user, "meta"),
+            self.key(user, "stream"),
+            self.key(user, "dedupe"),
+            self.key(user, "dedupe:order"),
+        ];
+        let args = vec![
+            format!("{}/{connection}", self.settings.node).into_bytes(),
+            user.as_bytes().to_vec(),
+            self.ttl_ms().to_string().into_bytes(),
+        ];
+        let answered = self.eval(&scripts::LEAVE, &keys, args);
         Box::pin(async move { answer(answered).await.map(|_| ()) })
     }
 
@@ -575,13 +610,13 @@ impl Broker for RedisBroker {
             user.as_bytes().to_vec(),
             self.ttl_ms().to_string().into_bytes(),
         ];
-        self.eval_quietly("a run's owner", scripts::RUN_STARTED, &keys, args);
+        self.eval_quietly("a run's owner", &scripts::RUN_STARTED, &keys, args);
     }
 
     fn run_ended(&mut self, user: &str, run_id: &str) {
         let keys = [self.key(user, "runs"), self.node_key("runs")];
         let args = vec![run_id.as_bytes().to_vec(), user.as_bytes().to_vec()];
-        self.eval_quietly("a run's end", scripts::RUN_ENDED, &keys, args);
+        self.eval_quietly("a run's end", &scripts::RUN_ENDED, &keys, args);
     }
 
     fn claim_thread(&mut self, user: &str, thread_id: &str, run_id: &str) -> Call<Option<String>> {
@@ -593,7 +628,7 @@ impl Broker for RedisBroker {
             self.settings.node.as_bytes().to_vec(),
             user.as_bytes().to_vec(),
         ];
-        let answered = self.eval(scripts::CLAIM, &keys, args);
+        let answered = self.eval(&scripts::CLAIM, &keys, args);
         Box::pin(async move {
             let holder = answer(answered).await?;
             Ok(text(&holder).filter(|holder| !holder.is_empty()))
@@ -607,7 +642,7 @@ impl Broker for RedisBroker {
             user.as_bytes().to_vec(),
             self.settings.prefix.clone().into_bytes(),
         ];
-        let answered = self.eval(scripts::CANCEL_ELSEWHERE, &keys, args);
+        let answered = self.eval(&scripts::CANCEL_ELSEWHERE, &keys, args);
         Box::pin(async move { Ok(matches!(answer(answered).await?, RedisValue::Int(1))) })
     }
 
@@ -618,9 +653,8 @@ impl Broker for RedisBroker {
             self.settings.node.clone().into_bytes(),
             lease.to_string().into_bytes(),
         ];
-        let answered = self.eval(scripts::HEARTBEAT, &[], args);
-        let (settings, script, jobs) =
-            (self.settings.clone(), self.scripts.append.clone(), self.jobs.clone());
+        let answered = self.eval(&scripts::HEARTBEAT, &[], args);
+        let (settings, jobs) = (self.settings.clone(), self.jobs.clone());
         actix_web::rt::spawn(async move {
             let lost = match answer(answered).await.and_then(items) {
                 Ok(lost) => lost,
@@ -642,7 +676,7 @@ impl Broker for RedisBroker {
                     payload: &payload,
                 };
                 let (command, _) =
-                    append_command(&settings, &script, &user, std::slice::from_ref(&event), &mut scratch);
+                    append_command(&settings, &user, std::slice::from_ref(&event), &mut scratch);
                 drop(queue(&jobs, command)); // nobody waits for a node_lost end
             }
         });
@@ -689,17 +723,31 @@ impl Broker for RedisBroker {
 
     fn ping(&mut self) -> Call<()> {
         let answered = queue(&self.jobs, redis::cmd("PING"));
-        Box::pin(async move { answer(answered).await.map(|_| ()) })
+        let pubsub_up = self.pubsub_up.load(Ordering::Relaxed);
+        Box::pin(async move {
+            answer(answered).await?;
+            if pubsub_up {
+                Ok(())
+            } else {
+                Err(BrokerError::Unavailable("redis: the Pub/Sub connection is down".into()))
+            }
+        })
     }
 
     fn upkeep(&mut self) -> bool {
-        // The session slots of users with sessions here outlive the TTL while they are used.
-        let ttl = self.ttl_ms();
+        // The streams and session slots of users with sessions here outlive the TTL while they
+        // are used: an open tab's stream never expires under it (docs/scale-out.md). Every
+        // quarter TTL, one script per user.
+        if self.kept.elapsed() < self.settings.ttl / 4 {
+            return false;
+        }
+        self.kept = Instant::now();
+        let ttl = self.ttl_ms().to_string().into_bytes();
         let users: Vec<String> = self.subscribed.keys().cloned().collect();
         for user in users {
-            let mut command = redis::cmd("PEXPIRE");
-            command.arg(self.key(&user, "sessions")).arg(ttl);
-            drop(queue(&self.jobs, command)); // a refresh; nobody waits for it
+            let keys =
+                ["sessions", "meta", "stream", "dedupe", "dedupe:order"].map(|what| self.key(&user, what));
+            drop(self.eval(&scripts::KEEP, &keys, vec![ttl.clone()])); // a refresh; nobody waits for it
         }
         false
     }

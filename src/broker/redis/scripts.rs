@@ -1,9 +1,28 @@
 //! The Lua scripts of the Redis broker: each call of the broker is one script, so each is one
 //! round trip and atomic in Redis (docs/scale-out.md: "one round trip per publish").
 //!
+//! Each is sent by its SHA1 (`EVALSHA`), not its text: Redis keeps the scripts it was given by
+//! `SCRIPT LOAD`, and the writer loads them again when Redis answers `NOSCRIPT` (a restarted or
+//! flushed Redis; `connection.rs`). A 1-event publish sends its frame and keys, not 1.3 KB of Lua.
+//!
 //! Keys of one user share the hash tag `{user}`, so a Redis Cluster keeps them on one shard.
 //! Events are kept in a Redis Stream whose entry ids are `<seq>-1`, so a range of seqs is an
 //! `XRANGE`; the stream's `seq` and `epoch` live in the user's `meta` hash.
+
+use std::sync::LazyLock;
+
+/// A script: its text, for `SCRIPT LOAD`, and the SHA1 it is called by.
+pub struct Lua {
+    pub code: String,
+    pub sha: String,
+}
+
+impl Lua {
+    fn new(code: String) -> Lua {
+        let sha = redis::Script::new(&code).get_hash().to_owned();
+        Lua { code, sha }
+    }
+}
 
 /// Appends events: ensures the epoch, assigns seqs, `XADD`s each frame (the frame is the
 /// caller's head + seq + tail), follows the runs in progress (`follow`), trims the stream,
@@ -84,21 +103,21 @@ local function append(meta, stream, live, holders, channel, new_epoch, maxlen, t
 end
 "#;
 
-pub fn append() -> String {
-    format!(
+pub static APPEND_EVENTS: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(format!(
         "{APPEND}
 local r = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 7)
 return {{r[1], string.format('%d', r[2])}}"
-    )
-}
+    ))
+});
 
 /// A `user_message`: appended unless its `client_msg_id` was seen, and remembered with its ids.
 /// KEYS: meta, stream, dedupe hash, dedupe order list, live, holders. ARGV: channel, epoch if new,
 /// maxlen, ttl ms, client_msg_id or "", message_id, run_id, dedupe cap, head, tail, then an
 /// empty op, run and data (an echo follows no run).
 /// Returns {"seen", "message_id run_id seq"} or {"appended", epoch, seq}.
-pub fn submit() -> String {
-    format!(
+pub static SUBMIT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(format!(
         "{APPEND}
 local cmid = ARGV[5]
 if cmid ~= '' then
@@ -116,15 +135,17 @@ if cmid ~= '' then
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
 end
 return {{'appended', r[1], string.format('%d', r[2])}}"
-    )
-}
+    ))
+});
 
 /// A session attaching: the stream's epoch (made when new) and last seq, the first seq still
 /// kept, the runs in progress as of that seq, and the kept frames after `after` (0: all).
 /// KEYS: meta, stream, live. ARGV: epoch if new, ttl ms, after.
 /// Returns {epoch, last_seq, oldest_seq or "", {run, thread, started_seq, truncated, content,
 /// thinking, {tool...}}..., frames...} with the runs in one table.
-pub const ATTACH: &str = r#"
+pub static ATTACH: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
@@ -152,23 +173,36 @@ for _, entry in ipairs(entries) do
   reply[#reply + 1] = entry[2][2]
 end
 return reply
-"#;
+"#
+        .to_owned(),
+    )
+});
 
-/// The kept events from `from` on, for filling a gap. KEYS: stream. ARGV: from.
-/// Returns {seq, frame, seq, frame...}.
-pub const RANGE: &str = r#"
+/// The kept events from `from` on (up to `to`, when given: a resume's replay ends at the seq
+/// its attach read, the live events take over from there), for filling a gap.
+/// KEYS: stream. ARGV: from, to or "". Returns {seq, frame, seq, frame...}.
+pub static RANGE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 local reply = {}
-for _, entry in ipairs(redis.call('XRANGE', KEYS[1], ARGV[1] .. '-1', '+')) do
+local to = '+'
+if ARGV[2] and ARGV[2] ~= '' then to = ARGV[2] .. '-1' end
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], ARGV[1] .. '-1', to)) do
   reply[#reply + 1] = string.match(entry[1], '^(%d+)')
   reply[#reply + 1] = entry[2][2]
 end
 return reply
-"#;
+"#
+        .to_owned(),
+    )
+});
 
 /// A session against the user's cap across all nodes, recorded for the connections API and in
 /// its node's set (for the reaper). KEYS: sessions hash, the node's sessions set. ARGV: session,
 /// record, cap, ttl ms, user. Returns 1 (admitted) or 0.
-pub const ADMIT: &str = r#"
+pub static ADMIT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -176,24 +210,57 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
-"#;
+"#
+        .to_owned(),
+    )
+});
 
-/// A session given back. KEYS: sessions hash, the node's sessions set. ARGV: session, user.
-pub const LEAVE: &str = r#"
+/// A session given back. The last one leaving starts the stream's TTL: a stream never expires
+/// while a session on any node has it (`KEEP`), and its TTL counts from the later of its last
+/// event and its last session leaving (docs/scale-out.md).
+/// KEYS: sessions hash, the node's sessions set, meta, stream, dedupe, dedupe order.
+/// ARGV: session, user, ttl ms.
+pub static LEAVE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[2] .. '\n' .. ARGV[1])
+if redis.call('HLEN', KEYS[1]) == 0 then
+  for i = 3, 6 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+end
 return 1
-"#;
+"#
+        .to_owned(),
+    )
+});
+
+/// A user with sessions on this node: their stream, dedupe and session slots are kept a TTL
+/// longer (sent every quarter TTL). KEYS: sessions hash, meta, stream, dedupe, dedupe order.
+/// ARGV: ttl ms.
+pub static KEEP: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+return 1
+"#
+        .to_owned(),
+    )
+});
 
 /// A run started on this node: its owner and thread in the user's runs, and the run in the
 /// node's set (for the reaper). KEYS: runs hash, the node's runs set. ARGV: run, node, thread,
 /// user, ttl ms.
-pub const RUN_STARTED: &str = r#"
+pub static RUN_STARTED: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\n' .. ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('SADD', KEYS[2], ARGV[4] .. '\n' .. ARGV[1])
 return 1
-"#;
+"#
+        .to_owned(),
+    )
+});
 
 /// A run of a thread may start: the thread's holder is the run whose events it carries now
 /// (`agent.on_busy` across nodes, docs/conversations.md). Free, or held by a run that no node runs
@@ -202,7 +269,9 @@ return 1
 /// is answered. The holder lets go when its run's terminal event is appended (`follow`).
 /// KEYS: holders hash, runs hash, the node's runs set. ARGV: thread, run, ttl ms, node, user.
 /// Returns "" (taken) or the holder's run id.
-pub const CLAIM: &str = r#"
+pub static CLAIM: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 local holder = redis.call('HGET', KEYS[1], ARGV[1])
 if holder and holder ~= ARGV[2] and redis.call('HEXISTS', KEYS[2], holder) == 1 then
   return holder
@@ -213,29 +282,44 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[4] .. '\n' .. ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[5] .. '\n' .. ARGV[2])
 return ''
-"#;
+"#
+        .to_owned(),
+    )
+});
 
 /// A run ended. KEYS: runs hash, the node's runs set. ARGV: run, user.
-pub const RUN_ENDED: &str = r#"
+pub static RUN_ENDED: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[2] .. '\n' .. ARGV[1])
 return 1
-"#;
+"#
+        .to_owned(),
+    )
+});
 
 /// A cancel for a run of another node: sent to its owner's control channel. KEYS: runs hash.
 /// ARGV: run, user, prefix. Returns 1 when some node runs it.
-pub const CANCEL_ELSEWHERE: &str = r#"
+pub static CANCEL_ELSEWHERE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 local owner = redis.call('HGET', KEYS[1], ARGV[1])
 if not owner then return 0 end
 local node = string.match(owner, '^(.-)\n')
 redis.call('PUBLISH', ARGV[3] .. ':node:' .. node .. ':control', 'cancel\n' .. ARGV[2] .. '\n' .. ARGV[1])
 return 1
-"#;
+"#
+        .to_owned(),
+    )
+});
 
 /// This node is alive, and the runs and sessions of nodes that are not are taken over: the
 /// caller ends each run with `agent_error` `node_lost`. ARGV: prefix, this node, lease ms.
 /// Returns {user, run, thread, ...} of the runs taken over.
-pub const HEARTBEAT: &str = r#"
+pub static HEARTBEAT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 local prefix, me, lease = ARGV[1], ARGV[2], ARGV[3]
 redis.call('SET', prefix .. ':node:' .. me .. ':alive', '1', 'PX', lease)
 redis.call('SADD', prefix .. ':nodes', me)
@@ -268,4 +352,7 @@ for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':nodes')) do
   end
 end
 return lost
-"#;
+"#
+        .to_owned(),
+    )
+});
