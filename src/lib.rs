@@ -11,6 +11,9 @@ mod assets;
 /// (registry/mod.rs): it refuses to start, as with a configuration it cannot use, rather than
 /// keep users' streams to itself (docs/scale-out.md).
 pub const EXIT_BROKER: i32 = 2;
+/// The exit code of a node fenced by the others (registry/remote.rs): taken for dead while it
+/// was paused, its runs ended elsewhere, it stops and is to be started again (docs/scale-out.md).
+pub const EXIT_FENCED: i32 = 3;
 
 pub mod auth;
 mod base;
@@ -178,7 +181,8 @@ pub fn build(config: Config) -> Result<Running, StartError> {
 
     if config.broker.kind == config::BrokerKind::Redis {
         // docs/scale-out.md: a node that cannot reach its Redis does not start.
-        broker::redis::check(&config.broker.url).map_err(StartError::Config)?;
+        broker::redis::check(&broker::redis::RedisSettings::from_config(&config))
+            .map_err(StartError::Config)?;
         info!(
             "broker: Redis at {} (prefix {:?}), node {}",
             broker::redis::redacted(&config.broker.url),

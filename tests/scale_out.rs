@@ -240,15 +240,13 @@ async fn a_killed_nodes_runs_end_with_node_lost_and_its_tabs_resume_elsewhere() 
     let ack = client.say("t", "a question for a node about to die", None).await;
     let run_id = ack["run_id"].as_str().unwrap().to_owned();
     let started = client.recv_where(|f| f["type"] == "agent_started").await;
-    // Once the doomed node has beaten (it is known to the others), kill it without a word.
+    // A node registers before it serves (docs/scale-out.md): it is known to the others already,
+    // though it may not have beaten yet. Killed without a word.
     let redis = redis::Client::open(redis_url()).unwrap();
     let mut connection = redis.get_connection().unwrap();
-    let alive = format!("{prefix}:node:doomed:alive");
-    let deadline = std::time::Instant::now() + WAIT;
-    while !redis::cmd("EXISTS").arg(&alive).query::<bool>(&mut connection).unwrap() {
-        assert!(std::time::Instant::now() < deadline, "the doomed node never beat");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let members: Vec<String> =
+        redis::cmd("SMEMBERS").arg(format!("{prefix}:{{nodes}}:members")).query(&mut connection).unwrap();
+    assert!(members.iter().any(|m| m.starts_with("doomed@")), "{members:?}");
     doomed.child.kill().unwrap();
     let _ = doomed.child.wait();
 
@@ -477,4 +475,119 @@ async fn on_busy_interrupt_cancels_another_nodes_run_first() {
     let (first, second) = (span(&events, &one), span(&events, &two));
     assert!(first.1 < second.0, "run {two} began before run {one} ended: {events:?}");
     assert_eq!(events[first.1]["payload"]["status"], "cancelled", "{:?}", events[first.1]);
+}
+
+/// `kill -<signal> <pid>`.
+fn signal(child: &std::process::Child, signal: &str) {
+    let status =
+        std::process::Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status();
+    assert!(status.unwrap().success(), "kill -{signal}");
+}
+
+/// Waits (bounded) for `child` to exit; its exit code.
+async fn exit_code(child: &mut std::process::Child) -> Option<i32> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "the process did not stop");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn redis_node_env<'a>(prefix: &'a str, store_url: &'a str, node_id: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("AGENTWIRE__BROKER__KIND", "redis"),
+        ("AGENTWIRE__STORE__KIND", "postgres"),
+        ("AGENTWIRE__STORE__URL", store_url),
+        ("AGENTWIRE__BROKER__PREFIX", prefix),
+        ("AGENTWIRE__BROKER__NODE_ID", node_id),
+        ("AGENTWIRE__HISTORY__TTL_SECS", "60"),
+        ("AGENTWIRE__AGENT__STEP_DELAY_MS", "500"),
+    ]
+}
+
+#[actix_web::test]
+async fn a_node_paused_past_its_lease_is_fenced_and_emits_nothing_more() {
+    let prefix = unique_prefix("fenced");
+    let db = TestDatabase::create();
+    let survivor = {
+        let (prefix, store_url) = (prefix.clone(), db.url());
+        TestServer::with(move |c| {
+            c.broker.kind = BrokerKind::Redis;
+            c.broker.url = redis_url();
+            c.broker.prefix = prefix;
+            c.broker.node_id = "survivor".into();
+            c.store.kind = StoreKind::Postgres;
+            c.store.url = store_url;
+            c.broker.node_lease_secs = 2;
+        })
+    };
+    let (url, store_url) = (redis_url(), db.url());
+    let mut env = redis_node_env(&prefix, &store_url, "sleeper");
+    env.extend([("AGENTWIRE__BROKER__URL", url.as_str()), ("AGENTWIRE__BROKER__NODE_LEASE_SECS", "2")]);
+    let mut sleeper = BinaryServer::spawn(&env);
+    let mut watcher = survivor.ready_client("uma").await;
+    let mut client = Client::connect_bearer(&sleeper.ws_url(), &sleeper.token("uma")).await.unwrap();
+    client.expect_setup("uma").await;
+    let ack = client.say("t", "a question for a node about to doze off", None).await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    watcher.recv_where(|f| f["run_id"] == run_id.as_str() && f["type"] == "agent_started").await;
+
+    // Paused past its lease (as by a long GC pause), the node is taken for dead: the survivor
+    // ends its run.
+    signal(&sleeper.child, "STOP");
+    let end = watcher.recv_where(|f| f["run_id"] == run_id.as_str() && is_terminal(f)).await;
+    assert_eq!(end["payload"]["code"], "node_lost");
+
+    // Back, it learns it was fenced: its tab is sent to resume elsewhere and it stops, having
+    // streamed nothing more of the run.
+    signal(&sleeper.child, "CONT");
+    assert_eq!(client.expect_close_code().await, 1012);
+    assert_eq!(exit_code(&mut sleeper.child).await, Some(3));
+    publish(&survivor, "uma", vec![thinking("marker")]).await;
+    let mut after_end = Vec::new();
+    loop {
+        let event = watcher.stream_events(1).await.remove(0);
+        if event["payload"]["text"] == "marker" {
+            break;
+        }
+        if event["run_id"] == run_id.as_str() && event["seq"].as_u64() > end["seq"].as_u64() {
+            after_end.push(event);
+        }
+    }
+    assert!(after_end.is_empty(), "events of the run after its end: {after_end:?}");
+}
+
+#[actix_web::test]
+async fn a_node_restarted_under_its_node_id_ends_its_previous_runs_and_frees_their_slots() {
+    let prefix = unique_prefix("phoenix");
+    let db = TestDatabase::create();
+    let (url, store_url) = (redis_url(), db.url());
+    // A lease far longer than the test: only the restart can reap the first life.
+    let mut env = redis_node_env(&prefix, &store_url, "phoenix");
+    env.extend([
+        ("AGENTWIRE__BROKER__URL", url.as_str()),
+        ("AGENTWIRE__BROKER__NODE_LEASE_SECS", "60"),
+        ("AGENTWIRE__LIMITS__MAX_SESSIONS_PER_USER", "2"),
+    ]);
+    let mut first = BinaryServer::spawn(&env);
+    let mut client = Client::connect_bearer(&first.ws_url(), &first.token("vera")).await.unwrap();
+    let epoch = client.expect_setup("vera").await["epoch"].as_str().unwrap().to_owned();
+    let ack = client.say("t", "a question for a node about to crash", None).await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    let started = client.recv_where(|f| f["type"] == "agent_started").await;
+    first.child.kill().unwrap();
+    let _ = first.child.wait();
+
+    let second = BinaryServer::spawn(&env);
+    let url = format!("{}?last_seq={}&epoch={epoch}", second.ws_url(), started["seq"]);
+    let mut again = Client::connect_bearer(&url, &second.token("vera")).await.unwrap();
+    again.expect_setup("vera").await;
+    let end = again.recv_where(|f| f["run_id"] == run_id.as_str() && is_terminal(f)).await;
+    assert_eq!(end["payload"]["code"], "node_lost");
+    // The first life's session slot is free: a second tab fits under the cap of 2.
+    let mut other = Client::connect_bearer(&second.ws_url(), &second.token("vera")).await.unwrap();
+    other.expect_setup("vera").await;
 }

@@ -97,10 +97,6 @@ impl Broker for Faulty {
         self.wrap(user, |b| b.cancel_elsewhere(user, run_id))
     }
 
-    fn heartbeat(&mut self) {
-        self.inner.heartbeat();
-    }
-
     fn ping(&mut self) -> Call<()> {
         self.inner.ping()
     }

@@ -128,6 +128,9 @@ pub enum RemoteBatch {
     Reconnected,
     /// Another process asks this one to cancel a run it runs.
     Cancel { user: String, run_id: String },
+    /// This process was taken for dead while it was away (paused past its lease) and its runs
+    /// were ended by another: it must emit nothing more and stop (docs/scale-out.md, fencing).
+    Fenced,
 }
 
 /// The user stream store. Calls take effect in the order they are made.
@@ -201,9 +204,6 @@ pub trait Broker {
     fn cancel_elsewhere(&mut self, _user: &str, _run_id: &str) -> Call<bool> {
         Box::pin(std::future::ready(Ok(false)))
     }
-
-    /// Every second: this process is alive; runs of processes that are not are ended.
-    fn heartbeat(&mut self) {}
 
     /// Whether the store answers now: `/readyz`.
     fn ping(&mut self) -> Call<()> {

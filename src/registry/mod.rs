@@ -226,7 +226,6 @@ impl Actor for Registry {
         });
         if let Some(remote) = self.broker.remote_events() {
             ctx.add_stream(remote);
-            ctx.run_interval(Duration::from_secs(1), |registry, _| registry.broker.heartbeat());
         }
         if self.settings.shard == 0 && self.settings.retention_days > 0 {
             ctx.run_later(Duration::from_secs(1), |registry, ctx| registry.expire_threads(ctx));

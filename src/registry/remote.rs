@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use actix::prelude::*;
-use log::{info, warn};
+use log::{error, info, warn};
 
 use super::{Registry, ToSession};
 use crate::broker::{Call, RemoteBatch};
@@ -35,6 +35,7 @@ impl StreamHandler<RemoteBatch> for Registry {
                     info!("run {run_id}: cancelled from another node");
                 }
             }
+            RemoteBatch::Fenced => self.fenced(ctx),
             RemoteBatch::Reconnected => {
                 self.metrics.broker_reconnects.inc();
                 let behind: Vec<(String, u64)> = self
@@ -62,6 +63,25 @@ impl Registry {
     fn stream_renewed(&mut self, user_id: &str, epoch: &str) {
         warn!("user {user_id}: the stream has a new epoch {epoch}; sessions here resume");
         self.resume_elsewhere(user_id);
+    }
+
+    /// This node was fenced: its runs were ended elsewhere (`node_lost`) and Redis refuses
+    /// their events. Every session here is closed with 1012, to resume on another node, and the
+    /// process stops a moment later, to be started again as a new generation.
+    fn fenced(&mut self, ctx: &mut Context<Self>) {
+        // A session registered after this is told to close at once, as in a shutdown.
+        if std::mem::replace(&mut self.shutting_down, true) {
+            return;
+        }
+        error!(
+            "this node was fenced: {} sessions closed with 1012; the process stops",
+            self.connections.len()
+        );
+        let ids: Vec<_> = self.connections.keys().copied().collect();
+        for id in ids {
+            self.tell(id, ToSession::Shutdown);
+        }
+        ctx.run_later(std::time::Duration::from_millis(500), |_, _| std::process::exit(crate::EXIT_FENCED));
     }
 
     /// The user's sessions here can no longer be brought up to date in place: each is closed

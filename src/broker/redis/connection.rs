@@ -54,7 +54,12 @@ pub fn broker_error(error: &redis::RedisError) -> BrokerError {
 }
 
 /// Sends the jobs in order, each batch of waiting jobs as one pipeline.
-pub async fn writer(client: redis::Client, mut jobs: mpsc::UnboundedReceiver<Job>, metrics: Arc<Metrics>) {
+pub async fn writer(
+    client: redis::Client,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+) {
     let mut connection: Option<ConnectionManager> = None;
     while let Some(first) = jobs.next().await {
         let mut batch = vec![first];
@@ -71,7 +76,7 @@ pub async fn writer(client: redis::Client, mut jobs: mpsc::UnboundedReceiver<Job
                 .set_number_of_retries(2)
                 .set_max_delay(Duration::from_millis(500))
                 .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_response_timeout(Some(Duration::from_secs(5)));
+                .set_response_timeout(Some(timeout));
             match client.get_connection_manager_with_config(config).await {
                 Ok(manager) => connection = Some(manager),
                 Err(e) => {

@@ -44,6 +44,20 @@ pub struct RedisSettings {
     pub node_lease: Duration,
     /// `agent.max_response_bytes`: the text (and thinking) a run's snapshot keeps.
     pub max_run_text: usize,
+    /// This process in the node registry: `node_id@generation`, a generation made anew by each
+    /// process (so a restart under the same `node_id` is told from its previous life, and
+    /// fenced runs are told from live ones).
+    pub member: String,
+}
+
+/// This process's generation (every registry shard of it shares one).
+static GENERATION: std::sync::LazyLock<String> = std::sync::LazyLock::new(random_epoch);
+
+/// How long a command to Redis may take: under the node lease, so that a node whose writer is
+/// merely slow is never taken for dead while its commands are still on their way
+/// (docs/scale-out.md, fencing).
+pub fn command_timeout(lease: Duration) -> Duration {
+    (lease / 2).min(Duration::from_secs(5))
 }
 
 impl RedisSettings {
@@ -57,6 +71,7 @@ impl RedisSettings {
             dedupe_per_user: config.history.dedupe_per_user.get(),
             node_lease: Duration::from_secs(config.broker.node_lease_secs),
             max_run_text: config.agent.max_response_bytes.get(),
+            member: format!("{}@{}", config.broker.node_name(), *GENERATION),
         }
     }
 }
@@ -69,16 +84,31 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// Connects once, at start: a server that cannot reach its Redis does not start.
-pub fn check(url: &str) -> Result<(), String> {
+/// Connects once, at start: a server that cannot reach its Redis does not start. Then registers
+/// this process as a node before it serves (`REGISTER`): one killed before its first heartbeat
+/// is reaped all the same.
+pub fn check(settings: &RedisSettings) -> Result<(), String> {
+    let url = settings.url.as_str();
     let client = redis::Client::open(url).map_err(|e| format!("broker.url {}: {e}", redacted(url)))?;
     let mut connection = client
         .get_connection_with_timeout(Duration::from_secs(3))
         .map_err(|e| format!("broker.url {}: cannot reach Redis: {e}", redacted(url)))?;
     redis::cmd("PING")
         .query::<String>(&mut connection)
+        .map_err(|e| format!("broker.url {}: Redis does not answer: {e}", redacted(url)))?;
+    redis::Script::new(&scripts::REGISTER.code)
+        .key(nodes_key(&settings.prefix))
+        .arg(&settings.prefix)
+        .arg(&settings.member)
+        .arg(settings.node_lease.as_millis().max(1) as u64)
+        .invoke::<i64>(&mut connection)
         .map(|_| ())
-        .map_err(|e| format!("broker.url {}: Redis does not answer: {e}", redacted(url)))
+        .map_err(|e| format!("broker.url {}: the node could not register: {e}", redacted(url)))
+}
+
+/// The node registry's set of members (hash tag `{nodes}`: the registry is one slot).
+fn nodes_key(prefix: &str) -> String {
+    format!("{prefix}:{{nodes}}:members")
 }
 
 pub struct RedisBroker {
@@ -90,6 +120,11 @@ pub struct RedisBroker {
     subscribed:
         std::collections::HashMap<String, Option<futures_util::future::Shared<oneshot::Receiver<()>>>>,
     remote: Option<mpsc::UnboundedReceiver<RemoteBatch>>,
+    /// Where this broker says it was fenced (`RemoteBatch::Fenced`).
+    to_registry: mpsc::UnboundedSender<RemoteBatch>,
+    /// The runs this process runs, with their threads: their events are appended only while
+    /// Redis still has this process as their owner (fencing).
+    mine: std::collections::HashMap<String, String>,
     /// Whether the Pub/Sub connection works (checked by `PING`): `/readyz` needs both.
     pubsub_up: Arc<AtomicBool>,
     /// When the streams of users here were last kept from expiring (`upkeep`).
@@ -168,13 +203,16 @@ impl RedisBroker {
         let (messages_tx, messages) = mpsc::unbounded();
         let (reconnected_tx, reconnected) = mpsc::unbounded();
         let (remote_tx, remote) = mpsc::unbounded();
-        actix_web::rt::spawn(connection::writer(client.clone(), queued, metrics));
+        let timeout = command_timeout(settings.node_lease);
+        actix_web::rt::spawn(connection::writer(client.clone(), queued, metrics, timeout));
+        actix_web::rt::spawn(heartbeat(client.clone(), settings.clone(), jobs.clone(), remote_tx.clone()));
         let pubsub_up = Arc::new(AtomicBool::new(false));
         let up = Arc::clone(&pubsub_up);
         actix_web::rt::spawn(connection::subscriber(client, asked, messages_tx, reconnected_tx, up));
-        let control = format!("{}:node:{}:control", settings.prefix, settings.node);
+        let control = format!("{}:node:{}:control", settings.prefix, settings.member);
         let (subscribed, _) = oneshot::channel();
         let _ = interest.unbounded_send(Interest::Subscribe(control.clone(), subscribed));
+        let to_registry = remote_tx.clone();
         actix_web::rt::spawn(forward(settings.prefix.clone(), control, messages, reconnected, remote_tx));
         Ok(RedisBroker {
             settings,
@@ -182,6 +220,8 @@ impl RedisBroker {
             interest,
             subscribed: Default::default(),
             remote: Some(remote),
+            to_registry,
+            mine: Default::default(),
             pubsub_up,
             kept: Instant::now(),
             scratch: Vec::new(),
@@ -206,7 +246,11 @@ impl RedisBroker {
     }
 
     fn appended(&mut self, user: &str, events: &[NewEvent<'_>]) -> (Answer, Vec<(String, String)>) {
-        let (command, parts) = append_command(&self.settings, user, events, &mut self.scratch);
+        // Events of this process's own runs are fenced (checked against the run's owner);
+        // those a backend publishes belong to no node.
+        let own = events.iter().any(|e| e.run_id.is_some_and(|run| self.mine.contains_key(run)));
+        let owner = if own { self.settings.member.as_str() } else { "" };
+        let (command, parts) = append_command(&self.settings, user, owner, events, &mut self.scratch);
         (queue(&self.jobs, command), parts)
     }
 
@@ -227,29 +271,55 @@ impl RedisBroker {
     }
 
     fn node_key(&self, what: &str) -> String {
-        format!("{}:node:{}:{what}", self.settings.prefix, self.settings.node)
+        node_key(&self.settings.prefix, &self.settings.member, what)
     }
 }
 
-/// The append script for `events` of `user`, and each frame's parts around its seq.
+/// A key of a member of the node registry.
+fn node_key(prefix: &str, member: &str, what: &str) -> String {
+    format!("{prefix}:{{nodes}}:{member}:{what}")
+}
+
+/// The append script for `events` of `user` (fenced by `owner` unless it is empty), and each
+/// frame's parts around its seq.
 fn append_command(
     settings: &RedisSettings,
     user: &str,
+    owner: &str,
+    events: &[NewEvent<'_>],
+    scratch: &mut Vec<u8>,
+) -> (Request, Vec<(String, String)>) {
+    append_like(&scripts::APPEND_EVENTS, settings, user, (owner, "", ""), events, scratch)
+}
+
+/// A script built on the append script: `APPEND_EVENTS`, or `REAP_RUN` whose extra arguments
+/// are the run and its dead owner.
+fn append_like(
+    script: &'static Lua,
+    settings: &RedisSettings,
+    user: &str,
+    (owner, run, dead): (&str, &str, &str),
     events: &[NewEvent<'_>],
     scratch: &mut Vec<u8>,
 ) -> (Request, Vec<(String, String)>) {
     let parts: Vec<(String, String)> = events.iter().map(|e| split_frame(e, scratch)).collect();
     let key = |what: &str| format!("{}:{{{user}}}:{what}", settings.prefix);
-    let script: &'static Lua = &scripts::APPEND_EVENTS;
     let mut command = redis::cmd("EVALSHA");
-    command.arg(&script.sha).arg(4).arg(key("meta")).arg(key("stream")).arg(key("live")).arg(key("holders"));
+    command.arg(&script.sha).arg(5);
+    for what in ["meta", "stream", "live", "holders", "runs"] {
+        command.arg(key(what));
+    }
     command
         .arg(key("events"))
         .arg(random_epoch())
         .arg(settings.events_per_user)
         .arg(settings.ttl.as_millis().max(1) as u64)
         .arg(settings.max_run_text)
-        .arg(events.len());
+        .arg(events.len())
+        .arg(owner);
+    if script.sha != scripts::APPEND_EVENTS.sha {
+        command.arg(run).arg(dead);
+    }
     for ((head, tail), event) in parts.iter().zip(events) {
         let (op, data) = follow_op(event);
         command.arg(head).arg(tail).arg(op).arg(event.run_id.unwrap_or_default()).arg(data);
@@ -432,11 +502,116 @@ fn parse_batch(payload: &[u8]) -> Option<(String, Vec<Stored>)> {
     Some((epoch, events))
 }
 
+/// Every second, on a connection of its own (never behind the writer's queue): this node is
+/// alive (`HEARTBEAT`), what dead nodes left is taken over (each run ended `node_lost` in one
+/// step with its record, `REAP_RUN`; their session slots freed), and a node that finds itself
+/// reaped while it was away is fenced: the registry closes its sessions and the process stops
+/// (docs/scale-out.md).
+async fn heartbeat(
+    client: redis::Client,
+    settings: RedisSettings,
+    jobs: mpsc::UnboundedSender<Job>,
+    to_registry: mpsc::UnboundedSender<RemoteBatch>,
+) {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_number_of_retries(1)
+        .set_connection_timeout(Some(command_timeout(settings.node_lease)))
+        .set_response_timeout(Some(command_timeout(settings.node_lease)));
+    let beat = redis::Script::new(&scripts::HEARTBEAT.code);
+    let lease = settings.node_lease.as_millis().max(1) as u64;
+    let node_id = settings.member.rsplit_once('@').map_or(settings.member.as_str(), |(id, _)| id);
+    let mut connection = None;
+    let mut every = actix_web::rt::time::interval(Duration::from_secs(1));
+    let mut scratch = Vec::new();
+    loop {
+        every.tick().await;
+        if connection.is_none() {
+            match client.get_connection_manager_with_config(config.clone()).await {
+                Ok(manager) => connection = Some(manager),
+                Err(e) => {
+                    warn!("broker: heartbeat: {e}");
+                    continue;
+                }
+            }
+        }
+        let Some(manager) = connection.as_mut() else { continue };
+        let reply = beat
+            .key(nodes_key(&settings.prefix))
+            .arg(&settings.prefix)
+            .arg(&settings.member)
+            .arg(lease)
+            .arg(node_id)
+            .invoke_async::<RedisValue>(manager)
+            .await;
+        let reply = match reply.map_err(|e| connection::broker_error(&e)).and_then(items) {
+            Ok(reply) => reply,
+            Err(e) => {
+                warn!("broker: heartbeat: {e}");
+                continue;
+            }
+        };
+        if reply.first().and_then(text).as_deref() == Some("fenced") {
+            log::error!(
+                "broker: node {} was taken for dead while it was away (its lease lapsed) and its runs were ended elsewhere; it stops",
+                settings.member
+            );
+            let _ = to_registry.unbounded_send(RemoteBatch::Fenced);
+            return;
+        }
+        let mut reaped = reply.into_iter().skip(1).map(|list| items(list).unwrap_or_default());
+        let (runs, sessions) = (reaped.next().unwrap_or_default(), reaped.next().unwrap_or_default());
+        for run in runs.chunks(3) {
+            let (Some(user), Some(run_thread), Some(dead)) =
+                (text(&run[0]), run.get(1).and_then(text), run.get(2).and_then(text))
+            else {
+                continue;
+            };
+            let Some((run_id, thread)) = run_thread.split_once('\n') else { continue };
+            warn!("run {run_id} of user {user}: its node {dead} is gone; ended with agent_error node_lost");
+            let payload =
+                serde_json::json!({"code": "node_lost", "message": "the server running this run went away"});
+            let event = NewEvent {
+                kind: EventKind::AgentError,
+                thread_id: thread,
+                run_id: Some(run_id),
+                payload: &payload,
+            };
+            let ids = ("", run_id, dead.as_str());
+            let (command, _) = append_like(
+                &scripts::REAP_RUN,
+                &settings,
+                &user,
+                ids,
+                std::slice::from_ref(&event),
+                &mut scratch,
+            );
+            drop(queue(&jobs, command)); // nobody waits for a node_lost end
+        }
+        for session in sessions.chunks(2) {
+            let (Some(user), Some(session)) = (text(&session[0]), session.get(1).and_then(text)) else {
+                continue;
+            };
+            let mut command = redis::cmd("HDEL");
+            command.arg(format!("{}:{{{user}}}:sessions", settings.prefix)).arg(session);
+            drop(queue(&jobs, command));
+        }
+    }
+}
+
 impl Broker for RedisBroker {
     fn append(&mut self, user: &str, events: &[NewEvent<'_>]) -> Call<Vec<Stored>> {
         let (answered, parts) = self.appended(user, events);
+        let to_registry = self.to_registry.clone();
         Box::pin(async move {
             let reply = items(answer(answered).await?)?;
+            if reply.first().and_then(text).as_deref() == Some("fenced") {
+                let run = reply.get(1).and_then(text).unwrap_or_default();
+                log::error!(
+                    "broker: run {run} is no longer this node's (it was taken over while this node was away)"
+                );
+                let _ = to_registry.unbounded_send(RemoteBatch::Fenced);
+                return Err(BrokerError::Unavailable("redis: this node was fenced".into()));
+            }
             let first = reply
                 .get(1)
                 .and_then(text)
@@ -605,17 +780,19 @@ impl Broker for RedisBroker {
         let keys = [self.key(user, "runs"), self.node_key("runs")];
         let args = vec![
             run_id.as_bytes().to_vec(),
-            self.settings.node.clone().into_bytes(),
+            self.settings.member.clone().into_bytes(),
             thread_id.as_bytes().to_vec(),
             user.as_bytes().to_vec(),
             self.ttl_ms().to_string().into_bytes(),
         ];
+        self.mine.insert(run_id.to_owned(), thread_id.to_owned());
         self.eval_quietly("a run's owner", &scripts::RUN_STARTED, &keys, args);
     }
 
     fn run_ended(&mut self, user: &str, run_id: &str) {
+        let thread = self.mine.remove(run_id).unwrap_or_default();
         let keys = [self.key(user, "runs"), self.node_key("runs")];
-        let args = vec![run_id.as_bytes().to_vec(), user.as_bytes().to_vec()];
+        let args = vec![run_id.as_bytes().to_vec(), user.as_bytes().to_vec(), thread.into_bytes()];
         self.eval_quietly("a run's end", &scripts::RUN_ENDED, &keys, args);
     }
 
@@ -625,9 +802,12 @@ impl Broker for RedisBroker {
             thread_id.as_bytes().to_vec(),
             run_id.as_bytes().to_vec(),
             self.ttl_ms().to_string().into_bytes(),
-            self.settings.node.as_bytes().to_vec(),
+            self.settings.member.as_bytes().to_vec(),
             user.as_bytes().to_vec(),
         ];
+        // The run is this process's from here on (its events are fenced), whether it starts now
+        // or waits for the holder.
+        self.mine.insert(run_id.to_owned(), thread_id.to_owned());
         let answered = self.eval(&scripts::CLAIM, &keys, args);
         Box::pin(async move {
             let holder = answer(answered).await?;
@@ -644,42 +824,6 @@ impl Broker for RedisBroker {
         ];
         let answered = self.eval(&scripts::CANCEL_ELSEWHERE, &keys, args);
         Box::pin(async move { Ok(matches!(answer(answered).await?, RedisValue::Int(1))) })
-    }
-
-    fn heartbeat(&mut self) {
-        let lease = self.settings.node_lease.as_millis().max(1) as u64;
-        let args = vec![
-            self.settings.prefix.clone().into_bytes(),
-            self.settings.node.clone().into_bytes(),
-            lease.to_string().into_bytes(),
-        ];
-        let answered = self.eval(&scripts::HEARTBEAT, &[], args);
-        let (settings, jobs) = (self.settings.clone(), self.jobs.clone());
-        actix_web::rt::spawn(async move {
-            let lost = match answer(answered).await.and_then(items) {
-                Ok(lost) => lost,
-                Err(e) => return warn!("broker: heartbeat: {e}"),
-            };
-            let mut scratch = Vec::new();
-            for run in lost.chunks(3) {
-                let (Some(user), Some(run_id), Some(thread)) =
-                    (text(&run[0]), run.get(1).and_then(text), run.get(2).and_then(text))
-                else {
-                    continue;
-                };
-                warn!("run {run_id} of user {user}: its node is gone; ended with agent_error node_lost");
-                let payload = serde_json::json!({"code": "node_lost", "message": "the server running this run went away"});
-                let event = NewEvent {
-                    kind: EventKind::AgentError,
-                    thread_id: &thread,
-                    run_id: Some(&run_id),
-                    payload: &payload,
-                };
-                let (command, _) =
-                    append_command(&settings, &user, std::slice::from_ref(&event), &mut scratch);
-                drop(queue(&jobs, command)); // nobody waits for a node_lost end
-            }
-        });
     }
 
     fn interest(&mut self, user: &str, present: bool) {

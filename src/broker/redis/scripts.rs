@@ -28,9 +28,10 @@ impl Lua {
 /// caller's head + seq + tail), follows the runs in progress (`follow`), trims the stream,
 /// refreshes the TTL, and publishes the batch to the user's channel as
 /// `epoch \n first_seq \n frame \n frame...`.
-/// KEYS: meta, stream, live, holders. ARGV: channel, epoch if new, maxlen, ttl ms, max run
-/// text, count, then head, tail, op, run, data per event.
-/// Returns {epoch, first_seq}.
+/// KEYS: meta, stream, live, holders, runs. ARGV: channel, epoch if new, maxlen, ttl ms, max run
+/// text, count, owner (this node's `id@generation` when the events are of its own runs, else
+/// ""), then head, tail, op, run, data per event.
+/// Returns {epoch, first_seq}, or {"fenced", run} (nothing appended).
 const APPEND: &str = r#"
 -- The runs in progress, as of the stream's last seq, for a tab that joins one on any node
 -- (docs/conversations.md, "Joining a run in progress"): a set of run ids, and per run a hash
@@ -79,6 +80,22 @@ local function follow(live, holders, op, run, data, seq, max, ttl)
   redis.call('PEXPIRE', holders, ttl)
 end
 
+-- Fencing (docs/scale-out.md): events of a run this node owns are appended only while the
+-- user's runs hash still names this node (generation included) as the run's owner. A node that
+-- was paused past its lease finds its runs taken over (ended `node_lost` by another node) and
+-- appends nothing more of them. Returns the first run no longer owned, or nil.
+local function fenced(runs, owner, count, at)
+  if owner == '' then return nil end
+  for i = 0, count - 1 do
+    local run = ARGV[at + 5 * i + 3]
+    if run ~= '' then
+      local record = redis.call('HGET', runs, run)
+      if not record or string.sub(record, 1, #owner + 1) ~= owner .. '\n' then return run end
+    end
+  end
+  return nil
+end
+
 local function append(meta, stream, live, holders, channel, new_epoch, maxlen, ttl, max, count, at)
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
@@ -106,7 +123,9 @@ end
 pub static APPEND_EVENTS: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
         "{APPEND}
-local r = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 7)
+local lost = fenced(KEYS[5], ARGV[7], tonumber(ARGV[6]), 8)
+if lost then return {{'fenced', lost}} end
+local r = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 8)
 return {{r[1], string.format('%d', r[2])}}"
     ))
 });
@@ -255,7 +274,7 @@ pub static RUN_STARTED: LazyLock<Lua> = LazyLock::new(|| {
         r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\n' .. ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('SADD', KEYS[2], ARGV[4] .. '\n' .. ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[4] .. '\n' .. ARGV[1] .. '\n' .. ARGV[3])
 return 1
 "#
         .to_owned(),
@@ -280,19 +299,19 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[4] .. '\n' .. ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[5] .. '\n' .. ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[5] .. '\n' .. ARGV[2] .. '\n' .. ARGV[1])
 return ''
 "#
         .to_owned(),
     )
 });
 
-/// A run ended. KEYS: runs hash, the node's runs set. ARGV: run, user.
+/// A run ended. KEYS: runs hash, the node's runs set. ARGV: run, user, thread.
 pub static RUN_ENDED: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[2] .. '\n' .. ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[2] .. '\n' .. ARGV[1] .. '\n' .. ARGV[3])
 return 1
 "#
         .to_owned(),
@@ -314,45 +333,76 @@ return 1
     )
 });
 
-/// This node is alive, and the runs and sessions of nodes that are not are taken over: the
-/// caller ends each run with `agent_error` `node_lost`. ARGV: prefix, this node, lease ms.
-/// Returns {user, run, thread, ...} of the runs taken over.
+/// This node is alive, and what nodes that are not left behind is handed to this caller: their
+/// runs, to end each with `agent_error` `node_lost` (`REAP_RUN`), and their session slots, to
+/// free (`REAP_SESSION`); both are scripts of the user's own slot, so a Redis Cluster runs them.
+/// Every key here is of the node registry (hash tag `{nodes}`, one slot). A node is a member
+/// `id@generation`: a process restarted under the same `node_id` is a new member and takes over
+/// its previous generation at once, without waiting for its lease. A node that is no longer a
+/// member was reaped while it was away (paused past its lease): it is fenced, and stops.
+/// KEYS: nodes set. ARGV: prefix, this member, lease ms, this node_id.
+/// Returns {"fenced"} or {"ok", {user, run...}, {user, session...}}.
 pub static HEARTBEAT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
-local prefix, me, lease = ARGV[1], ARGV[2], ARGV[3]
-redis.call('SET', prefix .. ':node:' .. me .. ':alive', '1', 'PX', lease)
-redis.call('SADD', prefix .. ':nodes', me)
+local nodes, prefix, me, lease, id = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('SISMEMBER', nodes, me) == 0 then return {'fenced'} end
+redis.call('SET', prefix .. ':{nodes}:' .. me .. ':alive', '1', 'PX', lease)
 -- Nothing of a deployment outlives its last node for long: every beat pushes these back.
 local keep = tonumber(lease) * 12
-redis.call('PEXPIRE', prefix .. ':nodes', keep)
-redis.call('PEXPIRE', prefix .. ':node:' .. me .. ':runs', keep)
-redis.call('PEXPIRE', prefix .. ':node:' .. me .. ':sessions', keep)
-local lost = {}
-for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':nodes')) do
-  local base = prefix .. ':node:' .. node
-  if node ~= me and redis.call('EXISTS', base .. ':alive') == 0 then
+redis.call('PEXPIRE', nodes, keep)
+redis.call('PEXPIRE', prefix .. ':{nodes}:' .. me .. ':runs', keep)
+redis.call('PEXPIRE', prefix .. ':{nodes}:' .. me .. ':sessions', keep)
+local runs, sessions = {}, {}
+for _, node in ipairs(redis.call('SMEMBERS', nodes)) do
+  local base = prefix .. ':{nodes}:' .. node
+  local earlier = string.sub(node, 1, #id + 1) == id .. '@'
+  if node ~= me and (earlier or redis.call('EXISTS', base .. ':alive') == 0) then
     for _, member in ipairs(redis.call('SMEMBERS', base .. ':runs')) do
       local user, run = string.match(member, '^(.-)\n(.*)$')
-      local runs = prefix .. ':{' .. user .. '}:runs'
-      local owner = redis.call('HGET', runs, run)
-      if owner and string.match(owner, '^(.-)\n') == node then
-        redis.call('HDEL', runs, run)
-        lost[#lost + 1] = user
-        lost[#lost + 1] = run
-        lost[#lost + 1] = string.match(owner, '\n(.*)$')
-      end
+      runs[#runs + 1] = user
+      runs[#runs + 1] = run
+      runs[#runs + 1] = node
     end
     for _, member in ipairs(redis.call('SMEMBERS', base .. ':sessions')) do
       local user, session = string.match(member, '^(.-)\n(.*)$')
-      redis.call('HDEL', prefix .. ':{' .. user .. '}:sessions', session)
+      sessions[#sessions + 1] = user
+      sessions[#sessions + 1] = session
     end
-    redis.call('DEL', base .. ':runs', base .. ':sessions')
-    redis.call('SREM', prefix .. ':nodes', node)
+    redis.call('DEL', base .. ':runs', base .. ':sessions', base .. ':alive')
+    redis.call('SREM', nodes, node)
   end
 end
-return lost
+return {'ok', runs, sessions}
 "#
         .to_owned(),
     )
+});
+
+/// This node, registered before it serves: a node killed before its first beat is still reaped.
+/// KEYS: nodes set. ARGV: prefix, this member, lease ms.
+pub static REGISTER: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+redis.call('SADD', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 12)
+redis.call('SET', ARGV[1] .. ':{nodes}:' .. ARGV[2] .. ':alive', '1', 'PX', ARGV[3])
+return 1
+"#
+        .to_owned(),
+    )
+});
+
+/// A run of a node that is gone, ended in one step: its record goes, its thread is let go, and
+/// its `agent_error` `node_lost` is appended, only if the dead node still owns it (so a run is
+/// ended once, and never after its own end). The events are the append script's.
+pub static REAP_RUN: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(format!(
+        "{APPEND}
+local record = redis.call('HGET', KEYS[5], ARGV[8])
+if not record or string.sub(record, 1, #ARGV[9] + 1) ~= ARGV[9] .. '\\n' then return {{}} end
+redis.call('HDEL', KEYS[5], ARGV[8])
+local r = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 10)
+return {{r[1], string.format('%d', r[2])}}"
+    ))
 });
