@@ -206,6 +206,12 @@ async fn redis_gone_then_back_empty() {
         assert!(tokio::time::Instant::now() < deadline, "/readyz never came back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Both nodes join the empty registry again (not reaped, so not fenced) and go on serving.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while redis.command(&["SCARD", "failures:{nodes}:members"]).await.as_deref() != Ok("2") {
+        assert!(tokio::time::Instant::now() < deadline, "the nodes never registered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, _) = publish(&b, "gina", vec![thinking("new 1")]).await;
     assert_eq!(status, 200);
     for tab in [&mut on_a, &mut on_b] {
@@ -358,4 +364,185 @@ async fn scripts_redis_no_longer_has_are_loaded_again() {
     assert_contiguous(&on_b.stream_events(2).await, 2);
     let ack = on_b.say("t", "still one round trip away", Some("m1")).await;
     assert!(ack["seq"].as_u64() > Some(3), "{ack}");
+}
+
+#[actix_web::test]
+async fn a_retry_after_an_ambiguous_timeout_is_acked_with_a_run_that_exists() {
+    let redis = OwnRedis::start().await;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let db = TestDatabase::create();
+    let (url, store_url) = (proxy.url(), db.url());
+    // Commands to Redis time out after half the lease: 1 s.
+    let node = TestServer::with(move |c| {
+        c.broker.kind = BrokerKind::Redis;
+        c.broker.url = url;
+        c.broker.prefix = "ambiguous".into();
+        c.broker.node_lease_secs = 2;
+        c.store.kind = StoreKind::Postgres;
+        c.store.url = store_url;
+        c.agent.step_delay_ms = 0;
+    });
+    let mut tab = node.ready_client("lara").await;
+
+    // The network delays the message's script past the timeout; Redis runs it when it comes.
+    proxy.set(Which::Commands, Fault::Delay(Duration::from_millis(1500)));
+    let message =
+        json!({"type": "user_message", "thread_id": "t", "content": "hello?", "client_msg_id": "m1"});
+    tab.send(message.clone()).await;
+    let refused = tab.recv_where(|f| f["type"] == "error").await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while redis.command(&["HEXISTS", "ambiguous:{lara}:dedupe", "m1"]).await.as_deref() != Ok("1") {
+        assert!(tokio::time::Instant::now() < deadline, "the delayed script never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.set(Which::Commands, Fault::Pass);
+
+    // The retry, as docs/protocol.md says: the same client_msg_id, again while it is answered
+    // `unavailable` (the delayed answers drain first). Acked, and its run exists.
+    let ack = loop {
+        tab.send(message.clone()).await;
+        let answer = tab.recv_where(|f| f["type"] == "ack" || f["type"] == "error").await;
+        if answer["type"] == "ack" {
+            break answer;
+        }
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+    };
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    tab.recv_where(|f| f["type"] == "agent_started" && f["run_id"] == run_id.as_str()).await;
+    let end = tab.recv_where(|f| f["run_id"] == run_id.as_str() && is_terminal(f)).await;
+    assert_eq!(end["type"], "agent_completed", "{end}");
+}
+
+#[actix_web::test]
+async fn a_run_whose_events_redis_did_not_take_still_ends_once_redis_is_back() {
+    let redis = OwnRedis::start().await;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let db = TestDatabase::create();
+    let (url, store_url) = (proxy.url(), db.url());
+    let node = TestServer::with(move |c| {
+        c.broker.kind = BrokerKind::Redis;
+        c.broker.url = url;
+        c.broker.prefix = "away".into();
+        c.store.kind = StoreKind::Postgres;
+        c.store.url = store_url;
+        c.agent.step_delay_ms = 200;
+    });
+    let mut tab = node.ready_client("mona").await;
+    let ack = tab.say("t", "a question while Redis is about to go away", None).await;
+    let run_id = ack["run_id"].as_str().unwrap().to_owned();
+    tab.recv_where(|f| f["type"] == "agent_started" && f["run_id"] == run_id.as_str()).await;
+
+    // Redis unreachable (it keeps its data) until the run has ended on the node's side.
+    proxy.set(Which::All, Fault::Cut);
+    readyz_becomes(&node, 503).await;
+    node.eventually("the run to end on the node", |s| {
+        s.metrics.render().lines().any(|l| l.starts_with("agentwire_agent_runs_total{") && !l.ends_with(" 0"))
+    })
+    .await;
+    proxy.set(Which::All, Fault::Pass);
+
+    // Back: the tab sees the run end, once, and says why.
+    let events = tab.events_until_run_ends(&run_id).await;
+    let ends: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["run_id"] == run_id.as_str() && is_terminal(e)).collect();
+    assert_eq!(ends.len(), 1, "{events:?}");
+    assert_eq!(
+        (ends[0]["type"].as_str(), ends[0]["payload"]["code"].as_str()),
+        (Some("agent_error"), Some("broker_unavailable"))
+    );
+}
+
+#[actix_web::test]
+async fn a_slow_redis_gets_calls_refused_past_the_queue_bound_not_held_in_memory() {
+    let redis = OwnRedis::start().await;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let db = TestDatabase::create();
+    let (url, store_url) = (proxy.url(), db.url());
+    let node = TestServer::with(move |c| {
+        c.broker.kind = BrokerKind::Redis;
+        c.broker.url = url;
+        c.broker.prefix = "slow".into();
+        c.broker.node_lease_secs = 10; // commands time out after 5 s: the delay below is not a timeout
+        c.broker.max_queued_bytes = 65536;
+        c.store.kind = StoreKind::Postgres;
+        c.store.url = store_url;
+    });
+    // Every registry shard's writer connected first (its connection is made on its first call).
+    for i in 0..30 {
+        assert_eq!(publish(&node, &format!("nina{i}"), vec![thinking("before")]).await.0, 200);
+    }
+    proxy.set(Which::Commands, Fault::Delay(Duration::from_secs(1)));
+    // 30 publishes of 8 KB at once: about 240 KB for a queue of 64 KB.
+    let url = node.http("/api/v1/publish");
+    let publishes: Vec<_> = (0..30)
+        .map(|i| {
+            let url = url.clone();
+            let body =
+                json!({"user_id": format!("nina{i}"), "events": [thinking(&"x".repeat(8000))]}).to_string();
+            tokio::task::spawn_local(async move { http_post(&url, Some(API_KEY), &body).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for publish in publishes {
+        let (status, body) = publish.await.unwrap();
+        // Refused at the bound (at once), or timed out behind the delay.
+        statuses.push((status, body["error"].as_str().unwrap_or_default().to_owned()));
+    }
+    let refused = statuses.iter().filter(|(s, e)| *s == 503 && e == "broker_unavailable").count();
+    assert!(refused > 0, "nothing was refused at the bound: {statuses:?}");
+    let statuses: Vec<u16> = statuses.into_iter().map(|(s, _)| s).collect();
+    assert!(statuses.contains(&200), "nothing went through: {statuses:?}");
+    proxy.set(Which::Commands, Fault::Pass);
+    let (status, _) = publish(&node, "nina0", vec![thinking("after")]).await;
+    assert_eq!(status, 200);
+}
+
+#[actix_web::test]
+async fn a_publish_that_timed_out_is_outcome_unknown_and_its_retry_publishes_once() {
+    let redis = OwnRedis::start().await;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let db = TestDatabase::create();
+    let (url, store_url) = (proxy.url(), db.url());
+    let node = TestServer::with(move |c| {
+        c.broker.kind = BrokerKind::Redis;
+        c.broker.url = url;
+        c.broker.prefix = "unknown".into();
+        c.broker.node_lease_secs = 2; // commands time out after 1 s
+        c.store.kind = StoreKind::Postgres;
+        c.store.url = store_url;
+    });
+    let mut tab = node.ready_client("olga").await;
+    let body = json!({"user_id": "olga", "events": [thinking("once")]}).to_string();
+    let url = node.http("/api/v1/publish");
+    let publish_with_key = || http_post_with(&url, Some(API_KEY), &body, &[("Idempotency-Key", "k-1")]);
+
+    // The network delays the publish past the timeout; Redis runs it when it comes: not
+    // "nothing published".
+    proxy.set(Which::Commands, Fault::Delay(Duration::from_millis(1500)));
+    let (status, answer) = publish_with_key().await;
+    assert_eq!((status, answer["error"].as_str()), (503, Some("outcome_unknown")), "{answer}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while redis.command(&["HEXISTS", "unknown:{olga}:dedupe", "publish:api:k-1"]).await.as_deref() != Ok("1")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the delayed publish never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.set(Which::Commands, Fault::Pass);
+
+    // The retry with the same key (again while the answer is unknown: the delayed answers drain
+    // first) answers the seqs of the publish that ran, and adds nothing.
+    let (status, answer) = loop {
+        let (status, answer) = publish_with_key().await;
+        if answer["error"] != "outcome_unknown" {
+            break (status, answer);
+        }
+    };
+    assert_eq!((status, &answer["seqs"]), (200, &json!([1])), "{answer}");
+    publish(&node, "olga", vec![thinking("marker")]).await;
+    let events = tab.stream_events(2).await;
+    assert_eq!(
+        events.iter().map(|e| (e["seq"].as_u64(), e["payload"]["text"].as_str())).collect::<Vec<_>>(),
+        [(Some(1), Some("once")), (Some(2), Some("marker"))]
+    );
 }

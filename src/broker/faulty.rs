@@ -39,11 +39,15 @@ impl Broker for Faulty {
         self.wrap(user, |b| b.append(user, events))
     }
 
+    fn publish_once(&mut self, user: &str, key: &str, events: &[NewEvent<'_>]) -> Call<super::Published> {
+        self.wrap(user, |b| b.publish_once(user, key, events))
+    }
+
     fn submit(
         &mut self,
         user: &str,
         client_msg_id: Option<&str>,
-        ids: (&str, &str),
+        ids: (&str, &str, &str),
         echo: &NewEvent<'_>,
     ) -> Call<Submitted> {
         self.wrap(user, |b| b.submit(user, client_msg_id, ids, echo))
@@ -73,7 +77,7 @@ impl Broker for Faulty {
         self.inner.interest(user, present);
     }
 
-    fn remote_events(&mut self) -> Option<futures_channel::mpsc::UnboundedReceiver<super::RemoteBatch>> {
+    fn remote_events(&mut self) -> Option<futures_channel::mpsc::Receiver<super::RemoteBatch>> {
         self.inner.remote_events()
     }
 

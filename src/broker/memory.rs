@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::users::{UserLimits, Users};
-use super::{Attached, Broker, Call, NewEvent, ResumeRequest, SeenMessage, Stored, Submitted};
+use super::{Attached, Broker, Call, NewEvent, Published, ResumeRequest, SeenMessage, Stored, Submitted};
 use crate::base::ConnectionId;
 use crate::protocol::{now_ms, Event};
 
@@ -55,11 +55,25 @@ impl Broker for MemoryBroker {
         ready(self.append_now(user, events))
     }
 
+    fn publish_once(&mut self, user: &str, key: &str, events: &[NewEvent<'_>]) -> Call<Published> {
+        if let Some(seqs) = self.users.entry(user).published(key) {
+            return ready(Published::Again(seqs.clone()));
+        }
+        let stored = self.append_now(user, events);
+        let cap = self.users.limits().dedupe_per_user;
+        self.users.entry(user).remember_published(
+            key.to_owned(),
+            stored.iter().map(|e| e.seq).collect(),
+            cap,
+        );
+        ready(Published::New(stored))
+    }
+
     fn submit(
         &mut self,
         user: &str,
         client_msg_id: Option<&str>,
-        (message_id, run_id): (&str, &str),
+        (message_id, run_id, attempt): (&str, &str, &str),
         echo: &NewEvent<'_>,
     ) -> Call<Submitted> {
         if let Some(seen) = client_msg_id.and_then(|c| self.users.entry(user).seen(c)) {
@@ -74,6 +88,7 @@ impl Broker for MemoryBroker {
             let seen = SeenMessage {
                 message_id: message_id.to_owned(),
                 run_id: run_id.to_owned(),
+                attempt: attempt.to_owned(),
                 seq: stored.seq,
                 at: Instant::now(),
             };

@@ -47,6 +47,10 @@ pub type Call<T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>>>>;
 pub enum BrokerError {
     #[error("the stream store is unavailable: {0}")]
     Unavailable(String),
+    /// The call may or may not have taken effect (it timed out, or the connection dropped
+    /// after it was sent): only a retry that is idempotent can tell (docs/scale-out.md).
+    #[error("the stream store did not answer in time; the call may have taken effect: {0}")]
+    Unknown(String),
     #[error("the stream store answered unexpectedly: {0}")]
     Unexpected(String),
     #[error("the broker refused the call (faults.broker_fail_user_prefix)")]
@@ -57,7 +61,7 @@ impl BrokerError {
     /// How a connection's setup or a message failed by it is counted.
     pub fn failure(&self) -> Failure {
         match self {
-            BrokerError::Unavailable(_) => Failure::BrokerUnavailable,
+            BrokerError::Unavailable(_) | BrokerError::Unknown(_) => Failure::BrokerUnavailable,
             BrokerError::Unexpected(_) => Failure::BrokerUnexpected,
             BrokerError::Injected => Failure::BrokerInjected,
         }
@@ -99,6 +103,9 @@ pub struct SeenMessage {
     pub run_id: String,
     pub seq: u64,
     pub at: Instant,
+    /// The submit call that appended it (empty where it is not kept): tells the call whose
+    /// answer was lost from a retry that appended it since (`registry/runs.rs::resolve`).
+    pub attempt: String,
 }
 
 /// The answer to [`Broker::submit`].
@@ -108,6 +115,15 @@ pub enum Submitted {
     Appended(Stored),
     /// Its `client_msg_id` was seen before: nothing was appended.
     Seen(SeenMessage),
+}
+
+/// The answer to [`Broker::publish_once`].
+#[derive(Debug)]
+pub enum Published {
+    /// Appended now: what to deliver.
+    New(Vec<Stored>),
+    /// The key was used before: its events were appended then, with these seqs; nothing now.
+    Again(Vec<u64>),
 }
 
 /// A session as the broker records it for the connections API.
@@ -139,14 +155,19 @@ pub trait Broker {
     /// within its caps. Answers the stored events in seq order: what to deliver.
     fn append(&mut self, user: &str, events: &[NewEvent<'_>]) -> Call<Vec<Stored>>;
 
+    /// [`Broker::append`], once per `key` of the user (remembered like a `client_msg_id`): a
+    /// publish sent again after an answer that never came (`Idempotency-Key`), a run's end sent
+    /// again after a timeout, appends nothing twice.
+    fn publish_once(&mut self, user: &str, key: &str, events: &[NewEvent<'_>]) -> Call<Published>;
+
     /// Appends a `user_message` unless its `client_msg_id` (when given) was seen within the TTL,
-    /// and remembers it with `message_id` and `run_id`: the dedupe check and the append in one
+    /// and remembers it with `ids` (`message_id`, `run_id`, and the call's own `attempt`): the dedupe check and the append in one
     /// step, so two tabs sending the same id cannot both start a run.
     fn submit(
         &mut self,
         user: &str,
         client_msg_id: Option<&str>,
-        ids: (&str, &str),
+        ids: (&str, &str, &str),
         echo: &NewEvent<'_>,
     ) -> Call<Submitted>;
 
@@ -174,7 +195,7 @@ pub trait Broker {
 
     /// Events from other processes, once: taken by the registry when it starts. `None` for a
     /// broker of one process.
-    fn remote_events(&mut self) -> Option<futures_channel::mpsc::UnboundedReceiver<RemoteBatch>> {
+    fn remote_events(&mut self) -> Option<futures_channel::mpsc::Receiver<RemoteBatch>> {
         None
     }
 

@@ -32,6 +32,9 @@ pub struct UserLimits {
 struct Dedupe {
     seen: HashMap<String, SeenMessage>,
     order: VecDeque<String>,
+    /// Publishes by key (`Broker::publish_once`): their seqs, under the same cap.
+    published: HashMap<String, Vec<u64>>,
+    published_order: VecDeque<String>,
 }
 
 pub struct User {
@@ -46,6 +49,19 @@ pub struct User {
 impl User {
     pub fn seen(&self, client_msg_id: &str) -> Option<&SeenMessage> {
         self.dedupe.seen.get(client_msg_id)
+    }
+
+    pub fn published(&self, key: &str) -> Option<&Vec<u64>> {
+        self.dedupe.published.get(key)
+    }
+
+    pub fn remember_published(&mut self, key: String, seqs: Vec<u64>, cap: usize) {
+        while self.dedupe.published.len() >= cap {
+            let Some(oldest) = self.dedupe.published_order.pop_front() else { break };
+            self.dedupe.published.remove(&oldest);
+        }
+        self.dedupe.published_order.push_back(key.clone());
+        self.dedupe.published.insert(key, seqs);
     }
 
     pub fn remember(&mut self, client_msg_id: String, seen: SeenMessage, cap: usize) {
@@ -130,7 +146,12 @@ impl Users {
             let user = User {
                 sessions: Vec::new(),
                 stream,
-                dedupe: Dedupe { seen: HashMap::new(), order: VecDeque::new() },
+                dedupe: Dedupe {
+                    seen: HashMap::new(),
+                    order: VecDeque::new(),
+                    published: HashMap::new(),
+                    published_order: VecDeque::new(),
+                },
                 generation: self.next_generation,
             };
             self.map.insert(Rc::from(user_id), user);
@@ -267,7 +288,13 @@ mod tests {
         let mut users = Users::new(limits(1000, 10));
         let user = users.entry("u");
         for id in ["c1", "c2", "c3"] {
-            let seen = SeenMessage { message_id: id.into(), run_id: id.into(), seq: 1, at: Instant::now() };
+            let seen = SeenMessage {
+                message_id: id.into(),
+                run_id: id.into(),
+                seq: 1,
+                at: Instant::now(),
+                attempt: String::new(),
+            };
             user.remember(id.into(), seen, 2);
         }
         assert!(user.seen("c1").is_none());

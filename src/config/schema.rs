@@ -443,6 +443,9 @@ pub struct BrokerConfig {
     /// A node silent this long is gone: another ends its runs with `agent_error` `node_lost`.
     /// With Redis, at least 2 (`validate.rs`).
     pub node_lease_secs: u64,
+    /// Most bytes of commands waiting for Redis (a slow Redis): past it, calls are refused at once
+    /// (`unavailable`, 503) rather than held in memory without bound (docs/scale-out.md).
+    pub max_queued_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -453,6 +456,7 @@ impl Default for BrokerConfig {
             prefix: "agentwire".into(),
             node_id: String::new(),
             node_lease_secs: 5,
+            max_queued_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -143,6 +143,9 @@ impl Config {
         if b.node_id.contains(['/', '\n', ' ', '{', '}']) {
             return Err(error("broker.node_id", "must not contain '/', braces or white space"));
         }
+        if b.max_queued_bytes < 64 * 1024 {
+            return Err(error("broker.max_queued_bytes", "must be at least 65536"));
+        }
         if b.node_lease_secs < 2 {
             return Err(error("broker.node_lease_secs", "must be at least 2 (nodes beat every second)"));
         }

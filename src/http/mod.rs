@@ -17,7 +17,7 @@ use crate::admission::{UnauthenticatedRefusal, UnauthenticatedSlots};
 use crate::assets::Assets;
 use crate::auth::Minter;
 use crate::auth::{is_valid_user_id, USER_ID_RULE};
-use crate::broker::ResumeRequest;
+use crate::broker::{BrokerError, ResumeRequest};
 use crate::config::Config;
 use crate::metrics::Failure;
 use crate::protocol::{
@@ -406,9 +406,19 @@ async fn publish(
             Err(message) => return Ok(bad_request(&message)),
         }
     }
+    // `Idempotency-Key`: the same key again (per user) publishes nothing twice and answers the
+    // seqs given the first time (docs/scale-out.md, ambiguous failures).
+    let idempotency_key = match req.headers().get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(key)) if !key.is_empty() && key.len() <= 200 && key.bytes().all(|b| b.is_ascii_graphic()) => {
+            Some(key.to_owned())
+        }
+        Some(_) => return Ok(bad_request("Idempotency-Key must be 1 to 200 visible ASCII characters")),
+    };
     let count = events.len();
     let ticket = PublishTicket::new();
-    let message = Publish { user_id: request.user_id.clone(), events, ticket: ticket.clone() };
+    let message =
+        Publish { user_id: request.user_id.clone(), events, ticket: ticket.clone(), idempotency_key };
     let answer = state.env.registries.for_user(&request.user_id).send(message);
     futures_util::pin_mut!(answer);
     let published = match actix_web::rt::time::timeout(REGISTRY_WAIT, &mut answer).await {
@@ -422,6 +432,15 @@ async fn publish(
         Some(Ok(published)) => {
             info!("published {count} events to user {} ({} sessions)", request.user_id, published.sessions);
             Ok(HttpResponse::Ok().json(published))
+        }
+        Some(Err(PublishError::Broker(e @ BrokerError::Unknown(_)))) => {
+            warn!("publish to user {}: the broker did not answer in time: {e}", request.user_id);
+            Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                "the stream store did not answer in time: the events may or may not have been published; \
+                 send them again with the same Idempotency-Key",
+            ))
         }
         Some(Err(PublishError::Broker(e))) => {
             warn!("publish to user {} failed in the broker: {e}", request.user_id);

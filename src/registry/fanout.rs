@@ -11,7 +11,7 @@ use log::{debug, warn};
 
 use super::{Connection, Publish, PublishError, Registry, ToSession};
 use crate::base::{encoded_len, ConnectionId, Delivery};
-use crate::broker::{BrokerError, NewEvent, Stored};
+use crate::broker::{BrokerError, NewEvent, Published, Stored};
 use crate::metrics::Metrics;
 use crate::protocol::{EventKind, PublishResponse, PublishedEvent, ServerFrame};
 use crate::state::ConnectionState;
@@ -115,7 +115,7 @@ impl Registry {
         ctx: &mut Context<Self>,
         user_id: &str,
         events: &[NewEvent<'_>],
-        done: impl FnOnce(&mut Registry, Result<(Vec<u64>, usize), BrokerError>) + 'static,
+        done: impl FnOnce(&mut Registry, Result<(Vec<u64>, usize), BrokerError>, &mut Context<Self>) + 'static,
     ) {
         let created = Instant::now();
         let call = self.broker.append(user_id, events);
@@ -124,19 +124,47 @@ impl Registry {
             Ok(stored) => {
                 registry.metrics.events_published.inc_by(stored.len() as u64);
                 let reached = registry.deliver_events(ctx, &user, &stored, created, true);
-                done(registry, Ok((stored.iter().map(|e| e.seq).collect(), reached)));
+                done(registry, Ok((stored.iter().map(|e| e.seq).collect(), reached)), ctx);
             }
             Err(e) => {
                 warn!("broker: events for user {user} not published: {e}");
                 registry.metrics.fail(e.failure());
-                done(registry, Err(e));
+                done(registry, Err(e), ctx);
+            }
+        });
+    }
+
+    /// [`Registry::publish`] once per `key` of the user (`Broker::publish_once`): a key used
+    /// before answers the seqs it was given then, and nothing is delivered again.
+    pub(super) fn publish_keyed(
+        &mut self,
+        ctx: &mut Context<Self>,
+        user_id: &str,
+        key: &str,
+        events: &[NewEvent<'_>],
+        done: impl FnOnce(&mut Registry, Result<(Vec<u64>, usize), BrokerError>, &mut Context<Self>) + 'static,
+    ) {
+        let created = Instant::now();
+        let call = self.broker.publish_once(user_id, key, events);
+        let user = user_id.to_owned();
+        self.when(ctx, user_id, call, move |registry, answer, ctx| match answer {
+            Ok(Published::New(stored)) => {
+                registry.metrics.events_published.inc_by(stored.len() as u64);
+                let reached = registry.deliver_events(ctx, &user, &stored, created, true);
+                done(registry, Ok((stored.iter().map(|e| e.seq).collect(), reached)), ctx);
+            }
+            Ok(Published::Again(seqs)) => done(registry, Ok((seqs, 0)), ctx),
+            Err(e) => {
+                warn!("broker: events for user {user} not published: {e}");
+                registry.metrics.fail(e.failure());
+                done(registry, Err(e), ctx);
             }
         });
     }
 
     /// Appends one event; a failure is logged and counted (its run's caller is the agent).
     pub(super) fn publish_one(&mut self, ctx: &mut Context<Self>, user_id: &str, event: NewEvent<'_>) {
-        self.publish(ctx, user_id, std::slice::from_ref(&event), |_, _| {});
+        self.publish(ctx, user_id, std::slice::from_ref(&event), |_, _, _| {});
     }
 
     /// The one way events reach this process's sessions, whoever appended them (this process
@@ -287,11 +315,12 @@ impl Handler<Publish> for Registry {
             return Box::pin(std::future::ready(None));
         }
         let (answer, answered) = futures_channel::oneshot::channel();
-        let Publish { user_id, events, .. } = msg;
+        let Publish { user_id, events, idempotency_key, .. } = msg;
         let answers: Vec<PublishedAnswer> =
             events.iter().filter_map(|event| published_answer(&user_id, event)).collect();
+        let key = idempotency_key;
         if answers.is_empty() {
-            self.publish_batch(ctx, &user_id, &events, answer);
+            self.publish_batch(ctx, &user_id, &events, key.as_deref(), answer);
         } else {
             // A publisher's answer is stored before its `agent_completed` reaches anyone, as a
             // run's messages are (docs/conversations.md, "What is stored, and when").
@@ -302,7 +331,7 @@ impl Handler<Publish> for Registry {
                     for (thread_id, title) in made {
                         registry.thread_changed(ctx, &user_id, &thread_id, Some(&title));
                     }
-                    registry.publish_batch(ctx, &user_id, &events, answer);
+                    registry.publish_batch(ctx, &user_id, &events, key.as_deref(), answer);
                 }
                 Err(e) => {
                     warn!("publish to user {user_id}: the answer was not stored: {e}");
@@ -323,6 +352,7 @@ impl Registry {
         ctx: &mut Context<Self>,
         user_id: &str,
         events: &[PublishedEvent],
+        key: Option<&str>,
         answer: futures_channel::oneshot::Sender<Result<PublishResponse, PublishError>>,
     ) {
         let batch: Vec<NewEvent<'_>> = events
@@ -341,7 +371,9 @@ impl Registry {
             .filter_map(|(i, e)| Some((i, e.run_id.clone()?)))
             .collect();
         let user = user_id.to_owned();
-        self.publish(ctx, user_id, &batch, move |registry, published| {
+        let done = move |registry: &mut Registry,
+                         published: Result<(Vec<u64>, usize), BrokerError>,
+                         _: &mut Context<Self>| {
             if let (Ok((seqs, _)), Some(epoch)) =
                 (&published, registry.local.get(user.as_str()).and_then(|u| u.epoch.clone()))
             {
@@ -353,7 +385,11 @@ impl Registry {
             }
             let published = published.map(|(seqs, sessions)| PublishResponse { seqs, sessions });
             let _ = answer.send(published.map_err(PublishError::Broker));
-        });
+        };
+        match key {
+            Some(key) => self.publish_keyed(ctx, user_id, &format!("api:{key}"), &batch, done),
+            None => self.publish(ctx, user_id, &batch, done),
+        }
     }
 }
 

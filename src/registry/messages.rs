@@ -243,6 +243,8 @@ pub struct Publish {
     pub user_id: String,
     pub events: Vec<PublishedEvent>,
     pub ticket: PublishTicket,
+    /// The publisher's `Idempotency-Key`: published once per key of the user.
+    pub idempotency_key: Option<String>,
 }
 
 /// Why a publish published nothing.

@@ -126,6 +126,35 @@ struct Ending {
 /// kept).
 pub(super) const MAX_UNSTORED_BYTES: usize = 64 << 20;
 const STORE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How often, and for how long, a message whose append timed out is looked for (`resolve`).
+const RESOLVE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A message whose echo's append timed out, until it is known whether Redis ran it.
+struct Resolution {
+    session: ConnectionId,
+    user_id: String,
+    message: UserMessage,
+    message_id: String,
+    run_id: String,
+    turn: i64,
+    attempt: String,
+    since: Instant,
+}
+
+/// How often a run's terminal event the broker did not take is sent again (`publish_end`).
+const END_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A run's terminal event, kept until the broker takes it.
+#[derive(Clone)]
+struct Terminal {
+    user_id: String,
+    thread_id: String,
+    run_id: String,
+    kind: EventKind,
+    payload: Value,
+}
 /// How often a run waiting for another node's run of its thread asks again, in case the end
 /// was not heard (no session of the user here, so no subscription to the user's events).
 const CLAIM_AGAIN: std::time::Duration = std::time::Duration::from_secs(1);
@@ -274,23 +303,14 @@ impl Registry {
                 fields.entry(key).or_insert(value);
             }
         }
-        let end = NewEvent {
+        let terminal = Terminal {
+            user_id: run.user_id.to_string(),
+            thread_id: run.thread_id.to_string(),
+            run_id: run_id.clone(),
             kind: output.kind(),
-            thread_id: &run.thread_id,
-            run_id: Some(&run_id),
-            payload: &payload,
+            payload,
         };
-        let user_id = run.user_id.to_string();
-        let confirmed = run_id.clone();
-        self.publish(ctx, &run.user_id, std::slice::from_ref(&end), move |registry, answer| {
-            // The stream event that completed the run's messages, for the threads API.
-            let epoch = registry.local.get(user_id.as_str()).and_then(|u| u.epoch.clone());
-            if let (Ok((seqs, _)), Some(epoch)) = (answer, epoch) {
-                if let Some(seq) = seqs.last() {
-                    registry.settings.store.confirm(&user_id, Confirmed::Run(confirmed), &epoch, *seq);
-                }
-            }
-        });
+        self.publish_end(ctx, terminal);
         // Its record goes after its end (calls reach the broker in order): until then another
         // node's run of the thread waits for it (`claim_thread`), and a reaper would end it.
         self.broker.run_ended(&run.user_id, &run_id);
@@ -387,6 +407,69 @@ impl Registry {
         })
     }
 
+    /// A run's terminal event onto the stream. While the broker is away it is sent again every
+    /// [`END_RETRY`], in the user's call order, until Redis takes it: every run ends, exactly
+    /// once (docs/scale-out.md, "Redis away mid-run").
+    fn publish_end(&mut self, ctx: &mut Context<Self>, terminal: Terminal) {
+        let sent = terminal.clone(); // kept for sending again
+        let end = NewEvent {
+            kind: sent.kind,
+            thread_id: &sent.thread_id,
+            run_id: Some(&sent.run_id),
+            payload: &sent.payload,
+        };
+        let user_id = terminal.user_id.clone();
+        // Keyed by the run: an end sent again after a timeout whose append ran is not a second
+        // end.
+        let key = format!("end:{}", terminal.run_id);
+        self.publish_keyed(ctx, &user_id, &key, std::slice::from_ref(&end), move |registry, answer, ctx| {
+            match answer {
+                Ok((seqs, _)) => {
+                    // The stream event that completed the run's messages, for the threads API.
+                    let user_id = terminal.user_id.as_str();
+                    let epoch = registry.local.get(user_id).and_then(|u| u.epoch.clone());
+                    if let (Some(seq), Some(epoch)) = (seqs.last(), epoch) {
+                        let confirmed = Confirmed::Run(terminal.run_id);
+                        registry.settings.store.confirm(user_id, confirmed, &epoch, *seq);
+                    }
+                }
+                Err(BrokerError::Unavailable(_) | BrokerError::Unknown(_)) if !registry.shutting_down => {
+                    debug!("run {}: its end is sent again once the broker takes it", terminal.run_id);
+                    ctx.run_later(END_RETRY, move |registry, ctx| registry.publish_end(ctx, terminal));
+                }
+                Err(e) => warn!("run {}: its end was not published: {e}", terminal.run_id),
+            }
+        });
+    }
+
+    /// A run's event the broker did not take: the tabs would miss it, so the run goes no
+    /// further. Its agent is stopped and it ends `agent_error` `broker_unavailable`, an end
+    /// sent until the broker takes it (`publish_end`).
+    fn step_lost(&mut self, ctx: &mut Context<Self>, run_id: &str, e: &BrokerError) {
+        if !self.runs.contains_key(run_id) {
+            return;
+        }
+        warn!("run {run_id}: an event was not published ({e}); the run ends with broker_unavailable");
+        if let Some(agent) = &self.agent {
+            agent.stop.do_send(StopRun { run_id: run_id.to_owned() });
+        }
+        let output = AgentOutput::Error {
+            code: "broker_unavailable".into(),
+            message: "the server could not keep this run's events; send the message again".into(),
+        };
+        self.end_run(ctx, run_id, output);
+    }
+
+    /// One of a run's events onto its user's stream; a failure ends the run (`step_lost`).
+    fn publish_step(&mut self, ctx: &mut Context<Self>, user_id: &str, run_id: &str, event: NewEvent<'_>) {
+        let run = run_id.to_owned();
+        self.publish(ctx, user_id, std::slice::from_ref(&event), move |registry, answer, ctx| {
+            if let Err(e) = answer {
+                registry.step_lost(ctx, &run, &e);
+            }
+        });
+    }
+
     /// One of the run's events onto its user's stream.
     fn publish_output(&mut self, ctx: &mut Context<Self>, run: &Run, run_id: &str, output: &AgentOutput) {
         let payload = run.payload(output);
@@ -396,7 +479,7 @@ impl Registry {
             run_id: Some(run_id),
             payload: &payload,
         };
-        self.publish_one(ctx, &run.user_id, event);
+        self.publish_step(ctx, &run.user_id, run_id, event);
     }
 
     /// `agent.run_timeout_secs`: a run whose agent never ends it is ended here.
@@ -466,6 +549,8 @@ struct Admitted {
     created: Instant,
     /// The thread's turn the store gave the message.
     turn: i64,
+    /// This submission's own id, kept with the `client_msg_id` by the broker (`resolve`).
+    attempt: String,
 }
 
 impl Handler<SubmitMessage> for Registry {
@@ -475,28 +560,36 @@ impl Handler<SubmitMessage> for Registry {
         let id = msg.id;
         let Some(user_id) = self.ready_user(id) else { return };
         let pending = Pending { origin: Origin::Session(id), user_id, message: msg.message };
-        // A repeated client_msg_id is acked again with the same ids and starts nothing, even
-        // over the rate limit: it asks for nothing new.
         let Some(client_msg_id) = pending.message.client_msg_id.as_deref() else {
             return self.submit(ctx, pending);
         };
+        // Within the limits, the store tells a repeat (it keeps every client_msg_id), and the
+        // broker's submit dedupes again: one round trip to the broker (docs/scale-out.md).
+        let Some(refusal) = self.refusal(&pending) else { return self.store_message(ctx, pending) };
+        // Over them, a repeated client_msg_id is still acked again with the same ids and starts
+        // nothing: it asks for nothing new. The broker says whether it is one.
         let call = self.broker.seen(&pending.user_id, client_msg_id);
         let user_id = pending.user_id.clone();
-        self.when(ctx, &user_id, call, move |registry, answer, ctx| registry.on_seen(ctx, pending, answer));
+        self.when(ctx, &user_id, call, move |registry, answer, ctx| {
+            registry.on_seen(ctx, pending, answer, refusal)
+        });
     }
 }
 
 impl Registry {
-    /// Step 2 of a session's message with a `client_msg_id`: seen before, or submitted now.
+    /// Step 2 of a refused session's message with a `client_msg_id`: a repeat goes on (the
+    /// store says whether its earlier attempt was finished, or failed after its append ran: a
+    /// timeout whose script Redis ran); anything else is refused.
     fn on_seen(
         &mut self,
         ctx: &mut Context<Self>,
         pending: Pending,
         answer: Result<Option<SeenMessage>, BrokerError>,
+        refusal: (ErrorCode, &'static str),
     ) {
         match answer {
-            Ok(Some(seen)) => self.repeated(pending, &seen),
-            Ok(None) => self.submit(ctx, pending),
+            Ok(Some(_)) => self.store_message(ctx, pending),
+            Ok(None) => self.refused(pending, refusal),
             Err(e) => {
                 let reference = pending.message.frame_type();
                 self.message_not_stored(pending.origin, reference, &e, e.failure(), true)
@@ -597,14 +690,23 @@ impl Registry {
     /// Section 4: within the user's rate and runs cap, the message goes onto the stream (unless
     /// its `client_msg_id` got there first), is acked, and starts a run.
     pub(super) fn submit(&mut self, ctx: &mut Context<Self>, pending: Pending) {
-        if let Some((code, refusal)) = self.refusal(&pending) {
-            debug!("{}: user_message of user {} refused: {refusal}", pending.origin, pending.user_id);
-            if code == ErrorCode::AgentBusy {
-                self.metrics.agent_runs.with_label_values(&["refused", "agent_busy"]).inc();
-            }
-            let reference = pending.message.frame_type();
-            return self.refuse(pending.origin, reference, code, refusal);
+        match self.refusal(&pending) {
+            Some(refusal) => self.refused(pending, refusal),
+            None => self.store_message(ctx, pending),
         }
+    }
+
+    fn refused(&mut self, pending: Pending, (code, refusal): (ErrorCode, &'static str)) {
+        debug!("{}: user_message of user {} refused: {refusal}", pending.origin, pending.user_id);
+        if code == ErrorCode::AgentBusy {
+            self.metrics.agent_runs.with_label_values(&["refused", "agent_busy"]).inc();
+        }
+        let reference = pending.message.frame_type();
+        self.refuse(pending.origin, reference, code, refusal);
+    }
+
+    /// A message admitted (or a repeat, which asks for nothing new) is stored, then echoed.
+    fn store_message(&mut self, ctx: &mut Context<Self>, pending: Pending) {
         let starts_run = self.agent.is_some();
         if starts_run {
             self.local_user(&pending.user_id).runs_in_progress += 1;
@@ -619,6 +721,7 @@ impl Registry {
             starts_run,
             created: Instant::now(),
             turn: 0,
+            attempt: new_id("a_"),
             pending,
         };
         // Stored before anything else: an acked message is never lost (docs/conversations.md).
@@ -682,7 +785,8 @@ impl Registry {
             }
             Ok(Added::Repeat { message_id, run_id, seq: Some(seq), .. }) => {
                 self.run_not_started(&user_id, admitted.starts_run);
-                let seen = SeenMessage { message_id, run_id, seq, at: Instant::now() };
+                let seen =
+                    SeenMessage { message_id, run_id, seq, at: Instant::now(), attempt: String::new() };
                 self.repeated(admitted.pending, &seen);
             }
             Ok(Added::Interrupted) => {
@@ -745,7 +849,7 @@ impl Registry {
             payload: &payload,
         };
         let user_id = admitted.pending.user_id.clone();
-        let ids = (admitted.message_id.as_str(), admitted.run_id.as_str());
+        let ids = (admitted.message_id.as_str(), admitted.run_id.as_str(), admitted.attempt.as_str());
         let call = self.broker.submit(&user_id, client_msg_id, ids, &echo);
         self.when(ctx, &user_id, call, move |registry, answer, ctx| {
             registry.on_submitted(ctx, admitted, answer)
@@ -767,10 +871,30 @@ impl Registry {
                 return self.repeated(admitted.pending, &seen);
             }
             Err(e) => {
+                // Sent but not answered in time: Redis may have appended it. This node finds out
+                // once Redis answers again, and starts the run if it did (`resolve`).
+                let ambiguous = matches!(e, BrokerError::Unknown(_)) && admitted.starts_run;
+                let resolution = match (&admitted.pending.origin, &admitted.pending.message.client_msg_id) {
+                    (Origin::Session(id), Some(_)) if ambiguous => Some(Resolution {
+                        session: *id,
+                        user_id: admitted.pending.user_id.clone(),
+                        message: admitted.pending.message.clone(),
+                        message_id: admitted.message_id.clone(),
+                        run_id: admitted.run_id.clone(),
+                        turn: admitted.turn,
+                        attempt: admitted.attempt.clone(),
+                        since: Instant::now(),
+                    }),
+                    _ => None,
+                };
                 let Admitted { pending, starts_run, .. } = admitted;
                 self.run_not_started(&pending.user_id, starts_run);
                 let reference = pending.message.frame_type();
-                return self.message_not_stored(pending.origin, reference, &e, e.failure(), true);
+                self.message_not_stored(pending.origin, reference, &e, e.failure(), true);
+                if let Some(resolution) = resolution {
+                    ctx.run_later(RESOLVE_EVERY, move |registry, ctx| registry.resolve(ctx, resolution));
+                }
+                return;
             }
         };
         self.metrics.events_published.inc();
@@ -781,6 +905,48 @@ impl Registry {
             self.settings.store.confirm(&user_id, confirmed, &epoch, stored.seq);
         }
         self.go_on(ctx, admitted, stored.seq);
+    }
+
+    /// A message whose echo's append timed out: whether Redis ran it is asked (`seen`) until
+    /// Redis answers, for up to [`RESOLVE_FOR`]. If it ran, its run starts here, the one node
+    /// that knows nobody started it: a retry of the message (same `client_msg_id`) is acked as a
+    /// repeat with that run's id, and the run exists (docs/scale-out.md, ambiguous failures).
+    fn resolve(&mut self, ctx: &mut Context<Self>, resolution: Resolution) {
+        let Some(client_msg_id) = resolution.message.client_msg_id.clone() else { return };
+        let call = self.broker.seen(&resolution.user_id, &client_msg_id);
+        let user_id = resolution.user_id.clone();
+        self.when(ctx, &user_id, call, move |registry, answer, ctx| match answer {
+            Ok(Some(seen)) if seen.attempt == resolution.attempt => {
+                info!(
+                    "run {}: its message's append ran though its answer was lost; started now",
+                    seen.run_id
+                );
+                let Resolution { session, user_id, message, message_id, run_id, turn, attempt, .. } =
+                    resolution;
+                if let Some(epoch) = registry.local.get(user_id.as_str()).and_then(|u| u.epoch.clone()) {
+                    let confirmed = Confirmed::Messages(vec![(message_id.clone(), run_id.clone())]);
+                    registry.settings.store.confirm(&user_id, confirmed, &epoch, seen.seq);
+                }
+                if registry.agent.is_some() {
+                    registry.local_user(&user_id).runs_in_progress += 1;
+                }
+                let pending = Pending { origin: Origin::Session(session), user_id, message };
+                let starts_run = registry.agent.is_some();
+                let created = Instant::now();
+                let admitted = Admitted { pending, message_id, run_id, starts_run, created, turn, attempt };
+                registry.go_on(ctx, admitted, seen.seq);
+            }
+            // Not appended (or appended by another attempt, which started its own run).
+            Ok(_) => debug!("run {}: its message's append did not run", resolution.run_id),
+            Err(e) if resolution.since.elapsed() < RESOLVE_FOR => {
+                debug!("run {}: whether its message was appended is not known yet ({e})", resolution.run_id);
+                ctx.run_later(RESOLVE_EVERY, move |registry, ctx| registry.resolve(ctx, resolution));
+            }
+            Err(e) => warn!(
+                "run {}: whether its message was appended is not known ({e}); given up",
+                resolution.run_id
+            ),
+        });
     }
 
     /// A message on its way (echoed, or an AG-UI client's tool result, which is not): the sender
@@ -1076,13 +1242,18 @@ impl Handler<AgentEvent> for Registry {
         if let AgentOutput::Started { .. } = output {
             // Where a tab that joins the run sees it begin.
             let started = run_id.clone();
-            self.publish(ctx, &user_id, std::slice::from_ref(&event), move |registry, answer| {
-                if let (Ok((seqs, _)), Some(run)) = (answer, registry.runs.get_mut(&started)) {
-                    run.started_seq = seqs.first().copied();
+            self.publish(ctx, &user_id, std::slice::from_ref(&event), move |registry, answer, ctx| {
+                match answer {
+                    Ok((seqs, _)) => {
+                        if let Some(run) = registry.runs.get_mut(&started) {
+                            run.started_seq = seqs.first().copied();
+                        }
+                    }
+                    Err(e) => registry.step_lost(ctx, &started, &e),
                 }
             });
         } else {
-            self.publish_one(ctx, &user_id, event);
+            self.publish_step(ctx, &user_id, &run_id, event);
         }
         self.observe(&run_id, output, ag_ui);
     }

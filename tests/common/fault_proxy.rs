@@ -256,10 +256,12 @@ async fn read_in(
     let mut buf = vec![0; 16 * 1024];
     let mut tail = Vec::new();
     loop {
+        // An end or a reset from this side still delivers what was read before it: those bytes
+        // were on the network already (a client that gives up on a delayed command does not
+        // take it back from Redis).
         let n = match from.read(&mut buf).await {
-            Ok(0) => return true,
+            Ok(0) | Err(_) => return true,
             Ok(n) => n,
-            Err(_) => return false,
         };
         let chunk = &buf[..n];
         let now = *modes.borrow();

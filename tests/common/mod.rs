@@ -333,8 +333,21 @@ pub async fn http_get(url: &str, bearer: Option<&str>) -> (u16, Value) {
 }
 
 pub async fn http_post(url: &str, bearer: Option<&str>, body: &str) -> (u16, Value) {
+    http_post_with(url, bearer, body, &[]).await
+}
+
+/// [`http_post`] with more headers.
+pub async fn http_post_with(
+    url: &str,
+    bearer: Option<&str>,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     let client = awc::Client::builder().timeout(WAIT).finish();
     let mut request = client.post(url).insert_header(("content-type", "application/json"));
+    for (name, value) in headers {
+        request = request.insert_header((*name, *value));
+    }
     if let Some(bearer) = bearer {
         request = request.bearer_auth(bearer);
     }

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use log::{info, warn};
 use redis::aio::ConnectionManager;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::scripts::Lua;
@@ -25,12 +25,26 @@ pub struct Job {
     /// The script an `EVALSHA` calls: loaded again when Redis no longer has it.
     pub script: Option<&'static Lua>,
     pub answer: oneshot::Sender<Result<redis::Value, BrokerError>>,
+    /// Its size, counted against `broker.max_queued_bytes` until it is answered (dropped).
+    pub _permit: Permit,
+}
+
+/// A job's bytes in the writer's queue, given back when the job is done with.
+pub struct Permit {
+    pub bytes: usize,
+    pub queued: Arc<AtomicUsize>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Most commands sent in one pipeline.
 const MAX_PIPELINE: usize = 512;
 
-/// A failed command: Redis away (the connection, a timeout, a node loading or failing over) is
+/// A failed command: one sent whose answer never came in time may have run, `Unknown`; Redis away (not reached, a node loading or failing over) is
 /// `Unavailable`; anything else Redis says is an answer this code did not expect.
 pub fn broker_error(error: &redis::RedisError) -> BrokerError {
     let away = error.is_io_error()
@@ -46,7 +60,12 @@ pub fn broker_error(error: &redis::RedisError) -> BrokerError {
                     | redis::ServerErrorKind::MasterDown
             )
         );
-    if away {
+    // A command that timed out was sent and may have run. (A connection found dropped is taken
+    // as not reached: the command was refused by a dead socket, as after Redis stopped.)
+    if error.is_timeout() {
+        // Sent, perhaps run: only an idempotent retry can tell (docs/scale-out.md).
+        BrokerError::Unknown(format!("redis: {error}"))
+    } else if away {
         BrokerError::Unavailable(format!("redis: {error}"))
     } else {
         BrokerError::Unexpected(format!("redis: {error}"))
@@ -78,7 +97,16 @@ pub async fn writer(
                 .set_connection_timeout(Some(Duration::from_secs(2)))
                 .set_response_timeout(Some(timeout));
             match client.get_connection_manager_with_config(config).await {
-                Ok(manager) => connection = Some(manager),
+                Ok(mut manager) => {
+                    let mut load = redis::pipe();
+                    for script in super::scripts::all() {
+                        load.cmd("SCRIPT").arg("LOAD").arg(&script.code);
+                    }
+                    if let Err(e) = load.query_async::<Vec<String>>(&mut manager).await {
+                        warn!("broker: the scripts could not be loaded ({e}); they are loaded as Redis asks");
+                    }
+                    connection = Some(manager);
+                }
                 Err(e) => {
                     metrics.broker_connected.set(0);
                     let error = broker_error(&e);
@@ -195,7 +223,7 @@ const PUBSUB_TIMEOUT: Duration = Duration::from_secs(3);
 pub async fn subscriber(
     client: redis::Client,
     mut interest: mpsc::UnboundedReceiver<Interest>,
-    messages: mpsc::UnboundedSender<Message>,
+    mut messages: mpsc::Sender<Message>,
     reconnected: mpsc::UnboundedSender<()>,
     up: Arc<AtomicBool>,
 ) {
@@ -262,7 +290,7 @@ pub async fn subscriber(
                 message = stream.next() => match message {
                     Some(message) => {
                         let channel = message.get_channel_name().to_owned();
-                        let _ = messages.unbounded_send((channel, message.get_payload_bytes().to_vec()));
+                        let _ = futures_util::SinkExt::send(&mut messages, (channel, message.get_payload_bytes().to_vec())).await;
                     }
                     None => {
                         warn!("broker: Redis Pub/Sub connection lost; reconnecting");

@@ -24,7 +24,9 @@ use redis::Value as RedisValue;
 use serde_json::Value;
 
 use super::stream::{verdict, ResumeRequest};
-use super::{Attached, Broker, BrokerError, Call, NewEvent, RemoteBatch, SeenMessage, Stored, Submitted};
+use super::{
+    Attached, Broker, BrokerError, Call, NewEvent, Published, RemoteBatch, SeenMessage, Stored, Submitted,
+};
 use crate::base::ConnectionId;
 use crate::config::Config;
 use crate::protocol::{now_ms, Event, EventKind};
@@ -44,11 +46,16 @@ pub struct RedisSettings {
     pub node_lease: Duration,
     /// `agent.max_response_bytes`: the text (and thinking) a run's snapshot keeps.
     pub max_run_text: usize,
+    /// `broker.max_queued_bytes`: the writer's queue, bounded.
+    pub max_queued_bytes: usize,
     /// This process in the node registry: `node_id@generation`, a generation made anew by each
     /// process (so a restart under the same `node_id` is told from its previous life, and
     /// fenced runs are told from live ones).
     pub member: String,
 }
+
+/// Batches heard on Pub/Sub and not yet taken by the registry, at most.
+const PUBSUB_BACKLOG: usize = 4096;
 
 /// This process's generation (every registry shard of it shares one).
 static GENERATION: std::sync::LazyLock<String> = std::sync::LazyLock::new(random_epoch);
@@ -71,6 +78,7 @@ impl RedisSettings {
             dedupe_per_user: config.history.dedupe_per_user.get(),
             node_lease: Duration::from_secs(config.broker.node_lease_secs),
             max_run_text: config.agent.max_response_bytes.get(),
+            max_queued_bytes: config.broker.max_queued_bytes,
             member: format!("{}@{}", config.broker.node_name(), *GENERATION),
         }
     }
@@ -113,15 +121,15 @@ fn nodes_key(prefix: &str) -> String {
 
 pub struct RedisBroker {
     settings: RedisSettings,
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: Queue,
     interest: mpsc::UnboundedSender<Interest>,
     /// Users this node is subscribed to, with the subscription's confirmation while it is on
     /// its way (an attach waits for it: subscribe first, then read the stream).
     subscribed:
         std::collections::HashMap<String, Option<futures_util::future::Shared<oneshot::Receiver<()>>>>,
-    remote: Option<mpsc::UnboundedReceiver<RemoteBatch>>,
+    remote: Option<mpsc::Receiver<RemoteBatch>>,
     /// Where this broker says it was fenced (`RemoteBatch::Fenced`).
-    to_registry: mpsc::UnboundedSender<RemoteBatch>,
+    to_registry: mpsc::Sender<RemoteBatch>,
     /// The runs this process runs, with their threads: their events are appended only while
     /// Redis still has this process as their owner (fencing).
     mine: std::collections::HashMap<String, String>,
@@ -143,6 +151,15 @@ impl From<redis::Cmd> for Request {
     fn from(command: redis::Cmd) -> Request {
         Request { command, script: None }
     }
+}
+
+/// The writer's queue: jobs in call order, and the bytes of those not answered yet, bounded by
+/// `broker.max_queued_bytes` (a slow Redis refuses calls at once instead of growing memory).
+#[derive(Clone)]
+struct Queue {
+    jobs: mpsc::UnboundedSender<Job>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
 }
 
 /// A script's answer, when the writer has it.
@@ -198,11 +215,15 @@ impl RedisBroker {
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
         let client = redis::Client::open(settings.url.as_str()).map_err(|e| connection::broker_error(&e))?;
-        let (jobs, queued) = mpsc::unbounded();
+        let (sender, queued) = mpsc::unbounded();
+        let jobs = Queue { jobs: sender, queued: Default::default(), max: settings.max_queued_bytes };
         let (interest, asked) = mpsc::unbounded();
-        let (messages_tx, messages) = mpsc::unbounded();
+        // Bounded: a registry that falls behind holds the subscriber back, and Redis, past its
+        // `client-output-buffer-limit pubsub`, drops the connection: the reconnect fills what was
+        // missed from the streams. Memory stays bounded either way (docs/scale-out.md).
+        let (messages_tx, messages) = mpsc::channel(PUBSUB_BACKLOG);
         let (reconnected_tx, reconnected) = mpsc::unbounded();
-        let (remote_tx, remote) = mpsc::unbounded();
+        let (remote_tx, remote) = mpsc::channel(PUBSUB_BACKLOG);
         let timeout = command_timeout(settings.node_lease);
         actix_web::rt::spawn(connection::writer(client.clone(), queued, metrics, timeout));
         actix_web::rt::spawn(heartbeat(client.clone(), settings.clone(), jobs.clone(), remote_tx.clone()));
@@ -289,24 +310,30 @@ fn append_command(
     events: &[NewEvent<'_>],
     scratch: &mut Vec<u8>,
 ) -> (Request, Vec<(String, String)>) {
-    append_like(&scripts::APPEND_EVENTS, settings, user, (owner, "", ""), events, scratch)
+    append_like(&scripts::APPEND_EVENTS, settings, user, owner, &[], events, scratch)
 }
 
-/// A script built on the append script: `APPEND_EVENTS`, or `REAP_RUN` whose extra arguments
-/// are the run and its dead owner.
+/// A script built on the append script, with its extra arguments after the owner:
+/// `APPEND_EVENTS` (none), `REAP_RUN` (the run and its dead owner), `PUBLISH_ONCE` (the key and
+/// the dedupe cap; it also takes the dedupe keys).
 fn append_like(
     script: &'static Lua,
     settings: &RedisSettings,
     user: &str,
-    (owner, run, dead): (&str, &str, &str),
+    owner: &str,
+    extra: &[&str],
     events: &[NewEvent<'_>],
     scratch: &mut Vec<u8>,
 ) -> (Request, Vec<(String, String)>) {
     let parts: Vec<(String, String)> = events.iter().map(|e| split_frame(e, scratch)).collect();
     let key = |what: &str| format!("{}:{{{user}}}:{what}", settings.prefix);
+    let mut keys = vec!["meta", "stream", "live", "holders", "runs", "reaped"];
+    if script.sha == scripts::PUBLISH_ONCE.sha {
+        keys.extend(["dedupe", "dedupe:order"]);
+    }
     let mut command = redis::cmd("EVALSHA");
-    command.arg(&script.sha).arg(5);
-    for what in ["meta", "stream", "live", "holders", "runs"] {
+    command.arg(&script.sha).arg(keys.len());
+    for what in keys {
         command.arg(key(what));
     }
     command
@@ -317,8 +344,8 @@ fn append_like(
         .arg(settings.max_run_text)
         .arg(events.len())
         .arg(owner);
-    if script.sha != scripts::APPEND_EVENTS.sha {
-        command.arg(run).arg(dead);
+    for arg in extra {
+        command.arg(*arg);
     }
     for ((head, tail), event) in parts.iter().zip(events) {
         let (op, data) = follow_op(event);
@@ -414,10 +441,23 @@ fn script_command(script: &'static Lua, keys: &[String], args: Vec<Vec<u8>>) -> 
 }
 
 /// Hands a command to the writer, in call order; its answer comes later.
-fn queue(jobs: &mpsc::UnboundedSender<Job>, request: impl Into<Request>) -> Answer {
+fn queue(queue: &Queue, request: impl Into<Request>) -> Answer {
+    use std::sync::atomic::Ordering::Relaxed;
     let Request { command, script } = request.into();
     let (answer, answered) = oneshot::channel();
-    if jobs.unbounded_send(Job { command, script, answer }).is_err() {
+    let bytes: usize =
+        command.args_iter().map(|arg| if let redis::Arg::Simple(a) = arg { a.len() } else { 0 }).sum();
+    if queue.queued.load(Relaxed).saturating_add(bytes) > queue.max {
+        let _ = answer.send(Err(BrokerError::Unavailable(format!(
+            "redis: {} bytes of commands wait for Redis already (broker.max_queued_bytes)",
+            queue.queued.load(Relaxed)
+        ))));
+        return answered;
+    }
+    queue.queued.fetch_add(bytes, Relaxed);
+    let permit = connection::Permit { bytes, queued: Arc::clone(&queue.queued) };
+    let job = Job { command, script, answer, _permit: permit };
+    if queue.jobs.unbounded_send(job).is_err() {
         warn!("broker: the Redis writer is gone");
     }
     answered
@@ -454,11 +494,11 @@ fn stored(parts: Vec<(String, String)>, first: u64) -> Vec<Stored> {
 async fn forward(
     prefix: String,
     control: String,
-    mut messages: mpsc::UnboundedReceiver<connection::Message>,
+    mut messages: mpsc::Receiver<connection::Message>,
     mut reconnected: mpsc::UnboundedReceiver<()>,
-    remote: mpsc::UnboundedSender<RemoteBatch>,
+    mut remote: mpsc::Sender<RemoteBatch>,
 ) {
-    use futures_util::StreamExt;
+    use futures_util::{SinkExt, StreamExt};
     let start = format!("{prefix}:{{");
     loop {
         futures_util::select! {
@@ -468,7 +508,7 @@ async fn forward(
                     let text = String::from_utf8_lossy(&payload);
                     let mut parts = text.split('\n');
                     if let (Some("cancel"), Some(user), Some(run_id)) = (parts.next(), parts.next(), parts.next()) {
-                        let _ = remote.unbounded_send(RemoteBatch::Cancel { user: user.to_owned(), run_id: run_id.to_owned() });
+                        let _ = remote.send(RemoteBatch::Cancel { user: user.to_owned(), run_id: run_id.to_owned() }).await;
                     }
                     continue;
                 }
@@ -476,14 +516,14 @@ async fn forward(
                 let Some(user) = user else { continue };
                 match parse_batch(&payload) {
                     Some((epoch, events)) => {
-                        let _ = remote.unbounded_send(RemoteBatch::Events { user: user.to_owned(), epoch, events });
+                        let _ = remote.send(RemoteBatch::Events { user: user.to_owned(), epoch, events }).await;
                     }
                     None => warn!("broker: a message on {channel} that is not an event batch"),
                 }
             }
             again = reconnected.next() => {
                 if again.is_none() { return }
-                let _ = remote.unbounded_send(RemoteBatch::Reconnected);
+                let _ = remote.send(RemoteBatch::Reconnected).await;
             }
         }
     }
@@ -510,8 +550,8 @@ fn parse_batch(payload: &[u8]) -> Option<(String, Vec<Stored>)> {
 async fn heartbeat(
     client: redis::Client,
     settings: RedisSettings,
-    jobs: mpsc::UnboundedSender<Job>,
-    to_registry: mpsc::UnboundedSender<RemoteBatch>,
+    jobs: Queue,
+    mut to_registry: mpsc::Sender<RemoteBatch>,
 ) {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_number_of_retries(1)
@@ -555,7 +595,7 @@ async fn heartbeat(
                 "broker: node {} was taken for dead while it was away (its lease lapsed) and its runs were ended elsewhere; it stops",
                 settings.member
             );
-            let _ = to_registry.unbounded_send(RemoteBatch::Fenced);
+            let _ = to_registry.try_send(RemoteBatch::Fenced);
             return;
         }
         let mut reaped = reply.into_iter().skip(1).map(|list| items(list).unwrap_or_default());
@@ -576,12 +616,12 @@ async fn heartbeat(
                 run_id: Some(run_id),
                 payload: &payload,
             };
-            let ids = ("", run_id, dead.as_str());
             let (command, _) = append_like(
                 &scripts::REAP_RUN,
                 &settings,
                 &user,
-                ids,
+                "",
+                &[run_id, dead.as_str()],
                 std::slice::from_ref(&event),
                 &mut scratch,
             );
@@ -601,7 +641,7 @@ async fn heartbeat(
 impl Broker for RedisBroker {
     fn append(&mut self, user: &str, events: &[NewEvent<'_>]) -> Call<Vec<Stored>> {
         let (answered, parts) = self.appended(user, events);
-        let to_registry = self.to_registry.clone();
+        let mut to_registry = self.to_registry.clone();
         Box::pin(async move {
             let reply = items(answer(answered).await?)?;
             if reply.first().and_then(text).as_deref() == Some("fenced") {
@@ -609,7 +649,7 @@ impl Broker for RedisBroker {
                 log::error!(
                     "broker: run {run} is no longer this node's (it was taken over while this node was away)"
                 );
-                let _ = to_registry.unbounded_send(RemoteBatch::Fenced);
+                let _ = to_registry.try_send(RemoteBatch::Fenced);
                 return Err(BrokerError::Unavailable("redis: this node was fenced".into()));
             }
             let first = reply
@@ -621,11 +661,52 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn publish_once(&mut self, user: &str, key: &str, events: &[NewEvent<'_>]) -> Call<Published> {
+        let own = events.iter().any(|e| e.run_id.is_some_and(|run| self.mine.contains_key(run)));
+        let owner = if own { self.settings.member.clone() } else { String::new() };
+        let cap = self.settings.dedupe_per_user.to_string();
+        let (command, parts) = append_like(
+            &scripts::PUBLISH_ONCE,
+            &self.settings,
+            user,
+            &owner,
+            &[key, &cap],
+            events,
+            &mut self.scratch,
+        );
+        let answered = queue(&self.jobs, command);
+        let mut to_registry = self.to_registry.clone();
+        Box::pin(async move {
+            let reply = items(answer(answered).await?)?;
+            match reply.first().and_then(text).as_deref() {
+                Some("again") => {
+                    let seen = reply.get(1).and_then(text).unwrap_or_default();
+                    let (first, count) = seen.split_once(' ').ok_or_else(|| unexpected("publish"))?;
+                    let first: u64 = first.parse().map_err(|_| unexpected("publish"))?;
+                    let count: u64 = count.parse().map_err(|_| unexpected("publish"))?;
+                    Ok(Published::Again((first..first + count).collect()))
+                }
+                Some("fenced") => {
+                    let _ = to_registry.try_send(RemoteBatch::Fenced);
+                    Err(BrokerError::Unavailable("redis: this node was fenced".into()))
+                }
+                _ => {
+                    let first = reply
+                        .get(1)
+                        .and_then(text)
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .ok_or_else(|| unexpected("publish"))?;
+                    Ok(Published::New(stored(parts, first)))
+                }
+            }
+        })
+    }
+
     fn submit(
         &mut self,
         user: &str,
         client_msg_id: Option<&str>,
-        (message_id, run_id): (&str, &str),
+        (message_id, run_id, attempt): (&str, &str, &str),
         echo: &NewEvent<'_>,
     ) -> Call<Submitted> {
         let (head, tail) = split_frame(echo, &mut self.scratch);
@@ -651,6 +732,7 @@ impl Broker for RedisBroker {
             Vec::new(),
             Vec::new(),
             Vec::new(),
+            attempt.as_bytes().to_vec(),
         ];
         let answered = self.eval(&scripts::SUBMIT, &keys, args);
         Box::pin(async move {
@@ -838,7 +920,7 @@ impl Broker for RedisBroker {
         }
     }
 
-    fn remote_events(&mut self) -> Option<mpsc::UnboundedReceiver<RemoteBatch>> {
+    fn remote_events(&mut self) -> Option<mpsc::Receiver<RemoteBatch>> {
         self.remote.take()
     }
 
@@ -906,7 +988,8 @@ fn parse_seen(text: &str) -> Option<SeenMessage> {
     let message_id = parts.next()?.to_owned();
     let run_id = parts.next()?.to_owned();
     let seq = parts.next()?.parse().ok()?;
-    Some(SeenMessage { message_id, run_id, seq, at: Instant::now() })
+    let attempt = parts.next().unwrap_or_default().to_owned();
+    Some(SeenMessage { message_id, run_id, seq, at: Instant::now(), attempt })
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ impl Lua {
 /// caller's head + seq + tail), follows the runs in progress (`follow`), trims the stream,
 /// refreshes the TTL, and publishes the batch to the user's channel as
 /// `epoch \n first_seq \n frame \n frame...`.
-/// KEYS: meta, stream, live, holders, runs. ARGV: channel, epoch if new, maxlen, ttl ms, max run
+/// KEYS: meta, stream, live, holders, runs, reaped. ARGV: channel, epoch if new, maxlen, ttl ms, max run
 /// text, count, owner (this node's `id@generation` when the events are of its own runs, else
 /// ""), then head, tail, op, run, data per event.
 /// Returns {epoch, first_seq}, or {"fenced", run} (nothing appended).
@@ -80,18 +80,16 @@ local function follow(live, holders, op, run, data, seq, max, ttl)
   redis.call('PEXPIRE', holders, ttl)
 end
 
--- Fencing (docs/scale-out.md): events of a run this node owns are appended only while the
--- user's runs hash still names this node (generation included) as the run's owner. A node that
--- was paused past its lease finds its runs taken over (ended `node_lost` by another node) and
--- appends nothing more of them. Returns the first run no longer owned, or nil.
-local function fenced(runs, owner, count, at)
+-- Fencing (docs/scale-out.md): a run taken over from a node that was gone (ended `node_lost`
+-- by another, `REAP_RUN`) leaves a tombstone naming that node (generation included) in the
+-- user's `reaped` hash; events of the run from that node are refused from then on. A node that
+-- was paused past its lease appends nothing more of its runs. (A run merely unknown, after Redis
+-- lost its data, is not fenced.) Returns the first fenced run, or nil.
+local function fenced(reaped, owner, count, at)
   if owner == '' then return nil end
   for i = 0, count - 1 do
     local run = ARGV[at + 5 * i + 3]
-    if run ~= '' then
-      local record = redis.call('HGET', runs, run)
-      if not record or string.sub(record, 1, #owner + 1) ~= owner .. '\n' then return run end
-    end
+    if run ~= '' and redis.call('HGET', reaped, run) == owner then return run end
   end
   return nil
 end
@@ -123,9 +121,40 @@ end
 pub static APPEND_EVENTS: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
         "{APPEND}
-local lost = fenced(KEYS[5], ARGV[7], tonumber(ARGV[6]), 8)
+local lost = fenced(KEYS[6], ARGV[7], tonumber(ARGV[6]), 8)
 if lost then return {{'fenced', lost}} end
 local r = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 8)
+-- A run's end takes its record with it, in the same step: no reaper can end it again.
+for i = 0, tonumber(ARGV[6]) - 1 do
+  if ARGV[8 + 5 * i + 2] == 'e' then redis.call('HDEL', KEYS[5], ARGV[8 + 5 * i + 3]) end
+end
+return {{r[1], string.format('%d', r[2])}}"
+    ))
+});
+
+/// `APPEND_EVENTS` once per key of the user (`Broker::publish_once`): a key seen before answers
+/// the seqs it was given then and appends nothing. KEYS: those of `APPEND_EVENTS`, then dedupe
+/// hash, dedupe order list. ARGV: those of `APPEND_EVENTS` up to owner, then key, dedupe cap,
+/// then the events. Returns {"again", "first count"} or {epoch, first_seq}.
+pub static PUBLISH_ONCE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(format!(
+        "{APPEND}
+local id = 'publish:' .. ARGV[8]
+local seen = redis.call('HGET', KEYS[7], id)
+if seen then return {{'again', seen}} end
+local lost = fenced(KEYS[6], ARGV[7], tonumber(ARGV[6]), 10)
+if lost then return {{'fenced', lost}} end
+local r = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 10)
+for i = 0, tonumber(ARGV[6]) - 1 do
+  if ARGV[10 + 5 * i + 2] == 'e' then redis.call('HDEL', KEYS[5], ARGV[10 + 5 * i + 3]) end
+end
+redis.call('HSET', KEYS[7], id, string.format('%d', r[2]) .. ' ' .. ARGV[6])
+redis.call('RPUSH', KEYS[8], id)
+while redis.call('LLEN', KEYS[8]) > tonumber(ARGV[9]) do
+  redis.call('HDEL', KEYS[7], redis.call('LPOP', KEYS[8]))
+end
+redis.call('PEXPIRE', KEYS[7], ARGV[4])
+redis.call('PEXPIRE', KEYS[8], ARGV[4])
 return {{r[1], string.format('%d', r[2])}}"
     ))
 });
@@ -133,8 +162,8 @@ return {{r[1], string.format('%d', r[2])}}"
 /// A `user_message`: appended unless its `client_msg_id` was seen, and remembered with its ids.
 /// KEYS: meta, stream, dedupe hash, dedupe order list, live, holders. ARGV: channel, epoch if new,
 /// maxlen, ttl ms, client_msg_id or "", message_id, run_id, dedupe cap, head, tail, then an
-/// empty op, run and data (an echo follows no run).
-/// Returns {"seen", "message_id run_id seq"} or {"appended", epoch, seq}.
+/// empty op, run and data (an echo follows no run), then the call's attempt id.
+/// Returns {"seen", "message_id run_id seq attempt"} or {"appended", epoch, seq}.
 pub static SUBMIT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
         "{APPEND}
@@ -145,7 +174,7 @@ if cmid ~= '' then
 end
 local r = append(KEYS[1], KEYS[2], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 0, 1, 9)
 if cmid ~= '' then
-  redis.call('HSET', KEYS[3], cmid, ARGV[6] .. ' ' .. ARGV[7] .. ' ' .. string.format('%d', r[2]))
+  redis.call('HSET', KEYS[3], cmid, ARGV[6] .. ' ' .. ARGV[7] .. ' ' .. string.format('%d', r[2]) .. ' ' .. ARGV[14])
   redis.call('RPUSH', KEYS[4], cmid)
   while redis.call('LLEN', KEYS[4]) > tonumber(ARGV[8]) do
     redis.call('HDEL', KEYS[3], redis.call('LPOP', KEYS[4]))
@@ -339,14 +368,19 @@ return 1
 /// Every key here is of the node registry (hash tag `{nodes}`, one slot). A node is a member
 /// `id@generation`: a process restarted under the same `node_id` is a new member and takes over
 /// its previous generation at once, without waiting for its lease. A node that is no longer a
-/// member was reaped while it was away (paused past its lease): it is fenced, and stops.
+/// member was reaped while it was away (paused past its lease; a tombstone says so) is fenced,
+/// and stops; one that is not a member without a tombstone (Redis lost its data) joins again.
 /// KEYS: nodes set. ARGV: prefix, this member, lease ms, this node_id.
 /// Returns {"fenced"} or {"ok", {user, run...}, {user, session...}}.
 pub static HEARTBEAT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 local nodes, prefix, me, lease, id = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('SISMEMBER', nodes, me) == 0 then return {'fenced'} end
+if redis.call('SISMEMBER', nodes, me) == 0 then
+  if redis.call('EXISTS', prefix .. ':{nodes}:' .. me .. ':reaped') == 1 then return {'fenced'} end
+  -- Not reaped: Redis lost the registry (restarted empty). This node registers again.
+  redis.call('SADD', nodes, me)
+end
 redis.call('SET', prefix .. ':{nodes}:' .. me .. ':alive', '1', 'PX', lease)
 -- Nothing of a deployment outlives its last node for long: every beat pushes these back.
 local keep = tonumber(lease) * 12
@@ -370,6 +404,7 @@ for _, node in ipairs(redis.call('SMEMBERS', nodes)) do
       sessions[#sessions + 1] = session
     end
     redis.call('DEL', base .. ':runs', base .. ':sessions', base .. ':alive')
+    redis.call('SET', base .. ':reaped', '1', 'PX', keep)
     redis.call('SREM', nodes, node)
   end
 end
@@ -402,7 +437,31 @@ pub static REAP_RUN: LazyLock<Lua> = LazyLock::new(|| {
 local record = redis.call('HGET', KEYS[5], ARGV[8])
 if not record or string.sub(record, 1, #ARGV[9] + 1) ~= ARGV[9] .. '\\n' then return {{}} end
 redis.call('HDEL', KEYS[5], ARGV[8])
+redis.call('HSET', KEYS[6], ARGV[8], ARGV[9])
+redis.call('PEXPIRE', KEYS[6], ARGV[4])
 local r = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 10)
 return {{r[1], string.format('%d', r[2])}}"
     ))
 });
+
+/// Every script the writer calls, loaded when it connects (`connection.rs`): a call's first
+/// `EVALSHA` finds its script, so only a Redis that lost them (restarted, flushed) answers
+/// `NOSCRIPT`, and an answer that times out was never a refusal in disguise.
+pub fn all() -> [&'static Lua; 14] {
+    [
+        &APPEND_EVENTS,
+        &PUBLISH_ONCE,
+        &SUBMIT,
+        &ATTACH,
+        &RANGE,
+        &ADMIT,
+        &LEAVE,
+        &KEEP,
+        &RUN_STARTED,
+        &CLAIM,
+        &RUN_ENDED,
+        &CANCEL_ELSEWHERE,
+        &REGISTER,
+        &REAP_RUN,
+    ]
+}
