@@ -443,6 +443,9 @@ pub struct BrokerConfig {
     /// A node silent this long is gone: another ends its runs with `agent_error` `node_lost`.
     /// With Redis, at least 2 (`validate.rs`).
     pub node_lease_secs: u64,
+    /// `url` lists nodes of a Redis Cluster (comma-separated; any of them will do): the broker
+    /// routes each call to its slot and uses sharded Pub/Sub (Redis 7, docs/scale-out.md).
+    pub cluster: bool,
     /// Most bytes of commands waiting for Redis (a slow Redis): past it, calls are refused at once
     /// (`unavailable`, 503) rather than held in memory without bound (docs/scale-out.md).
     pub max_queued_bytes: usize,
@@ -457,6 +460,7 @@ impl Default for BrokerConfig {
             node_id: String::new(),
             node_lease_secs: 5,
             max_queued_bytes: 64 * 1024 * 1024,
+            cluster: false,
         }
     }
 }

@@ -42,7 +42,7 @@ impl Drop for Permit {
 }
 
 /// Most commands sent in one pipeline.
-const MAX_PIPELINE: usize = 512;
+pub(super) const MAX_PIPELINE: usize = 512;
 
 /// A failed command: one sent whose answer never came in time may have run, `Unknown`; Redis away (not reached, a node loading or failing over) is
 /// `Unavailable`; anything else Redis says is an answer this code did not expect.
@@ -154,7 +154,7 @@ pub async fn writer(
 }
 
 /// One command's answer in a pipeline: an error is its own caller's.
-fn answer(value: redis::Value) -> Result<redis::Value, BrokerError> {
+pub(super) fn answer(value: redis::Value) -> Result<redis::Value, BrokerError> {
     match value {
         redis::Value::ServerError(e) => Err(broker_error(&e.into())),
         value => Ok(value),
@@ -212,8 +212,8 @@ pub type Message = (String, Vec<u8>);
 /// How often the Pub/Sub connection is checked, and how long any of its commands may take: a
 /// link that went half-open (no traffic, no close) is found within a few seconds, never left to
 /// drop events silently (docs/scale-out.md, "When something goes away").
-const PUBSUB_CHECK: Duration = Duration::from_secs(1);
-const PUBSUB_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const PUBSUB_CHECK: Duration = Duration::from_secs(1);
+pub(super) const PUBSUB_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Keeps the Pub/Sub connection: subscribes and unsubscribes as asked, hands every message on,
 /// and after a reconnect subscribes again to every channel and says so (`reconnected`), so the

@@ -9,6 +9,7 @@
 //! Keys: `{prefix}:{<user>}:meta|stream|dedupe|dedupe:order|sessions`,
 //! channel `{prefix}:{<user>}:events`: one hash tag per user.
 
+mod cluster;
 mod connection;
 mod scripts;
 
@@ -48,6 +49,8 @@ pub struct RedisSettings {
     pub max_run_text: usize,
     /// `broker.max_queued_bytes`: the writer's queue, bounded.
     pub max_queued_bytes: usize,
+    /// `broker.cluster`: `url` lists nodes of a Redis Cluster (`cluster.rs`).
+    pub cluster: bool,
     /// This process in the node registry: `node_id@generation`, a generation made anew by each
     /// process (so a restart under the same `node_id` is told from its previous life, and
     /// fenced runs are told from live ones).
@@ -68,6 +71,11 @@ pub fn command_timeout(lease: Duration) -> Duration {
 }
 
 impl RedisSettings {
+    /// The nodes `url` names: one, or a Redis Cluster's (comma-separated).
+    pub fn urls(&self) -> Vec<String> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect()
+    }
+
     pub fn from_config(config: &Config) -> RedisSettings {
         RedisSettings {
             url: config.broker.url.clone(),
@@ -79,6 +87,7 @@ impl RedisSettings {
             node_lease: Duration::from_secs(config.broker.node_lease_secs),
             max_run_text: config.agent.max_response_bytes.get(),
             max_queued_bytes: config.broker.max_queued_bytes,
+            cluster: config.broker.cluster,
             member: format!("{}@{}", config.broker.node_name(), *GENERATION),
         }
     }
@@ -96,6 +105,9 @@ pub fn redacted(url: &str) -> String {
 /// this process as a node before it serves (`REGISTER`): one killed before its first heartbeat
 /// is reaped all the same.
 pub fn check(settings: &RedisSettings) -> Result<(), String> {
+    if settings.cluster {
+        return check_cluster(settings);
+    }
     let url = settings.url.as_str();
     let client = redis::Client::open(url).map_err(|e| format!("broker.url {}: {e}", redacted(url)))?;
     let mut connection = client
@@ -112,6 +124,27 @@ pub fn check(settings: &RedisSettings) -> Result<(), String> {
         .invoke::<i64>(&mut connection)
         .map(|_| ())
         .map_err(|e| format!("broker.url {}: the node could not register: {e}", redacted(url)))
+}
+
+/// [`check`] on a Redis Cluster: any of its nodes answers, and the node registers.
+fn check_cluster(settings: &RedisSettings) -> Result<(), String> {
+    let shown = settings.urls().iter().map(|u| redacted(u)).collect::<Vec<_>>().join(",");
+    let client = cluster::client(&settings.urls(), Duration::from_secs(3))
+        .map_err(|e| format!("broker.url {shown}: {e}"))?;
+    let mut connection = client
+        .get_connection()
+        .map_err(|e| format!("broker.url {shown}: cannot reach the Redis Cluster: {e}"))?;
+    redis::cmd("PING")
+        .query::<String>(&mut connection)
+        .map_err(|e| format!("broker.url {shown}: the Redis Cluster does not answer: {e}"))?;
+    redis::Script::new(&scripts::REGISTER.code)
+        .key(nodes_key(&settings.prefix))
+        .arg(&settings.prefix)
+        .arg(&settings.member)
+        .arg(settings.node_lease.as_millis().max(1) as u64)
+        .invoke::<i64>(&mut connection)
+        .map(|_| ())
+        .map_err(|e| format!("broker.url {shown}: the node could not register: {e}"))
 }
 
 /// The node registry's set of members (hash tag `{nodes}`: the registry is one slot).
@@ -214,7 +247,6 @@ impl RedisBroker {
         settings: RedisSettings,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
-        let client = redis::Client::open(settings.url.as_str()).map_err(|e| connection::broker_error(&e))?;
         let (sender, queued) = mpsc::unbounded();
         let jobs = Queue { jobs: sender, queued: Default::default(), max: settings.max_queued_bytes };
         let (interest, asked) = mpsc::unbounded();
@@ -225,11 +257,28 @@ impl RedisBroker {
         let (reconnected_tx, reconnected) = mpsc::unbounded();
         let (remote_tx, remote) = mpsc::channel(PUBSUB_BACKLOG);
         let timeout = command_timeout(settings.node_lease);
-        actix_web::rt::spawn(connection::writer(client.clone(), queued, metrics, timeout));
-        actix_web::rt::spawn(heartbeat(client.clone(), settings.clone(), jobs.clone(), remote_tx.clone()));
         let pubsub_up = Arc::new(AtomicBool::new(false));
         let up = Arc::clone(&pubsub_up);
-        actix_web::rt::spawn(connection::subscriber(client, asked, messages_tx, reconnected_tx, up));
+        let urls = settings.urls();
+        let connector = if settings.cluster {
+            let client = cluster::client(&urls, timeout).map_err(|e| connection::broker_error(&e))?;
+            actix_web::rt::spawn(cluster::writer(client.clone(), queued, metrics));
+            actix_web::rt::spawn(cluster::subscriber(urls, asked, messages_tx, reconnected_tx, up));
+            cluster::Connector::Cluster(Box::new(client))
+        } else {
+            let client =
+                redis::Client::open(settings.url.as_str()).map_err(|e| connection::broker_error(&e))?;
+            actix_web::rt::spawn(connection::writer(client.clone(), queued, metrics, timeout));
+            actix_web::rt::spawn(connection::subscriber(
+                client.clone(),
+                asked,
+                messages_tx,
+                reconnected_tx,
+                up,
+            ));
+            cluster::Connector::Single(client)
+        };
+        actix_web::rt::spawn(heartbeat(connector, settings.clone(), jobs.clone(), remote_tx.clone()));
         let control = format!("{}:node:{}:control", settings.prefix, settings.member);
         let (subscribed, _) = oneshot::channel();
         let _ = interest.unbounded_send(Interest::Subscribe(control.clone(), subscribed));
@@ -294,6 +343,14 @@ impl RedisBroker {
     fn node_key(&self, what: &str) -> String {
         node_key(&self.settings.prefix, &self.settings.member, what)
     }
+
+    /// `SADD`/`SREM` of `member` in this node's set `what` (`runs`, `sessions`): what the
+    /// reaper takes over if this node goes away. Nobody waits for it.
+    fn node_set(&mut self, verb: &str, what: &str, member: &str) {
+        let mut command = redis::cmd(verb);
+        command.arg(self.node_key(what)).arg(member);
+        drop(queue(&self.jobs, command));
+    }
 }
 
 /// A key of a member of the node registry.
@@ -310,7 +367,8 @@ fn append_command(
     events: &[NewEvent<'_>],
     scratch: &mut Vec<u8>,
 ) -> (Request, Vec<(String, String)>) {
-    append_like(&scripts::APPEND_EVENTS, settings, user, owner, &[], events, scratch)
+    let script = scripts::Publishing::new(settings.cluster).append_events;
+    append_like(script, settings, user, owner, &[], events, scratch)
 }
 
 /// A script built on the append script, with its extra arguments after the owner:
@@ -328,7 +386,7 @@ fn append_like(
     let parts: Vec<(String, String)> = events.iter().map(|e| split_frame(e, scratch)).collect();
     let key = |what: &str| format!("{}:{{{user}}}:{what}", settings.prefix);
     let mut keys = vec!["meta", "stream", "live", "holders", "runs", "reaped"];
-    if script.sha == scripts::PUBLISH_ONCE.sha {
+    if script.sha == scripts::PUBLISH_ONCE.sha || script.sha == scripts::PUBLISH_ONCE_SHARDED.sha {
         keys.extend(["dedupe", "dedupe:order"]);
     }
     let mut command = redis::cmd("EVALSHA");
@@ -548,15 +606,11 @@ fn parse_batch(payload: &[u8]) -> Option<(String, Vec<Stored>)> {
 /// reaped while it was away is fenced: the registry closes its sessions and the process stops
 /// (docs/scale-out.md).
 async fn heartbeat(
-    client: redis::Client,
+    connector: cluster::Connector,
     settings: RedisSettings,
     jobs: Queue,
     mut to_registry: mpsc::Sender<RemoteBatch>,
 ) {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_number_of_retries(1)
-        .set_connection_timeout(Some(command_timeout(settings.node_lease)))
-        .set_response_timeout(Some(command_timeout(settings.node_lease)));
     let beat = redis::Script::new(&scripts::HEARTBEAT.code);
     let lease = settings.node_lease.as_millis().max(1) as u64;
     let node_id = settings.member.rsplit_once('@').map_or(settings.member.as_str(), |(id, _)| id);
@@ -566,8 +620,8 @@ async fn heartbeat(
     loop {
         every.tick().await;
         if connection.is_none() {
-            match client.get_connection_manager_with_config(config.clone()).await {
-                Ok(manager) => connection = Some(manager),
+            match connector.connect(command_timeout(settings.node_lease)).await {
+                Ok(made) => connection = Some(made),
                 Err(e) => {
                     warn!("broker: heartbeat: {e}");
                     continue;
@@ -617,7 +671,7 @@ async fn heartbeat(
                 payload: &payload,
             };
             let (command, _) = append_like(
-                &scripts::REAP_RUN,
+                scripts::Publishing::new(settings.cluster).reap_run,
                 &settings,
                 &user,
                 "",
@@ -666,7 +720,7 @@ impl Broker for RedisBroker {
         let owner = if own { self.settings.member.clone() } else { String::new() };
         let cap = self.settings.dedupe_per_user.to_string();
         let (command, parts) = append_like(
-            &scripts::PUBLISH_ONCE,
+            scripts::Publishing::new(self.settings.cluster).publish_once,
             &self.settings,
             user,
             &owner,
@@ -734,7 +788,7 @@ impl Broker for RedisBroker {
             Vec::new(),
             attempt.as_bytes().to_vec(),
         ];
-        let answered = self.eval(&scripts::SUBMIT, &keys, args);
+        let answered = self.eval(scripts::Publishing::new(self.settings.cluster).submit, &keys, args);
         Box::pin(async move {
             let reply = items(answer(answered).await?)?;
             match reply.first().and_then(text).as_deref() {
@@ -827,44 +881,38 @@ impl Broker for RedisBroker {
     }
 
     fn admit(&mut self, user: &str, connection: ConnectionId, cap: usize) -> Call<bool> {
+        let session = format!("{}/{connection}", self.settings.node);
+        // The node's set first (its own slot in a Redis Cluster): the reaper must know every
+        // slot this node may hold; one not taken leaves a member the reaper frees as nothing.
+        self.node_set("SADD", "sessions", &format!("{user}\n{session}"));
         let record = serde_json::json!({"node": self.settings.node, "connected_at": now_ms()});
-        let keys = [self.key(user, "sessions"), self.node_key("sessions")];
+        let keys = [self.key(user, "sessions")];
         let args = vec![
-            format!("{}/{connection}", self.settings.node).into_bytes(),
+            session.into_bytes(),
             record.to_string().into_bytes(),
             cap.to_string().into_bytes(),
             self.ttl_ms().to_string().into_bytes(),
-            user.as_bytes().to_vec(),
         ];
         let answered = self.eval(&scripts::ADMIT, &keys, args);
         Box::pin(async move { Ok(matches!(answer(answered).await?, RedisValue::Int(1))) })
     }
 
     fn leave(&mut self, user: &str, connection: ConnectionId) -> Call<()> {
-        let keys = [
-            self.key(user, "sessions"),
-            self.node_key("sessions"),
-            self.key(user, "meta"),
-            self.key(user, "stream"),
-            self.key(user, "dedupe"),
-            self.key(user, "dedupe:order"),
-        ];
-        let args = vec![
-            format!("{}/{connection}", self.settings.node).into_bytes(),
-            user.as_bytes().to_vec(),
-            self.ttl_ms().to_string().into_bytes(),
-        ];
+        let session = format!("{}/{connection}", self.settings.node);
+        let keys = ["sessions", "meta", "stream", "dedupe", "dedupe:order"].map(|what| self.key(user, what));
+        let args = vec![session.clone().into_bytes(), self.ttl_ms().to_string().into_bytes()];
         let answered = self.eval(&scripts::LEAVE, &keys, args);
+        self.node_set("SREM", "sessions", &format!("{user}\n{session}"));
         Box::pin(async move { answer(answered).await.map(|_| ()) })
     }
 
     fn run_started(&mut self, user: &str, run_id: &str, thread_id: &str) {
-        let keys = [self.key(user, "runs"), self.node_key("runs")];
+        self.node_set("SADD", "runs", &format!("{user}\n{run_id}\n{thread_id}"));
+        let keys = [self.key(user, "runs")];
         let args = vec![
             run_id.as_bytes().to_vec(),
             self.settings.member.clone().into_bytes(),
             thread_id.as_bytes().to_vec(),
-            user.as_bytes().to_vec(),
             self.ttl_ms().to_string().into_bytes(),
         ];
         self.mine.insert(run_id.to_owned(), thread_id.to_owned());
@@ -873,19 +921,19 @@ impl Broker for RedisBroker {
 
     fn run_ended(&mut self, user: &str, run_id: &str) {
         let thread = self.mine.remove(run_id).unwrap_or_default();
-        let keys = [self.key(user, "runs"), self.node_key("runs")];
-        let args = vec![run_id.as_bytes().to_vec(), user.as_bytes().to_vec(), thread.into_bytes()];
-        self.eval_quietly("a run's end", &scripts::RUN_ENDED, &keys, args);
+        let keys = [self.key(user, "runs")];
+        self.eval_quietly("a run's end", &scripts::RUN_ENDED, &keys, vec![run_id.as_bytes().to_vec()]);
+        self.node_set("SREM", "runs", &format!("{user}\n{run_id}\n{thread}"));
     }
 
     fn claim_thread(&mut self, user: &str, thread_id: &str, run_id: &str) -> Call<Option<String>> {
-        let keys = [self.key(user, "holders"), self.key(user, "runs"), self.node_key("runs")];
+        self.node_set("SADD", "runs", &format!("{user}\n{run_id}\n{thread_id}"));
+        let keys = [self.key(user, "holders"), self.key(user, "runs")];
         let args = vec![
             thread_id.as_bytes().to_vec(),
             run_id.as_bytes().to_vec(),
             self.ttl_ms().to_string().into_bytes(),
             self.settings.member.as_bytes().to_vec(),
-            user.as_bytes().to_vec(),
         ];
         // The run is this process's from here on (its events are fenced), whether it starts now
         // or waits for the holder.
@@ -899,13 +947,29 @@ impl Broker for RedisBroker {
 
     fn cancel_elsewhere(&mut self, user: &str, run_id: &str) -> Call<bool> {
         let keys = [self.key(user, "runs")];
-        let args = vec![
-            run_id.as_bytes().to_vec(),
-            user.as_bytes().to_vec(),
-            self.settings.prefix.clone().into_bytes(),
-        ];
-        let answered = self.eval(&scripts::CANCEL_ELSEWHERE, &keys, args);
-        Box::pin(async move { Ok(matches!(answer(answered).await?, RedisValue::Int(1))) })
+        let answered = self.eval(&scripts::CANCEL_ELSEWHERE, &keys, vec![run_id.as_bytes().to_vec()]);
+        let (jobs, prefix, user, run_id) =
+            (self.jobs.clone(), self.settings.prefix.clone(), user.to_owned(), run_id.to_owned());
+        let publish = if self.settings.cluster { "SPUBLISH" } else { "PUBLISH" };
+        // On its own task: the cancel goes out even when nobody waits for the answer.
+        let (sent, told) = oneshot::channel();
+        actix_web::rt::spawn(async move {
+            let told_owner = async {
+                let Some(owner) = text(&answer(answered).await?).filter(|owner| !owner.is_empty()) else {
+                    return Ok(false);
+                };
+                let mut command = redis::cmd(publish);
+                command
+                    .arg(format!("{prefix}:node:{owner}:control"))
+                    .arg(format!("cancel\n{user}\n{run_id}"));
+                answer(queue(&jobs, command)).await?;
+                Ok(true)
+            };
+            let _ = sent.send(told_owner.await);
+        });
+        Box::pin(async move {
+            told.await.map_err(|_| BrokerError::Unavailable("redis: the broker went away".into()))?
+        })
     }
 
     fn interest(&mut self, user: &str, present: bool) {

@@ -245,16 +245,16 @@ return reply
     )
 });
 
-/// A session against the user's cap across all nodes, recorded for the connections API and in
-/// its node's set (for the reaper). KEYS: sessions hash, the node's sessions set. ARGV: session,
-/// record, cap, ttl ms, user. Returns 1 (admitted) or 0.
+/// A session against the user's cap across all nodes, recorded for the connections API (its
+/// node's set, for the reaper, is written before it, by its own command: a Redis Cluster keeps
+/// it in another slot). KEYS: sessions hash. ARGV: session, record, cap, ttl ms. Returns 1
+/// (admitted) or 0.
 pub static ADMIT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('SADD', KEYS[2], ARGV[5] .. '\n' .. ARGV[1])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
@@ -266,15 +266,14 @@ return 1
 /// A session given back. The last one leaving starts the stream's TTL: a stream never expires
 /// while a session on any node has it (`KEEP`), and its TTL counts from the later of its last
 /// event and its last session leaving (docs/scale-out.md).
-/// KEYS: sessions hash, the node's sessions set, meta, stream, dedupe, dedupe order.
-/// ARGV: session, user, ttl ms.
+/// (The node's set lets go of it after, by its own command.)
+/// KEYS: sessions hash, meta, stream, dedupe, dedupe order. ARGV: session, ttl ms.
 pub static LEAVE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[2] .. '\n' .. ARGV[1])
 if redis.call('HLEN', KEYS[1]) == 0 then
-  for i = 3, 6 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+  for i = 2, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
 end
 return 1
 "#
@@ -295,15 +294,14 @@ return 1
     )
 });
 
-/// A run started on this node: its owner and thread in the user's runs, and the run in the
-/// node's set (for the reaper). KEYS: runs hash, the node's runs set. ARGV: run, node, thread,
-/// user, ttl ms.
+/// A run started on this node: its owner and thread in the user's runs (the node's set, for the
+/// reaper, is written before it by its own command). KEYS: runs hash. ARGV: run, node, thread,
+/// ttl ms.
 pub static RUN_STARTED: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\n' .. ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('SADD', KEYS[2], ARGV[4] .. '\n' .. ARGV[1] .. '\n' .. ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 "#
         .to_owned(),
@@ -315,8 +313,10 @@ return 1
 /// any more (its record gone), it is taken, and the run recorded as `RUN_STARTED` does, in the
 /// same step (so no other node's claim can find the holder without its record); else the holder
 /// is answered. The holder lets go when its run's terminal event is appended (`follow`).
-/// KEYS: holders hash, runs hash, the node's runs set. ARGV: thread, run, ttl ms, node, user.
-/// Returns "" (taken) or the holder's run id.
+/// (The node's set, for the reaper, is written before it by its own command; a claim refused
+/// leaves a member there that the reaper finds no record for.)
+/// KEYS: holders hash, runs hash. ARGV: thread, run, ttl ms, node. Returns "" (taken) or the
+/// holder's run id.
 pub static CLAIM: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
@@ -328,35 +328,32 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[4] .. '\n' .. ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[5] .. '\n' .. ARGV[2] .. '\n' .. ARGV[1])
 return ''
 "#
         .to_owned(),
     )
 });
 
-/// A run ended. KEYS: runs hash, the node's runs set. ARGV: run, user, thread.
+/// A run ended (its node's set lets go of it after, by its own command). KEYS: runs hash.
+/// ARGV: run.
 pub static RUN_ENDED: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[2] .. '\n' .. ARGV[1] .. '\n' .. ARGV[3])
 return 1
 "#
         .to_owned(),
     )
 });
 
-/// A cancel for a run of another node: sent to its owner's control channel. KEYS: runs hash.
-/// ARGV: run, user, prefix. Returns 1 when some node runs it.
+/// The node that runs a run, for a cancel sent to its control channel (by the caller: the
+/// channel is no key of this slot). KEYS: runs hash. ARGV: run. Returns the owner or "".
 pub static CANCEL_ELSEWHERE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 local owner = redis.call('HGET', KEYS[1], ARGV[1])
-if not owner then return 0 end
-local node = string.match(owner, '^(.-)\n')
-redis.call('PUBLISH', ARGV[3] .. ':node:' .. node .. ':control', 'cancel\n' .. ARGV[2] .. '\n' .. ARGV[1])
-return 1
+if not owner then return '' end
+return string.match(owner, '^(.-)\n') or ''
 "#
         .to_owned(),
     )
@@ -444,14 +441,58 @@ return {{r[1], string.format('%d', r[2])}}"
     ))
 });
 
+/// The scripts that publish, as a Redis Cluster needs them: sharded Pub/Sub (`SPUBLISH`, Redis 7),
+/// whose channel lives in the slot of the user's keys.
+fn sharded(script: &Lua) -> Lua {
+    Lua::new(script.code.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',"))
+}
+
+pub static APPEND_EVENTS_SHARDED: LazyLock<Lua> = LazyLock::new(|| sharded(&APPEND_EVENTS));
+pub static PUBLISH_ONCE_SHARDED: LazyLock<Lua> = LazyLock::new(|| sharded(&PUBLISH_ONCE));
+pub static SUBMIT_SHARDED: LazyLock<Lua> = LazyLock::new(|| sharded(&SUBMIT));
+pub static REAP_RUN_SHARDED: LazyLock<Lua> = LazyLock::new(|| sharded(&REAP_RUN));
+
+/// The scripts that publish, for one Redis (`PUBLISH`) or a Redis Cluster (`SPUBLISH`).
+#[derive(Clone, Copy)]
+pub struct Publishing {
+    pub append_events: &'static Lua,
+    pub publish_once: &'static Lua,
+    pub submit: &'static Lua,
+    pub reap_run: &'static Lua,
+}
+
+impl Publishing {
+    pub fn new(cluster: bool) -> Publishing {
+        if cluster {
+            Publishing {
+                append_events: &APPEND_EVENTS_SHARDED,
+                publish_once: &PUBLISH_ONCE_SHARDED,
+                submit: &SUBMIT_SHARDED,
+                reap_run: &REAP_RUN_SHARDED,
+            }
+        } else {
+            Publishing {
+                append_events: &APPEND_EVENTS,
+                publish_once: &PUBLISH_ONCE,
+                submit: &SUBMIT,
+                reap_run: &REAP_RUN,
+            }
+        }
+    }
+}
+
 /// Every script the writer calls, loaded when it connects (`connection.rs`): a call's first
 /// `EVALSHA` finds its script, so only a Redis that lost them (restarted, flushed) answers
 /// `NOSCRIPT`, and an answer that times out was never a refusal in disguise.
-pub fn all() -> [&'static Lua; 14] {
+pub fn all() -> [&'static Lua; 18] {
     [
         &APPEND_EVENTS,
         &PUBLISH_ONCE,
         &SUBMIT,
+        &APPEND_EVENTS_SHARDED,
+        &PUBLISH_ONCE_SHARDED,
+        &SUBMIT_SHARDED,
+        &REAP_RUN_SHARDED,
         &ATTACH,
         &RANGE,
         &ADMIT,

@@ -1,0 +1,347 @@
+//! The Redis broker on a Redis Cluster (`broker.cluster = true`, docs/scale-out.md): the same
+//! scripts, sent where their keys live. Every script touches the keys of one user (hash tag
+//! `{user}`) or of the node registry (`{nodes}`), so each is one slot; the writer groups a batch
+//! of calls by slot and sends each group as one pipeline to the slot's master (a user's calls
+//! stay in order: they are one slot), the groups at once. Events go out by sharded Pub/Sub
+//! (`SPUBLISH` in the scripts, `SSUBSCRIBE` here, Redis 7): each channel lives on its user's
+//! shard. The cluster client follows slot moves and failovers by itself.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_channel::mpsc;
+use futures_util::{SinkExt, StreamExt};
+use log::{info, warn};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
+
+use super::connection::{broker_error, Interest, Job, Message, PUBSUB_CHECK, PUBSUB_TIMEOUT};
+use super::scripts;
+use crate::broker::BrokerError;
+use crate::metrics::Metrics;
+
+/// The cluster client of `urls` (any of its nodes: the client learns the rest), with the
+/// timeouts of the single-Redis connections.
+pub fn client(urls: &[String], timeout: Duration) -> redis::RedisResult<ClusterClient> {
+    ClusterClient::builder(urls.to_vec())
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .retries(2)
+        .build()
+}
+
+/// How the heartbeat reaches Redis: one server, or a Redis Cluster.
+pub enum Connector {
+    Single(redis::Client),
+    Cluster(Box<ClusterClient>),
+}
+
+impl Connector {
+    pub async fn connect(&self, timeout: Duration) -> redis::RedisResult<AnyConnection> {
+        match self {
+            Connector::Single(client) => {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_number_of_retries(1)
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout));
+                Ok(AnyConnection::Single(client.get_connection_manager_with_config(config).await?))
+            }
+            Connector::Cluster(client) => Ok(AnyConnection::Cluster(client.get_async_connection().await?)),
+        }
+    }
+}
+
+/// A connection to one Redis or to a Redis Cluster, for what runs the same on both (scripts
+/// route by their keys on a cluster).
+pub enum AnyConnection {
+    Single(redis::aio::ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for AnyConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            AnyConnection::Single(c) => c.req_packed_command(cmd),
+            AnyConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            AnyConnection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            AnyConnection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            AnyConnection::Single(c) => c.get_db(),
+            AnyConnection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where a command goes: the slot of its first key (after `numkeys` for a script), or any node.
+fn route(command: &redis::Cmd) -> Option<Route> {
+    let args: Vec<&[u8]> = command
+        .args_iter()
+        .filter_map(|arg| if let redis::Arg::Simple(a) = arg { Some(a) } else { None })
+        .collect();
+    let name = args.first()?;
+    let key = if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
+        let keys: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
+        (keys > 0).then(|| args.get(3)).flatten()?
+    } else {
+        args.get(1)?
+    };
+    Some(Route::with_key(key, SlotAddr::Master))
+}
+
+/// Every script loaded on every master, so a call's first `EVALSHA` finds its script.
+async fn load_scripts(connection: &mut ClusterConnection) -> redis::RedisResult<()> {
+    for script in scripts::all() {
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(&script.code);
+        let all =
+            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
+        connection.route_command(load, all).await?;
+    }
+    Ok(())
+}
+
+/// The jobs at `at` as one pipeline to their slot's master (any node without a slot); Redis
+/// without a script (a restarted master) gets the scripts again and the refused calls once more.
+async fn send_group(
+    mut connection: ClusterConnection,
+    batch: &[Job],
+    at: &[usize],
+    slot: Option<Route>,
+) -> Vec<Result<redis::Value, BrokerError>> {
+    let route = match slot {
+        Some(route) => SingleNodeRoutingInfo::SpecificNode(route),
+        None => SingleNodeRoutingInfo::Random,
+    };
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for &i in at {
+        pipe.add_command(batch[i].command.clone());
+    }
+    let values = match connection.route_pipeline(pipe, 0, at.len(), route.clone()).await {
+        Ok(values) if values.len() == at.len() => values,
+        Ok(values) => {
+            let what = format!("redis: {} answers to {} commands", values.len(), at.len());
+            return at.iter().map(|_| Err(BrokerError::Unexpected(what.clone()))).collect();
+        }
+        Err(e) => return at.iter().map(|_| Err(broker_error(&e))).collect(),
+    };
+    let refused = |value: &redis::Value| matches!(value, redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript));
+    let mut answers: Vec<Result<redis::Value, BrokerError>> = Vec::with_capacity(at.len());
+    let again: Vec<usize> = (0..values.len()).filter(|&i| refused(&values[i])).collect();
+    answers.extend(values.into_iter().map(super::connection::answer));
+    if !again.is_empty() {
+        let mut load = redis::pipe();
+        let mut resend = redis::pipe();
+        resend.ignore_errors();
+        for &i in &again {
+            if let Some(script) = batch[at[i]].script {
+                load.cmd("SCRIPT").arg("LOAD").arg(&script.code).ignore();
+            }
+            resend.add_command(batch[at[i]].command.clone());
+        }
+        let loaded = connection.route_pipeline(load, 0, 0, route.clone()).await;
+        let sent = match loaded {
+            Ok(_) => connection.route_pipeline(resend, 0, again.len(), route).await,
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(values) => {
+                again.iter().zip(values).for_each(|(&i, v)| answers[i] = super::connection::answer(v))
+            }
+            Err(e) => again.iter().for_each(|&i| answers[i] = Err(broker_error(&e))),
+        }
+    }
+    answers
+}
+
+/// The cluster's writer: as `connection::writer`, each batch split by slot.
+pub async fn writer(client: ClusterClient, mut jobs: mpsc::UnboundedReceiver<Job>, metrics: Arc<Metrics>) {
+    let mut connection: Option<ClusterConnection> = None;
+    while let Some(first) = jobs.next().await {
+        let mut batch = vec![first];
+        while batch.len() < super::connection::MAX_PIPELINE {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if connection.is_none() {
+            match client.get_async_connection().await {
+                Ok(mut made) => {
+                    if let Err(e) = load_scripts(&mut made).await {
+                        warn!("broker: the scripts could not be loaded ({e}); they are loaded as Redis asks");
+                    }
+                    connection = Some(made);
+                }
+                Err(e) => {
+                    metrics.broker_connected.set(0);
+                    let error = broker_error(&e);
+                    for job in batch {
+                        let _ = job.answer.send(Err(error.clone()));
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(made) = connection.as_ref() else { continue };
+        // By slot, in call order within each (few groups: a linear search).
+        let mut groups: Vec<(Option<Route>, Vec<usize>)> = Vec::new();
+        for (i, job) in batch.iter().enumerate() {
+            let to = route(&job.command);
+            match groups.iter_mut().find(|(r, _)| *r == to) {
+                Some((_, at)) => at.push(i),
+                None => groups.push((to, vec![i])),
+            }
+        }
+        let sent = std::time::Instant::now();
+        let answered = futures_util::future::join_all(
+            groups.iter().map(|(to, at)| send_group(made.clone(), &batch, at, *to)),
+        )
+        .await;
+        metrics.broker_round_trip_seconds.observe(sent.elapsed().as_secs_f64());
+        let mut answers: Vec<Option<Result<redis::Value, BrokerError>>> =
+            (0..batch.len()).map(|_| None).collect();
+        let mut ok = true;
+        for ((_, at), group) in groups.iter().zip(answered) {
+            for (&i, answer) in at.iter().zip(group) {
+                ok &= !matches!(answer, Err(BrokerError::Unavailable(_)));
+                answers[i] = Some(answer);
+            }
+        }
+        metrics.broker_connected.set(i64::from(ok));
+        for (job, answer) in batch.into_iter().zip(answers) {
+            let answer = answer.unwrap_or_else(|| Err(BrokerError::Unexpected("redis: no answer".into())));
+            let _ = job.answer.send(answer);
+        }
+    }
+}
+
+/// The cluster's Pub/Sub: sharded subscriptions (`SSUBSCRIBE`) over RESP3, their messages
+/// pushed to `messages`. The client subscribes again by itself after a reconnect or a slot
+/// move; a lost connection (a `Disconnection` push) or a cluster that does not answer `PING`
+/// within the timeout is taken as missed messages: `reconnected`, so every local user is filled.
+pub async fn subscriber(
+    urls: Vec<String>,
+    mut interest: mpsc::UnboundedReceiver<Interest>,
+    mut messages: mpsc::Sender<Message>,
+    reconnected: mpsc::UnboundedSender<()>,
+    up: Arc<AtomicBool>,
+) {
+    use actix_web::rt::time::timeout;
+    let mut channels: BTreeSet<String> = BTreeSet::new();
+    let mut first = true;
+    loop {
+        up.store(false, Ordering::Relaxed);
+        let (push_tx, mut pushed) = mpsc::unbounded::<redis::PushInfo>();
+        let client = ClusterClient::builder(urls.clone())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push_tx)
+            .connection_timeout(PUBSUB_TIMEOUT)
+            .response_timeout(PUBSUB_TIMEOUT)
+            .build();
+        let connection = match client {
+            Ok(client) => timeout(PUBSUB_TIMEOUT, client.get_async_connection()).await,
+            Err(e) => {
+                warn!("broker: Redis Cluster Pub/Sub client: {e}");
+                return;
+            }
+        };
+        let mut connection = match connection {
+            Ok(Ok(connection)) => connection,
+            _ => {
+                warn!("broker: Redis Cluster Pub/Sub connection not made; retrying");
+                actix_web::rt::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut ok = true;
+        for channel in &channels {
+            if !matches!(timeout(PUBSUB_TIMEOUT, connection.ssubscribe(channel)).await, Ok(Ok(()))) {
+                ok = false;
+                break;
+            }
+        }
+        if !ok {
+            warn!("broker: Redis Cluster subscriptions not made again in time; reconnecting");
+            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        if !first {
+            info!("broker: Redis Cluster Pub/Sub back; {} channels subscribed again", channels.len());
+            let _ = reconnected.unbounded_send(());
+        }
+        first = false;
+        up.store(true, Ordering::Relaxed);
+        let mut check = actix_web::rt::time::interval(PUBSUB_CHECK);
+        loop {
+            futures_util::select! {
+                asked = interest.next() => match asked {
+                    Some(Interest::Subscribe(channel, done)) => {
+                        let subscribed = timeout(PUBSUB_TIMEOUT, connection.ssubscribe(&channel)).await;
+                        channels.insert(channel);
+                        if !matches!(subscribed, Ok(Ok(()))) {
+                            warn!("broker: a Redis Cluster subscribe failed or took too long; reconnecting");
+                            break;
+                        }
+                        let _ = done.send(());
+                    }
+                    Some(Interest::Unsubscribe(channel)) => {
+                        channels.remove(&channel);
+                        if !matches!(timeout(PUBSUB_TIMEOUT, connection.sunsubscribe(&channel)).await, Ok(Ok(()))) {
+                            break;
+                        }
+                    }
+                    None => return,
+                },
+                push = pushed.next() => match push {
+                    Some(push) if push.kind == redis::PushKind::SMessage => {
+                        let mut data = push.data.into_iter();
+                        let (Some(channel), Some(payload)) = (data.next(), data.next()) else { continue };
+                        let (Ok(channel), Ok(payload)) =
+                            (redis::from_redis_value::<String>(channel), redis::from_redis_value::<Vec<u8>>(payload))
+                        else {
+                            continue;
+                        };
+                        let _ = messages.send((channel, payload)).await;
+                    }
+                    Some(push) if push.kind == redis::PushKind::Disconnection => {
+                        // The client subscribes again by itself; what was published meanwhile is
+                        // filled from the streams.
+                        warn!("broker: a Redis Cluster Pub/Sub connection was lost; filling from the streams");
+                        let _ = reconnected.unbounded_send(());
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = futures_util::FutureExt::fuse(check.tick()) => {
+                    let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
+                    if !matches!(timeout(PUBSUB_TIMEOUT, connection.route_command(redis::cmd("PING"), all)).await, Ok(Ok(_))) {
+                        warn!("broker: the Redis Cluster does not answer PING; reconnecting Pub/Sub");
+                        break;
+                    }
+                }
+            }
+        }
+        up.store(false, Ordering::Relaxed);
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
