@@ -190,6 +190,12 @@ impl Registry {
         let (Some(first), Some(last)) = (fresh.first(), fresh.last()) else { return 0 };
         if let Some(delivered) = delivered.filter(|d| first.seq > d + 1) {
             if fill_gaps {
+                if user.filling {
+                    // One fill at a time per user: what this batch brought is read after it,
+                    // unless the fill already reached it.
+                    user.heard = user.heard.max(last.seq);
+                    return 0;
+                }
                 debug!(
                     "user {user_id}: events {}..{} missed; filled from the stream",
                     delivered + 1,
@@ -258,13 +264,29 @@ impl Registry {
     /// the stream no longer keeps is not asked for again.
     pub(super) fn fill(&mut self, ctx: &mut Context<Self>, user_id: &str, from_seq: u64) {
         self.metrics.gap_fills.inc();
+        if let Some(local) = self.local.get_mut(user_id) {
+            local.filling = true;
+        }
         let call = self.broker.range(user_id, from_seq);
         let user = user_id.to_owned();
-        self.when(ctx, user_id, call, move |registry, answer, ctx| match answer {
-            Ok(events) => {
-                registry.deliver_events(ctx, &user, &events, Instant::now(), false);
+        self.when(ctx, user_id, call, move |registry, answer, ctx| {
+            if let Some(local) = registry.local.get_mut(user.as_str()) {
+                local.filling = false;
             }
-            Err(e) => warn!("user {user}: missed events not read from the stream: broker: {e}"),
+            match answer {
+                Ok(events) => {
+                    registry.deliver_events(ctx, &user, &events, Instant::now(), false);
+                    // Events heard while it was on its way and past what it read: once more.
+                    let behind = registry.local.get_mut(user.as_str()).and_then(|local| {
+                        let heard = std::mem::take(&mut local.heard);
+                        local.delivered.filter(|d| heard > *d).map(|d| d + 1)
+                    });
+                    if let Some(from) = behind {
+                        registry.fill(ctx, &user, from);
+                    }
+                }
+                Err(e) => warn!("user {user}: missed events not read from the stream: broker: {e}"),
+            }
         });
     }
 

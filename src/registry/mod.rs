@@ -128,6 +128,11 @@ struct LocalUser {
     /// them in seq order, once, however the broker brings them (`fanout.rs`).
     delivered: Option<u64>,
     epoch: Option<String>,
+    /// A gap fill of the user's stream is on its way: gaps seen meanwhile wait for it rather than
+    /// each read the stream again (`fanout.rs::fill`), and the newest seq they brought is kept,
+    /// to be read in turn if the fill ends before it.
+    filling: bool,
+    heard: u64,
     /// The user's threads with a run going here, and the runs waiting behind it
     /// (`agent.on_busy`): runs of one thread never interleave (`runs.rs`).
     busy: HashMap<std::rc::Rc<str>, runs::Busy>,
@@ -353,6 +358,8 @@ impl Registry {
                 sessions: Vec::new(),
                 runs_in_progress: 0,
                 delivered: None,
+                filling: false,
+                heard: 0,
                 epoch: None,
                 busy: HashMap::new(),
                 limiter: RateLimiter::new(rate, rate.saturating_mul(2), std::time::Instant::now()),
