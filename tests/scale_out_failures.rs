@@ -6,102 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use agentwire::config::{BrokerKind, StoreKind};
 use common::fault_proxy::{Fault, FaultProxy, Which};
+use common::own_redis::OwnRedis;
 use common::postgres::TestDatabase;
 use common::*;
 use serde_json::json;
-
-/// A `redis-server` on a free port, stopped on drop.
-struct OwnRedis {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl OwnRedis {
-    async fn start() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = OwnRedis { child: None, port, dir: tempfile::tempdir().unwrap() };
-        redis.restart().await;
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts it (again: empty, as Redis without persistence comes back) and waits until it logs
-    /// that it accepts connections.
-    async fn restart(&mut self) {
-        let mut child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("redis-server runs (apt-get install redis-server; .ci/test does)");
-        // Its log (on stdout) is read to the end, so that Redis never waits on a full pipe.
-        let log = child.stdout.take().expect("stdout is piped");
-        let (ready, is_ready) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let mut ready = Some(ready);
-            for line in BufReader::new(log).lines().map_while(Result::ok) {
-                if let Some(ready) = ready.take_if(|_| line.contains("Ready to accept connections")) {
-                    let _ = ready.send(());
-                }
-            }
-        });
-        self.child = Some(child);
-        tokio::time::timeout(WAIT, is_ready)
-            .await
-            .expect("redis-server ready in time")
-            .expect("redis-server exited before it was ready");
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    async fn command(&self, args: &[&str]) -> Result<String, String> {
-        let output = tokio::process::Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output();
-        let output = tokio::time::timeout(WAIT, output)
-            .await
-            .map_err(|_| "redis-cli did not answer in time".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        if output.status.success() && !text.starts_with("Could not connect") && !text.is_empty() {
-            Ok(text)
-        } else {
-            Err(text)
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Two nodes on `redis`, sharing `db` (Redis nodes share one conversation store).
 fn two_nodes(redis: &OwnRedis, db: &TestDatabase) -> (TestServer, TestServer) {

@@ -311,9 +311,6 @@ impl Registry {
             payload,
         };
         self.publish_end(ctx, terminal);
-        // Its record goes after its end (calls reach the broker in order): until then another
-        // node's run of the thread waits for it (`claim_thread`), and a reaper would end it.
-        self.broker.run_ended(&run.user_id, &run_id);
         // The last step an AG-UI client gets; dropping its channel ends the client's response.
         if let Some(mut steps) = self.observers.remove(&run_id) {
             let bytes = weight(&output, &ag_ui);
@@ -425,6 +422,10 @@ impl Registry {
         self.publish_keyed(ctx, &user_id, &key, std::slice::from_ref(&end), move |registry, answer, ctx| {
             match answer {
                 Ok((seqs, _)) => {
+                    // Its record goes once its end is on the stream: until then another node's
+                    // run of the thread waits for it (`claim_thread`), a reaper would end it, and
+                    // an end sent again is still fenced as this node's (docs/scale-out.md).
+                    registry.broker.run_ended(&terminal.user_id, &terminal.run_id);
                     // The stream event that completed the run's messages, for the threads API.
                     let user_id = terminal.user_id.as_str();
                     let epoch = registry.local.get(user_id).and_then(|u| u.epoch.clone());
@@ -437,7 +438,10 @@ impl Registry {
                     debug!("run {}: its end is sent again once the broker takes it", terminal.run_id);
                     ctx.run_later(END_RETRY, move |registry, ctx| registry.publish_end(ctx, terminal));
                 }
-                Err(e) => warn!("run {}: its end was not published: {e}", terminal.run_id),
+                Err(e) => {
+                    warn!("run {}: its end was not published: {e}", terminal.run_id);
+                    registry.broker.run_ended(&terminal.user_id, &terminal.run_id);
+                }
             }
         });
     }

@@ -20,7 +20,9 @@ use redis::cluster_routing::{
     MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
 };
 
-use super::connection::{broker_error, Interest, Job, Message, PUBSUB_CHECK, PUBSUB_TIMEOUT};
+use super::connection::{
+    broker_error, first_key, Interest, Job, Message, OVERTAKEN, PUBSUB_CHECK, PUBSUB_TIMEOUT,
+};
 use super::scripts;
 use crate::broker::BrokerError;
 use crate::metrics::Metrics;
@@ -91,20 +93,9 @@ impl redis::aio::ConnectionLike for AnyConnection {
     }
 }
 
-/// Where a command goes: the slot of its first key (after `numkeys` for a script), or any node.
+/// Where a command goes: the slot of its first key, or any node.
 fn route(command: &redis::Cmd) -> Option<Route> {
-    let args: Vec<&[u8]> = command
-        .args_iter()
-        .filter_map(|arg| if let redis::Arg::Simple(a) = arg { Some(a) } else { None })
-        .collect();
-    let name = args.first()?;
-    let key = if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
-        let keys: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
-        (keys > 0).then(|| args.get(3)).flatten()?
-    } else {
-        args.get(1)?
-    };
-    Some(Route::with_key(key, SlotAddr::Master))
+    first_key(command).map(|key| Route::with_key(key, SlotAddr::Master))
 }
 
 /// Every script loaded on every master, so a call's first `EVALSHA` finds its script.
@@ -144,10 +135,19 @@ async fn send_group(
         }
         Err(e) => return at.iter().map(|_| Err(broker_error(&e))).collect(),
     };
-    let refused = |value: &redis::Value| matches!(value, redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript));
-    let mut answers: Vec<Result<redis::Value, BrokerError>> = Vec::with_capacity(at.len());
-    let again: Vec<usize> = (0..values.len()).filter(|&i| refused(&values[i])).collect();
-    answers.extend(values.into_iter().map(super::connection::answer));
+    let refused: Vec<usize> = (0..values.len())
+        .filter(|&i| matches!(&values[i], redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript)))
+        .collect();
+    let mut answers: Vec<Result<redis::Value, BrokerError>> =
+        values.into_iter().map(super::connection::answer).collect();
+    // As `connection::in_order`: a refused call a later call of its user overtook fails.
+    let (again, overtaken): (Vec<usize>, Vec<usize>) = refused.into_iter().partition(|&i| {
+        let key = first_key(&batch[at[i]].command);
+        !(i + 1..at.len()).any(|j| answers[j].is_ok() && first_key(&batch[at[j]].command) == key)
+    });
+    for i in overtaken {
+        answers[i] = Err(BrokerError::Unavailable(OVERTAKEN.into()));
+    }
     if !again.is_empty() {
         let mut load = redis::pipe();
         let mut resend = redis::pipe();

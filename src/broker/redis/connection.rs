@@ -126,11 +126,13 @@ pub async fn writer(
             Ok(values) => {
                 // Redis without the scripts (restarted, or `SCRIPT FLUSH`): every `EVALSHA` it
                 // refused had no effect; they are loaded and those calls sent again, in order.
-                let refused: Vec<usize> = (0..values.len())
-                    .filter(|&i| matches!(&values[i], redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript)))
-                    .collect();
+                let refused = not_loaded(&batch, &values);
                 let mut answers: Vec<Result<redis::Value, BrokerError>> =
                     values.into_iter().map(answer).collect();
+                let (refused, overtaken) = in_order(&batch, &answers, refused);
+                for i in overtaken {
+                    answers[i] = Err(BrokerError::Unavailable(OVERTAKEN.into()));
+                }
                 if !refused.is_empty() {
                     match load_and_send_again(manager, &batch, &refused).await {
                         Ok(again) => {
@@ -151,6 +153,50 @@ pub async fn writer(
             }
         }
     }
+}
+
+/// Why a call refused `NOSCRIPT` is not sent again (`in_order`).
+pub(super) const OVERTAKEN: &str =
+    "redis: the script was not loaded, and a later call of the same user ran meanwhile (another node had loaded it)";
+
+/// The calls Redis refused with `NOSCRIPT`, by index.
+pub(super) fn not_loaded(batch: &[Job], values: &[redis::Value]) -> Vec<usize> {
+    (0..values.len().min(batch.len()))
+        .filter(|&i| {
+            matches!(&values[i], redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+        })
+        .collect()
+}
+
+/// Of the calls refused `NOSCRIPT`, those that may be sent again, and those that may not: a
+/// later call of the same user (the same first key) ran, because another node loaded the
+/// script between the two (a pipeline is not atomic). Sending the first again would put it after
+/// the second: its user's order would break (an event after its run's end). It fails instead.
+pub(super) fn in_order(
+    batch: &[Job],
+    answers: &[Result<redis::Value, BrokerError>],
+    refused: Vec<usize>,
+) -> (Vec<usize>, Vec<usize>) {
+    refused.into_iter().partition(|&i| {
+        let key = first_key(&batch[i].command);
+        !(i + 1..batch.len()).any(|j| answers[j].is_ok() && first_key(&batch[j].command) == key)
+    })
+}
+
+/// A command's first key (after `numkeys` for a script): what orders calls of one user, and
+/// routes them on a Redis Cluster.
+pub(super) fn first_key(command: &redis::Cmd) -> Option<&[u8]> {
+    let mut args =
+        command.args_iter().filter_map(|arg| if let redis::Arg::Simple(a) = arg { Some(a) } else { None });
+    let name = args.next()?;
+    if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
+        let _sha = args.next()?;
+        let keys: usize = std::str::from_utf8(args.next()?).ok()?.parse().ok()?;
+        if keys == 0 {
+            return None;
+        }
+    }
+    args.next()
 }
 
 /// One command's answer in a pipeline: an error is its own caller's.

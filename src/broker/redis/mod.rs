@@ -654,14 +654,12 @@ async fn heartbeat(
         }
         let mut reaped = reply.into_iter().skip(1).map(|list| items(list).unwrap_or_default());
         let (runs, sessions) = (reaped.next().unwrap_or_default(), reaped.next().unwrap_or_default());
-        for run in runs.chunks(3) {
-            let (Some(user), Some(run_thread), Some(dead)) =
-                (text(&run[0]), run.get(1).and_then(text), run.get(2).and_then(text))
-            else {
+        for left in runs.chunks(2) {
+            let (Some(member), Some(dead)) = (text(&left[0]), left.get(1).and_then(text)) else { continue };
+            let mut parts = member.splitn(3, '\n');
+            let (Some(user), Some(run_id), Some(thread)) = (parts.next(), parts.next(), parts.next()) else {
                 continue;
             };
-            let Some((run_id, thread)) = run_thread.split_once('\n') else { continue };
-            warn!("run {run_id} of user {user}: its node {dead} is gone; ended with agent_error node_lost");
             let payload =
                 serde_json::json!({"code": "node_lost", "message": "the server running this run went away"});
             let event = NewEvent {
@@ -673,23 +671,43 @@ async fn heartbeat(
             let (command, _) = append_like(
                 scripts::Publishing::new(settings.cluster).reap_run,
                 &settings,
-                &user,
+                user,
                 "",
                 &[run_id, dead.as_str()],
                 std::slice::from_ref(&event),
                 &mut scratch,
             );
-            drop(queue(&jobs, command)); // nobody waits for a node_lost end
+            let reaped = queue(&jobs, command);
+            let done = node_key(&settings.prefix, &dead, "runs");
+            let (jobs, what) = (jobs.clone(), format!("run {run_id} of user {user}"));
+            actix_web::rt::spawn(taken_over(reaped, jobs, done, member, what));
         }
-        for session in sessions.chunks(2) {
-            let (Some(user), Some(session)) = (text(&session[0]), session.get(1).and_then(text)) else {
-                continue;
-            };
+        for left in sessions.chunks(2) {
+            let (Some(member), Some(dead)) = (text(&left[0]), left.get(1).and_then(text)) else { continue };
+            let Some((user, session)) = member.split_once('\n') else { continue };
             let mut command = redis::cmd("HDEL");
             command.arg(format!("{}:{{{user}}}:sessions", settings.prefix)).arg(session);
-            drop(queue(&jobs, command));
+            let freed = queue(&jobs, command);
+            let done = node_key(&settings.prefix, &dead, "sessions");
+            let what = format!("session {session} of user {user}");
+            actix_web::rt::spawn(taken_over(freed, jobs.clone(), done, member, what));
         }
     }
+}
+
+/// What a dead node left, once taken over (`answered`), leaves its set `done`: until then the
+/// heartbeat hands it out again.
+async fn taken_over(answered: Answer, jobs: Queue, done: String, member: String, what: String) {
+    match answer(answered).await {
+        Ok(RedisValue::Array(ended)) if !ended.is_empty() => {
+            warn!("{what}: its node is gone; ended with agent_error node_lost");
+        }
+        Ok(_) => {}
+        Err(e) => return log::debug!("broker: {what}: not taken over yet ({e})"),
+    }
+    let mut command = redis::cmd("SREM");
+    command.arg(done).arg(member);
+    drop(queue(&jobs, command));
 }
 
 impl Broker for RedisBroker {

@@ -368,42 +368,54 @@ return string.match(owner, '^(.-)\n') or ''
 /// member was reaped while it was away (paused past its lease; a tombstone says so) is fenced,
 /// and stops; one that is not a member without a tombstone (Redis lost its data) joins again.
 /// KEYS: nodes set. ARGV: prefix, this member, lease ms, this node_id.
-/// Returns {"fenced"} or {"ok", {user, run...}, {user, session...}}.
+/// Returns {"fenced"} or {"ok", {member, node...}, {member, node...}}: each left run
+/// (`user\nrun\nthread`) and session (`user\nsession`) of a dead node, with that node.
 pub static HEARTBEAT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 local nodes, prefix, me, lease, id = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('SISMEMBER', nodes, me) == 0 then
-  if redis.call('EXISTS', prefix .. ':{nodes}:' .. me .. ':reaped') == 1 then return {'fenced'} end
-  -- Not reaped: Redis lost the registry (restarted empty). This node registers again.
-  redis.call('SADD', nodes, me)
-end
-redis.call('SET', prefix .. ':{nodes}:' .. me .. ':alive', '1', 'PX', lease)
+local function key(node, what) return prefix .. ':{nodes}:' .. node .. ':' .. what end
+-- Reaped while it was away: fenced, whatever the registry says now.
+if redis.call('EXISTS', key(me, 'reaped')) == 1 then return {'fenced'} end
+-- Not reaped but not a member: Redis lost the registry (restarted empty); it joins again.
+redis.call('SADD', nodes, me)
+redis.call('SET', key(me, 'alive'), '1', 'PX', lease)
 -- Nothing of a deployment outlives its last node for long: every beat pushes these back.
 local keep = tonumber(lease) * 12
+local reaping = prefix .. ':{nodes}:reaping'
 redis.call('PEXPIRE', nodes, keep)
-redis.call('PEXPIRE', prefix .. ':{nodes}:' .. me .. ':runs', keep)
-redis.call('PEXPIRE', prefix .. ':{nodes}:' .. me .. ':sessions', keep)
-local runs, sessions = {}, {}
+redis.call('PEXPIRE', key(me, 'runs'), keep)
+redis.call('PEXPIRE', key(me, 'sessions'), keep)
 for _, node in ipairs(redis.call('SMEMBERS', nodes)) do
-  local base = prefix .. ':{nodes}:' .. node
   local earlier = string.sub(node, 1, #id + 1) == id .. '@'
-  if node ~= me and (earlier or redis.call('EXISTS', base .. ':alive') == 0) then
-    for _, member in ipairs(redis.call('SMEMBERS', base .. ':runs')) do
-      local user, run = string.match(member, '^(.-)\n(.*)$')
-      runs[#runs + 1] = user
-      runs[#runs + 1] = run
-      runs[#runs + 1] = node
-    end
-    for _, member in ipairs(redis.call('SMEMBERS', base .. ':sessions')) do
-      local user, session = string.match(member, '^(.-)\n(.*)$')
-      sessions[#sessions + 1] = user
-      sessions[#sessions + 1] = session
-    end
-    redis.call('DEL', base .. ':runs', base .. ':sessions', base .. ':alive')
-    redis.call('SET', base .. ':reaped', '1', 'PX', keep)
+  if node ~= me and (earlier or redis.call('EXISTS', key(node, 'alive')) == 0) then
+    redis.call('SET', key(node, 'reaped'), '1', 'PX', keep)
+    redis.call('DEL', key(node, 'alive'))
     redis.call('SREM', nodes, node)
+    redis.call('SADD', reaping, node)
   end
+end
+-- What the dead left is handed out at every beat until the callers have taken it all over
+-- (each taken over is removed from the dead node's sets by the caller, after it is done): a
+-- reap that failed (Redis away a moment) is tried again, by whichever node beats next.
+redis.call('PEXPIRE', reaping, keep)
+local runs, sessions = {}, {}
+for _, node in ipairs(redis.call('SMEMBERS', reaping)) do
+  local left_runs = redis.call('SMEMBERS', key(node, 'runs'))
+  local left_sessions = redis.call('SMEMBERS', key(node, 'sessions'))
+  if #left_runs == 0 and #left_sessions == 0 then
+    redis.call('SREM', reaping, node)
+  end
+  for _, member in ipairs(left_runs) do
+    runs[#runs + 1] = member
+    runs[#runs + 1] = node
+  end
+  for _, member in ipairs(left_sessions) do
+    sessions[#sessions + 1] = member
+    sessions[#sessions + 1] = node
+  end
+  redis.call('PEXPIRE', key(node, 'runs'), keep)
+  redis.call('PEXPIRE', key(node, 'sessions'), keep)
 end
 return {'ok', runs, sessions}
 "#
