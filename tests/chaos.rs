@@ -519,6 +519,17 @@ async fn under_random_faults_every_tab_and_every_run_keeps_the_invariants() {
     for violation in violations.iter().take(50) {
         println!("  violation: {violation}");
     }
+    if !violations.is_empty() {
+        for (i, node) in nodes.borrow().iter().enumerate() {
+            let Some(server) = &node.server else { continue };
+            let log = server.log.lock().unwrap();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            println!(
+                "node {i}'s log, last lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
     assert!(violations.is_empty(), "{} violations (seed {seed})", violations.len());
     assert!(injected > 0 && !counts.acked.is_empty(), "the run did nothing");
 }

@@ -47,7 +47,7 @@ impl Broker for Faulty {
         &mut self,
         user: &str,
         client_msg_id: Option<&str>,
-        ids: (&str, &str, &str),
+        ids: super::SubmitIds<'_>,
         echo: &NewEvent<'_>,
     ) -> Call<Submitted> {
         self.wrap(user, |b| b.submit(user, client_msg_id, ids, echo))

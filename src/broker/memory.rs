@@ -73,7 +73,7 @@ impl Broker for MemoryBroker {
         &mut self,
         user: &str,
         client_msg_id: Option<&str>,
-        (message_id, run_id, attempt): (&str, &str, &str),
+        super::SubmitIds { message_id, run_id, attempt, .. }: super::SubmitIds<'_>,
         echo: &NewEvent<'_>,
     ) -> Call<Submitted> {
         if let Some(seen) = client_msg_id.and_then(|c| self.users.entry(user).seen(c)) {

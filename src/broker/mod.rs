@@ -108,6 +108,18 @@ pub struct SeenMessage {
     pub attempt: String,
 }
 
+/// What [`Broker::submit`] remembers of a message: its ids, the call's own attempt id, and
+/// whether it starts a run (a broker shared by several processes records the run as this
+/// process's at once, so that if this process goes away before the run starts, the run is still
+/// ended, `node_lost`).
+#[derive(Clone, Copy, Debug)]
+pub struct SubmitIds<'a> {
+    pub message_id: &'a str,
+    pub run_id: &'a str,
+    pub attempt: &'a str,
+    pub starts_run: bool,
+}
+
 /// The answer to [`Broker::submit`].
 #[derive(Debug)]
 pub enum Submitted {
@@ -167,7 +179,7 @@ pub trait Broker {
         &mut self,
         user: &str,
         client_msg_id: Option<&str>,
-        ids: (&str, &str, &str),
+        ids: SubmitIds<'_>,
         echo: &NewEvent<'_>,
     ) -> Call<Submitted>;
 

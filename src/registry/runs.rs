@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::{new_id, weight, CancelRequest, Follower, HttpRunRefusal, Registry, RunStep, SubmitMessage};
 use crate::agent::{AgentEvent, Checkpoint, RunRequest, StartRun, StopRun};
 use crate::base::ConnectionId;
-use crate::broker::{BrokerError, NewEvent, SeenMessage, Stored, Submitted};
+use crate::broker::{BrokerError, NewEvent, SeenMessage, Stored, SubmitIds, Submitted};
 use crate::config::{OnBusy, MAX_WAITING_PER_THREAD};
 use crate::metrics::Failure;
 use crate::protocol::{
@@ -853,7 +853,12 @@ impl Registry {
             payload: &payload,
         };
         let user_id = admitted.pending.user_id.clone();
-        let ids = (admitted.message_id.as_str(), admitted.run_id.as_str(), admitted.attempt.as_str());
+        let ids = SubmitIds {
+            message_id: &admitted.message_id,
+            run_id: &admitted.run_id,
+            attempt: &admitted.attempt,
+            starts_run: admitted.starts_run,
+        };
         let call = self.broker.submit(&user_id, client_msg_id, ids, &echo);
         self.when(ctx, &user_id, call, move |registry, answer, ctx| {
             registry.on_submitted(ctx, admitted, answer)

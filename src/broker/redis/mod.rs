@@ -26,7 +26,8 @@ use serde_json::Value;
 
 use super::stream::{verdict, ResumeRequest};
 use super::{
-    Attached, Broker, BrokerError, Call, NewEvent, Published, RemoteBatch, SeenMessage, Stored, Submitted,
+    Attached, Broker, BrokerError, Call, NewEvent, Published, RemoteBatch, SeenMessage, Stored, SubmitIds,
+    Submitted,
 };
 use crate::base::ConnectionId;
 use crate::config::Config;
@@ -778,10 +779,19 @@ impl Broker for RedisBroker {
         &mut self,
         user: &str,
         client_msg_id: Option<&str>,
-        (message_id, run_id, attempt): (&str, &str, &str),
+        SubmitIds { message_id, run_id, attempt, starts_run }: SubmitIds<'_>,
         echo: &NewEvent<'_>,
     ) -> Call<Submitted> {
         let (head, tail) = split_frame(echo, &mut self.scratch);
+        // A run is this process's from its message on: recorded with the message (its node's
+        // set first), so a reaper ends it if this process goes away before it starts.
+        let owner = if starts_run {
+            self.node_set("SADD", "runs", &format!("{user}\n{run_id}\n{}", echo.thread_id));
+            self.mine.insert(run_id.to_owned(), echo.thread_id.to_owned());
+            self.settings.member.clone()
+        } else {
+            String::new()
+        };
         let keys = [
             self.key(user, "meta"),
             self.key(user, "stream"),
@@ -789,6 +799,7 @@ impl Broker for RedisBroker {
             self.key(user, "dedupe:order"),
             self.key(user, "live"),
             self.key(user, "holders"),
+            self.key(user, "runs"),
         ];
         let args: Vec<Vec<u8>> = vec![
             self.channel(user).into_bytes(),
@@ -805,6 +816,8 @@ impl Broker for RedisBroker {
             Vec::new(),
             Vec::new(),
             attempt.as_bytes().to_vec(),
+            owner.into_bytes(),
+            echo.thread_id.as_bytes().to_vec(),
         ];
         let answered = self.eval(scripts::Publishing::new(self.settings.cluster).submit, &keys, args);
         Box::pin(async move {

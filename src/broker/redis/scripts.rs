@@ -160,9 +160,11 @@ return {{r[1], string.format('%d', r[2])}}"
 });
 
 /// A `user_message`: appended unless its `client_msg_id` was seen, and remembered with its ids.
-/// KEYS: meta, stream, dedupe hash, dedupe order list, live, holders. ARGV: channel, epoch if new,
+/// The run it starts is recorded as its node's (`owner`), as `RUN_STARTED` does, in the same step.
+/// KEYS: meta, stream, dedupe hash, dedupe order list, live, holders, runs. ARGV: channel, epoch if new,
 /// maxlen, ttl ms, client_msg_id or "", message_id, run_id, dedupe cap, head, tail, then an
-/// empty op, run and data (an echo follows no run), then the call's attempt id.
+/// empty op, run and data (an echo follows no run), then the call's attempt id, the owner
+/// (this node's member, or "" when it starts no run) and the thread.
 /// Returns {"seen", "message_id run_id seq attempt"} or {"appended", epoch, seq}.
 pub static SUBMIT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
@@ -181,6 +183,10 @@ if cmid ~= '' then
   end
   redis.call('PEXPIRE', KEYS[3], ARGV[4])
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
+end
+if ARGV[15] ~= '' then
+  redis.call('HSET', KEYS[7], ARGV[7], ARGV[15] .. '\\n' .. ARGV[16])
+  redis.call('PEXPIRE', KEYS[7], ARGV[4])
 end
 return {{'appended', r[1], string.format('%d', r[2])}}"
     ))
@@ -403,7 +409,9 @@ local runs, sessions = {}, {}
 for _, node in ipairs(redis.call('SMEMBERS', reaping)) do
   local left_runs = redis.call('SMEMBERS', key(node, 'runs'))
   local left_sessions = redis.call('SMEMBERS', key(node, 'sessions'))
-  if #left_runs == 0 and #left_sessions == 0 then
+  -- Kept while its tombstone lasts: what a fenced node writes late (before it stops) is
+  -- still taken over.
+  if #left_runs == 0 and #left_sessions == 0 and redis.call('EXISTS', key(node, 'reaped')) == 0 then
     redis.call('SREM', reaping, node)
   end
   for _, member in ipairs(left_runs) do
@@ -446,6 +454,8 @@ pub static REAP_RUN: LazyLock<Lua> = LazyLock::new(|| {
 local record = redis.call('HGET', KEYS[5], ARGV[8])
 if not record or string.sub(record, 1, #ARGV[9] + 1) ~= ARGV[9] .. '\\n' then return {{}} end
 redis.call('HDEL', KEYS[5], ARGV[8])
+-- Recorded again by its fenced node after it was ended (a late claim): ended once only.
+if redis.call('HEXISTS', KEYS[6], ARGV[8]) == 1 then return {{}} end
 redis.call('HSET', KEYS[6], ARGV[8], ARGV[9])
 redis.call('PEXPIRE', KEYS[6], ARGV[4])
 local r = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), 10)
