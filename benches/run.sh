@@ -2,7 +2,7 @@
 # The benchmark suite: builds release, runs the standard scenarios against a fresh server on
 # 127.0.0.1 (server and load generator share this machine), repeats each, and writes
 # BENCHMARKS.md with the medians. Usage: benches/run.sh [repetitions, default 3]
-# ONLY=core|hostile|agents|scale|raw|store runs one group of scenarios (the other groups' reports from
+# ONLY=core|hostile|agents|scale|raw|store|chaos runs one group of scenarios (the other groups' reports from
 # an earlier run are kept, so BENCHMARKS.md keeps them too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -251,6 +251,13 @@ if want scale; then
   run_nodes scale-redis-1x1000 2 "${SCALE1[@]}"
   run scale-memory-1000x10 "${SCALE2[@]}"
   run_nodes scale-redis-1000x10 3 "${SCALE2[@]}"
+fi
+# The randomized fault run (docs/scale-out.md, tests/chaos.rs): ten minutes of faults drawn at
+# random over three nodes on a Redis of its own while users chat and a backend publishes; its
+# counts (faults, events checked, violations) go to the report.
+if want chaos; then
+  AGENTWIRE_CHAOS_SECS=${CHAOS_SECS:-600} cargo test --release -q --test chaos -- --nocapture 2>&1 \
+    | grep '^chaos:' | tee "$OUT/chaos.txt"
 fi
 # The conversation store (docs/conversations.md): the same chat with conversations in memory, in
 # SQLite (the default) and in PostgreSQL, one after the other in one run; the store's size after.

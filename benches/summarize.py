@@ -301,6 +301,26 @@ def verbose_section():
 verbose_peak = verbose_section()
 
 
+def chaos_section():
+    path = os.path.join(out_dir, "chaos.txt")
+    if not os.path.exists(path):
+        return
+    w("### The randomized fault run")
+    w("")
+    w("`tests/chaos.rs` for `AGENTWIRE_CHAOS_SECS` (600 here; 20 in the test suite): three node")
+    w("processes, each behind a fault proxy, on a Redis of its own kept on disk; users chat from two")
+    w("tabs each and a backend publishes with `Idempotency-Key`s while faults are drawn at random (a")
+    w("node paused past its lease or briefly, killed, its link cut, blackholed or delayed past the")
+    w("command timeout, Redis restarted with its data). The checker verifies docs/scale-out.md's")
+    w("invariants for every tab and every acked run. Command: `ONLY=chaos benches/run.sh`.")
+    w("")
+    w("```")
+    with open(path) as f:
+        w(f.read().rstrip())
+    w("```")
+    w("")
+
+
 def scale_section():
     pairs = [("1 user x 1,000 sessions", "scale-memory-1x1000", "scale-redis-1x1000", 2, 2000),
              ("1,000 users x 10 sessions", "scale-memory-1000x10", "scale-redis-1000x10", 3, 100 * 1000)]
@@ -342,6 +362,7 @@ def scale_section():
 
 
 scale = scale_section()
+chaos_section()
 
 
 def cpu_per_frame_us(report):

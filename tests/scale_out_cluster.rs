@@ -1,23 +1,20 @@
 //! docs/scale-out.md on a Redis Cluster (`broker.cluster = true`): three masters of the test's
-//! own (`redis-server --cluster-enabled yes` on free ports, their slots assigned and the nodes
+//! own (`redis-server --cluster-enabled yes` on free ports, `common::own_redis`, their slots assigned and the nodes
 //! met by the test, never the machine's Redis), two agentwire nodes on it. Every user's calls go
 //! to the user's slot, every node-registry call to its own, and events go by sharded Pub/Sub.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use agentwire::config::{BrokerKind, StoreKind};
+use common::own_redis::OwnRedis;
 use common::postgres::TestDatabase;
 use common::*;
 
 /// Three `redis-server --cluster-enabled yes`, slots 0-16383 split between them, stopped on drop.
 struct Cluster {
-    children: Vec<Child>,
-    ports: Vec<u16>,
-    _dir: tempfile::TempDir,
+    nodes: Vec<OwnRedis>,
 }
 
 /// A port free both for Redis and for its cluster bus (the port + 10000).
@@ -33,51 +30,23 @@ fn free_port_pair() -> u16 {
 
 impl Cluster {
     async fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cluster = Cluster { children: Vec::new(), ports: Vec::new(), _dir: dir };
+        let mut nodes = Vec::new();
         for _ in 0..3 {
-            let port = free_port_pair();
-            let mut child = Command::new("redis-server")
-                .args([
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{port}.conf")])
-                .arg("--dir")
-                .arg(cluster._dir.path())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("redis-server runs (apt-get install redis-server; .ci/test does)");
-            let log = child.stdout.take().expect("stdout is piped");
-            let (ready, is_ready) = tokio::sync::oneshot::channel();
-            std::thread::spawn(move || {
-                let mut ready = Some(ready);
-                for line in BufReader::new(log).lines().map_while(Result::ok) {
-                    if let Some(ready) = ready.take_if(|_| line.contains("Ready to accept connections")) {
-                        let _ = ready.send(());
-                    }
-                }
-            });
-            cluster.children.push(child);
-            cluster.ports.push(port);
-            tokio::time::timeout(WAIT, is_ready).await.expect("redis-server ready in time").unwrap();
+            let options = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+            nodes.push(OwnRedis::start_on(free_port_pair(), false, &options).await);
         }
+        let cluster = Cluster { nodes };
+        let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
         let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
-        for (port, (from, to)) in cluster.ports.iter().zip(ranges) {
+        for (port, (from, to)) in ports.iter().zip(ranges) {
             cluster.command(*port, &["CLUSTER", "ADDSLOTSRANGE", &from.to_string(), &to.to_string()]);
         }
-        for port in &cluster.ports[1..] {
-            cluster.command(cluster.ports[0], &["CLUSTER", "MEET", "127.0.0.1", &port.to_string()]);
+        for port in &ports[1..] {
+            cluster.command(ports[0], &["CLUSTER", "MEET", "127.0.0.1", &port.to_string()]);
         }
         // Every node sees every slot served before the test goes on.
         let deadline = tokio::time::Instant::now() + WAIT;
-        for port in cluster.ports.clone() {
+        for port in ports {
             while !cluster.command(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
                 assert!(tokio::time::Instant::now() < deadline, "the cluster never came up");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -102,16 +71,7 @@ impl Cluster {
     }
 
     fn url(&self) -> String {
-        self.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.nodes.iter().map(|n| n.url()).collect::<Vec<_>>().join(",")
     }
 }
 

@@ -46,6 +46,19 @@ fn nodes_on(
     (node(0), node(1))
 }
 
+/// One node on `url` (Redis, or a fault proxy in front of it), on `db`, set as `tweak` says.
+fn node_on(url: &str, db: &TestDatabase, tweak: impl FnOnce(&mut agentwire::config::Config)) -> TestServer {
+    TestServer::with(|c| {
+        c.broker.kind = BrokerKind::Redis;
+        c.broker.url = url.to_owned();
+        c.broker.prefix = "failures".into();
+        c.store.kind = StoreKind::Postgres;
+        c.store.url = db.url();
+        c.agent.step_delay_ms = 0;
+        tweak(c);
+    })
+}
+
 /// Waits (bounded) until `/readyz` of `server` answers `status`.
 async fn readyz_becomes(server: &TestServer, status: u16) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -283,17 +296,8 @@ async fn a_retry_after_an_ambiguous_timeout_is_acked_with_a_run_that_exists() {
     let redis = OwnRedis::start().await;
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let db = TestDatabase::create();
-    let (url, store_url) = (proxy.url(), db.url());
     // Commands to Redis time out after half the lease: 1 s.
-    let node = TestServer::with(move |c| {
-        c.broker.kind = BrokerKind::Redis;
-        c.broker.url = url;
-        c.broker.prefix = "ambiguous".into();
-        c.broker.node_lease_secs = 2;
-        c.store.kind = StoreKind::Postgres;
-        c.store.url = store_url;
-        c.agent.step_delay_ms = 0;
-    });
+    let node = node_on(&proxy.url(), &db, |c| c.broker.node_lease_secs = 2);
     let mut tab = node.ready_client("lara").await;
 
     // The network delays the message's script past the timeout; Redis runs it when it comes.
@@ -304,7 +308,7 @@ async fn a_retry_after_an_ambiguous_timeout_is_acked_with_a_run_that_exists() {
     let refused = tab.recv_where(|f| f["type"] == "error").await;
     assert_eq!(refused["code"], "unavailable", "{refused}");
     let deadline = tokio::time::Instant::now() + WAIT;
-    while redis.command(&["HEXISTS", "ambiguous:{lara}:dedupe", "m1"]).await.as_deref() != Ok("1") {
+    while redis.command(&["HEXISTS", "failures:{lara}:dedupe", "m1"]).await.as_deref() != Ok("1") {
         assert!(tokio::time::Instant::now() < deadline, "the delayed script never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -331,15 +335,7 @@ async fn a_run_whose_events_redis_did_not_take_still_ends_once_redis_is_back() {
     let redis = OwnRedis::start().await;
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let db = TestDatabase::create();
-    let (url, store_url) = (proxy.url(), db.url());
-    let node = TestServer::with(move |c| {
-        c.broker.kind = BrokerKind::Redis;
-        c.broker.url = url;
-        c.broker.prefix = "away".into();
-        c.store.kind = StoreKind::Postgres;
-        c.store.url = store_url;
-        c.agent.step_delay_ms = 200;
-    });
+    let node = node_on(&proxy.url(), &db, |c| c.agent.step_delay_ms = 200);
     let mut tab = node.ready_client("mona").await;
     let ack = tab.say("t", "a question while Redis is about to go away", None).await;
     let run_id = ack["run_id"].as_str().unwrap().to_owned();
@@ -370,15 +366,9 @@ async fn a_slow_redis_gets_calls_refused_past_the_queue_bound_not_held_in_memory
     let redis = OwnRedis::start().await;
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let db = TestDatabase::create();
-    let (url, store_url) = (proxy.url(), db.url());
-    let node = TestServer::with(move |c| {
-        c.broker.kind = BrokerKind::Redis;
-        c.broker.url = url;
-        c.broker.prefix = "slow".into();
+    let node = node_on(&proxy.url(), &db, |c| {
         c.broker.node_lease_secs = 10; // commands time out after 5 s: the delay below is not a timeout
         c.broker.max_queued_bytes = 65536;
-        c.store.kind = StoreKind::Postgres;
-        c.store.url = store_url;
     });
     // Every registry shard's writer connected first (its connection is made on its first call).
     for i in 0..30 {
@@ -415,15 +405,7 @@ async fn a_publish_that_timed_out_is_outcome_unknown_and_its_retry_publishes_onc
     let redis = OwnRedis::start().await;
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let db = TestDatabase::create();
-    let (url, store_url) = (proxy.url(), db.url());
-    let node = TestServer::with(move |c| {
-        c.broker.kind = BrokerKind::Redis;
-        c.broker.url = url;
-        c.broker.prefix = "unknown".into();
-        c.broker.node_lease_secs = 2; // commands time out after 1 s
-        c.store.kind = StoreKind::Postgres;
-        c.store.url = store_url;
-    });
+    let node = node_on(&proxy.url(), &db, |c| c.broker.node_lease_secs = 2); // commands time out after 1 s
     let mut tab = node.ready_client("olga").await;
     let body = json!({"user_id": "olga", "events": [thinking("once")]}).to_string();
     let url = node.http("/api/v1/publish");
@@ -435,7 +417,7 @@ async fn a_publish_that_timed_out_is_outcome_unknown_and_its_retry_publishes_onc
     let (status, answer) = publish_with_key().await;
     assert_eq!((status, answer["error"].as_str()), (503, Some("outcome_unknown")), "{answer}");
     let deadline = tokio::time::Instant::now() + WAIT;
-    while redis.command(&["HEXISTS", "unknown:{olga}:dedupe", "publish:api:k-1"]).await.as_deref() != Ok("1")
+    while redis.command(&["HEXISTS", "failures:{olga}:dedupe", "publish:api:k-1"]).await.as_deref() != Ok("1")
     {
         assert!(tokio::time::Instant::now() < deadline, "the delayed publish never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;

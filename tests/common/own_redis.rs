@@ -12,6 +12,8 @@ pub struct OwnRedis {
     pub port: u16,
     /// Whether it keeps its data on disk (an append-only file): a restart brings it back.
     persistent: bool,
+    /// More of `redis-server`'s options (a cluster node's).
+    options: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -23,7 +25,14 @@ impl OwnRedis {
     /// [`OwnRedis::start`], keeping its data on disk when `persistent`.
     pub async fn start_with(persistent: bool) -> OwnRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = OwnRedis { child: None, port, persistent, dir: tempfile::tempdir().unwrap() };
+        OwnRedis::start_on(port, persistent, &[]).await
+    }
+
+    /// One on `port`, with more `options` (`--cluster-enabled yes`...).
+    pub async fn start_on(port: u16, persistent: bool, options: &[&str]) -> OwnRedis {
+        let options = options.iter().map(|o| (*o).to_owned()).collect();
+        let mut redis =
+            OwnRedis { child: None, port, persistent, options, dir: tempfile::tempdir().unwrap() };
         redis.restart().await;
         redis
     }
@@ -46,6 +55,7 @@ impl OwnRedis {
                 "--appendonly",
                 if self.persistent { "yes" } else { "no" },
             ])
+            .args(&self.options)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::piped())
