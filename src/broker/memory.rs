@@ -95,7 +95,7 @@ impl Broker for MemoryBroker {
             let cap = self.users.limits().dedupe_per_user;
             self.users.entry(user).remember(client_msg_id.to_owned(), seen, cap);
         }
-        ready(Submitted::Appended(stored))
+        ready(Submitted::Appended(stored, None))
     }
 
     fn seen(&mut self, user: &str, client_msg_id: &str) -> Call<Option<SeenMessage>> {

@@ -123,8 +123,10 @@ pub struct SubmitIds<'a> {
 /// The answer to [`Broker::submit`].
 #[derive(Debug)]
 pub enum Submitted {
-    /// The `user_message` is on the stream.
-    Appended(Stored),
+    /// The `user_message` is on the stream; with the claim of its run's thread when the broker
+    /// made it in the same step (`None`: not asked; `Some(None)`: the run holds the thread;
+    /// `Some(Some(run))`: another node's run does, see [`Broker::claim_thread`]).
+    Appended(Stored, Option<Option<String>>),
     /// Its `client_msg_id` was seen before: nothing was appended.
     Seen(SeenMessage),
 }

@@ -534,6 +534,9 @@ struct Started {
     message_id: String,
     message: UserMessage,
     turn: i64,
+    /// The claim of its thread the broker made with the message (`Submitted::Appended`): good
+    /// for a run that starts at once, not for one that waits.
+    claim: Option<Option<String>>,
 }
 
 /// A user message between the steps of its submission: who sent it and what it is.
@@ -555,6 +558,8 @@ struct Admitted {
     turn: i64,
     /// This submission's own id, kept with the `client_msg_id` by the broker (`resolve`).
     attempt: String,
+    /// The claim of its run's thread made with it (`Started::claim`).
+    claim: Option<Option<String>>,
 }
 
 impl Handler<SubmitMessage> for Registry {
@@ -726,6 +731,7 @@ impl Registry {
             created: Instant::now(),
             turn: 0,
             attempt: new_id("a_"),
+            claim: None,
             pending,
         };
         // Stored before anything else: an acked message is never lost (docs/conversations.md).
@@ -870,11 +876,14 @@ impl Registry {
     fn on_submitted(
         &mut self,
         ctx: &mut Context<Self>,
-        admitted: Admitted,
+        mut admitted: Admitted,
         answer: Result<Submitted, BrokerError>,
     ) {
         let stored = match answer {
-            Ok(Submitted::Appended(stored)) => stored,
+            Ok(Submitted::Appended(stored, claim)) => {
+                admitted.claim = claim;
+                stored
+            }
             Ok(Submitted::Seen(seen)) => {
                 self.run_not_started(&admitted.pending.user_id, admitted.starts_run);
                 return self.repeated(admitted.pending, &seen);
@@ -942,7 +951,8 @@ impl Registry {
                 let pending = Pending { origin: Origin::Session(session), user_id, message };
                 let starts_run = registry.agent.is_some();
                 let created = Instant::now();
-                let admitted = Admitted { pending, message_id, run_id, starts_run, created, turn, attempt };
+                let admitted =
+                    Admitted { pending, message_id, run_id, starts_run, created, turn, attempt, claim: None };
                 registry.go_on(ctx, admitted, seen.seq);
             }
             // Not appended (or appended by another attempt, which started its own run).
@@ -961,7 +971,7 @@ impl Registry {
     /// A message on its way (echoed, or an AG-UI client's tool result, which is not): the sender
     /// acked (a session, with the echo's `seq`) and the run started.
     fn go_on(&mut self, ctx: &mut Context<Self>, admitted: Admitted, seq: u64) {
-        let Admitted { pending, message_id, run_id, starts_run, turn, .. } = admitted;
+        let Admitted { pending, message_id, run_id, starts_run, turn, claim, .. } = admitted;
         let Pending { origin, user_id, message } = pending;
         match origin {
             Origin::Session(id) => {
@@ -970,12 +980,14 @@ impl Registry {
                 self.send_to(id, ack);
                 if starts_run {
                     let who = id.to_string();
-                    self.start_run(ctx, &who, Started { user_id, run_id, message_id, message, turn }, None);
+                    let started = Started { user_id, run_id, message_id, message, turn, claim };
+                    self.start_run(ctx, &who, started, None);
                 }
             }
             Origin::Http { answer, steps, .. } => {
                 if starts_run {
-                    let started = Started { user_id, run_id: run_id.clone(), message_id, message, turn };
+                    let started =
+                        Started { user_id, run_id: run_id.clone(), message_id, message, turn, claim };
                     self.start_run(ctx, "ag-ui", started, Some(steps));
                 }
                 let _ = answer.send(Ok(run_id));
@@ -999,6 +1011,8 @@ impl Registry {
         started: Started,
         observer: Option<Follower>,
     ) {
+        let mut started = started;
+        let claimed = started.claim.take();
         let thread = Rc::from(started.message.thread_id.as_str());
         let busy = self.local_user(&started.user_id).busy.entry(thread).or_default();
         if let Some(current) = busy.running.clone() {
@@ -1015,6 +1029,10 @@ impl Registry {
         }
         busy.running = Some(started.run_id.clone());
         busy.remote = false;
+        if let Some(holder) = claimed {
+            // Claimed with its message (one round trip): the answer is in hand.
+            return self.on_claimed(ctx, who, started, observer, Ok(holder));
+        }
         if self.settings.redis.is_some() {
             // With several nodes the thread may be busy on another one: the shared broker says.
             let call =
@@ -1119,7 +1137,7 @@ impl Registry {
     /// Starts a run that holds its thread.
     fn launch(&mut self, ctx: &mut Context<Self>, who: &str, started: Started, observer: Option<Follower>) {
         let run = Run::new(&started, self.settings.max_response_bytes);
-        let Started { user_id, run_id, message_id, message, turn } = started;
+        let Started { user_id, run_id, message_id, message, turn, .. } = started;
         self.runs.insert(run_id.clone(), run);
         debug!("{who}: run {run_id} started for user {user_id}");
         self.broker.run_started(&user_id, &run_id, &message.thread_id);

@@ -833,10 +833,10 @@ impl Broker for RedisBroker {
                         .and_then(text)
                         .and_then(|s| s.parse::<u64>().ok())
                         .ok_or_else(|| unexpected("submit"))?;
-                    Ok(Submitted::Appended(Stored {
-                        seq,
-                        frame: ByteString::from(format!("{head}{seq}{tail}")),
-                    }))
+                    let claim =
+                        starts_run.then(|| reply.get(3).and_then(text).filter(|holder| !holder.is_empty()));
+                    let frame = ByteString::from(format!("{head}{seq}{tail}"));
+                    Ok(Submitted::Appended(Stored { seq, frame }, claim))
                 }
                 _ => Err(unexpected("submit")),
             }

@@ -160,12 +160,14 @@ return {{r[1], string.format('%d', r[2])}}"
 });
 
 /// A `user_message`: appended unless its `client_msg_id` was seen, and remembered with its ids.
-/// The run it starts is recorded as its node's (`owner`), as `RUN_STARTED` does, in the same step.
+/// The run it starts is recorded as its node's (`owner`), as `RUN_STARTED` does, and claims its
+/// thread, as `CLAIM` does, in the same step.
 /// KEYS: meta, stream, dedupe hash, dedupe order list, live, holders, runs. ARGV: channel, epoch if new,
 /// maxlen, ttl ms, client_msg_id or "", message_id, run_id, dedupe cap, head, tail, then an
 /// empty op, run and data (an echo follows no run), then the call's attempt id, the owner
 /// (this node's member, or "" when it starts no run) and the thread.
-/// Returns {"seen", "message_id run_id seq attempt"} or {"appended", epoch, seq}.
+/// Returns {"seen", "message_id run_id seq attempt"} or {"appended", epoch, seq, holder}: the
+/// thread's holder when another run holds it, "" when the run does (or starts none).
 pub static SUBMIT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
         "{APPEND}
@@ -184,11 +186,20 @@ if cmid ~= '' then
   redis.call('PEXPIRE', KEYS[3], ARGV[4])
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
 end
+local claim = ''
 if ARGV[15] ~= '' then
   redis.call('HSET', KEYS[7], ARGV[7], ARGV[15] .. '\\n' .. ARGV[16])
   redis.call('PEXPIRE', KEYS[7], ARGV[4])
+  -- The run claims its thread as `CLAIM` does, in the same step: one round trip a message.
+  local holder = redis.call('HGET', KEYS[6], ARGV[16])
+  if holder and holder ~= ARGV[7] and redis.call('HEXISTS', KEYS[7], holder) == 1 then
+    claim = holder
+  else
+    redis.call('HSET', KEYS[6], ARGV[16], ARGV[7])
+    redis.call('PEXPIRE', KEYS[6], ARGV[4])
+  end
 end
-return {{'appended', r[1], string.format('%d', r[2])}}"
+return {{'appended', r[1], string.format('%d', r[2]), claim}}"
     ))
 });
 
