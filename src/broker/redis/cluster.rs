@@ -21,7 +21,7 @@ use redis::cluster_routing::{
 };
 
 use super::connection::{
-    broker_error, first_key, Interest, Job, Message, OVERTAKEN, PUBSUB_CHECK, PUBSUB_TIMEOUT,
+    answers_of, broker_error, first_key, Interest, Job, Message, PUBSUB_CHECK, PUBSUB_TIMEOUT,
 };
 use super::scripts;
 use crate::broker::BrokerError;
@@ -135,19 +135,8 @@ async fn send_group(
         }
         Err(e) => return at.iter().map(|_| Err(broker_error(&e))).collect(),
     };
-    let refused: Vec<usize> = (0..values.len())
-        .filter(|&i| matches!(&values[i], redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript)))
-        .collect();
-    let mut answers: Vec<Result<redis::Value, BrokerError>> =
-        values.into_iter().map(super::connection::answer).collect();
-    // As `connection::in_order`: a refused call a later call of its user overtook fails.
-    let (again, overtaken): (Vec<usize>, Vec<usize>) = refused.into_iter().partition(|&i| {
-        let key = first_key(&batch[at[i]].command);
-        !(i + 1..at.len()).any(|j| answers[j].is_ok() && first_key(&batch[at[j]].command) == key)
-    });
-    for i in overtaken {
-        answers[i] = Err(BrokerError::Unavailable(OVERTAKEN.into()));
-    }
+    let commands: Vec<&redis::Cmd> = at.iter().map(|&i| &batch[i].command).collect();
+    let (mut answers, again) = answers_of(&commands, values);
     if !again.is_empty() {
         let mut load = redis::pipe();
         let mut resend = redis::pipe();

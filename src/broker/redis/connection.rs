@@ -126,13 +126,8 @@ pub async fn writer(
             Ok(values) => {
                 // Redis without the scripts (restarted, or `SCRIPT FLUSH`): every `EVALSHA` it
                 // refused had no effect; they are loaded and those calls sent again, in order.
-                let refused = not_loaded(&batch, &values);
-                let mut answers: Vec<Result<redis::Value, BrokerError>> =
-                    values.into_iter().map(answer).collect();
-                let (refused, overtaken) = in_order(&batch, &answers, refused);
-                for i in overtaken {
-                    answers[i] = Err(BrokerError::Unavailable(OVERTAKEN.into()));
-                }
+                let commands: Vec<&redis::Cmd> = batch.iter().map(|job| &job.command).collect();
+                let (mut answers, refused) = answers_of(&commands, values);
                 if !refused.is_empty() {
                     match load_and_send_again(manager, &batch, &refused).await {
                         Ok(again) => {
@@ -155,32 +150,31 @@ pub async fn writer(
     }
 }
 
-/// Why a call refused `NOSCRIPT` is not sent again (`in_order`).
-pub(super) const OVERTAKEN: &str =
-    "redis: the script was not loaded, and a later call of the same user ran meanwhile (another node had loaded it)";
-
-/// The calls Redis refused with `NOSCRIPT`, by index.
-pub(super) fn not_loaded(batch: &[Job], values: &[redis::Value]) -> Vec<usize> {
-    (0..values.len().min(batch.len()))
+/// A pipeline's answers to `commands` (each its own caller's), and the calls Redis refused
+/// `NOSCRIPT` that may be sent again once the scripts are loaded. One may not when a later call
+/// of the same user (the same first key) ran, because another node loaded the script between the
+/// two (a pipeline is not atomic): sent again, it would land after that call and break its
+/// user's order (an event after its run's end). It fails instead.
+pub(super) fn answers_of(
+    commands: &[&redis::Cmd],
+    values: Vec<redis::Value>,
+) -> (Vec<Result<redis::Value, BrokerError>>, Vec<usize>) {
+    let refused: Vec<usize> = (0..values.len())
         .filter(|&i| {
             matches!(&values[i], redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
         })
-        .collect()
-}
-
-/// Of the calls refused `NOSCRIPT`, those that may be sent again, and those that may not: a
-/// later call of the same user (the same first key) ran, because another node loaded the
-/// script between the two (a pipeline is not atomic). Sending the first again would put it after
-/// the second: its user's order would break (an event after its run's end). It fails instead.
-pub(super) fn in_order(
-    batch: &[Job],
-    answers: &[Result<redis::Value, BrokerError>],
-    refused: Vec<usize>,
-) -> (Vec<usize>, Vec<usize>) {
-    refused.into_iter().partition(|&i| {
-        let key = first_key(&batch[i].command);
-        !(i + 1..batch.len()).any(|j| answers[j].is_ok() && first_key(&batch[j].command) == key)
-    })
+        .collect();
+    let mut answers: Vec<Result<redis::Value, BrokerError>> = values.into_iter().map(answer).collect();
+    let (again, overtaken): (Vec<usize>, Vec<usize>) = refused.into_iter().partition(|&i| {
+        let key = first_key(commands[i]);
+        !(i + 1..answers.len()).any(|j| answers[j].is_ok() && first_key(commands[j]) == key)
+    });
+    for i in overtaken {
+        answers[i] = Err(BrokerError::Unavailable(
+            "redis: the script was not loaded, and a later call of the same user ran meanwhile".into(),
+        ));
+    }
+    (answers, again)
 }
 
 /// A command's first key (after `numkeys` for a script): what orders calls of one user, and

@@ -114,17 +114,26 @@ pub fn check(settings: &RedisSettings) -> Result<(), String> {
     let mut connection = client
         .get_connection_with_timeout(Duration::from_secs(3))
         .map_err(|e| format!("broker.url {}: cannot reach Redis: {e}", redacted(url)))?;
+    ping_and_register(&mut connection, settings, &redacted(url))
+}
+
+/// Redis answers, and this node is registered (`REGISTER`), on one Redis or a Cluster.
+fn ping_and_register(
+    connection: &mut dyn redis::ConnectionLike,
+    settings: &RedisSettings,
+    shown: &str,
+) -> Result<(), String> {
     redis::cmd("PING")
-        .query::<String>(&mut connection)
-        .map_err(|e| format!("broker.url {}: Redis does not answer: {e}", redacted(url)))?;
+        .query::<String>(connection)
+        .map_err(|e| format!("broker.url {shown}: Redis does not answer: {e}"))?;
     redis::Script::new(&scripts::REGISTER.code)
         .key(nodes_key(&settings.prefix))
         .arg(&settings.prefix)
         .arg(&settings.member)
         .arg(settings.node_lease.as_millis().max(1) as u64)
-        .invoke::<i64>(&mut connection)
+        .invoke::<i64>(connection)
         .map(|_| ())
-        .map_err(|e| format!("broker.url {}: the node could not register: {e}", redacted(url)))
+        .map_err(|e| format!("broker.url {shown}: the node could not register: {e}"))
 }
 
 /// [`check`] on a Redis Cluster: any of its nodes answers, and the node registers.
@@ -135,17 +144,7 @@ fn check_cluster(settings: &RedisSettings) -> Result<(), String> {
     let mut connection = client
         .get_connection()
         .map_err(|e| format!("broker.url {shown}: cannot reach the Redis Cluster: {e}"))?;
-    redis::cmd("PING")
-        .query::<String>(&mut connection)
-        .map_err(|e| format!("broker.url {shown}: the Redis Cluster does not answer: {e}"))?;
-    redis::Script::new(&scripts::REGISTER.code)
-        .key(nodes_key(&settings.prefix))
-        .arg(&settings.prefix)
-        .arg(&settings.member)
-        .arg(settings.node_lease.as_millis().max(1) as u64)
-        .invoke::<i64>(&mut connection)
-        .map(|_| ())
-        .map_err(|e| format!("broker.url {shown}: the node could not register: {e}"))
+    ping_and_register(&mut connection, settings, &shown)
 }
 
 /// The node registry's set of members (hash tag `{nodes}`: the registry is one slot).
