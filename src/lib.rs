@@ -154,7 +154,6 @@ fn open_store(config: &config::StoreConfig) -> Result<store::Store, StartError> 
 /// start on arbiters of their own); the returned server runs when awaited or spawned.
 pub fn build(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
-    let verifier = Verifier::new(&config.auth).map_err(StartError::Config)?;
     let dev_minter = if config.dev_tokens_enabled() {
         Some(Minter::new(&config.auth).map_err(StartError::Config)?)
     } else {
@@ -192,6 +191,7 @@ pub fn build(config: Config) -> Result<Running, StartError> {
     }
     let store = open_store(&config.store)?;
     let metrics = Arc::new(Metrics::new());
+    let verifier = Verifier::new(&config.auth, &metrics).map_err(StartError::Config)?;
     let agent = agent::start_runtime(&config, &metrics);
     let shards = config.registry_shard_count();
     let registries = Registries::start(

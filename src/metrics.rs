@@ -79,6 +79,10 @@ pub struct Metrics {
     pub state_transitions: IntCounterVec,
     pub state_transitions_refused: IntCounter,
     pub auth_failures: IntCounterVec,
+    /// Fetches of identity providers' key sets, by issuer and outcome (`ok`, `error`).
+    pub jwks_fetches: IntCounterVec,
+    /// Keys held per identity provider.
+    pub jwks_keys: IntGaugeVec,
     pub messages_received: IntCounter,
     pub events_published: IntCounter,
     pub frames_sent: IntCounter,
@@ -181,6 +185,19 @@ impl Metrics {
                 "agentwire_auth_failures_total",
                 "Refused tokens, by reason",
                 &["reason"],
+            ),
+            jwks_fetches: counter_vec(
+                "agentwire_jwks_fetches_total",
+                "Fetches of identity providers' key sets, by issuer and outcome",
+                &["issuer", "outcome"],
+            ),
+            jwks_keys: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("agentwire_jwks_keys", "Keys held, by identity provider"),
+                    &["issuer"],
+                )
+                .expect("valid"),
             ),
             messages_received: counter("agentwire_messages_received_total", "Client frames received"),
             events_published: counter("agentwire_events_published_total", "Events appended to user streams"),

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use agentwire::auth::Verifier;
+use agentwire::auth::KeyFile;
 
 fn agentwire(dir: &std::path::Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_agentwire"));
@@ -28,7 +28,7 @@ fn token_command_mints_a_token_for_the_configured_key() {
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let token = String::from_utf8(output.stdout).unwrap();
-    let identity = Verifier::new(&common::test_auth()).unwrap().verify(token.trim()).unwrap();
+    let identity = KeyFile::new(&common::test_auth()).unwrap().verify(token.trim()).unwrap();
     assert_eq!(identity.user_id, "alice");
     // `--name` goes into the token's `name` claim (the server accepts it and does not use it).
     use base64::Engine;

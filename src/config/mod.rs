@@ -18,7 +18,7 @@ mod validate;
 pub use load::{Loaded, SecretSource, Source, DEV_SECRET_FILE, ENV_PREFIX};
 pub use schema::{
     forwards, AgentConfig, AgentKind, Algorithm, ApiConfig, AuthConfig, BrokerConfig, BrokerKind, Config,
-    FaultsConfig, HistoryConfig, LimitsConfig, OnBusy, ServerConfig, StoreConfig, StoreKind,
+    FaultsConfig, HistoryConfig, IssuerConfig, LimitsConfig, OnBusy, ServerConfig, StoreConfig, StoreKind,
     MAX_WAITING_PER_THREAD,
 };
 

@@ -109,6 +109,44 @@ pub struct AuthConfig {
     pub timeout_secs: NonZeroU64,
     /// Serve `POST /dev/token`, which mints a token for any user name (loopback binds only).
     pub dev_tokens: bool,
+    /// An identity provider's JSON Web Key Set: tokens are verified with the key their `kid`
+    /// names (docs/protocol.md section 2). With it (or `oidc_issuer`), `algorithm` and `secret`
+    /// are not used.
+    pub jwks_url: String,
+    /// An OpenID Connect issuer: its keys are found through
+    /// `{oidc_issuer}/.well-known/openid-configuration` (`jwks_uri`), and it is the `iss` tokens
+    /// must carry unless `issuer` says otherwise.
+    pub oidc_issuer: String,
+    /// Seconds between two fetches of a key set (sooner when the provider's `Cache-Control:
+    /// max-age` says so).
+    pub jwks_refresh_secs: NonZeroU64,
+    /// More identity providers beside the one above (`[[auth.issuers]]`): a token's `iss` picks
+    /// its entry, and its `kid` is looked up in that entry's keys only.
+    pub issuers: Vec<IssuerConfig>,
+}
+
+/// One `[[auth.issuers]]` entry: a provider whose tokens are accepted.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The `iss` its tokens carry (may be left out with `oidc_issuer`, which implies it).
+    pub issuer: String,
+    /// Its JSON Web Key Set; or `oidc_issuer` instead.
+    pub jwks_url: String,
+    pub oidc_issuer: String,
+    /// The `aud` its tokens must carry; empty: `aud` is not checked.
+    pub audience: String,
+}
+
+impl IssuerConfig {
+    /// The `iss` its tokens must carry.
+    pub fn expected_issuer(&self) -> &str {
+        if self.issuer.is_empty() {
+            &self.oidc_issuer
+        } else {
+            &self.issuer
+        }
+    }
 }
 
 impl Default for AuthConfig {
@@ -124,7 +162,35 @@ impl Default for AuthConfig {
             leeway_secs: 30,
             timeout_secs: nz!(10),
             dev_tokens: false,
+            jwks_url: String::new(),
+            oidc_issuer: String::new(),
+            jwks_refresh_secs: nz!(600),
+            issuers: Vec::new(),
         }
+    }
+}
+
+impl AuthConfig {
+    /// The identity providers whose key sets verify tokens: `[auth]`'s own (when it has a
+    /// `jwks_url` or `oidc_issuer`) first, then `[[auth.issuers]]`. Empty: the secret or key file
+    /// of `algorithm` verifies them.
+    pub fn key_set_issuers(&self) -> Vec<IssuerConfig> {
+        let mut all = Vec::with_capacity(self.issuers.len() + 1);
+        if !self.jwks_url.is_empty() || !self.oidc_issuer.is_empty() {
+            all.push(IssuerConfig {
+                issuer: self.issuer.clone(),
+                jwks_url: self.jwks_url.clone(),
+                oidc_issuer: self.oidc_issuer.clone(),
+                audience: self.audience.clone(),
+            });
+        }
+        all.extend(self.issuers.iter().cloned());
+        all
+    }
+
+    /// Tokens are verified with providers' key sets (not a secret or a key file).
+    pub fn uses_key_sets(&self) -> bool {
+        !self.jwks_url.is_empty() || !self.oidc_issuer.is_empty() || !self.issuers.is_empty()
     }
 }
 
@@ -141,6 +207,10 @@ impl std::fmt::Debug for AuthConfig {
             .field("leeway_secs", &self.leeway_secs)
             .field("timeout_secs", &self.timeout_secs)
             .field("dev_tokens", &self.dev_tokens)
+            .field("jwks_url", &self.jwks_url)
+            .field("oidc_issuer", &self.oidc_issuer)
+            .field("jwks_refresh_secs", &self.jwks_refresh_secs)
+            .field("issuers", &self.issuers)
             .finish()
     }
 }
@@ -563,7 +633,8 @@ impl FaultsConfig {
 impl Config {
     /// `POST /dev/token` is served: asked for with `auth.dev_tokens`, or implied by development mode.
     pub fn dev_tokens_enabled(&self) -> bool {
-        self.auth.dev_tokens || self.server.dev_mode
+        // Tokens a provider's keys verify cannot be minted here.
+        (self.auth.dev_tokens || self.server.dev_mode) && !self.auth.uses_key_sets()
     }
 
     /// Worker threads to start: `server.workers`, or one per core for 0.

@@ -44,6 +44,9 @@ impl Config {
 
     fn check_auth(&self) -> Result<(), ConfigError> {
         let a = &self.auth;
+        if a.uses_key_sets() {
+            return self.check_key_sets();
+        }
         match a.algorithm {
             Algorithm::HS256 => {
                 // In development mode an empty secret is made on first start (`Config::load`).
@@ -63,6 +66,61 @@ impl Config {
                     return Err(error("auth.public_key_file", "is required with RS256 and ES256"));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// `[auth]` with identity providers (docs/protocol.md section 2): each entry names where its
+    /// keys are, once, and which `iss` it answers for; no two entries answer for the same one.
+    fn check_key_sets(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if a.dev_tokens {
+            return Err(error(
+                "auth.dev_tokens",
+                "tokens an identity provider's keys verify cannot be minted here: set auth.dev_tokens = false",
+            ));
+        }
+        let http = |url: &str| url.starts_with("http://") || url.starts_with("https://");
+        let mut seen: Vec<&str> = Vec::new();
+        let own = usize::from(!a.jwks_url.is_empty() || !a.oidc_issuer.is_empty());
+        let entries = a.key_set_issuers();
+        for (i, entry) in entries.iter().enumerate() {
+            let at = |field: &str| {
+                if i < own {
+                    format!("auth.{field}")
+                } else {
+                    format!("auth.issuers[{}].{field}", i - own)
+                }
+            };
+            match (entry.jwks_url.is_empty(), entry.oidc_issuer.is_empty()) {
+                (false, false) => {
+                    return Err(error(&at("oidc_issuer"), "give either jwks_url or oidc_issuer, not both"))
+                }
+                (true, true) => return Err(error(&at("jwks_url"), "is required (or oidc_issuer)")),
+                (false, true) if !http(&entry.jwks_url) => {
+                    return Err(error(&at("jwks_url"), format!("{:?} is not an http(s) URL", entry.jwks_url)))
+                }
+                (true, false) if !http(&entry.oidc_issuer) => {
+                    return Err(error(
+                        &at("oidc_issuer"),
+                        format!("{:?} is not an http(s) URL", entry.oidc_issuer),
+                    ))
+                }
+                _ => {}
+            }
+            let issuer = entry.expected_issuer();
+            // Only a lone provider may leave `iss` unchecked: with several, `iss` picks the keys.
+            if issuer.is_empty() && entries.len() > 1 {
+                return Err(error(
+                    &at("issuer"),
+                    "is required when several identity providers are configured",
+                ));
+            }
+            let normal = issuer.trim_end_matches('/');
+            if !issuer.is_empty() && seen.contains(&normal) {
+                return Err(error(&at("issuer"), format!("{issuer:?} is configured twice")));
+            }
+            seen.push(normal);
         }
         Ok(())
     }

@@ -192,7 +192,11 @@ async fn upgrade(
         Err(e) => return Ok(error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())),
     };
     let token = bearer(&req).or(query.access_token.as_deref());
-    let identity = match token.map(|t| env.verifier.verify(t)) {
+    let verdict = match token {
+        Some(token) => Some(env.verifier.verify(token).await),
+        None => None,
+    };
+    let identity = match verdict {
         None => None,
         Some(Ok(identity)) => Some(identity),
         Some(Err(failure)) => {

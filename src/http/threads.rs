@@ -36,7 +36,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &crate::config::Config) {
 
 /// Whose threads a request may see: the user of its JWT, or with an API key the user the path
 /// names. `Err` is the answer (401, 400).
-fn caller(req: &HttpRequest, state: &AppState) -> Result<String, Refused> {
+async fn caller(req: &HttpRequest, state: &AppState) -> Result<String, Refused> {
     match req.match_info().get("user_id") {
         Some(user_id) => {
             if !api_key_ok(req, state) {
@@ -51,7 +51,7 @@ fn caller(req: &HttpRequest, state: &AppState) -> Result<String, Refused> {
             let Some(token) = bearer(req) else {
                 return Err(Box::new(invalid_token("a token is required (Authorization: Bearer <JWT>)")));
             };
-            match state.env.verifier.verify(token) {
+            match state.env.verifier.verify(token).await {
                 Ok(identity) => Ok(identity.user_id),
                 Err(failure) => {
                     state.env.metrics.auth_failed(failure.reason());
@@ -66,8 +66,8 @@ fn caller(req: &HttpRequest, state: &AppState) -> Result<String, Refused> {
 type Refused = Box<HttpResponse>;
 
 /// The caller and the thread the path names.
-fn caller_and_thread(req: &HttpRequest, state: &AppState) -> Result<(String, String), Refused> {
-    Ok((caller(req, state)?, thread_id(req)?))
+async fn caller_and_thread(req: &HttpRequest, state: &AppState) -> Result<(String, String), Refused> {
+    Ok((caller(req, state).await?, thread_id(req)?))
 }
 
 fn invalid_token(message: &str) -> HttpResponse {
@@ -137,7 +137,7 @@ struct Threads {
 }
 
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let user_id = match caller(&req, &state) {
+    let user_id = match caller(&req, &state).await {
         Ok(user_id) => user_id,
         Err(answer) => return *answer,
     };
@@ -152,7 +152,7 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn one(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let (user_id, thread_id) = match caller_and_thread(&req, &state) {
+    let (user_id, thread_id) = match caller_and_thread(&req, &state).await {
         Ok(ids) => ids,
         Err(answer) => return *answer,
     };
@@ -170,7 +170,7 @@ struct Messages {
 }
 
 async fn messages(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let (user_id, thread_id) = match caller_and_thread(&req, &state) {
+    let (user_id, thread_id) = match caller_and_thread(&req, &state).await {
         Ok(ids) => ids,
         Err(answer) => return *answer,
     };
@@ -191,7 +191,7 @@ struct Rename {
 }
 
 async fn rename(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
-    let (user_id, thread_id) = match caller_and_thread(&req, &state) {
+    let (user_id, thread_id) = match caller_and_thread(&req, &state).await {
         Ok(ids) => ids,
         Err(answer) => return *answer,
     };
@@ -215,7 +215,7 @@ async fn rename(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) 
 }
 
 async fn delete(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let (user_id, thread_id) = match caller_and_thread(&req, &state) {
+    let (user_id, thread_id) = match caller_and_thread(&req, &state).await {
         Ok(ids) => ids,
         Err(answer) => return *answer,
     };

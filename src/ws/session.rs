@@ -20,7 +20,7 @@ use log::{debug, info, warn};
 use super::output::CountedOutput;
 use super::read_gate::ReadGate;
 use crate::admission::{ConnectionSlot, SetupBacklog, UnauthenticatedSlot};
-use crate::auth::{AuthFailure, Identity, Verifier};
+use crate::auth::{AuthFailure, Check, Identity, Verifier};
 use crate::base::{close_frame_len, encoded_len, ConnectionId, Delivery, Outbound};
 use crate::broker::ResumeRequest;
 use crate::metrics::{Failure, Metrics};
@@ -88,6 +88,8 @@ enum Phase {
     Registering,
     /// `accepted`, waiting for a token in an `auth` frame.
     AwaitingAuth,
+    /// The `auth` frame's token waits for its provider's keys to be fetched again.
+    Verifying,
     /// Token verified; the registry is taking it through `authenticated` and `services_ready`.
     SettingUp,
     ProcessingReady,
@@ -294,7 +296,25 @@ impl Session {
                 epoch: frame.epoch.or(query.epoch),
             });
         }
-        match self.env.verifier.verify(&frame.token) {
+        match self.env.verifier.check(&frame.token) {
+            Check::Done(verdict) => self.on_verified(verdict, ctx),
+            // Its provider's keys are being fetched again (an unknown `kid`): frames that come
+            // meanwhile are early messages, and the auth timeout no longer applies, the wait
+            // being bounded by it already (`auth/key_sets.rs`).
+            Check::AfterRefresh(refresh) => {
+                self.phase = Phase::Verifying;
+                ctx.spawn(refresh.outcome().into_actor(self).map(|verdict, session, ctx| {
+                    if session.phase == Phase::Verifying {
+                        session.on_verified(verdict, ctx);
+                    }
+                }));
+            }
+        }
+    }
+
+    /// The verdict on the `auth` frame's token.
+    fn on_verified(&mut self, verdict: Result<Identity, AuthFailure>, ctx: &mut WebsocketContext<Self>) {
+        match verdict {
             Ok(identity) => {
                 self.identity = Some(identity.clone());
                 self.unauthenticated = None;
@@ -496,7 +516,24 @@ impl Session {
 
     /// Section 2: a new token of the same `sub` replaces the old one in place.
     fn refresh_token(&mut self, frame: AuthFrame, ctx: &mut WebsocketContext<Self>) {
-        match self.env.verifier.verify(&frame.token) {
+        match self.env.verifier.check(&frame.token) {
+            Check::Done(verdict) => self.on_refresh_verified(verdict, ctx),
+            Check::AfterRefresh(refresh) => {
+                ctx.spawn(refresh.outcome().into_actor(self).map(|verdict, session, ctx| {
+                    if session.phase == Phase::ProcessingReady {
+                        session.on_refresh_verified(verdict, ctx);
+                    }
+                }));
+            }
+        }
+    }
+
+    fn on_refresh_verified(
+        &mut self,
+        verdict: Result<Identity, AuthFailure>,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        match verdict {
             Err(failure) => {
                 self.env.metrics.auth_failed(failure.reason());
                 info!("{}: token refresh refused: {}", self.id, failure.reason());

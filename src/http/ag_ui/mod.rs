@@ -51,7 +51,7 @@ async fn answer(
         let message = "a user token is required: Authorization: Bearer <JWT>";
         return Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_token", message));
     };
-    let identity = match env.verifier.verify(token) {
+    let identity = match env.verifier.verify(token).await {
         Ok(identity) => identity,
         Err(failure) => {
             env.metrics.auth_failed(failure.reason());

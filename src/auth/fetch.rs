@@ -1,0 +1,265 @@
+//! Keeps each identity provider's keys fresh (docs/protocol.md section 2, "Identity providers"),
+//! on a thread of its own: no fetch ever runs on the registry's thread or in a session's path.
+//!
+//! Per provider, one task fetches the key set (after discovery, for an `oidc_issuer`) at start,
+//! then every `auth.jwks_refresh_secs` (sooner when the response's `Cache-Control: max-age`
+//! says so), at once when `key_sets.rs` asks for an unknown `kid`, and again with a growing
+//! delay while the provider cannot be reached. A failed fetch keeps the keys held: a provider
+//! that is down does not log anyone out. HTTP is reqwest's, with timeouts; each response is
+//! read within [`MAX_DOCUMENT_BYTES`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_channel::{mpsc, oneshot};
+use futures_util::future::join_all;
+use futures_util::StreamExt;
+use jsonwebtoken::jwk::Jwk;
+use log::{debug, info, warn};
+use serde::Deserialize;
+
+use super::key_sets::{Issuer, Key, Source};
+use crate::metrics::Metrics;
+
+/// A discovery document or key set larger than this is refused.
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The whole of one request, body included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A provider's `max-age` is followed down to this, not below.
+const MIN_REFRESH: Duration = Duration::from_secs(5);
+/// Retries after failures wait 1 s, 2 s, 4 s ... up to this.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Starts the fetcher thread for `issuers` and returns once each one's first fetch ended (or
+/// [`REQUEST_TIMEOUT`]s passed, twice for discovery).
+pub fn start(
+    issuers: Vec<(Arc<Issuer>, mpsc::UnboundedReceiver<oneshot::Sender<()>>)>,
+    refresh: Duration,
+    metrics: Arc<Metrics>,
+) -> Result<(), String> {
+    // reqwest is built without a TLS crypto provider of its own; rustls's ring provider is the
+    // process's (installing it twice is harmless).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT)
+        .user_agent(concat!("agentwire/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("auth.jwks_url: cannot build the HTTP client: {e}"))?;
+    let count = issuers.len();
+    let (first_done, first) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("agentwire-jwks".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => return log::error!("auth: cannot start the key fetcher: {e}"),
+            };
+            let tasks = issuers.into_iter().map(|(issuer, requests)| {
+                let fetcher =
+                    Fetcher { client: client.clone(), issuer, refresh, metrics: Arc::clone(&metrics) };
+                fetcher.run(requests, first_done.clone())
+            });
+            // Ends when the verifier is dropped (a server stopped in-process): its senders close.
+            runtime.block_on(join_all(tasks));
+        })
+        .map_err(|e| format!("auth: cannot start the key fetcher thread: {e}"))?;
+    let deadline = std::time::Instant::now() + 2 * REQUEST_TIMEOUT;
+    for _ in 0..count {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if first.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+struct Fetcher {
+    client: reqwest::Client,
+    issuer: Arc<Issuer>,
+    refresh: Duration,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+#[derive(Deserialize)]
+struct KeySetDocument {
+    keys: Vec<serde_json::Value>,
+}
+
+/// A fetched document and how long the provider says it may be kept.
+struct Fetched {
+    body: Vec<u8>,
+    max_age: Option<Duration>,
+}
+
+impl Fetcher {
+    async fn run(
+        self,
+        mut requests: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+        first_done: std::sync::mpsc::Sender<()>,
+    ) {
+        let mut first_done = Some(first_done);
+        let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+        // Found by discovery once, and again after a fetch from it failed.
+        let mut jwks_uri = match &self.issuer.source {
+            Source::KeySet(url) => Some(url.clone()),
+            Source::Discovery(_) => None,
+        };
+        let mut failures = 0u32;
+        loop {
+            let next = match self.fetch(&mut jwks_uri).await {
+                Ok(max_age) => {
+                    failures = 0;
+                    self.outcome("ok");
+                    max_age.map_or(self.refresh, |age| age.clamp(MIN_REFRESH, self.refresh.max(MIN_REFRESH)))
+                }
+                Err(why) => {
+                    failures = failures.saturating_add(1);
+                    self.outcome("error");
+                    let held = self.issuer.keys().by_kid.len();
+                    warn!("auth: cannot fetch the keys of {} ({why}); {held} keys held", self.issuer.label);
+                    if matches!(self.issuer.source, Source::Discovery(_)) {
+                        jwks_uri = None;
+                    }
+                    let retry = Duration::from_secs(1u64 << failures.min(6).saturating_sub(1));
+                    retry.min(MAX_RETRY).min(self.refresh)
+                }
+            };
+            for waiter in waiting.drain(..) {
+                let _ = waiter.send(());
+            }
+            if let Some(done) = first_done.take() {
+                let _ = done.send(());
+            }
+            match tokio::time::timeout(next, requests.next()).await {
+                Ok(Some(waiter)) => {
+                    waiting.push(waiter);
+                    while let Ok(waiter) = requests.try_recv() {
+                        waiting.push(waiter);
+                    }
+                    debug!("auth: fetching the keys of {} for an unknown kid", self.issuer.label);
+                }
+                Ok(None) => return,
+                Err(_elapsed) => {}
+            }
+        }
+    }
+
+    fn outcome(&self, outcome: &str) {
+        self.metrics.jwks_fetches.with_label_values(&[&self.issuer.label, outcome]).inc();
+    }
+
+    /// One refresh: discovery when needed, then the key set, which replaces the keys held.
+    async fn fetch(&self, jwks_uri: &mut Option<String>) -> Result<Option<Duration>, String> {
+        let url = match jwks_uri {
+            Some(url) => url.clone(),
+            None => {
+                let found = self.discover().await?;
+                *jwks_uri = Some(found.clone());
+                found
+            }
+        };
+        let fetched = self.get(&url).await?;
+        let document: KeySetDocument = serde_json::from_slice(&fetched.body)
+            .map_err(|e| format!("{url} is not a JSON Web Key Set: {e}"))?;
+        let mut keys = HashMap::with_capacity(document.keys.len());
+        for value in document.keys {
+            let kid = value.get("kid").and_then(|k| k.as_str()).map(str::to_owned);
+            let parsed = serde_json::from_value::<Jwk>(value).map_err(|e| format!("it does not parse: {e}"));
+            match (kid, parsed.and_then(|jwk| Key::from_jwk(&jwk))) {
+                (Some(kid), Ok(key)) => {
+                    keys.insert(kid, Arc::new(key));
+                }
+                // Tokens name their key by `kid`: a key without one could never be chosen.
+                (None, _) => debug!("auth: a key of {} has no kid; left out", self.issuer.label),
+                (Some(kid), Err(why)) => debug!("auth: key {kid:?} of {} left out: {why}", self.issuer.label),
+            }
+        }
+        let held = self.issuer.keys();
+        let changed = !held.fetched
+            || held.by_kid.len() != keys.len()
+            || keys.keys().any(|kid| !held.by_kid.contains_key(kid));
+        let mut kids: Vec<&String> = keys.keys().collect();
+        kids.sort();
+        if changed {
+            info!("auth: keys of {} are now {kids:?}", self.issuer.label);
+        } else {
+            debug!("auth: keys of {} unchanged", self.issuer.label);
+        }
+        self.metrics.jwks_keys.with_label_values(&[&self.issuer.label]).set(keys.len() as i64);
+        self.issuer.replace_keys(keys);
+        Ok(fetched.max_age)
+    }
+
+    /// `jwks_uri` from `{oidc_issuer}/.well-known/openid-configuration`, whose `issuer` must be
+    /// the one configured (OpenID Connect Discovery 1.0, section 4.3).
+    async fn discover(&self) -> Result<String, String> {
+        let Source::Discovery(base) = &self.issuer.source else {
+            return Err("no discovery for a jwks_url".to_owned());
+        };
+        let url = format!("{}/.well-known/openid-configuration", base.trim_end_matches('/'));
+        let fetched = self.get(&url).await?;
+        let document: Discovery = serde_json::from_slice(&fetched.body)
+            .map_err(|e| format!("{url} is not a discovery document: {e}"))?;
+        if document.issuer.trim_end_matches('/') != base.trim_end_matches('/') {
+            return Err(format!("{url} names the issuer {:?}, not {base:?}", document.issuer));
+        }
+        if !(document.jwks_uri.starts_with("https://") || document.jwks_uri.starts_with("http://")) {
+            return Err(format!("{url} gives no http(s) jwks_uri"));
+        }
+        Ok(document.jwks_uri)
+    }
+
+    async fn get(&self, url: &str) -> Result<Fetched, String> {
+        let mut response = self.client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("GET {url}: HTTP {}", response.status()));
+        }
+        let max_age = response
+            .headers()
+            .get(reqwest::header::CACHE_CONTROL)
+            .and_then(|value| value.to_str().ok())
+            .and_then(max_age);
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
+            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                return Err(format!("GET {url}: larger than {MAX_DOCUMENT_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Fetched { body, max_age })
+    }
+}
+
+/// `max-age` of a `Cache-Control` value (RFC 9111 section 5.2.2.1).
+fn max_age(cache_control: &str) -> Option<Duration> {
+    cache_control
+        .split(',')
+        .find_map(|directive| {
+            let (name, value) = directive.trim().split_once('=')?;
+            name.eq_ignore_ascii_case("max-age").then(|| value.trim_matches('"').parse().ok()).flatten()
+        })
+        .map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_age;
+    use std::time::Duration;
+
+    #[test]
+    fn max_age_is_read_among_other_directives() {
+        assert_eq!(max_age("public, max-age=15, stale-while-revalidate=15"), Some(Duration::from_secs(15)));
+        assert_eq!(max_age("Max-Age=\"60\""), Some(Duration::from_secs(60)));
+        assert_eq!(max_age("no-cache"), None);
+        assert_eq!(max_age("max-age=soon"), None);
+    }
+}
