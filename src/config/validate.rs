@@ -301,6 +301,40 @@ mod tests {
     }
 
     #[test]
+    fn identity_providers_need_no_secret_and_each_names_its_keys_and_issuer() {
+        let jwks = ("AGENTWIRE__AUTH__JWKS_URL", "https://idp.example/.well-known/jwks.json");
+        let config = Config::from_sources("", &env(&[jwks])).unwrap();
+        assert!(config.auth.uses_key_sets() && !config.dev_tokens_enabled());
+        let two = r#"
+            [auth]
+            oidc_issuer = "https://a.example/"
+            [[auth.issuers]]
+            issuer = "https://b.example"
+            jwks_url = "https://b.example/jwks.json"
+            audience = "agentwire"
+        "#;
+        let config = Config::from_sources(two, &[]).unwrap();
+        let issuers = config.auth.key_set_issuers();
+        assert_eq!(issuers.len(), 2);
+        assert_eq!(issuers[0].expected_issuer(), "https://a.example/");
+        let cases: &[(&str, &str)] = &[
+            ("[auth]\njwks_url = \"https://a/k\"\noidc_issuer = \"https://a\"", "auth.oidc_issuer"),
+            ("[auth]\njwks_url = \"idp.example/keys\"", "auth.jwks_url"),
+            ("[[auth.issuers]]\nissuer = \"https://b\"", "auth.issuers[0].jwks_url"),
+            ("[auth]\njwks_url = \"https://a/k\"\n[[auth.issuers]]\noidc_issuer = \"https://b\"", "auth.issuer"),
+            (
+                "[[auth.issuers]]\noidc_issuer = \"https://b\"\n[[auth.issuers]]\nissuer = \"https://b/\"\njwks_url = \"https://b/k\"",
+                "auth.issuers[1].issuer",
+            ),
+            ("[auth]\ndev_tokens = true\njwks_url = \"https://a/k\"", "auth.dev_tokens"),
+        ];
+        for (toml, key) in cases {
+            let err = Config::from_sources(toml, &[]).unwrap_err();
+            assert_eq!(&err.key, key, "{toml}: {err}");
+        }
+    }
+
+    #[test]
     fn relations_between_limits_are_checked() {
         let cases: &[(&str, &str)] = &[
             ("AGENTWIRE__LIMITS__PENDING_BYTES", "limits.pending_bytes"),

@@ -4,6 +4,7 @@
 
 pub mod fake_agent;
 pub mod fault_proxy;
+pub mod identity_provider;
 pub mod own_redis;
 pub mod postgres;
 pub mod python_agent;
