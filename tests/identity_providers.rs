@@ -187,6 +187,48 @@ async fn a_rotation_reaches_new_tokens_at_once_and_leaves_open_sessions_open() {
     refused(&server, &provider.token(&old, "bob")).await;
 }
 
+/// Where a token of a key the server has not fetched yet can come in; each waits for the fetch.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    AuthFrame,
+    Refresh,
+    ThreadsApi,
+}
+
+#[actix_web::test]
+async fn a_token_of_a_new_key_waits_for_its_fetch_on_every_path() {
+    for path in [Path::AuthFrame, Path::Refresh, Path::ThreadsApi] {
+        let (old, new) = (rs256(), rsa_2());
+        let provider = Provider::start(&[&old]);
+        let server = server_of(&provider);
+        let mut tab = accepted(&server, &provider.token(&old, "alice"), "alice").await;
+        provider.publish(&[&old, &new]);
+        let token = provider.token(&new, "alice");
+        match path {
+            Path::AuthFrame => {
+                let mut client = Client::connect(&server.ws_url()).await.unwrap();
+                client.expect_state("accepted").await;
+                client.send(json!({"type": "auth", "token": token})).await;
+                // Sent while the token waits: an early message, kept and answered once ready.
+                client.send(json!({"type": "ping", "id": "early"})).await;
+                let ready = client.expect_setup_after_accepted("alice").await;
+                assert_eq!(ready["user_id"], "alice");
+                assert_eq!(client.recv_where(|f| f["type"] == "pong").await["id"], "early");
+            }
+            Path::Refresh => {
+                tab.send(json!({"type": "auth", "token": token})).await;
+                tab.recv_where(|f| f["type"] == "auth_ok").await;
+            }
+            Path::ThreadsApi => {
+                let (status, body) = http_get(&server.http("/api/v1/threads"), Some(&token)).await;
+                assert_eq!(status, 200, "{body}");
+            }
+        }
+        assert_eq!(provider.key_set_fetches(), 2, "{path:?}");
+        assert_eq!(tab.ping(json!(1)).await["type"], "pong");
+    }
+}
+
 #[actix_web::test]
 async fn a_kid_of_one_issuer_never_verifies_a_token_of_another() {
     // Both providers publish a key named "shared", each its own.

@@ -106,7 +106,8 @@ pub fn is_valid_user_id(sub: &str) -> bool {
 /// Checks tokens: with the operator's key (the HS256 secret or a public key file), or with
 /// identity providers' key sets.
 pub enum Verifier {
-    KeyFile(KeyFile),
+    // Boxed: a key file's checks are large, and a verifier is built once per server.
+    KeyFile(Box<KeyFile>),
     KeySets(KeySets),
 }
 
@@ -117,7 +118,7 @@ impl Verifier {
         if config.uses_key_sets() {
             Ok(Verifier::KeySets(KeySets::start(config, metrics)?))
         } else {
-            Ok(Verifier::KeyFile(KeyFile::new(config)?))
+            Ok(Verifier::KeyFile(Box::new(KeyFile::new(config)?)))
         }
     }
 

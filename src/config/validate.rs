@@ -94,15 +94,15 @@ impl Config {
             };
             match (entry.jwks_url.is_empty(), entry.oidc_issuer.is_empty()) {
                 (false, false) => {
-                    return Err(error(&at("oidc_issuer"), "give either jwks_url or oidc_issuer, not both"))
+                    return Err(error(at("oidc_issuer"), "give either jwks_url or oidc_issuer, not both"))
                 }
-                (true, true) => return Err(error(&at("jwks_url"), "is required (or oidc_issuer)")),
+                (true, true) => return Err(error(at("jwks_url"), "is required (or oidc_issuer)")),
                 (false, true) if !http(&entry.jwks_url) => {
-                    return Err(error(&at("jwks_url"), format!("{:?} is not an http(s) URL", entry.jwks_url)))
+                    return Err(error(at("jwks_url"), format!("{:?} is not an http(s) URL", entry.jwks_url)))
                 }
                 (true, false) if !http(&entry.oidc_issuer) => {
                     return Err(error(
-                        &at("oidc_issuer"),
+                        at("oidc_issuer"),
                         format!("{:?} is not an http(s) URL", entry.oidc_issuer),
                     ))
                 }
@@ -112,13 +112,13 @@ impl Config {
             // Only a lone provider may leave `iss` unchecked: with several, `iss` picks the keys.
             if issuer.is_empty() && entries.len() > 1 {
                 return Err(error(
-                    &at("issuer"),
+                    at("issuer"),
                     "is required when several identity providers are configured",
                 ));
             }
             let normal = issuer.trim_end_matches('/');
             if !issuer.is_empty() && seen.contains(&normal) {
-                return Err(error(&at("issuer"), format!("{issuer:?} is configured twice")));
+                return Err(error(at("issuer"), format!("{issuer:?} is configured twice")));
             }
             seen.push(normal);
         }

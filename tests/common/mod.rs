@@ -307,6 +307,14 @@ impl Client {
         ready
     }
 
+    /// The three `connection_state` frames after `accepted`; returns `processing_ready`.
+    pub async fn expect_setup_after_accepted(&mut self, user: &str) -> Value {
+        let authenticated = self.expect_state("authenticated").await;
+        assert_eq!(authenticated["user_id"], user);
+        self.expect_state("services_ready").await;
+        self.expect_state("processing_ready").await
+    }
+
     pub async fn ping(&mut self, id: Value) -> Value {
         self.send(json!({"type": "ping", "id": id})).await;
         self.recv().await
