@@ -159,8 +159,10 @@ fn serve(config: Config, source: Source, secret: SecretSource) -> ExitCode {
         if config.dev_tokens_enabled() {
             println!("  get a token: curl -s -X POST http://{addr}/dev/token -d '{{\"sub\":\"alice\"}}'");
         }
-        let program = std::env::args().next().unwrap_or_else(|| "agentwire".to_owned());
-        println!("  or:          {program} token --sub alice");
+        if !config.auth.uses_key_sets() {
+            let program = std::env::args().next().unwrap_or_else(|| "agentwire".to_owned());
+            println!("  or:          {program} token --sub alice");
+        }
         let control = running.control.clone();
         actix_web::rt::spawn(async move {
             let signal = wait_for_signal().await;

@@ -32,8 +32,12 @@ const MIN_REFRESH: Duration = Duration::from_secs(5);
 /// Retries after failures wait 1 s, 2 s, 4 s ... up to this.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
-/// Starts the fetcher thread for `issuers` and returns once each one's first fetch ended (or
-/// [`REQUEST_TIMEOUT`]s passed, twice for discovery).
+/// How long a starting server waits for the first fetches; a provider slower than that is
+/// waited for in the background, its tokens refused until its keys arrive.
+const START_WAIT: Duration = Duration::from_secs(5);
+
+/// Starts the fetcher thread for `issuers` and returns once each one's first fetch ended, or
+/// after [`START_WAIT`].
 pub fn start(
     issuers: Vec<(Arc<Issuer>, mpsc::UnboundedReceiver<oneshot::Sender<()>>)>,
     refresh: Duration,
@@ -66,7 +70,7 @@ pub fn start(
             runtime.block_on(join_all(tasks));
         })
         .map_err(|e| format!("auth: cannot start the key fetcher thread: {e}"))?;
-    let deadline = std::time::Instant::now() + 2 * REQUEST_TIMEOUT;
+    let deadline = std::time::Instant::now() + START_WAIT;
     for _ in 0..count {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if first.recv_timeout(left).is_err() {
@@ -219,7 +223,8 @@ impl Fetcher {
     }
 
     async fn get(&self, url: &str) -> Result<Fetched, String> {
-        let mut response = self.client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+        let mut response =
+            self.client.get(url).send().await.map_err(|e| format!("GET {url}: {}", causes(&e)))?;
         if !response.status().is_success() {
             return Err(format!("GET {url}: HTTP {}", response.status()));
         }
@@ -229,7 +234,7 @@ impl Fetcher {
             .and_then(|value| value.to_str().ok())
             .and_then(max_age);
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| format!("GET {url}: {}", causes(&e)))? {
             if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
                 return Err(format!("GET {url}: larger than {MAX_DOCUMENT_BYTES} bytes"));
             }
@@ -237,6 +242,18 @@ impl Fetcher {
         }
         Ok(Fetched { body, max_age })
     }
+}
+
+/// An error and its causes on one line: reqwest's own says only "error sending request".
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }
 
 /// `max-age` of a `Cache-Control` value (RFC 9111 section 5.2.2.1).

@@ -266,6 +266,12 @@ impl KeySets {
         let refresh = Duration::from_secs(config.jwks_refresh_secs.get());
         let fetches = issuers.iter().cloned().zip(requests).collect();
         super::fetch::start(fetches, refresh, Arc::clone(metrics))?;
+        for issuer in issuers.iter().filter(|i| !i.keys().fetched) {
+            log::warn!(
+                "auth: starting without the keys of {}: its tokens are refused until they arrive",
+                issuer.label
+            );
+        }
         Ok(KeySets {
             issuers,
             leeway_secs: config.leeway_secs,

@@ -37,6 +37,9 @@ pub enum SecretSource {
     DevSecretFile(PathBuf),
     /// No secret in use: RS256 and ES256 verify with `auth.public_key_file`.
     None,
+    /// No secret in use: identity providers' keys verify (`auth.jwks_url`, `auth.oidc_issuer`,
+    /// `[[auth.issuers]]`).
+    KeySets,
 }
 
 /// The start-up lines' words: "secret kept in .agentwire-dev-secret".
@@ -47,6 +50,7 @@ impl std::fmt::Display for SecretSource {
             SecretSource::File(path) => write!(f, "secret from auth.secret in {}", path.display()),
             SecretSource::DevSecretFile(path) => write!(f, "secret kept in {}", path.display()),
             SecretSource::None => write!(f, "no secret (keys from auth.public_key_file)"),
+            SecretSource::KeySets => write!(f, "no secret (identity providers' keys)"),
         }
     }
 }
@@ -119,6 +123,9 @@ impl Config {
 /// only in development mode, which makes one.
 fn secret_source(config: &Config, source: &Source, env: &[(String, String)]) -> SecretSource {
     let auth = &config.auth;
+    if auth.uses_key_sets() {
+        return SecretSource::KeySets;
+    }
     if auth.algorithm != Algorithm::HS256 {
         return SecretSource::None;
     }
