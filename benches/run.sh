@@ -2,7 +2,7 @@
 # The benchmark suite: builds release, runs the standard scenarios against a fresh server on
 # 127.0.0.1 (server and load generator share this machine), repeats each, and writes
 # BENCHMARKS.md with the medians. Usage: benches/run.sh [repetitions, default 3]
-# ONLY=core|hostile|agents|scale|raw|store|chaos runs one group of scenarios (the other groups' reports from
+# ONLY=core|hostile|agents|scale|raw|store|chaos|auth runs one group of scenarios (the other groups' reports from
 # an earlier run are kept, so BENCHMARKS.md keeps them too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -258,6 +258,12 @@ fi
 if want chaos; then
   AGENTWIRE_CHAOS_SECS=${CHAOS_SECS:-600} cargo test --release -q --test chaos -- --nocapture 2>&1 \
     | grep '^chaos:' | tee "$OUT/chaos.txt"
+fi
+# Identity providers (docs/protocol.md section 2): a token's cost per algorithm with a provider's
+# key set against the secret and a key file, and a flood of made-up kids against one provider.
+if want auth; then
+  cargo build --release -q --example auth_verify
+  target/release/examples/auth_verify 2000 | tee "$OUT/auth.json"
 fi
 # The conversation store (docs/conversations.md): the same chat with conversations in memory, in
 # SQLite (the default) and in PostgreSQL, one after the other in one run; the store's size after.

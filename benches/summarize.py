@@ -495,6 +495,39 @@ def store_section():
 store = store_section()
 
 
+def auth_section():
+    path = os.path.join(out_dir, "auth.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        r = json.load(f)
+    w("## 12. Identity providers: a token's cost, and a flood of made-up kids")
+    w("")
+    w("`benches/auth_verify.rs` (`ONLY=auth benches/run.sh`): the verifier alone, in one process, against")
+    w("a real provider over HTTP on 127.0.0.1 publishing the test fixtures' keys. Median of 5 rounds of")
+    w(f"{r['tokens per round']:,} distinct tokens each (signature and claims checked), per algorithm, with")
+    w("a provider's key set (the token's `iss` picks the provider, its `kid` the key) beside the HS256")
+    w("secret and an RS256 key file. Then three seconds of tokens naming made-up `kid`s, and how often")
+    w("the provider was asked for its keys meanwhile (docs/protocol.md section 2: at most once per 30 s).")
+    w("")
+    w("| verifier | µs per token | / HS256 secret |")
+    w("| --- | --- | --- |")
+    base = r.get("HS256 secret")
+    for label in ["HS256 secret", "RS256 key file", "RS256 key set", "PS256 key set", "ES256 key set",
+                  "ES384 key set", "EdDSA key set"]:
+        value = r.get(label)
+        ratio = value / base if value and base else None
+        w(f"| {label} | {fmt(value, 1)} | {fmt(ratio, 1, 'x')} |")
+    w("")
+    w(f"Flood: {r['flood tokens']:,} tokens with made-up kids refused in 3 s "
+      f"({fmt(r['flood refused per s'], 0)} per second); the provider was fetched from "
+      f"**{r['flood fetches']}** time(s) for all of them.")
+    w("")
+
+
+auth_section()
+
+
 def per_frame_us(medians, frames):
     if not medians or medians.get(cpu_scenario[0]) is None:
         return None
