@@ -2,9 +2,11 @@
 //! that publishes a JSON Web Key Set and an OpenID Connect discovery document, counts how often
 //! each is fetched, and can be told to fail. Keys are the PEM fixtures in tests/fixtures (made
 //! with `openssl genpkey`); their JWKs and every token are made by jsonwebtoken, a standard JOSE
-//! library, never by hand.
+//! library, never by hand. Also the provider of `benches/auth_verify.rs`, which includes this file.
+#![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use jsonwebtoken::jwk::Jwk;
@@ -115,7 +117,7 @@ impl Provider {
                 let _ = server.await;
             });
         });
-        let (addr, handle) = rx.recv_timeout(super::WAIT).expect("provider started");
+        let (addr, handle) = rx.recv_timeout(Duration::from_secs(10)).expect("provider started");
         let base = format!("http://{addr}");
         state.lock().unwrap().base = base.clone();
         let provider = Provider { base, state, handle };
