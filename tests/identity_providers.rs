@@ -280,6 +280,43 @@ async fn discovery_finds_the_key_set_of_an_oidc_issuer() {
 }
 
 #[actix_web::test]
+async fn a_discovery_document_naming_another_issuer_is_not_trusted() {
+    let key = rs256();
+    let provider = Provider::start(&[&key]);
+    // Its document says its issuer is the base, not this realm.
+    let realm = format!("{}/realms/chat", provider.base);
+    let server = server(|auth| auth.oidc_issuer = realm.clone());
+    assert!(provider.discovery_fetches() >= 1 && fetches(&server, &realm, "error") >= 1.0);
+    let before = refusals(&server, "keys_unavailable");
+    refused(&server, &key.token(&realm, "alice")).await;
+    assert_eq!(refusals(&server, "keys_unavailable"), before + 1.0);
+    assert_eq!(provider.key_set_fetches(), 0, "the key set it names is never fetched");
+}
+
+#[actix_web::test]
+async fn keys_a_token_carries_or_points_to_are_never_used() {
+    let key = rs256();
+    let provider = Provider::start(&[&key]);
+    let attacker_key = rsa_2();
+    let attacker = Provider::start(&[&attacker_key]);
+    let server = server_of(&provider);
+    let claims = claims(&provider.base, "mallory");
+    // `jku`: the attacker's key set, with a kid only it has.
+    let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+    header.kid = Some(attacker_key.kid.clone());
+    header.jku = Some(attacker.jwks_url());
+    refused(&server, &attacker_key.sign_header(&header, &claims)).await;
+    // `jwk`: the attacker's public key itself, under the provider's kid.
+    let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+    header.kid = Some(key.kid.clone());
+    header.jwk = Some(serde_json::from_value(attacker_key.jwk.clone()).unwrap());
+    let before = refusals(&server, "bad_signature");
+    refused(&server, &attacker_key.sign_header(&header, &claims)).await;
+    assert_eq!(refusals(&server, "bad_signature"), before + 1.0);
+    assert_eq!(attacker.key_set_fetches(), 0, "the attacker's key set is never fetched");
+}
+
+#[actix_web::test]
 async fn a_provider_down_at_start_is_waited_for_and_one_down_later_keeps_its_keys() {
     let key = rs256();
     let port = free_port();
@@ -346,8 +383,9 @@ async fn max_age_schedules_the_refresh_and_a_removed_key_stops_verifying() {
     accepted(&server, &provider.token(&old, "alice"), "alice").await;
     provider.publish(&[&new]);
     // The provider's max-age (followed down to 5 s) brings the refresh before jwks_refresh_secs.
-    let fetched = provider.key_set_fetches();
-    until(|| provider.key_set_fetches() > fetched, "a refresh within max-age").await;
+    // Counted by the server once the fetched set replaced the keys held.
+    let fetched = fetches(&server, &provider.base, "ok");
+    until(|| fetches(&server, &provider.base, "ok") > fetched, "a refresh within max-age").await;
     refused(&server, &provider.token(&old, "alice")).await;
     accepted(&server, &provider.token(&new, "alice"), "alice").await;
 }

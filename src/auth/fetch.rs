@@ -9,7 +9,7 @@
 //! read within [`MAX_DOCUMENT_BYTES`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_channel::{mpsc, oneshot};
@@ -19,11 +19,16 @@ use jsonwebtoken::jwk::Jwk;
 use log::{debug, info, warn};
 use serde::Deserialize;
 
-use super::key_sets::{Issuer, Key, Source};
+use super::key_sets::{Issuer, Key, KeySet, Source};
+use crate::config::same_issuer;
 use crate::metrics::Metrics;
 
 /// A discovery document or key set larger than this is refused.
 pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+/// Keys taken from one set; providers publish a handful (the current key, the next, the last).
+pub const MAX_KEYS: usize = 100;
+/// Redirects followed per request; never from https to http.
+const MAX_REDIRECTS: usize = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The whole of one request, body included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,6 +55,18 @@ pub fn start(
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
         .user_agent(concat!("agentwire/", env!("CARGO_PKG_VERSION")))
+        // Keys fetched over https must not be swapped on the way by a redirect to plain http.
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let downgrade = attempt.url().scheme() == "http"
+                && attempt.previous().iter().any(|url| url.scheme() == "https");
+            if downgrade {
+                attempt.error("a redirect from https to http")
+            } else if attempt.previous().len() > MAX_REDIRECTS {
+                attempt.error("too many redirects")
+            } else {
+                attempt.follow()
+            }
+        }))
         .build()
         .map_err(|e| format!("auth.jwks_url: cannot build the HTTP client: {e}"))?;
     let count = issuers.len();
@@ -62,12 +79,20 @@ pub fn start(
                 Err(e) => return log::error!("auth: cannot start the key fetcher: {e}"),
             };
             let tasks = issuers.into_iter().map(|(issuer, requests)| {
-                let fetcher =
-                    Fetcher { client: client.clone(), issuer, refresh, metrics: Arc::clone(&metrics) };
+                let fetcher = Fetcher {
+                    client: client.clone(),
+                    // Weak: the verifier owns its providers, and dropping it (a server stopped
+                    // in-process) closes their channels, which ends these tasks and the thread.
+                    issuer: Arc::downgrade(&issuer),
+                    label: issuer.label.clone(),
+                    source: issuer.source.clone(),
+                    refresh,
+                    metrics: Arc::clone(&metrics),
+                };
                 fetcher.run(requests, first_done.clone())
             });
-            // Ends when the verifier is dropped (a server stopped in-process): its senders close.
             runtime.block_on(join_all(tasks));
+            debug!("auth: the key fetcher stopped");
         })
         .map_err(|e| format!("auth: cannot start the key fetcher thread: {e}"))?;
     let deadline = std::time::Instant::now() + START_WAIT;
@@ -82,7 +107,9 @@ pub fn start(
 
 struct Fetcher {
     client: reqwest::Client,
-    issuer: Arc<Issuer>,
+    issuer: Weak<Issuer>,
+    label: String,
+    source: Source,
     refresh: Duration,
     metrics: Arc<Metrics>,
 }
@@ -113,7 +140,7 @@ impl Fetcher {
         let mut first_done = Some(first_done);
         let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
         // Found by discovery once, and again after a fetch from it failed.
-        let mut jwks_uri = match &self.issuer.source {
+        let mut jwks_uri = match &self.source {
             Source::KeySet(url) => Some(url.clone()),
             Source::Discovery(_) => None,
         };
@@ -128,9 +155,9 @@ impl Fetcher {
                 Err(why) => {
                     failures = failures.saturating_add(1);
                     self.outcome("error");
-                    let held = self.issuer.keys().by_kid.len();
-                    warn!("auth: cannot fetch the keys of {} ({why}); {held} keys held", self.issuer.label);
-                    if matches!(self.issuer.source, Source::Discovery(_)) {
+                    let held = self.held().by_kid.len();
+                    warn!("auth: cannot fetch the keys of {} ({why}); {held} keys held", self.label);
+                    if matches!(self.source, Source::Discovery(_)) {
                         jwks_uri = None;
                     }
                     let retry = Duration::from_secs(1u64 << failures.min(6).saturating_sub(1));
@@ -149,7 +176,7 @@ impl Fetcher {
                     while let Ok(waiter) = requests.try_recv() {
                         waiting.push(waiter);
                     }
-                    debug!("auth: fetching the keys of {} for an unknown kid", self.issuer.label);
+                    debug!("auth: fetching the keys of {} for an unknown kid", self.label);
                 }
                 Ok(None) => return,
                 Err(_elapsed) => {}
@@ -157,8 +184,13 @@ impl Fetcher {
         }
     }
 
+    /// The keys its provider holds now (none once the verifier is gone).
+    fn held(&self) -> Arc<KeySet> {
+        self.issuer.upgrade().map(|issuer| issuer.keys()).unwrap_or_default()
+    }
+
     fn outcome(&self, outcome: &str) {
-        self.metrics.jwks_fetches.with_label_values(&[&self.issuer.label, outcome]).inc();
+        self.metrics.jwks_fetches.with_label_values(&[&self.label, outcome]).inc();
     }
 
     /// One refresh: discovery when needed, then the key set, which replaces the keys held.
@@ -174,8 +206,11 @@ impl Fetcher {
         let fetched = self.get(&url).await?;
         let document: KeySetDocument = serde_json::from_slice(&fetched.body)
             .map_err(|e| format!("{url} is not a JSON Web Key Set: {e}"))?;
-        let mut keys = HashMap::with_capacity(document.keys.len());
-        for value in document.keys {
+        if document.keys.len() > MAX_KEYS {
+            warn!("auth: {url} publishes {} keys; the first {MAX_KEYS} are taken", document.keys.len());
+        }
+        let mut keys = HashMap::with_capacity(document.keys.len().min(MAX_KEYS));
+        for value in document.keys.into_iter().take(MAX_KEYS) {
             let kid = value.get("kid").and_then(|k| k.as_str()).map(str::to_owned);
             let parsed = serde_json::from_value::<Jwk>(value).map_err(|e| format!("it does not parse: {e}"));
             match (kid, parsed.and_then(|jwk| Key::from_jwk(&jwk))) {
@@ -183,41 +218,50 @@ impl Fetcher {
                     keys.insert(kid, Arc::new(key));
                 }
                 // Tokens name their key by `kid`: a key without one could never be chosen.
-                (None, _) => debug!("auth: a key of {} has no kid; left out", self.issuer.label),
-                (Some(kid), Err(why)) => debug!("auth: key {kid:?} of {} left out: {why}", self.issuer.label),
+                (None, _) => debug!("auth: a key of {} has no kid; left out", self.label),
+                (Some(kid), Err(why)) => debug!("auth: key {kid:?} of {} left out: {why}", self.label),
             }
         }
-        let held = self.issuer.keys();
+        let held = self.held();
         let changed = !held.fetched
             || held.by_kid.len() != keys.len()
             || keys.keys().any(|kid| !held.by_kid.contains_key(kid));
         let mut kids: Vec<&String> = keys.keys().collect();
         kids.sort();
         if changed {
-            info!("auth: keys of {} are now {kids:?}", self.issuer.label);
+            info!("auth: keys of {} are now {kids:?}", self.label);
         } else {
-            debug!("auth: keys of {} unchanged", self.issuer.label);
+            debug!("auth: keys of {} unchanged", self.label);
         }
-        self.metrics.jwks_keys.with_label_values(&[&self.issuer.label]).set(keys.len() as i64);
-        self.issuer.replace_keys(keys);
+        self.metrics.jwks_keys.with_label_values(&[&self.label]).set(keys.len() as i64);
+        if let Some(issuer) = self.issuer.upgrade() {
+            issuer.replace_keys(keys);
+        }
         Ok(fetched.max_age)
     }
 
     /// `jwks_uri` from `{oidc_issuer}/.well-known/openid-configuration`, whose `issuer` must be
     /// the one configured (OpenID Connect Discovery 1.0, section 4.3).
     async fn discover(&self) -> Result<String, String> {
-        let Source::Discovery(base) = &self.issuer.source else {
+        let Source::Discovery(base) = &self.source else {
             return Err("no discovery for a jwks_url".to_owned());
         };
         let url = format!("{}/.well-known/openid-configuration", base.trim_end_matches('/'));
         let fetched = self.get(&url).await?;
         let document: Discovery = serde_json::from_slice(&fetched.body)
             .map_err(|e| format!("{url} is not a discovery document: {e}"))?;
-        if document.issuer.trim_end_matches('/') != base.trim_end_matches('/') {
-            return Err(format!("{url} names the issuer {:?}, not {base:?}", document.issuer));
+        if !same_issuer(&document.issuer, base) {
+            return Err(format!("{url} names the issuer {:?}, not {base:?}", shown(&document.issuer)));
         }
-        if !(document.jwks_uri.starts_with("https://") || document.jwks_uri.starts_with("http://")) {
-            return Err(format!("{url} gives no http(s) jwks_uri"));
+        // An https issuer's keys come over https: plain http could be swapped on the way.
+        let https = base.starts_with("https://");
+        let allowed =
+            document.jwks_uri.starts_with("https://") || (!https && document.jwks_uri.starts_with("http://"));
+        if !allowed {
+            return Err(format!(
+                "{url} gives the jwks_uri {:?}, not an https URL",
+                shown(&document.jwks_uri)
+            ));
         }
         Ok(document.jwks_uri)
     }
@@ -242,6 +286,11 @@ impl Fetcher {
         }
         Ok(Fetched { body, max_age })
     }
+}
+
+/// At most 200 characters of what a provider sent, for a log line.
+fn shown(text: &str) -> &str {
+    text.char_indices().nth(200).map_or(text, |(end, _)| &text[..end])
 }
 
 /// An error and its causes on one line: reqwest's own says only "error sending request".

@@ -25,7 +25,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::claims::{self, Expected};
 use super::{AuthFailure, Identity};
-use crate::config::{AuthConfig, IssuerConfig};
+use crate::config::{same_issuer, AuthConfig, IssuerConfig};
 use crate::metrics::Metrics;
 
 /// A provider's keys are fetched again for an unknown `kid` at most this often.
@@ -161,10 +161,9 @@ impl Issuer {
             Arc::new(KeySet { by_kid, fetched: true });
     }
 
-    /// Whether `claimed` (a token's `iss`) names this provider. A trailing `/` is not told apart:
-    /// providers differ on it (Auth0's issuer ends with one) and it names the same issuer.
+    /// Whether `claimed` (a token's `iss`) names this provider ([`same_issuer`]).
     fn answers_for(&self, claimed: &str) -> bool {
-        !self.issuer.is_empty() && claimed.trim_end_matches('/') == self.issuer.trim_end_matches('/')
+        !self.issuer.is_empty() && same_issuer(claimed, &self.issuer)
     }
 
     /// A fetch for an unknown `kid` to wait for: the one running, or a new one when the last
@@ -226,6 +225,12 @@ pub struct KeyRefresh {
 }
 
 impl KeyRefresh {
+    /// Waits no longer than `limit` (a connection's time left to authenticate).
+    pub fn within(mut self, limit: Duration) -> KeyRefresh {
+        self.wait = self.wait.min(limit);
+        self
+    }
+
     /// The verdict once the fetch ended, or after `auth.timeout_secs` (on the keys held then).
     pub async fn outcome(self) -> Result<Identity, AuthFailure> {
         let _ = tokio::time::timeout(self.wait, self.done).await;

@@ -17,9 +17,9 @@ mod validate;
 
 pub use load::{Loaded, SecretSource, Source, DEV_SECRET_FILE, ENV_PREFIX};
 pub use schema::{
-    forwards, AgentConfig, AgentKind, Algorithm, ApiConfig, AuthConfig, BrokerConfig, BrokerKind, Config,
-    FaultsConfig, HistoryConfig, IssuerConfig, LimitsConfig, OnBusy, ServerConfig, StoreConfig, StoreKind,
-    MAX_WAITING_PER_THREAD,
+    forwards, same_issuer, AgentConfig, AgentKind, Algorithm, ApiConfig, AuthConfig, BrokerConfig,
+    BrokerKind, Config, FaultsConfig, HistoryConfig, IssuerConfig, LimitsConfig, OnBusy, ServerConfig,
+    StoreConfig, StoreKind, MAX_WAITING_PER_THREAD,
 };
 
 /// A configuration that cannot be used; `Display` is the one line the operator sees.

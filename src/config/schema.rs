@@ -138,6 +138,12 @@ pub struct IssuerConfig {
     pub audience: String,
 }
 
+/// Whether two issuers are the same: one trailing `/` is not told apart (providers differ on it;
+/// Auth0's issuer ends with one), anything else is.
+pub fn same_issuer(a: &str, b: &str) -> bool {
+    a.strip_suffix('/').unwrap_or(a) == b.strip_suffix('/').unwrap_or(b)
+}
+
 impl IssuerConfig {
     /// The `iss` its tokens must carry.
     pub fn expected_issuer(&self) -> &str {

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::{error, AgentKind, Algorithm, BrokerKind, Config, ConfigError, StoreKind};
+use super::{error, same_issuer, AgentKind, Algorithm, BrokerKind, Config, ConfigError, StoreKind};
 
 impl Config {
     /// Checks what the types cannot; the error names the first key that is wrong. `from_sources`
@@ -81,8 +81,20 @@ impl Config {
             ));
         }
         let http = |url: &str| url.starts_with("http://") || url.starts_with("https://");
+        let own_keys = !a.jwks_url.is_empty() || !a.oidc_issuer.is_empty();
+        // `[auth]`'s issuer and audience are its own provider's: without one they would apply to
+        // nothing, silently leaving `aud` unchecked where the operator meant it checked.
+        for (key, value) in [("auth.issuer", &a.issuer), ("auth.audience", &a.audience)] {
+            if !own_keys && !value.is_empty() {
+                return Err(error(
+                    key,
+                    "applies to auth.jwks_url or auth.oidc_issuer, which are empty: give each [[auth.issuers]] \
+                     entry its own issuer and audience",
+                ));
+            }
+        }
         let mut seen: Vec<&str> = Vec::new();
-        let own = usize::from(!a.jwks_url.is_empty() || !a.oidc_issuer.is_empty());
+        let own = usize::from(own_keys);
         let entries = a.key_set_issuers();
         for (i, entry) in entries.iter().enumerate() {
             let at = |field: &str| {
@@ -116,11 +128,10 @@ impl Config {
                     "is required when several identity providers are configured",
                 ));
             }
-            let normal = issuer.trim_end_matches('/');
-            if !issuer.is_empty() && seen.contains(&normal) {
+            if !issuer.is_empty() && seen.iter().any(|other| same_issuer(other, issuer)) {
                 return Err(error(at("issuer"), format!("{issuer:?} is configured twice")));
             }
-            seen.push(normal);
+            seen.push(issuer);
         }
         Ok(())
     }
@@ -313,6 +324,8 @@ mod tests {
             jwks_url = "https://b.example/jwks.json"
             audience = "agentwire"
         "#;
+        assert!(super::same_issuer("https://a.example/", "https://a.example"));
+        assert!(!super::same_issuer("https://a.example//", "https://a.example"));
         let config = Config::from_sources(two, &[]).unwrap();
         let issuers = config.auth.key_set_issuers();
         assert_eq!(issuers.len(), 2);
@@ -327,6 +340,7 @@ mod tests {
                 "auth.issuers[1].issuer",
             ),
             ("[auth]\ndev_tokens = true\njwks_url = \"https://a/k\"", "auth.dev_tokens"),
+            ("[auth]\naudience = \"api\"\n[[auth.issuers]]\noidc_issuer = \"https://b\"", "auth.audience"),
         ];
         for (toml, key) in cases {
             let err = Config::from_sources(toml, &[]).unwrap_err();

@@ -136,6 +136,10 @@ pub struct Session {
     /// A fragmented text message being reassembled.
     fragments: Option<BytesMut>,
     last_heard: Instant,
+    /// Until when an `auth` frame's token may be waited for (`auth.timeout_secs` after the upgrade).
+    auth_deadline: Instant,
+    /// Token refreshes asked for so far: only the latest one's verdict is acted on.
+    refreshes: u64,
     limiter: RateLimiter,
     expiry_timers: Vec<SpawnHandle>,
     /// Unsent output in wire bytes: the registry and this actor add, [`CountedOutput`] takes off.
@@ -157,6 +161,7 @@ impl Session {
         unauthenticated: Option<UnauthenticatedSlot>,
     ) -> Session {
         let now = Instant::now();
+        let auth_deadline = now + env.auth_timeout;
         let id = ConnectionId::next();
         let registry = match &identity {
             Some(identity) => env.registries.for_user(&identity.user_id),
@@ -183,6 +188,8 @@ impl Session {
             backlog_waits: false,
             fragments: None,
             last_heard: now,
+            auth_deadline,
+            refreshes: 0,
             expiry_timers: Vec::new(),
             outbound: Outbound::new(),
             taken: Vec::new(),
@@ -299,11 +306,12 @@ impl Session {
         match self.env.verifier.check(&frame.token) {
             Check::Done(verdict) => self.on_verified(verdict, ctx),
             // Its provider's keys are being fetched again (an unknown `kid`): frames that come
-            // meanwhile are early messages, and the auth timeout no longer applies, the wait
-            // being bounded by it already (`auth/key_sets.rs`).
+            // meanwhile are early messages, and the verdict comes by the auth deadline, on the
+            // keys held then (`auth/key_sets.rs`).
             Check::AfterRefresh(refresh) => {
                 self.phase = Phase::Verifying;
-                ctx.spawn(refresh.outcome().into_actor(self).map(|verdict, session, ctx| {
+                let left = self.auth_deadline.saturating_duration_since(Instant::now());
+                ctx.spawn(refresh.within(left).outcome().into_actor(self).map(|verdict, session, ctx| {
                     if session.phase == Phase::Verifying {
                         session.on_verified(verdict, ctx);
                     }
@@ -517,10 +525,16 @@ impl Session {
     /// Section 2: a new token of the same `sub` replaces the old one in place.
     fn refresh_token(&mut self, frame: AuthFrame, ctx: &mut WebsocketContext<Self>) {
         match self.env.verifier.check(&frame.token) {
-            Check::Done(verdict) => self.on_refresh_verified(verdict, ctx),
+            Check::Done(verdict) => {
+                self.refreshes += 1;
+                self.on_refresh_verified(verdict, ctx);
+            }
             Check::AfterRefresh(refresh) => {
-                ctx.spawn(refresh.outcome().into_actor(self).map(|verdict, session, ctx| {
-                    if session.phase == Phase::ProcessingReady {
+                self.refreshes += 1;
+                let this = self.refreshes;
+                ctx.spawn(refresh.outcome().into_actor(self).map(move |verdict, session, ctx| {
+                    // A later refresh was answered meanwhile: this older token's verdict is moot.
+                    if session.phase == Phase::ProcessingReady && session.refreshes == this {
                         session.on_refresh_verified(verdict, ctx);
                     }
                 }));

@@ -54,7 +54,12 @@ impl SigningKey {
     pub fn sign_with(&self, alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
         let mut header = Header::new(alg);
         header.kid = kid.map(str::to_owned);
-        jsonwebtoken::encode(&header, claims, &self.encoding).expect("signed")
+        self.sign_header(&header, claims)
+    }
+
+    /// Signs with this key under any header.
+    pub fn sign_header(&self, header: &Header, claims: &Value) -> String {
+        jsonwebtoken::encode(header, claims, &self.encoding).expect("signed")
     }
 
     /// A token of `iss` for `sub`, audience `agentwire`, valid for an hour.
@@ -172,7 +177,8 @@ fn answer(state: &Mutex<State>, path: &str) -> HttpResponse {
             }
             response.json(json!({"keys": state.keys}))
         }
-        "/.well-known/openid-configuration" => {
+        // Discovery under any path: the document names the provider's base as its issuer.
+        path if path.ends_with("/.well-known/openid-configuration") => {
             state.discovery_fetches += 1;
             HttpResponse::Ok().json(json!({
                 "issuer": state.base,
