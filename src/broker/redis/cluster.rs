@@ -6,14 +6,13 @@
 //! (`SPUBLISH` in the scripts, `SSUBSCRIBE` here, Redis 7): each channel lives on its user's
 //! shard. The cluster client follows slot moves and failovers by itself.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_channel::mpsc;
-use futures_util::{SinkExt, StreamExt};
-use log::{info, warn};
+use futures_util::StreamExt;
+use log::warn;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{
@@ -21,7 +20,8 @@ use redis::cluster_routing::{
 };
 
 use super::connection::{
-    answers_of, broker_error, first_key, Interest, Job, Message, PUBSUB_CHECK, PUBSUB_TIMEOUT,
+    answers_of, broker_error, first_key, keep_subscribed, Interest, Job, Message, PubSubLink, Pushed,
+    PUBSUB_TIMEOUT,
 };
 use super::scripts;
 use crate::broker::BrokerError;
@@ -224,113 +224,79 @@ pub async fn writer(client: ClusterClient, mut jobs: mpsc::UnboundedReceiver<Job
     }
 }
 
-/// The cluster's Pub/Sub: sharded subscriptions (`SSUBSCRIBE`) over RESP3, their messages
-/// pushed to `messages`. The client subscribes again by itself after a reconnect or a slot
-/// move; a lost connection (a `Disconnection` push) or a cluster that does not answer `PING`
-/// within the timeout is taken as missed messages: `reconnected`, so every local user is filled.
+impl PubSubLink for ClusterConnection {
+    const NAME: &'static str = "Redis Cluster Pub/Sub";
+
+    async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        self.ssubscribe(channel).await
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        self.sunsubscribe(channel).await
+    }
+
+    /// Every master answers: a shard's link that went half-open is found too.
+    async fn check(&mut self) -> redis::RedisResult<()> {
+        let all =
+            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
+        self.route_command(redis::cmd("PING"), all).await.map(drop)
+    }
+}
+
+/// The cluster's Pub/Sub ([`keep_subscribed`]): sharded subscriptions (`SSUBSCRIBE`) over RESP3,
+/// their messages pushed. The client subscribes again by itself after a reconnect or a slot
+/// move; a lost connection (a `Disconnection` push) is taken as missed messages, so every local
+/// user is filled.
 pub async fn subscriber(
     urls: Vec<String>,
-    mut interest: mpsc::UnboundedReceiver<Interest>,
-    mut messages: mpsc::Sender<Message>,
+    interest: mpsc::UnboundedReceiver<Interest>,
+    messages: mpsc::Sender<Message>,
     reconnected: mpsc::UnboundedSender<()>,
     up: Arc<AtomicBool>,
 ) {
-    use actix_web::rt::time::timeout;
-    let mut channels: BTreeSet<String> = BTreeSet::new();
-    let mut first = true;
-    loop {
-        up.store(false, Ordering::Relaxed);
-        let (push_tx, mut pushed) = mpsc::unbounded::<redis::PushInfo>();
-        let client = ClusterClient::builder(urls.clone())
-            .use_protocol(redis::ProtocolVersion::RESP3)
-            .push_sender(push_tx)
-            .connection_timeout(PUBSUB_TIMEOUT)
-            .response_timeout(PUBSUB_TIMEOUT)
-            .build();
-        let connection = match client {
-            Ok(client) => timeout(PUBSUB_TIMEOUT, client.get_async_connection()).await,
-            Err(e) => {
-                warn!("broker: Redis Cluster Pub/Sub client: {e}");
-                return;
-            }
-        };
-        let mut connection = match connection {
-            Ok(Ok(connection)) => connection,
-            _ => {
+    let connect = || {
+        let urls = urls.clone();
+        async move {
+            let (push_tx, pushed) = mpsc::unbounded::<redis::PushInfo>();
+            let client = ClusterClient::builder(urls)
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(push_tx)
+                .connection_timeout(PUBSUB_TIMEOUT)
+                .response_timeout(PUBSUB_TIMEOUT)
+                .build();
+            let connection = match client {
+                Ok(client) => {
+                    actix_web::rt::time::timeout(PUBSUB_TIMEOUT, client.get_async_connection()).await
+                }
+                Err(e) => {
+                    warn!("broker: Redis Cluster Pub/Sub client: {e}");
+                    actix_web::rt::time::sleep(Duration::from_millis(500)).await;
+                    return None;
+                }
+            };
+            let Ok(Ok(connection)) = connection else {
                 warn!("broker: Redis Cluster Pub/Sub connection not made; retrying");
                 actix_web::rt::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        let mut ok = true;
-        for channel in &channels {
-            if !matches!(timeout(PUBSUB_TIMEOUT, connection.ssubscribe(channel)).await, Ok(Ok(()))) {
-                ok = false;
-                break;
-            }
+                return None;
+            };
+            let pushed = pushed.filter_map(|push| futures_util::future::ready(pushed_of(push)));
+            Some((connection, pushed.boxed_local()))
         }
-        if !ok {
-            warn!("broker: Redis Cluster subscriptions not made again in time; reconnecting");
-            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-            continue;
+    };
+    keep_subscribed(connect, interest, messages, reconnected, up).await;
+}
+
+/// A sharded message, or a lost connection (the client subscribes again by itself).
+fn pushed_of(push: redis::PushInfo) -> Option<Pushed> {
+    match push.kind {
+        redis::PushKind::SMessage => {
+            let mut data = push.data.into_iter();
+            let (channel, payload) = (data.next()?, data.next()?);
+            let channel = redis::from_redis_value::<String>(channel).ok()?;
+            let payload = redis::from_redis_value::<Vec<u8>>(payload).ok()?;
+            Some(Pushed::Message((channel, payload)))
         }
-        if !first {
-            info!("broker: Redis Cluster Pub/Sub back; {} channels subscribed again", channels.len());
-            let _ = reconnected.unbounded_send(());
-        }
-        first = false;
-        up.store(true, Ordering::Relaxed);
-        let mut check = actix_web::rt::time::interval(PUBSUB_CHECK);
-        loop {
-            futures_util::select! {
-                asked = interest.next() => match asked {
-                    Some(Interest::Subscribe(channel, done)) => {
-                        let subscribed = timeout(PUBSUB_TIMEOUT, connection.ssubscribe(&channel)).await;
-                        channels.insert(channel);
-                        if !matches!(subscribed, Ok(Ok(()))) {
-                            warn!("broker: a Redis Cluster subscribe failed or took too long; reconnecting");
-                            break;
-                        }
-                        let _ = done.send(());
-                    }
-                    Some(Interest::Unsubscribe(channel)) => {
-                        channels.remove(&channel);
-                        if !matches!(timeout(PUBSUB_TIMEOUT, connection.sunsubscribe(&channel)).await, Ok(Ok(()))) {
-                            break;
-                        }
-                    }
-                    None => return,
-                },
-                push = pushed.next() => match push {
-                    Some(push) if push.kind == redis::PushKind::SMessage => {
-                        let mut data = push.data.into_iter();
-                        let (Some(channel), Some(payload)) = (data.next(), data.next()) else { continue };
-                        let (Ok(channel), Ok(payload)) =
-                            (redis::from_redis_value::<String>(channel), redis::from_redis_value::<Vec<u8>>(payload))
-                        else {
-                            continue;
-                        };
-                        let _ = messages.send((channel, payload)).await;
-                    }
-                    Some(push) if push.kind == redis::PushKind::Disconnection => {
-                        // The client subscribes again by itself; what was published meanwhile is
-                        // filled from the streams.
-                        warn!("broker: a Redis Cluster Pub/Sub connection was lost; filling from the streams");
-                        let _ = reconnected.unbounded_send(());
-                    }
-                    Some(_) => {}
-                    None => break,
-                },
-                _ = futures_util::FutureExt::fuse(check.tick()) => {
-                    let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
-                    if !matches!(timeout(PUBSUB_TIMEOUT, connection.route_command(redis::cmd("PING"), all)).await, Ok(Ok(_))) {
-                        warn!("broker: the Redis Cluster does not answer PING; reconnecting Pub/Sub");
-                        break;
-                    }
-                }
-            }
-        }
-        up.store(false, Ordering::Relaxed);
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        redis::PushKind::Disconnection => Some(Pushed::Lost),
+        _ => None,
     }
 }

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_channel::{mpsc, oneshot};
+use futures_util::stream::LocalBoxStream;
 use futures_util::StreamExt;
 use log::{info, warn};
 use redis::aio::ConnectionManager;
@@ -255,51 +256,68 @@ pub type Message = (String, Vec<u8>);
 pub(super) const PUBSUB_CHECK: Duration = Duration::from_secs(1);
 pub(super) const PUBSUB_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Keeps the Pub/Sub connection: subscribes and unsubscribes as asked, hands every message on,
-/// and after a reconnect subscribes again to every channel and says so (`reconnected`), so the
-/// registry fills what was missed meanwhile from the streams. A `PING` every second proves the
-/// link; one not answered in time, or a subscribe that is not, ends the connection for a new
-/// one. `up` says whether it works now, for `/readyz`.
-pub async fn subscriber(
-    client: redis::Client,
+/// What a Pub/Sub connection delivers besides answers.
+pub(super) enum Pushed {
+    Message(Message),
+    /// The connection went away and came back by itself (a Cluster's client does): what was
+    /// published meanwhile was missed.
+    Lost,
+}
+
+/// The commands of one Pub/Sub connection, to one Redis (here) or to a Cluster (`cluster.rs`);
+/// its messages come apart, as a stream of [`Pushed`]. [`keep_subscribed`] is the rest.
+pub(super) trait PubSubLink {
+    /// Its name in log lines.
+    const NAME: &'static str;
+    async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()>;
+    async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()>;
+    /// Proves the link (a `PING`).
+    async fn check(&mut self) -> redis::RedisResult<()>;
+}
+
+/// A Pub/Sub command that answered well within [`PUBSUB_TIMEOUT`].
+async fn in_time(command: impl std::future::Future<Output = redis::RedisResult<()>>) -> bool {
+    matches!(actix_web::rt::time::timeout(PUBSUB_TIMEOUT, command).await, Ok(Ok(())))
+}
+
+/// Keeps a Pub/Sub connection made by `connect` (which says why it could not, and waits before
+/// it says `None`): subscribes and unsubscribes as asked, hands every message on, and after a
+/// reconnect subscribes again to every channel and says so (`reconnected`), so the registry
+/// fills what was missed meanwhile from the streams. A `PING` every second proves the link; one
+/// not answered in time, or a subscribe that is not, ends the connection for a new one. `up`
+/// says whether it works now, for `/readyz`.
+pub(super) async fn keep_subscribed<L, F>(
+    mut connect: impl FnMut() -> F,
     mut interest: mpsc::UnboundedReceiver<Interest>,
     mut messages: mpsc::Sender<Message>,
     reconnected: mpsc::UnboundedSender<()>,
     up: Arc<AtomicBool>,
-) {
-    use actix_web::rt::time::timeout;
+) where
+    L: PubSubLink,
+    F: std::future::Future<Output = Option<(L, LocalBoxStream<'static, Pushed>)>>,
+{
     let mut channels: BTreeSet<String> = BTreeSet::new();
     let mut first = true;
     loop {
         up.store(false, Ordering::Relaxed);
-        let pubsub = match timeout(PUBSUB_TIMEOUT, client.get_async_pubsub()).await {
-            Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(e)) => {
-                warn!("broker: Redis Pub/Sub connection failed: {e}; retrying");
-                actix_web::rt::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-            Err(_) => {
-                warn!("broker: Redis Pub/Sub connection not made in time; retrying");
-                continue;
-            }
+        let Some((mut link, pushed)) = connect().await else {
+            continue;
         };
-        let (mut sink, stream) = pubsub.split();
-        let mut stream = stream.fuse();
+        let mut pushed = pushed.fuse();
         let mut ok = true;
         for channel in &channels {
-            if !matches!(timeout(PUBSUB_TIMEOUT, sink.subscribe(channel)).await, Ok(Ok(()))) {
+            if !in_time(link.subscribe(channel)).await {
                 ok = false;
                 break;
             }
         }
         if !ok {
-            warn!("broker: Redis Pub/Sub subscriptions not made again in time; reconnecting");
+            warn!("broker: {} subscriptions not made again in time; reconnecting", L::NAME);
             actix_web::rt::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
         if !first {
-            info!("broker: Redis Pub/Sub reconnected; {} channels subscribed again", channels.len());
+            info!("broker: {} reconnected; {} channels subscribed again", L::NAME, channels.len());
             let _ = reconnected.unbounded_send(());
         }
         first = false;
@@ -309,37 +327,40 @@ pub async fn subscriber(
             futures_util::select! {
                 asked = interest.next() => match asked {
                     Some(Interest::Subscribe(channel, done)) => {
-                        let subscribed = timeout(PUBSUB_TIMEOUT, sink.subscribe(&channel)).await;
+                        let subscribed = in_time(link.subscribe(&channel)).await;
                         channels.insert(channel);
-                        if !matches!(subscribed, Ok(Ok(()))) {
+                        if !subscribed {
                             // `done` goes unanswered: the attach reads the stream anyway, and
                             // the reconnect fills what it may have missed.
-                            warn!("broker: a Redis Pub/Sub subscribe failed or took too long; reconnecting");
+                            warn!("broker: a {} subscribe failed or took too long; reconnecting", L::NAME);
                             break;
                         }
                         let _ = done.send(());
                     }
                     Some(Interest::Unsubscribe(channel)) => {
                         channels.remove(&channel);
-                        if !matches!(timeout(PUBSUB_TIMEOUT, sink.unsubscribe(&channel)).await, Ok(Ok(()))) {
+                        if !in_time(link.unsubscribe(&channel)).await {
                             break;
                         }
                     }
                     None => return,
                 },
-                message = stream.next() => match message {
-                    Some(message) => {
-                        let channel = message.get_channel_name().to_owned();
-                        let _ = futures_util::SinkExt::send(&mut messages, (channel, message.get_payload_bytes().to_vec())).await;
+                push = pushed.next() => match push {
+                    Some(Pushed::Message(message)) => {
+                        let _ = futures_util::SinkExt::send(&mut messages, message).await;
+                    }
+                    Some(Pushed::Lost) => {
+                        warn!("broker: a {} connection was lost; filling from the streams", L::NAME);
+                        let _ = reconnected.unbounded_send(());
                     }
                     None => {
-                        warn!("broker: Redis Pub/Sub connection lost; reconnecting");
+                        warn!("broker: {} connection lost; reconnecting", L::NAME);
                         break;
                     }
                 },
                 _ = futures_util::FutureExt::fuse(check.tick()) => {
-                    if !matches!(timeout(PUBSUB_TIMEOUT, sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
-                        warn!("broker: Redis Pub/Sub connection does not answer PING; reconnecting");
+                    if !in_time(link.check()).await {
+                        warn!("broker: {} connection does not answer PING; reconnecting", L::NAME);
                         break;
                     }
                 }
@@ -348,4 +369,55 @@ pub async fn subscriber(
         up.store(false, Ordering::Relaxed);
         actix_web::rt::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+impl PubSubLink for redis::aio::PubSubSink {
+    const NAME: &'static str = "Redis Pub/Sub";
+
+    async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        redis::aio::PubSubSink::subscribe(self, channel).await
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        redis::aio::PubSubSink::unsubscribe(self, channel).await
+    }
+
+    async fn check(&mut self) -> redis::RedisResult<()> {
+        self.ping::<redis::Value>().await.map(drop)
+    }
+}
+
+/// The Pub/Sub connection to one Redis ([`keep_subscribed`]).
+pub async fn subscriber(
+    client: redis::Client,
+    interest: mpsc::UnboundedReceiver<Interest>,
+    messages: mpsc::Sender<Message>,
+    reconnected: mpsc::UnboundedSender<()>,
+    up: Arc<AtomicBool>,
+) {
+    let connect = || {
+        let client = client.clone();
+        async move {
+            match actix_web::rt::time::timeout(PUBSUB_TIMEOUT, client.get_async_pubsub()).await {
+                Ok(Ok(pubsub)) => {
+                    let (sink, stream) = pubsub.split();
+                    let pushed = stream.map(|message| {
+                        let channel = message.get_channel_name().to_owned();
+                        Pushed::Message((channel, message.get_payload_bytes().to_vec()))
+                    });
+                    Some((sink, pushed.boxed_local()))
+                }
+                Ok(Err(e)) => {
+                    warn!("broker: Redis Pub/Sub connection failed: {e}; retrying");
+                    actix_web::rt::time::sleep(Duration::from_millis(500)).await;
+                    None
+                }
+                Err(_) => {
+                    warn!("broker: Redis Pub/Sub connection not made in time; retrying");
+                    None
+                }
+            }
+        }
+    };
+    keep_subscribed(connect, interest, messages, reconnected, up).await;
 }
