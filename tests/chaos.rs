@@ -142,11 +142,7 @@ async fn tab(
             Some(epoch) => format!("{url}?last_seq={last_seq}&epoch={epoch}"),
             None => url,
         };
-        let mut request = url.into_client_request().unwrap();
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let Ok(Ok((mut ws, _))) =
-            timeout(Duration::from_secs(3), tokio_tungstenite::connect_async(request)).await
-        else {
+        let Some(mut ws) = connect(url, &token).await else {
             sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -328,6 +324,20 @@ async fn faults(
     redis
 }
 
+/// A WebSocket to `url` with `token` at the upgrade, or `None` when a node under faults did not
+/// take it within 3 s.
+async fn connect(
+    url: String,
+    token: &str,
+) -> Option<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    match timeout(Duration::from_secs(3), tokio_tungstenite::connect_async(request)).await {
+        Ok(Ok((ws, _))) => Some(ws),
+        _ => None,
+    }
+}
+
 /// `user`'s whole stream as it is kept, read by a resume from 0 on a live node, and its epoch.
 async fn read_stream(nodes: &Nodes, user: &str, seed: u64) -> (String, Vec<Value>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -335,11 +345,7 @@ async fn read_stream(nodes: &Nodes, user: &str, seed: u64) -> (String, Vec<Value
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         let Some((ws_url, _)) = pick(nodes, &mut rng) else { continue };
-        let mut request = format!("{ws_url}?last_seq=0").into_client_request().unwrap();
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let Ok(Ok((mut ws, _))) =
-            timeout(Duration::from_secs(3), tokio_tungstenite::connect_async(request)).await
-        else {
+        let Some(mut ws) = connect(format!("{ws_url}?last_seq=0"), &token).await else {
             sleep(Duration::from_millis(200)).await;
             continue;
         };

@@ -39,20 +39,31 @@ fn nodes(
     let prefix = unique_prefix(test);
     (0..count)
         .map(|i| {
-            let prefix = prefix.clone();
-            TestServer::with(|c| {
-                c.broker.kind = BrokerKind::Redis;
-                c.broker.url = redis_url();
-                c.broker.prefix = prefix;
-                c.broker.node_id = format!("node-{i}");
-                c.store.kind = StoreKind::Postgres;
-                c.store.url = db.url();
-                c.history.ttl_secs = 60;
+            redis_node(&prefix, db, &format!("node-{i}"), |c| {
                 c.agent.step_delay_ms = 0;
                 adjust(c);
             })
         })
         .collect()
+}
+
+/// An in-process node on the machine's Redis under `prefix`, on `db`.
+fn redis_node(
+    prefix: &str,
+    db: &TestDatabase,
+    node_id: &str,
+    adjust: impl FnOnce(&mut agentwire::config::Config),
+) -> TestServer {
+    TestServer::with(|c| {
+        c.broker.kind = BrokerKind::Redis;
+        c.broker.url = redis_url();
+        c.broker.prefix = prefix.to_owned();
+        c.broker.node_id = node_id.to_owned();
+        c.store.kind = StoreKind::Postgres;
+        c.store.url = db.url();
+        c.history.ttl_secs = 60;
+        adjust(c);
+    })
 }
 
 #[actix_web::test]
@@ -207,33 +218,15 @@ async fn cancel_and_the_connections_api_work_from_any_node() {
 async fn a_killed_nodes_runs_end_with_node_lost_and_its_tabs_resume_elsewhere() {
     let prefix = unique_prefix("node-lost");
     let db = TestDatabase::create();
-    let survivor = {
-        let prefix = prefix.clone();
-        let store_url = db.url();
-        TestServer::with(move |c| {
-            c.broker.kind = BrokerKind::Redis;
-            c.broker.url = redis_url();
-            c.broker.prefix = prefix;
-            c.broker.node_id = "survivor".into();
-            c.store.kind = StoreKind::Postgres;
-            c.store.url = store_url;
-            c.broker.node_lease_secs = 2;
-            c.history.ttl_secs = 60;
-        })
-    };
-    let url = redis_url();
-    let store_url = db.url();
-    let mut doomed = BinaryServer::spawn(&[
-        ("AGENTWIRE__BROKER__KIND", "redis"),
-        ("AGENTWIRE__BROKER__URL", &url),
-        ("AGENTWIRE__STORE__KIND", "postgres"),
-        ("AGENTWIRE__STORE__URL", &store_url),
-        ("AGENTWIRE__BROKER__PREFIX", &prefix),
-        ("AGENTWIRE__BROKER__NODE_ID", "doomed"),
+    let survivor = redis_node(&prefix, &db, "survivor", |c| c.broker.node_lease_secs = 2);
+    let (url, store_url) = (redis_url(), db.url());
+    let mut env = redis_node_env(&prefix, &store_url, "doomed");
+    env.extend([
+        ("AGENTWIRE__BROKER__URL", url.as_str()),
         ("AGENTWIRE__BROKER__NODE_LEASE_SECS", "2"),
-        ("AGENTWIRE__HISTORY__TTL_SECS", "60"),
         ("AGENTWIRE__AGENT__STEP_DELAY_MS", "1000"),
     ]);
+    let mut doomed = BinaryServer::spawn(&env);
     let mut watcher = survivor.ready_client("ivy").await;
     let mut client = Client::connect_bearer(&doomed.ws_url(), &doomed.token("ivy")).await.unwrap();
     let epoch = client.expect_setup("ivy").await["epoch"].as_str().unwrap().to_owned();
@@ -512,18 +505,7 @@ fn redis_node_env<'a>(prefix: &'a str, store_url: &'a str, node_id: &'a str) -> 
 async fn a_node_paused_past_its_lease_is_fenced_and_emits_nothing_more() {
     let prefix = unique_prefix("fenced");
     let db = TestDatabase::create();
-    let survivor = {
-        let (prefix, store_url) = (prefix.clone(), db.url());
-        TestServer::with(move |c| {
-            c.broker.kind = BrokerKind::Redis;
-            c.broker.url = redis_url();
-            c.broker.prefix = prefix;
-            c.broker.node_id = "survivor".into();
-            c.store.kind = StoreKind::Postgres;
-            c.store.url = store_url;
-            c.broker.node_lease_secs = 2;
-        })
-    };
+    let survivor = redis_node(&prefix, &db, "survivor", |c| c.broker.node_lease_secs = 2);
     let (url, store_url) = (redis_url(), db.url());
     let mut env = redis_node_env(&prefix, &store_url, "sleeper");
     env.extend([("AGENTWIRE__BROKER__URL", url.as_str()), ("AGENTWIRE__BROKER__NODE_LEASE_SECS", "2")]);

@@ -184,9 +184,15 @@ impl Issuer {
     /// Judges `token` on the keys held now.
     fn judge(&self, token: &Token, leeway_secs: u64) -> Result<Identity, AuthFailure> {
         let keys = self.keys();
-        let Some(key) = keys.by_kid.get(&token.kid) else {
-            return Err(if keys.fetched { AuthFailure::UnknownKey } else { AuthFailure::KeysUnavailable });
-        };
+        match keys.by_kid.get(&token.kid) {
+            Some(key) => self.verify(key, token, leeway_secs),
+            None if keys.fetched => Err(AuthFailure::UnknownKey),
+            None => Err(AuthFailure::KeysUnavailable),
+        }
+    }
+
+    /// Verifies `token` with `key`, the one its `kid` names.
+    fn verify(&self, key: &Key, token: &Token, leeway_secs: u64) -> Result<Identity, AuthFailure> {
         // The key decides: a header naming another algorithm is refused before any check, so
         // neither `none` nor an HMAC over the public key's bytes is ever tried.
         if !key.algorithms.contains(&token.alg) {
@@ -306,8 +312,8 @@ impl KeySets {
             return Check::Done(Err(AuthFailure::UnknownKey));
         };
         let token = Token { text: text.to_owned(), alg: header.alg, kid, issuer: claimed };
-        if issuer.keys().by_kid.contains_key(&token.kid) {
-            return Check::Done(issuer.judge(&token, self.leeway_secs));
+        if let Some(key) = issuer.keys().by_kid.get(&token.kid) {
+            return Check::Done(issuer.verify(key, &token, self.leeway_secs));
         }
         match issuer.refresh_for_unknown_kid() {
             Some(done) => Check::AfterRefresh(KeyRefresh {
