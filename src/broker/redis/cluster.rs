@@ -20,8 +20,8 @@ use redis::cluster_routing::{
 };
 
 use super::connection::{
-    answers_of, broker_error, first_key, keep_subscribed, Interest, Job, Message, PubSubLink, Pushed,
-    PUBSUB_TIMEOUT,
+    answers_of, batch_from, broker_error, first_key, keep_subscribed, refuse, Interest, Job, Message,
+    PubSubLink, Pushed, PUBSUB_TIMEOUT,
 };
 use super::scripts;
 use crate::broker::BrokerError;
@@ -166,13 +166,7 @@ async fn send_group(
 pub async fn writer(client: ClusterClient, mut jobs: mpsc::UnboundedReceiver<Job>, metrics: Arc<Metrics>) {
     let mut connection: Option<ClusterConnection> = None;
     while let Some(first) = jobs.next().await {
-        let mut batch = vec![first];
-        while batch.len() < super::connection::MAX_PIPELINE {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        let batch = batch_from(first, &mut jobs);
         if connection.is_none() {
             match client.get_async_connection().await {
                 Ok(mut made) => {
@@ -182,11 +176,7 @@ pub async fn writer(client: ClusterClient, mut jobs: mpsc::UnboundedReceiver<Job
                     connection = Some(made);
                 }
                 Err(e) => {
-                    metrics.broker_connected.set(0);
-                    let error = broker_error(&e);
-                    for job in batch {
-                        let _ = job.answer.send(Err(error.clone()));
-                    }
+                    refuse(batch, &e, &metrics);
                     continue;
                 }
             }

@@ -73,6 +73,27 @@ pub fn broker_error(error: &redis::RedisError) -> BrokerError {
     }
 }
 
+/// The calls waiting now, `first` first, at most [`MAX_PIPELINE`]: one pipeline's worth.
+pub(super) fn batch_from(first: Job, jobs: &mut mpsc::UnboundedReceiver<Job>) -> Vec<Job> {
+    let mut batch = vec![first];
+    while batch.len() < MAX_PIPELINE {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Answers every call of a batch that could not be sent: no connection to Redis.
+pub(super) fn refuse(batch: Vec<Job>, e: &redis::RedisError, metrics: &Metrics) {
+    metrics.broker_connected.set(0);
+    let error = broker_error(e);
+    for job in batch {
+        let _ = job.answer.send(Err(error.clone()));
+    }
+}
+
 /// Sends the jobs in order, each batch of waiting jobs as one pipeline.
 pub async fn writer(
     client: redis::Client,
@@ -82,13 +103,7 @@ pub async fn writer(
 ) {
     let mut connection: Option<ConnectionManager> = None;
     while let Some(first) = jobs.next().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_PIPELINE {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        let batch = batch_from(first, &mut jobs);
         if connection.is_none() {
             // Short retries and timeouts: while Redis is away, calls fail fast (clients are told
             // `unavailable` and send again) instead of waiting with the registry's answers.
@@ -109,11 +124,7 @@ pub async fn writer(
                     connection = Some(manager);
                 }
                 Err(e) => {
-                    metrics.broker_connected.set(0);
-                    let error = broker_error(&e);
-                    for job in batch {
-                        let _ = job.answer.send(Err(error.clone()));
-                    }
+                    refuse(batch, &e, &metrics);
                     continue;
                 }
             }
