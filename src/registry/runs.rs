@@ -131,15 +131,9 @@ const STORE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 const RESOLVE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 const RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// A message whose echo's append timed out, until it is known whether Redis ran it.
+/// A session's message whose echo's append timed out, until it is known whether Redis ran it.
 struct Resolution {
-    session: ConnectionId,
-    user_id: String,
-    message: UserMessage,
-    message_id: String,
-    run_id: String,
-    turn: i64,
-    attempt: String,
+    admitted: Admitted,
     since: Instant,
 }
 
@@ -889,28 +883,20 @@ impl Registry {
                 return self.repeated(admitted.pending, &seen);
             }
             Err(e) => {
+                self.run_not_started(&admitted.pending.user_id, admitted.starts_run);
+                let reference = admitted.pending.message.frame_type();
                 // Sent but not answered in time: Redis may have appended it. This node finds out
                 // once Redis answers again, and starts the run if it did (`resolve`).
-                let ambiguous = matches!(e, BrokerError::Unknown(_)) && admitted.starts_run;
-                let resolution = match (&admitted.pending.origin, &admitted.pending.message.client_msg_id) {
-                    (Origin::Session(id), Some(_)) if ambiguous => Some(Resolution {
-                        session: *id,
-                        user_id: admitted.pending.user_id.clone(),
-                        message: admitted.pending.message.clone(),
-                        message_id: admitted.message_id.clone(),
-                        run_id: admitted.run_id.clone(),
-                        turn: admitted.turn,
-                        attempt: admitted.attempt.clone(),
-                        since: Instant::now(),
-                    }),
-                    _ => None,
-                };
-                let Admitted { pending, starts_run, .. } = admitted;
-                self.run_not_started(&pending.user_id, starts_run);
-                let reference = pending.message.frame_type();
-                self.message_not_stored(pending.origin, reference, &e, e.failure(), true);
-                if let Some(resolution) = resolution {
-                    ctx.run_later(RESOLVE_EVERY, move |registry, ctx| registry.resolve(ctx, resolution));
+                let ambiguous = matches!(e, BrokerError::Unknown(_))
+                    && admitted.starts_run
+                    && admitted.pending.message.client_msg_id.is_some();
+                match admitted.pending.origin {
+                    Origin::Session(id) if ambiguous => {
+                        self.message_not_stored(Origin::Session(id), reference, &e, e.failure(), true);
+                        let resolution = Resolution { admitted, since: Instant::now() };
+                        ctx.run_later(RESOLVE_EVERY, move |registry, ctx| registry.resolve(ctx, resolution));
+                    }
+                    origin => self.message_not_stored(origin, reference, &e, e.failure(), true),
                 }
                 return;
             }
@@ -930,41 +916,40 @@ impl Registry {
     /// that knows nobody started it: a retry of the message (same `client_msg_id`) is acked as a
     /// repeat with that run's id, and the run exists (docs/scale-out.md, ambiguous failures).
     fn resolve(&mut self, ctx: &mut Context<Self>, resolution: Resolution) {
-        let Some(client_msg_id) = resolution.message.client_msg_id.clone() else { return };
-        let call = self.broker.seen(&resolution.user_id, &client_msg_id);
-        let user_id = resolution.user_id.clone();
-        self.when(ctx, &user_id, call, move |registry, answer, ctx| match answer {
-            Ok(Some(seen)) if seen.attempt == resolution.attempt => {
-                info!(
-                    "run {}: its message's append ran though its answer was lost; started now",
-                    seen.run_id
-                );
-                let Resolution { session, user_id, message, message_id, run_id, turn, attempt, .. } =
-                    resolution;
-                if let Some(epoch) = registry.local.get(user_id.as_str()).and_then(|u| u.epoch.clone()) {
-                    let confirmed = Confirmed::Messages(vec![(message_id.clone(), run_id.clone())]);
-                    registry.settings.store.confirm(&user_id, confirmed, &epoch, seen.seq);
+        let pending = &resolution.admitted.pending;
+        let Some(client_msg_id) = pending.message.client_msg_id.as_deref() else { return };
+        let call = self.broker.seen(&pending.user_id, client_msg_id);
+        let user_id = pending.user_id.clone();
+        self.when(ctx, &user_id, call, move |registry, answer, ctx| {
+            let Resolution { mut admitted, since } = resolution;
+            let run_id = admitted.run_id.clone();
+            match answer {
+                Ok(Some(seen)) if seen.attempt == admitted.attempt => {
+                    info!("run {run_id}: its message's append ran though its answer was lost; started now");
+                    let user_id = admitted.pending.user_id.as_str();
+                    if let Some(epoch) = registry.local.get(user_id).and_then(|u| u.epoch.clone()) {
+                        let confirmed = Confirmed::Messages(vec![(admitted.message_id.clone(), run_id)]);
+                        registry.settings.store.confirm(user_id, confirmed, &epoch, seen.seq);
+                    }
+                    // Counted again, as when it was admitted (`run_not_started` took it off).
+                    admitted.starts_run = registry.agent.is_some();
+                    if admitted.starts_run {
+                        registry.local_user(&admitted.pending.user_id).runs_in_progress += 1;
+                    }
+                    admitted.created = Instant::now();
+                    registry.go_on(ctx, admitted, seen.seq);
                 }
-                if registry.agent.is_some() {
-                    registry.local_user(&user_id).runs_in_progress += 1;
+                // Not appended (or appended by another attempt, which started its own run).
+                Ok(_) => debug!("run {run_id}: its message's append did not run"),
+                Err(e) if since.elapsed() < RESOLVE_FOR => {
+                    debug!("run {run_id}: whether its message was appended is not known yet ({e})");
+                    let resolution = Resolution { admitted, since };
+                    ctx.run_later(RESOLVE_EVERY, move |registry, ctx| registry.resolve(ctx, resolution));
                 }
-                let pending = Pending { origin: Origin::Session(session), user_id, message };
-                let starts_run = registry.agent.is_some();
-                let created = Instant::now();
-                let admitted =
-                    Admitted { pending, message_id, run_id, starts_run, created, turn, attempt, claim: None };
-                registry.go_on(ctx, admitted, seen.seq);
+                Err(e) => {
+                    warn!("run {run_id}: whether its message was appended is not known ({e}); given up")
+                }
             }
-            // Not appended (or appended by another attempt, which started its own run).
-            Ok(_) => debug!("run {}: its message's append did not run", resolution.run_id),
-            Err(e) if resolution.since.elapsed() < RESOLVE_FOR => {
-                debug!("run {}: whether its message was appended is not known yet ({e})", resolution.run_id);
-                ctx.run_later(RESOLVE_EVERY, move |registry, ctx| registry.resolve(ctx, resolution));
-            }
-            Err(e) => warn!(
-                "run {}: whether its message was appended is not known ({e}); given up",
-                resolution.run_id
-            ),
         });
     }
 
