@@ -120,17 +120,8 @@ impl Registry {
         let created = Instant::now();
         let call = self.broker.append(user_id, events);
         let user = user_id.to_owned();
-        self.when(ctx, user_id, call, move |registry, answer, ctx| match answer {
-            Ok(stored) => {
-                registry.metrics.events_published.inc_by(stored.len() as u64);
-                let reached = registry.deliver_events(ctx, &user, &stored, created, true);
-                done(registry, Ok((stored.iter().map(|e| e.seq).collect(), reached)), ctx);
-            }
-            Err(e) => {
-                warn!("broker: events for user {user} not published: {e}");
-                registry.metrics.fail(e.failure());
-                done(registry, Err(e), ctx);
-            }
+        self.when(ctx, user_id, call, move |registry, answer, ctx| {
+            registry.published(ctx, &user, created, answer.map(Published::New), done)
         });
     }
 
@@ -147,19 +138,33 @@ impl Registry {
         let created = Instant::now();
         let call = self.broker.publish_once(user_id, key, events);
         let user = user_id.to_owned();
-        self.when(ctx, user_id, call, move |registry, answer, ctx| match answer {
+        self.when(ctx, user_id, call, move |registry, answer, ctx| {
+            registry.published(ctx, &user, created, answer, done)
+        });
+    }
+
+    /// The broker's answer to a publish: new events delivered here, or why nothing was.
+    fn published(
+        &mut self,
+        ctx: &mut Context<Self>,
+        user: &str,
+        created: Instant,
+        answer: Result<Published, BrokerError>,
+        done: impl FnOnce(&mut Registry, Result<(Vec<u64>, usize), BrokerError>, &mut Context<Self>),
+    ) {
+        match answer {
             Ok(Published::New(stored)) => {
-                registry.metrics.events_published.inc_by(stored.len() as u64);
-                let reached = registry.deliver_events(ctx, &user, &stored, created, true);
-                done(registry, Ok((stored.iter().map(|e| e.seq).collect(), reached)), ctx);
+                self.metrics.events_published.inc_by(stored.len() as u64);
+                let reached = self.deliver_events(ctx, user, &stored, created, true);
+                done(self, Ok((stored.iter().map(|e| e.seq).collect(), reached)), ctx);
             }
-            Ok(Published::Again(seqs)) => done(registry, Ok((seqs, 0)), ctx),
+            Ok(Published::Again(seqs)) => done(self, Ok((seqs, 0)), ctx),
             Err(e) => {
                 warn!("broker: events for user {user} not published: {e}");
-                registry.metrics.fail(e.failure());
-                done(registry, Err(e), ctx);
+                self.metrics.fail(e.failure());
+                done(self, Err(e), ctx);
             }
-        });
+        }
     }
 
     /// Appends one event; a failure is logged and counted (its run's caller is the agent).
